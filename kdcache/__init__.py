@@ -1,0 +1,32 @@
+"""kdcache: knowledge distillation for image classifiers, with the teacher run once.
+
+Stage one (`teacher_logits`) runs the teacher over a dataset and stores its logits as an Arrow column;
+stage two (`train_student`) trains a student from those cached soft targets; `evaluate` measures models.
+"""
+
+__version__ = "0.1.0"
+
+
+class KdcacheError(ValueError):
+    """A problem with the user's input, reported as one line (no traceback) by the CLI."""
+
+
+def __getattr__(name):
+    # Lazy: importing transformers costs seconds, and `kdcache --help` should not pay it.
+    if name in ("teacher_logits", "load_cache", "verify_cache"):
+        from kdcache import cache
+
+        return getattr(cache, name)
+    if name == "train_student":
+        from kdcache.train import train_student
+
+        return train_student
+    if name == "evaluate_models":
+        from kdcache.evaluate import evaluate_models
+
+        return evaluate_models
+    if name == "distillation_loss":
+        from kdcache.loss import distillation_loss
+
+        return distillation_loss
+    raise AttributeError(f"module 'kdcache' has no attribute {name!r}")

@@ -1,0 +1,444 @@
+"""Stage one: run the teacher once over a dataset and store its logits as an Arrow column, with a manifest.
+
+Layout of a cache folder (a `datasets.DatasetDict` written by `save_to_disk`, plus two files):
+
+    CACHE/dataset_dict.json, CACHE/<split>/...   columns: row_index, labels, teacher_logits, pixel_values
+    CACHE/kdcache.json                           the manifest: what produced the cache, and checksums
+    CACHE/preprocessor_config.json               the teacher's image processor (students are saved with it)
+
+`pixel_values` holds the teacher's resized and cropped view as uint8 (3, H, W): stage two turns it into the
+model input with a per-pixel lookup table (data.ImagePipeline) instead of decoding and resizing every epoch.
+The work happens in `CACHE.partial/`, chunk by chunk, so a killed run resumes; the final folder appears by rename.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kdcache
+from kdcache import KdcacheError
+from kdcache.data import (
+    ImagePipeline,
+    decode_images,
+    find_columns,
+    first_line,
+    label_names,
+    load_image_dataset,
+    load_image_processor,
+    undecoded,
+)
+from kdcache.models import align_labels, load_classifier, weights_sha256
+from kdcache.runtime import check_writable_parent, move_into_place, pick_device, slug, tune_malloc
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST = "kdcache.json"
+ROW, LABELS, LOGITS, PIXELS = "row_index", "labels", "teacher_logits", "pixel_values"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def default_cache_path(dataset: str, teacher: str) -> Path:
+    return Path("data") / f"{slug(dataset)}--{slug(teacher)}"
+
+
+def teacher_logits(
+    dataset: str = "beans",
+    teacher: str = "merve/beans-vit-224",
+    output: str | Path | None = None,
+    splits: list[str] | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "fp32",
+    revision: str | None = None,
+    dataset_revision: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    trust_remote_code: bool = False,
+    match_labels_by_index: bool = False,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+    chunk_size: int = 512,
+    progress: bool = True,
+) -> Path:
+    """Run `teacher` over `dataset` once and write the logit cache to `output`; returns the cache's path.
+
+    Re-running with the same inputs is a no-op; a killed run resumes from its finished chunks.
+    """
+    if batch_size < 1 or chunk_size < 1:
+        raise KdcacheError("--batch-size and --chunk-size must be at least 1")
+    if precision not in PRECISIONS:
+        raise KdcacheError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    tune_malloc()
+    torch_device = pick_device(device)
+    if precision != "fp32" and torch_device.type != "cuda":
+        raise KdcacheError(f"--precision {precision} needs a CUDA device (on CPU it is slower than fp32); use fp32")
+    output = Path(output) if output is not None else default_cache_path(dataset, teacher)
+
+    dataset_dict = load_image_dataset(dataset, revision=dataset_revision)
+    splits = list(dataset_dict) if not splits else list(splits)
+    for name in splits:
+        if name not in dataset_dict:
+            raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
+        if len(dataset_dict[name]) == 0:
+            raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
+    image_column, label_column = find_columns(dataset_dict[splits[0]], image_column, label_column)
+    for name in splits[1:]:
+        find_columns(dataset_dict[name], image_column, label_column)
+    names = label_names(dataset_dict[splits[0]], label_column)
+    for name in splits[1:]:
+        if label_names(dataset_dict[name], label_column) != names:
+            raise KdcacheError(f"split '{name}' has other label names than split '{splits[0]}'")
+
+    processor = load_image_processor(teacher, revision=revision, trust_remote_code=trust_remote_code)
+    model = load_classifier(teacher, revision=revision, trust_remote_code=trust_remote_code)
+    mapping = align_labels(model.config.id2label, names, "teacher", by_index=match_labels_by_index)
+    pipeline = ImagePipeline(processor)
+
+    recipe = {
+        "format_version": FORMAT_VERSION,
+        "teacher_weights_sha256": weights_sha256(model),
+        "teacher_class": type(model).__name__,
+        "image_processor": json.loads(processor.to_json_string()),
+        "split_fingerprints": {name: dataset_dict[name]._fingerprint for name in splits},
+        "image_column": image_column,
+        "label_column": label_column,
+        "label_names": names,
+        "teacher_to_dataset": mapping,
+        "precision": precision,
+    }
+    fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+    if (output / MANIFEST).exists():
+        existing = read_manifest(output)
+        if existing.get("fingerprint") == fingerprint:
+            print(f"cache '{output}' is up to date (fingerprint {fingerprint}); nothing to do")
+            return output
+        if not overwrite:
+            raise KdcacheError(
+                f"'{output}' holds a cache made from other inputs (fingerprint {existing.get('fingerprint')}, "
+                f"now {fingerprint}); pass --overwrite to replace it, or choose another --output"
+            )
+    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise KdcacheError(f"--output '{output}' exists and is not a kdcache cache; choose another --output")
+    check_writable_parent(output, "--output")
+
+    work = output.with_name(output.name + ".partial")
+    plan = {"fingerprint": fingerprint, "chunk_size": chunk_size}
+    if (work / "plan.json").exists():
+        previous = json.loads((work / "plan.json").read_text())
+        if previous.get("fingerprint") == fingerprint:
+            plan = previous  # resume with the chunking the finished chunks were written with
+        else:
+            shutil.rmtree(work)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        _write_json(work / "plan.json", plan)
+    except OSError as error:
+        raise KdcacheError(f"cannot write under '{work.parent}' ({error.strerror}); choose another --output") from None
+
+    model.to(torch_device)
+    started = time.perf_counter()
+    stats = {}
+    with _quiet_datasets():
+        for name in splits:
+            stats[name] = _run_split(
+                dataset_dict[name], name, work, plan["chunk_size"], batch_size, model, pipeline, mapping, names,
+                image_column, label_column, torch_device, precision, num_workers, progress,
+            )
+        cache = _assemble(work, splits, names)
+        manifest = {
+            "format": "kdcache",
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "kdcache_version": kdcache.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "teacher": {
+                "name_or_path": teacher,
+                "revision": revision,
+                "class": type(model).__name__,
+                "weights_sha256": recipe["teacher_weights_sha256"],
+                "id2label": {str(k): v for k, v in model.config.id2label.items()},
+                "trust_remote_code": trust_remote_code,
+            },
+            "image_processor": recipe["image_processor"],
+            "dataset": {
+                "name_or_path": dataset,
+                "revision": dataset_revision,
+                "image_column": image_column,
+                "label_column": label_column,
+                "splits": {
+                    name: {
+                        "fingerprint": recipe["split_fingerprints"][name],
+                        "num_rows": len(cache[name]),
+                        "logits_sha256": logits_sha256(cache[name]),
+                    }
+                    for name in splits
+                },
+            },
+            "label_names": names,
+            "teacher_to_dataset": mapping,
+            "columns": {
+                "labels": LABELS,
+                "teacher_logits": {"name": LOGITS, "dtype": "float32", "length": len(names), "order": "dataset labels"},
+                "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": list(cache[splits[0]].features[PIXELS].shape)},
+                "row_index": ROW,
+            },
+            "precision": precision,
+            "device": str(torch_device),
+            "versions": _library_versions(),
+            "seconds": round(time.perf_counter() - started, 1),
+            "images_per_second": stats,
+        }
+        _write_json(work / "cache" / MANIFEST, manifest)
+        processor.save_pretrained(str(work / "cache"))
+    move_into_place(work / "cache", output)
+    shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch i of a list of row spans, decoded and resized: what a DataLoader worker prepares ahead of the teacher."""
+
+    def __init__(self, split, split_name, spans, image_column, label_column, pipeline):
+        self.split = undecoded(split, image_column)
+        self.split_name, self.spans = split_name, spans
+        self.image_column, self.label_column, self.pipeline = image_column, label_column, pipeline
+
+    def __len__(self):
+        return len(self.spans)
+
+    def __getitem__(self, index):
+        start, end = self.spans[index]
+        rows = list(range(start, end))
+        try:
+            images = decode_images(self.split, self.image_column, rows, self.split_name)
+            return {
+                "rows": np.asarray(rows, dtype=np.int64),
+                "labels": np.asarray(self.split[start:end][self.label_column], dtype=np.int64),
+                "pixels": self.pipeline.pixels(images),
+            }
+        except KdcacheError as error:  # carried to the main process as data: a worker's traceback is not a message
+            return {"error": str(error)}
+
+
+def _run_split(split, name, work, chunk_size, batch_size, model, pipeline, mapping, names, image_column,
+               label_column, device, precision, num_workers, progress):
+    from tqdm.auto import tqdm
+
+    rows = len(split)
+    split_dir = work / name
+    split_dir.mkdir(exist_ok=True)
+    todo = [k for k in range(math.ceil(rows / chunk_size)) if not (split_dir / _chunk_name(k)).exists()]
+    spans = []
+    for k in todo:
+        start, end = k * chunk_size, min(rows, (k + 1) * chunk_size)
+        spans += [(s, min(end, s + batch_size)) for s in range(start, end, batch_size)]
+    if not spans:
+        return None
+    if num_workers is None:
+        cpus = os.cpu_count() or 1
+        num_workers = min(8, cpus - 1) if device.type == "cuda" else (1 if cpus >= 2 else 0)
+    loader = torch.utils.data.DataLoader(
+        _Batches(split, name, spans, image_column, label_column, pipeline),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None,
+    )
+    index = torch.tensor(mapping, device=device)
+    pending = {"rows": [], "labels": [], "logits": [], "pixels": []}
+    todo_rows = sum(end - start for start, end in spans)
+    bar = tqdm(total=todo_rows, unit="img", desc=f"teacher logits [{name}]", disable=not progress)
+    started = time.perf_counter()
+    for batch in loader:
+        if "error" in batch:
+            raise KdcacheError(batch["error"])
+        pixel_values = pipeline.normalize(torch.as_tensor(batch["pixels"])).to(device, non_blocking=True)
+        with torch.inference_mode(), _autocast(device, precision):
+            logits = model(pixel_values=pixel_values).logits
+        logits = logits.float()[:, index].cpu().numpy()
+        for key, value in (("rows", batch["rows"]), ("labels", batch["labels"]), ("logits", logits),
+                           ("pixels", batch["pixels"])):
+            pending[key].append(np.asarray(value))
+        bar.update(len(logits))
+        first_row = int(pending["rows"][0][0])
+        last_row = int(pending["rows"][-1][-1])
+        chunk = first_row // chunk_size
+        if last_row + 1 == min(rows, (chunk + 1) * chunk_size):
+            _write_chunk(split_dir / _chunk_name(chunk), {k: np.concatenate(v) for k, v in pending.items()}, names)
+            pending = {k: [] for k in pending}
+    bar.close()
+    return round(todo_rows / (time.perf_counter() - started), 2)
+
+
+def _chunk_name(index: int) -> str:
+    return f"chunk-{index:06d}"
+
+
+def _features(names, pixel_shape):
+    import datasets
+
+    return datasets.Features({
+        ROW: datasets.Value("int64"),
+        LABELS: datasets.ClassLabel(names=names),
+        LOGITS: datasets.List(datasets.Value("float32"), length=len(names)),
+        PIXELS: datasets.Array3D(shape=tuple(pixel_shape), dtype="uint8"),
+    })
+
+
+def _write_chunk(path: Path, columns: dict, names: list[str]) -> None:
+    import datasets
+
+    table = datasets.Dataset.from_dict(
+        {ROW: columns["rows"], LABELS: columns["labels"], LOGITS: columns["logits"], PIXELS: columns["pixels"]},
+        features=_features(names, columns["pixels"].shape[1:]),
+    )
+    partial = path.with_name(path.name + ".tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    table.save_to_disk(str(partial))
+    partial.rename(path)  # a chunk exists only once it is complete
+
+
+def _assemble(work: Path, splits: list[str], names: list[str]):
+    import datasets
+
+    parts = {}
+    for name in splits:
+        chunks = sorted((work / name).glob("chunk-[0-9]*[0-9]"))
+        parts[name] = datasets.concatenate_datasets([datasets.load_from_disk(str(c)) for c in chunks])
+        rows = np.asarray(parts[name][ROW])
+        if not np.array_equal(rows, np.arange(len(rows))):
+            raise KdcacheError(f"the partial cache in '{work}' is inconsistent for split '{name}'; delete it and rerun")
+    cache = datasets.DatasetDict(parts)
+    target = work / "cache"
+    shutil.rmtree(target, ignore_errors=True)
+    cache.save_to_disk(str(target))
+    return datasets.load_from_disk(str(target))
+
+
+def logits_sha256(split) -> str:
+    logits = np.asarray(split.with_format("numpy")[LOGITS], dtype="<f4")
+    return hashlib.sha256(np.ascontiguousarray(logits).tobytes()).hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict:
+    file = Path(path) / MANIFEST
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise KdcacheError(f"'{path}' is not a kdcache cache ({MANIFEST} is missing); create one with kdcache teacher-logits") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise KdcacheError(f"the manifest '{file}' cannot be read ({first_line(error)}); recreate the cache") from None
+
+
+def load_cache(path: str | Path, verify: bool = True):
+    """The cache as (DatasetDict, manifest). With verify, a stale or damaged cache is refused: unknown format
+    version, missing split, other row count, or logits that no longer match their checksum."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise KdcacheError(f"cache '{path}' does not exist; create it with kdcache teacher-logits")
+    manifest = read_manifest(path)
+    version = manifest.get("format_version")
+    if manifest.get("format") != "kdcache" or version not in SUPPORTED_FORMAT_VERSIONS:
+        raise KdcacheError(
+            f"cache '{path}' has format version {version!r}; this kdcache (v{kdcache.__version__}) reads "
+            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}: recreate it with kdcache teacher-logits"
+        )
+    try:
+        with _quiet_datasets():
+            cache = datasets.load_from_disk(str(path))
+    except Exception as error:
+        raise KdcacheError(f"cache '{path}' cannot be read ({first_line(error)}); recreate it with kdcache teacher-logits") from None
+    if verify:
+        verify_cache(cache, manifest, path)
+    return cache, manifest
+
+
+def verify_cache(cache, manifest: dict, path) -> None:
+    for name, expected in manifest["dataset"]["splits"].items():
+        if name not in cache:
+            raise KdcacheError(f"cache '{path}' lacks split '{name}' that its manifest lists; recreate it")
+        if len(cache[name]) != expected["num_rows"]:
+            raise KdcacheError(
+                f"cache '{path}' split '{name}' has {len(cache[name])} rows, its manifest says {expected['num_rows']}; "
+                "the cache is damaged: recreate it"
+            )
+        if logits_sha256(cache[name]) != expected["logits_sha256"]:
+            raise KdcacheError(f"cache '{path}' split '{name}': teacher logits do not match their checksum; the cache is damaged: recreate it")
+        if list(cache[name].features[LABELS].names) != manifest["label_names"]:
+            raise KdcacheError(f"cache '{path}' split '{name}': label names differ from the manifest's; recreate it")
+
+
+def describe(path: str | Path) -> str:
+    """A readable summary of a cache's manifest (kdcache info)."""
+    manifest = read_manifest(path)
+    teacher, data = manifest["teacher"], manifest["dataset"]
+    lines = [
+        f"kdcache cache: {path}",
+        f"  format version  {manifest['format_version']} (kdcache {manifest['kdcache_version']}), "
+        f"created {manifest['created']}",
+        f"  fingerprint     {manifest['fingerprint']}",
+        f"  teacher         {teacher['name_or_path']}" + (f" @ {teacher['revision']}" if teacher.get("revision") else ""),
+        f"                  {teacher['class']}, weights sha256 {teacher['weights_sha256'][:16]}...",
+        f"  dataset         {data['name_or_path']} (image column '{data['image_column']}', "
+        f"label column '{data['label_column']}')",
+        f"  labels          {', '.join(manifest['label_names'])}",
+        f"  teacher->data   {manifest['teacher_to_dataset']} (teacher output index for each dataset label)",
+        f"  logits          {manifest['columns']['teacher_logits']['dtype']}, computed in {manifest['precision']} "
+        f"on {manifest['device']}",
+        f"  student input   {manifest['columns']['pixel_values']['dtype']} {manifest['columns']['pixel_values']['shape']}",
+        "  splits:",
+    ]
+    for name, split in data["splits"].items():
+        lines.append(
+            f"    {name:<12} {split['num_rows']:>8} rows  fingerprint {split['fingerprint']}  "
+            f"logits sha256 {split['logits_sha256'][:16]}..."
+        )
+    processor = manifest["image_processor"]
+    keys = ("image_processor_type", "size", "crop_size", "resample", "image_mean", "image_std")
+    lines.append("  image processor " + ", ".join(f"{k}={processor[k]}" for k in keys if k in processor))
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(content, indent=2) + "\n")
+    partial.replace(path)
+
+
+def _autocast(device, precision):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets prints a progress bar for every chunk it saves; ours is the one that matters."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _library_versions() -> dict:
+    import datasets
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__}

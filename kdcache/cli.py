@@ -1,0 +1,107 @@
+"""The `kdcache` command: thin typer wrappers over the library functions, one per stage."""
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kdcache import KdcacheError
+
+app = typer.Typer(
+    help=(
+        "Knowledge distillation with the teacher run once.\n\n"
+        "  1. kdcache teacher-logits  run the teacher over a dataset once, store its logits (an Arrow column)\n\n"
+        "  2. kdcache train-student   train a small student from the cached soft targets\n\n"
+        "  3. kdcache evaluate        measure students and teachers on a split\n\n"
+        "Every model or dataset argument takes a Hugging Face hub id or a local folder."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def friendly(command):
+    """User errors become one line and exit status 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KdcacheError as error:
+            typer.echo(f"kdcache: error: {error}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("kdcache: interrupted; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _split_list(value: Optional[str]) -> Optional[list[str]]:
+    return [part.strip() for part in value.split(",") if part.strip()] if value else None
+
+
+@app.command("teacher-logits")
+@friendly
+def teacher_logits_command(
+    dataset: str = typer.Option("beans", help="Hub dataset id, or a local folder: save_to_disk output, parquet files with a card, or an image folder."),
+    teacher: str = typer.Option("merve/beans-vit-224", help="Hub model id or local folder of a fine-tuned image classifier."),
+    output: Optional[Path] = typer.Option(None, help="Cache folder to write. [default: data/<dataset>--<teacher>]"),
+    splits: Optional[str] = typer.Option(None, help="Comma-separated splits to cache. [default: all]"),
+    batch_size: int = typer.Option(32, help="Images per teacher forward pass."),
+    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
+    precision: str = typer.Option("fp32", help="fp32, or on CUDA bf16/fp16 autocast (recorded in the manifest)."),
+    revision: Optional[str] = typer.Option(None, help="Teacher revision (branch, tag or commit) on the hub."),
+    dataset_revision: Optional[str] = typer.Option(None, help="Dataset revision on the hub."),
+    image_column: Optional[str] = typer.Option(None, help="Image column. [default: image or img]"),
+    label_column: Optional[str] = typer.Option(None, help="Label column, a ClassLabel. [default: labels or label]"),
+    trust_remote_code: bool = typer.Option(False, help="Allow a teacher whose repository ships its own model code."),
+    match_labels_by_index: bool = typer.Option(False, help="Trust that the teacher's outputs follow the dataset's label order even though the names differ."),
+    overwrite: bool = typer.Option(False, help="Replace an existing cache made from other inputs."),
+    num_workers: Optional[int] = typer.Option(None, help="Processes decoding images ahead of the teacher. [default: 1 on CPU, up to 8 on CUDA]"),
+    chunk_size: int = typer.Option(512, help="Rows per resumable chunk."),
+):
+    """Run the teacher once over the dataset and store its logits as an Arrow column, with a manifest.
+
+    The cache is a datasets.DatasetDict on disk (columns row_index, labels, teacher_logits, pixel_values) plus
+    kdcache.json. Logits are raw (not softened), float32, in the dataset's label order. A killed run resumes
+    from its finished chunks when you run the same command again; re-running a complete cache is a no-op.
+
+    Example (offline, local paths):
+
+      kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans
+    """
+    from kdcache.cache import describe, teacher_logits
+
+    path = teacher_logits(
+        dataset=dataset, teacher=teacher, output=output, splits=_split_list(splits), batch_size=batch_size,
+        device=device, precision=precision, revision=revision, dataset_revision=dataset_revision,
+        image_column=image_column, label_column=label_column, trust_remote_code=trust_remote_code,
+        match_labels_by_index=match_labels_by_index, overwrite=overwrite, num_workers=num_workers,
+        chunk_size=chunk_size,
+    )
+    typer.echo(describe(path))
+
+
+@app.command("info")
+@friendly
+def info_command(cache: Path = typer.Argument(..., help="A cache folder written by kdcache teacher-logits.")):
+    """Print a cache's manifest: what produced it, its splits, and their checksums."""
+    from kdcache.cache import describe
+
+    typer.echo(describe(cache))
+
+
+def main():
+    # Hub downloads print their own bars; ours say what matters. Users can still turn verbosity up.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(prog_name="kdcache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Datasets in, model inputs out: loading from the hub or a local path, finding the columns, and the
+teacher's preprocessing split into an 8-bit geometric part (cached once) and a per-pixel part (a lookup table)."""
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache import KdcacheError
+
+IMAGE_COLUMNS = ("image", "img")
+LABEL_COLUMNS = ("labels", "label")
+
+
+def load_image_dataset(name_or_path: str, revision: str | None = None):
+    """A DatasetDict from a hub id or a local folder (save_to_disk output, parquet files with a card, image folder)."""
+    import datasets
+
+    path = Path(name_or_path).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            loaded = datasets.load_dataset(str(path))
+        elif path.exists():
+            raise KdcacheError(f"--dataset '{name_or_path}' is a file; pass a dataset folder or a hub id")
+        else:
+            loaded = datasets.load_dataset(name_or_path, revision=revision)
+    except KdcacheError:
+        raise
+    except Exception as error:  # the hub and the builders raise many types; the user needs one message
+        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(error))
+        if empty:
+            raise KdcacheError(
+                f"split '{empty.group(1)}' of dataset '{name_or_path}' is empty; remove its files or add rows to it"
+            ) from None
+        if path.exists():
+            raise KdcacheError(
+                f"could not read a dataset from the folder '{name_or_path}' ({type(error).__name__}: {first_line(error)}); "
+                "pass a folder written by save_to_disk, a folder of parquet files, or an image folder"
+            ) from None
+        raise KdcacheError(
+            f"could not load dataset '{name_or_path}' from the hub (no network, or no such dataset) and there is no "
+            f"local folder of that name; pass a local path with --dataset"
+        ) from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise KdcacheError(f"--dataset '{name_or_path}' did not load as a dataset with splits")
+    return loaded
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def find_columns(split, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
+    """The image and label column names: given, or found by name (image/img, labels/label), or by feature type."""
+    import datasets
+
+    features = split.features
+    image_column = image_column or _find(features, IMAGE_COLUMNS, datasets.Image)
+    label_column = label_column or _find(features, LABEL_COLUMNS, datasets.ClassLabel)
+    columns = ", ".join(features)
+    if image_column is None:
+        raise KdcacheError(f"no image column found (looked for {'/'.join(IMAGE_COLUMNS)}; columns: {columns}); pass --image-column")
+    if label_column is None:
+        raise KdcacheError(f"no label column found (looked for {'/'.join(LABEL_COLUMNS)}; columns: {columns}); pass --label-column")
+    for name, flag in ((image_column, "--image-column"), (label_column, "--label-column")):
+        if name not in features:
+            raise KdcacheError(f"{flag} '{name}' is not a column of the dataset (columns: {columns})")
+    if not isinstance(features[image_column], datasets.Image):
+        raise KdcacheError(f"column '{image_column}' holds {features[image_column]}, not images; pass --image-column")
+    if not isinstance(features[label_column], datasets.ClassLabel):
+        raise KdcacheError(
+            f"label column '{label_column}' has no class names ({features[label_column]}); "
+            "cast it with dataset.class_encode_column or cast_column(ClassLabel(names=...)) first"
+        )
+    return image_column, label_column
+
+
+def _find(features, names, feature_type):
+    for name in names:
+        if name in features:
+            return name
+    typed = [name for name, feature in features.items() if isinstance(feature, feature_type)]
+    return typed[0] if len(typed) == 1 else None
+
+
+def label_names(split, label_column: str) -> list[str]:
+    return list(split.features[label_column].names)
+
+
+def decode_images(split, image_column: str, rows: list[int], split_name: str) -> list:
+    """Decode rows of an image column (stored undecoded) to RGB PIL images; a bad row is named in the error."""
+    import datasets
+
+    decoder = datasets.Image()
+    values = split[rows][image_column] if rows else []
+    images = []
+    for row, value in zip(rows, values):
+        try:
+            images.append(decoder.decode_example(value).convert("RGB"))
+        except Exception as error:
+            raise KdcacheError(
+                f"unreadable image in split '{split_name}', row {row} ({type(error).__name__}: {first_line(error)}); "
+                "fix or remove that row"
+            ) from None
+    return images
+
+
+def undecoded(split, image_column: str):
+    """The split with its image column left as bytes, so that decoding happens where errors can name the row."""
+    import datasets
+
+    return split.cast_column(image_column, datasets.Image(decode=False))
+
+
+class ImagePipeline:
+    """A teacher's image processor, split in two exact halves.
+
+    The processor's geometry (resize, crop) yields 8-bit pixels: those are cached once, as uint8. Its rescale and
+    normalize act on each pixel value alone, so they become a (channels, 256) lookup table built by calling the
+    processor's own methods; applying it per batch reproduces `processor(images)` bit for bit.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+        ramp = np.tile(np.arange(256, dtype=np.uint8), (3, 1, 1))
+        values = ramp
+        if getattr(processor, "do_rescale", False):
+            values = processor.rescale(values, processor.rescale_factor)
+        if getattr(processor, "do_normalize", False):
+            values = processor.normalize(values.astype(np.float32), processor.image_mean, processor.image_std)
+        self.lut = torch.from_numpy(np.ascontiguousarray(values[:, 0, :], dtype=np.float32))
+        self._channel = torch.arange(3).view(1, 3, 1, 1)
+
+    def pixels(self, images: list) -> np.ndarray:
+        """8-bit (batch, 3, H, W) pixels after the processor's resize and crop."""
+        out = self.processor(images, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
+        if out.dtype != np.uint8:
+            if not np.array_equal(out, np.clip(np.round(out), 0, 255)):
+                raise KdcacheError(
+                    f"the image processor {type(self.processor).__name__} does not produce 8-bit pixels before "
+                    "rescaling; kdcache supports processors whose resize/crop output is 8-bit (PIL backend)"
+                )
+            out = out.astype(np.uint8)
+        if out.ndim != 4 or out.shape[1] != 3:
+            raise KdcacheError(f"the image processor produced pixels of shape {out.shape}; expected (batch, 3, H, W)")
+        return out
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float32 model input from 8-bit pixels, identical to the processor's full output."""
+        return self.lut[self._channel, pixels.long()]
+
+    def __call__(self, images: list) -> torch.Tensor:
+        return self.normalize(torch.from_numpy(self.pixels(images)))
+
+
+def load_image_processor(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The PIL-backend image processor: it defines the pixels the teacher saw, so it must not change with the
+    optional torchvision install (whose resize differs slightly)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, backend="pil"
+        )
+    except Exception as error:
+        raise hub_error("image processor", name_or_path, "--teacher", error) from None
+
+
+def hub_error(what: str, name_or_path: str, flag: str, error: BaseException) -> KdcacheError:
+    """One line for a failed from_pretrained: a folder without the files, custom code, or the hub unreachable."""
+    text = str(error)
+    if "trust_remote_code" in text:
+        return KdcacheError(
+            f"{what} '{name_or_path}' needs custom code from its repository; pass --trust-remote-code if you trust it"
+        )
+    if os.path.isdir(os.path.expanduser(name_or_path)):
+        return KdcacheError(
+            f"could not load the {what} from the folder '{name_or_path}' ({type(error).__name__}: {first_line(error)}); "
+            f"pass a folder written by save_pretrained with {flag}"
+        )
+    return KdcacheError(
+        f"could not load the {what} '{name_or_path}' from the hub (no network, or no such repository) and there is "
+        f"no local folder of that name; pass a local folder with {flag}"
+    )

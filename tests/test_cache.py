@@ -1,0 +1,222 @@
+import json
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from conftest import LABELS, make_dataset_dict, save_vit_teacher
+from kdcache import KdcacheError
+from kdcache import cache as cache_module
+from kdcache.cache import LOGITS, MANIFEST, PIXELS, describe, load_cache, teacher_logits
+
+
+def reference_logits(dataset_path, teacher_path, split):
+    """The plain loop the cache must reproduce: teacher(**processor(images)).logits, batch by batch."""
+    processor = AutoImageProcessor.from_pretrained(str(teacher_path), backend="pil")
+    model = AutoModelForImageClassification.from_pretrained(str(teacher_path)).eval()
+    rows = datasets.load_from_disk(str(dataset_path))[split]
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(rows), 5):
+            images = [image.convert("RGB") for image in rows[start : start + 5]["image"]]
+            outputs.append(model(**processor(images, return_tensors="pt")).logits)
+    return torch.cat(outputs).numpy(), model.config.id2label
+
+
+def cached_logits(path, split):
+    return datasets.load_from_disk(str(path))[split].with_format("numpy")[:][LOGITS]
+
+
+def test_cached_logits_equal_a_plain_teacher_loop(tiny_cache, tiny_dataset, tiny_teacher):
+    for split in ("train", "validation", "test"):
+        expected, _ = reference_logits(tiny_dataset, tiny_teacher, split)
+        got = cached_logits(tiny_cache, split)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_cache_columns_rows_and_manifest(tiny_cache, tiny_dataset):
+    cache, manifest = load_cache(tiny_cache)
+    source = datasets.load_from_disk(str(tiny_dataset))
+    for split in source:
+        assert cache[split]["labels"][:] == source[split]["labels"][:]
+        assert cache[split]["row_index"][:] == list(range(len(source[split])))
+        assert cache[split].features[PIXELS].dtype == "uint8"
+        assert manifest["dataset"]["splits"][split]["num_rows"] == len(source[split])
+    assert manifest["format_version"] == cache_module.FORMAT_VERSION
+    assert manifest["label_names"] == LABELS
+    assert manifest["teacher_to_dataset"] == [0, 1, 2]
+    assert len(manifest["teacher"]["weights_sha256"]) == 64
+    assert manifest["image_processor"]["size"] == {"height": 32, "width": 32}
+    assert (tiny_cache / "preprocessor_config.json").exists()
+    text = describe(tiny_cache)
+    assert manifest["fingerprint"] in text and "validation" in text
+
+
+def test_stored_pixels_reproduce_the_processor_exactly(tiny_cache, tiny_dataset, tiny_teacher):
+    from kdcache.data import ImagePipeline
+
+    processor = AutoImageProcessor.from_pretrained(str(tiny_teacher), backend="pil")
+    rows = datasets.load_from_disk(str(tiny_dataset))["validation"]
+    expected = processor([image.convert("RGB") for image in rows["image"]], return_tensors="pt")["pixel_values"]
+    stored = datasets.load_from_disk(str(tiny_cache))["validation"].with_format("torch")[:][PIXELS]
+    assert torch.equal(ImagePipeline(processor).normalize(stored), expected)
+
+
+def test_permuted_teacher_labels_give_permuted_logits(tmp_path, tiny_dataset, tiny_teacher):
+    # Same weights, but the config names the outputs in another order: output i now means permuted[i].
+    permuted = {0: LABELS[2], 1: LABELS[0], 2: LABELS[1]}
+    teacher = save_vit_teacher(tmp_path / "permuted", id2label=permuted)
+    out = teacher_logits(str(tiny_dataset), str(teacher), output=tmp_path / "cache", splits=["validation"], progress=False)
+    raw, _ = reference_logits(tiny_dataset, teacher, "validation")
+    got = cached_logits(out, "validation")
+    # dataset label j (LABELS[j]) is the teacher output whose name is LABELS[j]
+    assert np.abs(got - raw[:, [1, 2, 0]]).max() <= 1e-5
+    assert json.loads((out / MANIFEST).read_text())["teacher_to_dataset"] == [1, 2, 0]
+
+
+def test_teacher_with_another_head_is_refused(tmp_path, tiny_dataset):
+    imagenet_like = save_vit_teacher(tmp_path / "t4", id2label={0: "cat", 1: "dog", 2: "car", 3: "tree"})
+    with pytest.raises(KdcacheError, match="4 output classes but the dataset has 3.*fine-tune the teacher"):
+        teacher_logits(str(tiny_dataset), str(imagenet_like), output=tmp_path / "c4", progress=False)
+    other_names = save_vit_teacher(tmp_path / "t3", id2label={0: "cat", 1: "dog", 2: "healthy"})
+    with pytest.raises(KdcacheError, match="do not match the dataset's.*no match for angular_leaf_spot, bean_rust"):
+        teacher_logits(str(tiny_dataset), str(other_names), output=tmp_path / "c3", progress=False)
+    assert not (tmp_path / "c4").exists() and not (tmp_path / "c3").exists()
+
+
+def test_generic_label_names_need_an_explicit_by_index(tmp_path, tiny_dataset):
+    generic = save_vit_teacher(tmp_path / "generic", id2label={i: f"LABEL_{i}" for i in range(3)})
+    with pytest.raises(KdcacheError, match="--match-labels-by-index"):
+        teacher_logits(str(tiny_dataset), str(generic), output=tmp_path / "c", progress=False)
+    out = teacher_logits(str(tiny_dataset), str(generic), output=tmp_path / "c", splits=["test"],
+                         match_labels_by_index=True, progress=False)
+    raw, _ = reference_logits(tiny_dataset, generic, "test")
+    assert np.abs(cached_logits(out, "test") - raw).max() <= 1e-5
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_dataset, tiny_teacher, monkeypatch):
+    whole = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "whole", batch_size=4,
+                           chunk_size=8, progress=False)
+    real_write = cache_module._write_chunk
+    written = []
+
+    def crash_after_two_chunks(path, columns, names):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C half-way
+        written.append(f"{path.parent.name}/{path.name}")
+        real_write(path, columns, names)
+
+    monkeypatch.setattr(cache_module, "_write_chunk", crash_after_two_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "resumed", batch_size=4,
+                       chunk_size=8, progress=False)
+    assert not (tmp_path / "resumed").exists(), "the final folder must appear only when complete"
+    assert (tmp_path / "resumed.partial").exists()
+
+    recomputed = []
+    monkeypatch.setattr(cache_module, "_write_chunk", lambda path, columns, names: (recomputed.append(f"{path.parent.name}/{path.name}"), real_write(path, columns, names)))
+    resumed = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "resumed", batch_size=4,
+                             chunk_size=8, progress=False)
+    assert not set(written) & set(recomputed), "finished chunks must not be recomputed"
+    assert len(written) + len(recomputed) == 3 + 2 + 2  # train 24 rows, validation 12, test 12, 8 per chunk
+    assert not (tmp_path / "resumed.partial").exists()
+    a, b = json.loads((whole / MANIFEST).read_text()), json.loads((resumed / MANIFEST).read_text())
+    assert a["fingerprint"] == b["fingerprint"]
+    assert a["dataset"]["splits"] == b["dataset"]["splits"]  # row counts and logits checksums
+    for split in ("train", "validation", "test"):
+        assert np.array_equal(cached_logits(whole, split), cached_logits(resumed, split))
+
+
+def test_rerun_is_a_noop_and_other_inputs_are_refused(tmp_path, tiny_dataset, tiny_teacher, capsys):
+    out = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "c", splits=["test"], progress=False)
+    created = json.loads((out / MANIFEST).read_text())["created"]
+    teacher_logits(str(tiny_dataset), str(tiny_teacher), output=out, splits=["test"], progress=False)
+    assert "up to date" in capsys.readouterr().out
+    assert json.loads((out / MANIFEST).read_text())["created"] == created
+
+    other = save_vit_teacher(tmp_path / "other", seed=1)
+    with pytest.raises(KdcacheError, match="other inputs.*--overwrite"):
+        teacher_logits(str(tiny_dataset), str(other), output=out, splits=["test"], progress=False)
+    assert json.loads((out / MANIFEST).read_text())["created"] == created, "a refused run must not touch the cache"
+    teacher_logits(str(tiny_dataset), str(other), output=out, splits=["test"], overwrite=True, progress=False)
+    raw, _ = reference_logits(tiny_dataset, other, "test")
+    assert np.abs(cached_logits(out, "test") - raw).max() <= 1e-5
+
+
+def test_damaged_cache_is_refused(tmp_path, tiny_cache):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_cache, damaged)
+    manifest = json.loads((damaged / MANIFEST).read_text())
+    manifest["dataset"]["splits"]["train"]["logits_sha256"] = "0" * 64
+    (damaged / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(KdcacheError, match="do not match their checksum"):
+        load_cache(damaged)
+    manifest["format_version"] = 99
+    (damaged / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(KdcacheError, match="format version 99"):
+        load_cache(damaged)
+    (damaged / MANIFEST).unlink()
+    with pytest.raises(KdcacheError, match="not a kdcache cache"):
+        load_cache(damaged)
+
+
+def test_input_errors_are_one_clear_line(tmp_path, tiny_dataset, tiny_teacher):
+    cases = [
+        (dict(dataset="no-such-org/no-such-dataset"), "could not load dataset 'no-such-org/no-such-dataset'.*pass a local path with --dataset"),
+        (dict(teacher="no-such-org/no-such-model"), "could not load the image processor 'no-such-org/no-such-model'.*--teacher"),
+        (dict(teacher=str(tmp_path)), "could not load the image processor from the folder"),
+        (dict(splits=["nope"]), "split 'nope' is not in dataset"),
+        (dict(label_column="nope"), "--label-column 'nope' is not a column"),
+        (dict(precision="bf16", device="cpu"), "needs a CUDA device"),
+        (dict(batch_size=0), "at least 1"),
+    ]
+    for overrides, message in cases:
+        arguments = dict(dataset=str(tiny_dataset), teacher=str(tiny_teacher), output=tmp_path / "out", progress=False)
+        arguments.update(overrides)
+        with pytest.raises(KdcacheError, match=message):
+            teacher_logits(**arguments)
+        assert not (tmp_path / "out").exists()
+
+
+def test_dataset_problems(tmp_path, tiny_teacher):
+    unlabeled = make_dataset_dict({"train": 6}).remove_columns("labels")
+    unlabeled.save_to_disk(str(tmp_path / "unlabeled"))
+    with pytest.raises(KdcacheError, match="no label column found.*--label-column"):
+        teacher_logits(str(tmp_path / "unlabeled"), str(tiny_teacher), output=tmp_path / "o1", progress=False)
+
+    # datasets cannot reload an empty split written by save_to_disk; parquet files are how one arrives.
+    empty = make_dataset_dict({"train": 6, "validation": 3})
+    (tmp_path / "empty" / "data").mkdir(parents=True)
+    empty["train"].to_parquet(str(tmp_path / "empty" / "data" / "train-00000-of-00001.parquet"))
+    empty["validation"].select([]).to_parquet(str(tmp_path / "empty" / "data" / "validation-00000-of-00001.parquet"))
+    with pytest.raises(KdcacheError, match="split 'validation' .* is empty"):
+        teacher_logits(str(tmp_path / "empty"), str(tiny_teacher), output=tmp_path / "o2", progress=False)
+
+    broken = make_dataset_dict({"train": 6}).cast_column("image", datasets.Image(decode=False))
+    rows = broken["train"].to_dict()
+    rows["image"][4] = {"bytes": b"not an image at all", "path": None}
+    broken["train"] = datasets.Dataset.from_dict(rows, features=broken["train"].features).cast_column("image", datasets.Image())
+    broken.save_to_disk(str(tmp_path / "broken"))
+    with pytest.raises(KdcacheError, match="unreadable image in split 'train', row 4"):
+        teacher_logits(str(tmp_path / "broken"), str(tiny_teacher), output=tmp_path / "o3", progress=False)
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+
+
+def test_output_not_writable(tmp_path, tiny_dataset, tiny_teacher):
+    # A regular file where a folder should be: unwritable even for root, unlike chmod.
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(KdcacheError, match="cannot be created.*choose another --output"):
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "a-file" / "cache", progress=False)
+
+
+def test_output_that_is_not_a_cache_is_never_replaced(tmp_path, tiny_dataset, tiny_teacher):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(KdcacheError, match="not a kdcache cache"):
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), output=precious, overwrite=True, progress=False)
+    assert (precious / "notes.txt").read_text() == "keep me"
