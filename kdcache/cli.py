@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from kdcache import KdcacheError
+from kdcache.defaults import TRAINING as DEFAULTS
 
 app = typer.Typer(
     help=(
@@ -94,6 +95,65 @@ def info_command(cache: Path = typer.Argument(..., help="A cache folder written 
     from kdcache.cache import describe
 
     typer.echo(describe(cache))
+
+
+@app.command("train-student")
+@friendly
+def train_student_command(
+    cache: Path = typer.Argument(..., help="A cache folder written by kdcache teacher-logits."),
+    output: Optional[Path] = typer.Option(None, help="Folder for the trained student. [default: data/students/<cache>-distilled]"),
+    student: Optional[str] = typer.Option(None, help="Student: a model type from scratch (e.g. mobilenet_v2), a config-only folder, or a hub id / folder with weights. [default: MobileNetV2Config() from scratch]"),
+    temperature: float = typer.Option(5.0, "--temperature", "-T", help="Softmax temperature T of the distillation term."),
+    alpha: float = typer.Option(0.5, "--alpha", "--lambda", help="Weight of the distillation term: 0 = labels only (a from-scratch baseline), 1 = teacher only."),
+    epochs: float = typer.Option(DEFAULTS["epochs"], help="Training epochs."),
+    learning_rate: float = typer.Option(DEFAULTS["learning_rate"], help="Peak AdamW learning rate."),
+    batch_size: int = typer.Option(DEFAULTS["batch_size"], help="Images per training step."),
+    weight_decay: float = typer.Option(DEFAULTS["weight_decay"], help="AdamW weight decay."),
+    warmup_ratio: float = typer.Option(DEFAULTS["warmup_ratio"], help="Fraction of steps spent warming the learning rate up."),
+    scheduler: str = typer.Option(DEFAULTS["scheduler"], help="Learning-rate schedule (a transformers scheduler name: cosine, linear, constant...)."),
+    seed: int = typer.Option(42, help="Seed for the student's initial weights and the data order."),
+    eval_split: str = typer.Option("validation", help="Split evaluated after each epoch; the best epoch is kept. 'none' to skip."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder (or discard an interrupted run)."),
+    online: bool = typer.Option(False, help="Reference mode: run the teacher on every batch, as the tutorial does (for tests and benchmarks)."),
+    teacher: Optional[str] = typer.Option(None, help="With --online: the teacher. [default: the one recorded in the cache]"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16, fp16."),
+    push_to_hub: Optional[str] = typer.Option(None, help="Also push the student to this hub repository (needs a login)."),
+):
+    """Train a student from the cached soft targets and save it for pipeline("image-classification").
+
+    Loss: (1-alpha)*CE(student, labels) + alpha*T^2*KL(softmax(teacher/T) || softmax(student/T)), batchmean.
+    The cache is verified first (manifest, row counts, logits checksums). The output folder holds the best
+    epoch's model, the teacher's image processor, a model card, TensorBoard logs and kdcache_training.json.
+
+    Example:
+
+      kdcache train-student data/beans--effl0-beans --epochs 30 --output data/students/beans-distilled
+    """
+    from kdcache.train import summary_line, train_student
+
+    summary = train_student(
+        cache, output=output, student=student, temperature=temperature, alpha=alpha, epochs=epochs,
+        learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        scheduler=scheduler, seed=seed, eval_split=None if eval_split.lower() == "none" else eval_split,
+        resume=resume, overwrite=overwrite, online=online, teacher=teacher, device=device, precision=precision,
+        push_to_hub=push_to_hub, progress=True,
+    )
+
+
+@app.command("demo")
+@friendly
+def demo_command(
+    output: Path = typer.Option(Path("data/demo"), help="Folder for the demo's dataset, models, cache and report (replaced)."),
+    quick: bool = typer.Option(False, help="A reduced run that still exercises every stage (about a minute; used by CI)."),
+    seed: int = typer.Option(0, help="Seed for the teacher and the students."),
+):
+    """Run the whole pipeline offline on scikit-learn's digits: fit a small ViT teacher, cache its logits once,
+    distil a MobileNetV2 student, train the same student from scratch, and compare all three on the test split."""
+    from kdcache.demo import run_demo
+
+    run_demo(output=output, quick=quick, seed=seed)
 
 
 def main():

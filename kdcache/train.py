@@ -16,13 +16,12 @@ from transformers import Trainer, TrainingArguments
 
 from kdcache import KdcacheError
 from kdcache.cache import LABELS, LOGITS, PIXELS, load_cache
+from kdcache.defaults import TRAINING as DEFAULTS
 from kdcache.data import ImagePipeline, hub_error, load_image_dataset, undecoded
 from kdcache.loss import check_loss_settings, distillation_loss
 from kdcache.models import align_labels, count_parameters, load_classifier
 from kdcache.runtime import check_writable_parent, move_into_place, pick_device, slug, tune_malloc
 
-# Chosen on the beans validation split with the effl0 teacher (BENCHMARKS.md, "Choosing the defaults").
-DEFAULTS = dict(epochs=30, learning_rate=2e-3, batch_size=32, weight_decay=0.05, warmup_ratio=0.05, scheduler="cosine")
 
 
 class DistillationTrainer(Trainer):

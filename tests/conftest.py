@@ -53,7 +53,7 @@ def tiny_dataset(tmp_path_factory):
 
 
 def save_vit_teacher(path, id2label=None, seed=0, image_size=32):
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
     id2label = id2label or dict(enumerate(LABELS))
     config = ViTConfig(
@@ -64,7 +64,7 @@ def save_vit_teacher(path, id2label=None, seed=0, image_size=32):
     torch.manual_seed(seed)
     model = ViTForImageClassification(config).eval()
     model.save_pretrained(str(path))
-    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(str(path))
+    ViTImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(str(path))
     return path
 
 

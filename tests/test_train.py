@@ -1,0 +1,186 @@
+import json
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback, pipeline
+
+from conftest import COLOURS, LABELS, save_mobilenet_student, save_vit_teacher
+from kdcache import KdcacheError
+from kdcache.cache import LOGITS, MANIFEST, load_cache
+from kdcache.data import ImagePipeline, load_image_dataset
+from kdcache.loss import distillation_loss
+from kdcache.models import align_labels, load_classifier
+from kdcache.train import Collator, OnlineTeacher, _online_rows, train_student
+
+FAST = dict(batch_size=8, progress=False, logging_steps=1)
+
+
+def weights(folder):
+    return AutoModelForImageClassification.from_pretrained(str(folder)).state_dict()
+
+
+def test_cached_loss_equals_online_loss_batch_by_batch(tiny_cache, tiny_dataset, tiny_teacher):
+    cache, manifest = load_cache(tiny_cache)
+    pipeline_ = ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_cache), backend="pil"))
+    collate = Collator(pipeline_)
+    teacher_model = load_classifier(str(tiny_teacher))
+    teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, LABELS))
+    online_rows = _online_rows(load_image_dataset(str(tiny_dataset))["train"], "image", "labels", pipeline_)
+    cached_rows = cache["train"].with_format("torch", columns=["pixel_values", "labels", LOGITS])
+    torch.manual_seed(0)
+    student = AutoModelForImageClassification.from_pretrained(str(save_mobilenet_student(tiny_cache.parent / "s0"))).eval()
+    for start in range(0, 24, 8):
+        rows = list(range(start, start + 8))
+        cached = collate(cached_rows.__getitems__(rows))
+        online = collate(online_rows.__getitems__(rows))
+        assert torch.equal(cached["pixel_values"], online["pixel_values"])  # the same student input, bit for bit
+        assert torch.equal(cached["labels"], online["labels"])
+        online_logits = teacher(online["pixel_values"])
+        assert (cached["teacher_logits"] - online_logits).abs().max() <= 1e-5
+        with torch.no_grad():
+            student_logits = student(pixel_values=cached["pixel_values"]).logits
+        cached_loss = distillation_loss(student_logits, cached["labels"], cached["teacher_logits"])
+        online_loss = distillation_loss(student_logits, online["labels"], online_logits)
+        assert abs(cached_loss.item() - online_loss.item()) <= 1e-6
+
+
+def test_training_from_the_cache_equals_online_distillation(tmp_path, tiny_cache):
+    cached = train_student(tiny_cache, output=tmp_path / "cached", max_steps=6, **FAST)
+    online = train_student(tiny_cache, output=tmp_path / "online", max_steps=6, online=True, **FAST)
+    assert len(cached["train_losses"]) == 6
+    assert np.allclose(cached["train_losses"], online["train_losses"], rtol=0, atol=1e-5)
+    a, b = weights(tmp_path / "cached"), weights(tmp_path / "online")
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-4, atol=1e-5), name
+    # and the teacher mattered: a different alpha trains to different weights
+    other = train_student(tiny_cache, output=tmp_path / "other", max_steps=6, alpha=0.9, **FAST)
+    assert not np.allclose(other["train_losses"], cached["train_losses"])
+
+
+def test_trained_student_is_a_pipeline_with_label_names_and_a_model_card(tmp_path, tiny_cache):
+    summary = train_student(tiny_cache, output=tmp_path / "student", epochs=2, learning_rate=3e-3, **FAST)
+    out = tmp_path / "student"
+    assert summary["best_eval_accuracy"] is not None and len(summary["history"]) == 2
+    classifier = pipeline("image-classification", model=str(out))
+    from PIL import Image
+
+    predictions = classifier(Image.new("RGB", (40, 36), COLOURS[0]))
+    assert {p["label"] for p in predictions} == set(LABELS)
+    card = (out / "README.md").read_text()
+    manifest = json.loads((tiny_cache / MANIFEST).read_text())
+    for fact in (manifest["fingerprint"], "T=5.0", "alpha=0.5", "2 epochs", f"{summary['best_eval_accuracy']:.4f}",
+                 str(manifest["teacher"]["name_or_path"])):
+        assert fact in card
+    recorded = json.loads((out / "kdcache_training.json").read_text())
+    assert recorded["recipe"]["cache_fingerprint"] == manifest["fingerprint"]
+    assert any((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs are kept with the model"
+    assert not (tmp_path / "student.partial").exists()
+
+
+def test_best_epoch_is_the_one_kept(tmp_path, tiny_cache):
+    summary = train_student(tiny_cache, output=tmp_path / "s", epochs=3, learning_rate=3e-3, **FAST)
+    best = max(summary["history"], key=lambda entry: entry["eval_accuracy"])
+    model = AutoModelForImageClassification.from_pretrained(str(tmp_path / "s")).eval()
+    cache, _ = load_cache(tiny_cache)
+    rows = cache["validation"].with_format("torch", columns=["pixel_values", "labels"])
+    batch = Collator(ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_cache), backend="pil")))(
+        rows.__getitems__(list(range(len(rows)))))
+    with torch.no_grad():
+        accuracy = (model(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).float().mean().item()
+    assert accuracy == pytest.approx(best["eval_accuracy"])
+
+
+def test_scratch_baseline_needs_no_teacher_logits(tmp_path, tiny_cache):
+    summary = train_student(tiny_cache, output=tmp_path / "scratch", max_steps=3, alpha=0.0, **FAST)
+    assert summary["recipe"]["alpha"] == 0.0 and len(summary["train_losses"]) == 3
+
+
+class StopAfterFirstSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_resume_continues_an_interrupted_run(tmp_path, tiny_cache, monkeypatch):
+    whole = train_student(tiny_cache, output=tmp_path / "whole", epochs=2, **FAST)
+    from kdcache import train as train_module
+
+    original = train_module.DistillationTrainer.__init__
+
+    def with_crash(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(StopAfterFirstSave)
+
+    monkeypatch.setattr(train_module.DistillationTrainer, "__init__", with_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, **FAST)
+    monkeypatch.setattr(train_module.DistillationTrainer, "__init__", original)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial").exists()
+    with pytest.raises(KdcacheError, match="interrupted training run; pass --resume"):
+        train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, **FAST)
+    resumed = train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, resume=True, **FAST)
+    assert resumed["train_losses"][-3:] == whole["train_losses"][-3:]
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert all(torch.allclose(a[name].float(), b[name].float(), atol=1e-6) for name in a)
+
+
+def damaged_copy(tiny_cache, tmp_path, change):
+    target = tmp_path / "damaged"
+    cache = datasets.load_from_disk(str(tiny_cache))
+    cache["train"] = change(cache["train"])
+    cache.save_to_disk(str(target))
+    for name in (MANIFEST, "preprocessor_config.json"):
+        shutil.copy(tiny_cache / name, target / name)
+    return target
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda split: split.select(range(len(split) - 2)), "has 22 rows, its manifest says 24"),
+        (lambda split: split.map(lambda row: {LOGITS: [v * 1.01 for v in row[LOGITS]]}), "do not match their checksum"),
+    ],
+)
+def test_damaged_cache_is_refused(tmp_path, tiny_cache, change, message):
+    with pytest.raises(KdcacheError, match=message):
+        train_student(damaged_copy(tiny_cache, tmp_path, change), output=tmp_path / "s", max_steps=1, **FAST)
+    assert not (tmp_path / "s").exists()
+
+
+def test_unknown_format_version_is_refused(tmp_path, tiny_cache):
+    target = damaged_copy(tiny_cache, tmp_path, lambda split: split)
+    manifest = json.loads((target / MANIFEST).read_text())
+    manifest["format_version"] = 0
+    (target / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(KdcacheError, match="format version 0.*recreate it"):
+        train_student(target, output=tmp_path / "s", max_steps=1, **FAST)
+
+
+def test_student_choices_and_label_checks(tmp_path, tiny_cache):
+    given = save_mobilenet_student(tmp_path / "given")
+    summary = train_student(tiny_cache, output=tmp_path / "a", student=str(given), max_steps=1, **FAST)
+    assert summary["recipe"]["student"] == str(given)
+    config_only = tmp_path / "config-only"
+    AutoModelForImageClassification.from_pretrained(str(given)).config.save_pretrained(str(config_only))
+    train_student(tiny_cache, output=tmp_path / "b", student=str(config_only), max_steps=1, **FAST)
+    wrong_names = save_vit_teacher(tmp_path / "wrong", id2label={0: "cat", 1: "dog", 2: "bird"})
+    with pytest.raises(KdcacheError, match="student's labels .* do not match"):
+        train_student(tiny_cache, output=tmp_path / "c", student=str(wrong_names), max_steps=1, **FAST)
+    with pytest.raises(KdcacheError, match="could not load the student 'no-such/student'"):
+        train_student(tiny_cache, output=tmp_path / "d", student="no-such/student", max_steps=1, **FAST)
+
+
+def test_bad_options_and_existing_output(tmp_path, tiny_cache):
+    for options, message in [
+        (dict(temperature=0), "temperature must be > 0"),
+        (dict(alpha=2), r"alpha \(lambda\) must be in \[0, 1\]"),
+        (dict(eval_split="nope"), "--eval-split 'nope' is not in cache"),
+        (dict(learning_rate=0), "--learning-rate must be > 0"),
+    ]:
+        with pytest.raises(KdcacheError, match=message):
+            train_student(tiny_cache, output=tmp_path / "s", max_steps=1, **{**FAST, **options})
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(KdcacheError, match="exists; pass --overwrite"):
+        train_student(tiny_cache, output=tmp_path / "exists", max_steps=1, **FAST)
