@@ -88,6 +88,45 @@ def teacher_logits_command(
     typer.echo(describe(path))
 
 
+@app.command("evaluate")
+@friendly
+def evaluate_command(
+    models: list[str] = typer.Argument(..., help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher).", show_default=False),
+    dataset: Optional[str] = typer.Option(None, help="Hub dataset id or local folder.", show_default="the one --cache was made from, else beans"),
+    split: str = typer.Option("test", help="Split to evaluate on."),
+    cache: Optional[Path] = typer.Option(None, help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher."),
+    batch_size: int = typer.Option(32, help="Images per forward pass (the throughput is measured at this size)."),
+    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
+    output: Optional[Path] = typer.Option(None, help="Folder to write.", show_default="MODEL/eval-SPLIT for a local model, data/eval/NAME-SPLIT for a hub id, data/eval/compare-SPLIT for several models"),
+    image_column: Optional[str] = typer.Option(None, help="Image column.", show_default="the cache's, else image or img"),
+    label_column: Optional[str] = typer.Option(None, help="Label column, a ClassLabel.", show_default="the cache's, else labels or label"),
+    match_labels_by_index: bool = typer.Option(False, help="Trust that a model's outputs follow the dataset's label order even though the names differ."),
+):
+    """Measure models on a split: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix,
+    parameters, size on disk and images/s; with --cache, how close each is to the teacher.
+
+    Each model is fed through its own image processor, as pipeline() would, and its outputs are matched to the
+    dataset's labels by name. Writes metrics.json and confusion_matrix.png (and, for several models, one folder
+    per model plus a combined metrics.json and comparison.png). Metrics are computed by evaluate modules shipped
+    with kdcache, so nothing is fetched from the hub.
+
+    Examples (offline, local paths):
+
+      kdcache evaluate data/students/beans--effl0-beans-distilled --dataset ../shared/data/beans
+
+      kdcache evaluate data/students/beans--effl0-beans-distilled --cache data/beans--effl0-beans
+
+      kdcache evaluate ../shared/teachers/effl0-beans data/students/* --cache data/beans--effl0-beans
+    """
+    from kdcache.evaluate import describe, evaluate_models
+
+    report = evaluate_models(
+        models, dataset=dataset, split=split, cache=cache, batch_size=batch_size, device=device, output=output,
+        image_column=image_column, label_column=label_column, match_labels_by_index=match_labels_by_index,
+    )
+    typer.echo(describe(report))
+
+
 @app.command("info")
 @friendly
 def info_command(cache: Path = typer.Argument(..., help="A cache folder written by kdcache teacher-logits.")):

@@ -160,7 +160,9 @@ class ImagePipeline:
         return self.normalize(torch.from_numpy(self.pixels(images)))
 
 
-def load_image_processor(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+def load_image_processor(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, flag: str = "--teacher"
+):
     """The PIL-backend image processor: it defines the pixels the teacher saw, so it must not change with the
     optional torchvision install (whose resize differs slightly)."""
     from transformers import AutoImageProcessor
@@ -170,7 +172,7 @@ def load_image_processor(name_or_path: str, revision: str | None = None, trust_r
             name_or_path, revision=revision, trust_remote_code=trust_remote_code, backend="pil"
         )
     except Exception as error:
-        raise hub_error("image processor", name_or_path, "--teacher", error) from None
+        raise hub_error("image processor", name_or_path, flag, error) from None
 
 
 def hub_error(what: str, name_or_path: str, flag: str, error: BaseException) -> KdcacheError:

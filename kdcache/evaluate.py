@@ -1,0 +1,409 @@
+"""Stage three: how good is each model on a split, how close to its teacher, and at what cost.
+
+Each model sees what `pipeline("image-classification", model)` would give it: decoded RGB images through its own
+image processor. Its logits are put in the dataset's label order (by label name), so that models with differently
+ordered heads, and the cached teacher logits, compare row for row. Metrics come from kdcache.metrics (`evaluate`
+modules that work offline). The teacher is never run: agreement with it comes from a logit cache of the same rows.
+"""
+
+import json
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kdcache
+from kdcache import KdcacheError
+from kdcache.cache import LABELS, LOGITS, load_cache
+from kdcache.data import decode_images, find_columns, label_names, load_image_dataset, load_image_processor, undecoded
+from kdcache.models import align_labels, count_parameters, load_classifier
+from kdcache.runtime import check_writable_parent, move_into_place, pick_device, slug, tune_malloc
+
+METRICS, CONFUSION_PNG, COMPARISON_PNG = "metrics.json", "confusion_matrix.png", "comparison.png"
+WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")  # not training_args.bin, which Trainer saves beside them
+TIMED = ("forward: model(pixel_values) under torch.inference_mode, after one untimed warm-up batch; "
+         "end_to_end: decoding, the model's image processor and the forward")
+
+
+def classification_metrics(predictions, references, names: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows: true label,
+    columns: predicted label, both in `names` order) of class-index predictions against references."""
+    from kdcache.metrics import compute_classification
+
+    predictions, references = np.asarray(predictions).reshape(-1), np.asarray(references).reshape(-1)
+    if len(predictions) != len(references) or len(references) == 0:
+        raise KdcacheError(f"{len(predictions)} predictions for {len(references)} references; need as many, at least one")
+    raw = compute_classification(predictions, references, len(names))
+    per_class = {
+        name: {"precision": raw["precision"][i], "recall": raw["recall"][i], "f1": raw["f1"][i], "support": int(raw["support"][i])}
+        for i, name in enumerate(names)
+    }
+    return {"accuracy": raw["accuracy"], "macro_f1": raw["macro_f1"], "per_class": per_class,
+            "confusion_matrix": raw["confusion_matrix"]}
+
+
+def teacher_agreement(student_logits, teacher_logits, labels) -> dict:
+    """How close a model is to its teacher on the same rows, both logits in the same label order: the share of rows
+    where their top-1 classes agree, the mean KL(teacher || student) of their softmaxes at T=1 (nats), and the
+    teacher's own accuracy on those rows."""
+    student = torch.as_tensor(np.asarray(student_logits), dtype=torch.float64)
+    teacher = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float64)
+    labels = torch.as_tensor(np.asarray(labels))
+    if student.shape != teacher.shape or student.ndim != 2 or len(labels) != len(teacher):
+        raise KdcacheError(f"model logits {tuple(student.shape)}, teacher logits {tuple(teacher.shape)} and "
+                           f"{len(labels)} labels do not line up")
+    log_teacher, log_student = teacher.log_softmax(-1), student.log_softmax(-1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+    return {
+        "top1_agreement": float((student.argmax(-1) == teacher.argmax(-1)).double().mean()),
+        "kl_teacher_student": float(kl.mean()),
+        "teacher_accuracy": float((teacher.argmax(-1) == labels).double().mean()),
+    }
+
+
+def evaluate_models(
+    models: list[str] | str,
+    dataset: str | None = None,
+    split: str = "test",
+    cache: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    output: str | Path | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    match_labels_by_index: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Evaluate each model (hub id or local folder) on `split` of `dataset` and write metrics.json and plots.
+
+    `dataset` defaults to the one the cache was made from, else "beans". With `cache`, each model is also compared
+    with the cached teacher logits of the same rows. Returns {"output", "dataset", "split", "rows", "models": [one
+    dict per model, as in its metrics.json]}.
+    """
+    models = [models] if isinstance(models, str) else list(models)
+    if not models:
+        raise KdcacheError("name at least one model to evaluate (a hub id or a folder written by save_pretrained)")
+    if batch_size < 1:
+        raise KdcacheError("--batch-size must be at least 1")
+    tune_malloc()
+    torch_device = pick_device(device)
+
+    cached = manifest = None
+    dataset_revision = None
+    if cache is not None:
+        cached, manifest = load_cache(cache)
+        made_from = manifest["dataset"]
+        if split not in made_from["splits"]:
+            raise KdcacheError(f"cache '{cache}' has no split '{split}' (splits: {', '.join(made_from['splits'])}); "
+                               f"pick one with --split, or cache it with kdcache teacher-logits --splits {split}")
+        if dataset is None or dataset == made_from["name_or_path"]:
+            dataset, dataset_revision = made_from["name_or_path"], made_from.get("revision")
+        image_column = image_column or made_from["image_column"]
+        label_column = label_column or made_from["label_column"]
+    dataset = dataset or "beans"
+
+    dataset_dict = load_image_dataset(dataset, revision=dataset_revision)
+    if split not in dataset_dict:
+        raise KdcacheError(f"split '{split}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)}); "
+                           "pass one of them with --split")
+    rows = dataset_dict[split]
+    if len(rows) == 0:
+        raise KdcacheError(f"split '{split}' of dataset '{dataset}' is empty; evaluate on another --split")
+    image_column, label_column = find_columns(rows, image_column, label_column)
+    names = label_names(rows, label_column)
+    references = np.asarray(rows[label_column][:], dtype=np.int64)
+    teacher = None
+    if manifest is not None:
+        teacher = _cached_teacher(cached, manifest, cache, rows, dataset, split, names, references)
+
+    # Every model's labels and image processor are checked before any is run: a mistake in the third model
+    # should not cost the time of the first two.
+    prepared = [_prepare(name, names, match_labels_by_index) for name in models]
+    output = Path(output) if output is not None else default_output(models, split)
+    _check_output(output)
+    short_names = _unique([slug(name) for name in models])
+    folders = short_names if len(models) > 1 else [""]  # several models: one subfolder each
+
+    results = []
+    for (name, processor, mapping), short_name, folder in zip(prepared, short_names, folders):
+        model = load_classifier(name, what="model", flag="MODELS").to(torch_device)
+        logits, speed = predict(model, processor, rows, image_column, mapping, batch_size, torch_device, split, progress)
+        result = {
+            "model": name,
+            "name": short_name,
+            "model_class": type(model).__name__,
+            "dataset": dataset,
+            "split": split,
+            "rows": len(rows),
+            "label_names": names,
+            **classification_metrics(logits.argmax(-1), references, names),
+            "confusion_matrix_axes": "rows: true label, columns: predicted label, in label_names order",
+            "parameters": count_parameters(model),
+            "weights_bytes": weights_bytes(name),
+            "speed": {"device": str(torch_device), "batch_size": batch_size, **speed, "timed": TIMED},
+            "metrics_library": _metrics_library(),
+            "kdcache_version": kdcache.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "output": str(output / folder) if folder else str(output),
+        }
+        if teacher is not None:
+            result["teacher_agreement"] = {"cache": str(cache), "cache_fingerprint": manifest["fingerprint"],
+                                           "teacher": manifest["teacher"]["name_or_path"],
+                                           **teacher_agreement(logits, teacher, references)}
+        results.append(result)
+        del model
+
+    work = output.with_name(output.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.mkdir(parents=True)
+        for result, folder in zip(results, folders):
+            (work / folder).mkdir(exist_ok=True)
+            _write_json(work / folder / METRICS, result)
+            plot_confusion(result, work / folder / CONFUSION_PNG)
+        report = {"output": str(output), "dataset": dataset, "split": split, "rows": len(rows), "models": results}
+        if len(results) > 1:
+            _write_json(work / METRICS, report)
+            plot_comparison(results, work / COMPARISON_PNG, f"{slug(dataset)} {split} ({len(rows)} rows)")
+    except OSError as error:
+        raise KdcacheError(f"cannot write under '{work.parent}' ({error.strerror}); choose another --output") from None
+    move_into_place(work, output)
+    return report
+
+
+def default_output(models: list[str], split: str) -> Path:
+    """Beside a local model (MODEL/eval-SPLIT), else data/eval/NAME-SPLIT; several models: data/eval/compare-SPLIT."""
+    if len(models) > 1:
+        return Path("data") / "eval" / f"compare-{split}"
+    folder = Path(models[0]).expanduser()
+    return folder / f"eval-{split}" if folder.is_dir() else Path("data") / "eval" / f"{slug(models[0])}-{split}"
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / METRICS).exists())):
+        raise KdcacheError(f"--output '{output}' exists and is not a kdcache evaluation; choose another --output")
+    check_writable_parent(output, "--output")
+
+
+def _cached_teacher(cached, manifest, cache, rows, dataset, split, names, references) -> np.ndarray:
+    """The cached teacher logits of `split`, once it is certain they belong to these very rows."""
+    expected = manifest["dataset"]["splits"][split]
+    if rows._fingerprint != expected["fingerprint"] or len(rows) != expected["num_rows"]:
+        raise KdcacheError(
+            f"cache '{cache}' was made from other data than split '{split}' of '{dataset}' (fingerprint "
+            f"{expected['fingerprint']}, {expected['num_rows']} rows; the split has {rows._fingerprint}, {len(rows)} "
+            f"rows); pass the dataset it was made from ({manifest['dataset']['name_or_path']}) or rebuild the cache"
+        )
+    if manifest["label_names"] != names:
+        raise KdcacheError(f"cache '{cache}' has labels {', '.join(manifest['label_names'])} but dataset '{dataset}' "
+                           f"has {', '.join(names)}; rebuild the cache from this dataset")
+    part = cached[split].with_format("numpy")[:]
+    if not np.array_equal(np.asarray(part[LABELS], dtype=np.int64), references):
+        raise KdcacheError(f"cache '{cache}' split '{split}' holds other labels than the dataset's; rebuild the cache")
+    return np.asarray(part[LOGITS], dtype=np.float32)
+
+
+def _prepare(name: str, names: list[str], by_index: bool):
+    """A model's image processor and the index of its output for each dataset label, without loading its weights."""
+    from transformers import AutoConfig
+
+    folder = Path(name).expanduser()
+    if folder.is_dir() and (folder / "config.json").exists() and not (folder / "preprocessor_config.json").exists():
+        raise KdcacheError(f"model folder '{name}' has no preprocessor_config.json; save its image processor beside it "
+                           "(processor.save_pretrained(folder)), as kdcache train-student does")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as error:
+        from kdcache.data import hub_error
+
+        raise hub_error("model", name, "MODELS", error) from None
+    if not getattr(config, "id2label", None):
+        raise KdcacheError(f"model '{name}' is not a classifier (its config has no id2label)")
+    mapping = align_labels(config.id2label, names, f"model {name}", by_index=by_index)
+    return name, load_image_processor(name, flag="MODELS"), mapping
+
+
+def predict(model, processor, split, image_column, mapping, batch_size, device, split_name, progress=False):
+    """Logits (rows, classes) in dataset label order, and images/s of the forward alone and of the whole path."""
+    from tqdm.auto import tqdm
+
+    split = undecoded(split, image_column)
+    index = torch.tensor(mapping, device=device)
+    outputs, preprocess_seconds, forward_seconds = [], 0.0, 0.0
+    bar = tqdm(total=len(split), unit="img", desc=f"evaluate {slug(model.name_or_path)}", disable=not progress)
+    for start in range(0, len(split), batch_size):
+        started = time.perf_counter()
+        images = decode_images(split, image_column, list(range(start, min(len(split), start + batch_size))), split_name)
+        pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(device)
+        prepared = time.perf_counter()
+        preprocess_seconds += prepared - started
+        with torch.inference_mode():
+            if start == 0:  # first calls pay for kernel selection and allocation: keep them out of the timing
+                model(pixel_values=pixel_values)
+                _synchronize(device)
+                prepared = time.perf_counter()
+            logits = model(pixel_values=pixel_values).logits
+            _synchronize(device)
+        forward_seconds += time.perf_counter() - prepared
+        outputs.append(logits.float()[:, index].cpu())
+        bar.update(len(images))
+    bar.close()
+    rows = len(split)
+    return torch.cat(outputs).numpy(), {
+        "forward_images_per_second": round(rows / forward_seconds, 2),
+        "end_to_end_images_per_second": round(rows / (forward_seconds + preprocess_seconds), 2),
+        "forward_seconds": round(forward_seconds, 3),
+        "preprocess_seconds": round(preprocess_seconds, 3),
+    }
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def weights_bytes(name_or_path: str) -> int | None:
+    """Bytes of the weight files on disk (a local folder, or the hub cache's copy); None when not found."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name_or_path, local_files_only=True, allow_patterns=list(WEIGHT_FILES)))
+        except Exception:  # not in the local cache under that name: the size is unknown, not an error
+            return None
+    files = {file for pattern in WEIGHT_FILES for file in folder.glob(pattern)}
+    return sum(file.stat().st_size for file in files) or None
+
+
+def _unique(labels: list[str]) -> list[str]:
+    seen, unique = {}, []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    return unique
+
+
+def _metrics_library() -> str:
+    import evaluate
+    import sklearn
+
+    return f"evaluate {evaluate.__version__} (kdcache.metrics, offline) over scikit-learn {sklearn.__version__}"
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _megabytes(result: dict) -> str:
+    return f"{result['weights_bytes'] / 1e6:.1f}" if result["weights_bytes"] else "?"
+
+
+def describe(report: dict) -> str:
+    """The human summary: per-class figures for one model, a side-by-side table for several."""
+    results = report["models"]
+    lines = [f"{slug(report['dataset'])} / {report['split']} ({report['rows']} rows)"]
+    if len(results) == 1:
+        result = results[0]
+        speed = result["speed"]
+        lines += [
+            f"  model       {result['model']} ({result['model_class']}, {result['parameters']:,} parameters, "
+            f"{_megabytes(result)} MB on disk)",
+            f"  accuracy    {result['accuracy']:.4f}    macro-F1 {result['macro_f1']:.4f}",
+            f"  speed       {speed['forward_images_per_second']:.1f} img/s forward, "
+            f"{speed['end_to_end_images_per_second']:.1f} img/s with decoding and preprocessing "
+            f"(batch {speed['batch_size']}, {speed['device']})",
+        ]
+        if "teacher_agreement" in result:
+            agreement = result["teacher_agreement"]
+            lines.append(f"  teacher     top-1 agreement {agreement['top1_agreement']:.4f}, KL(teacher||model) "
+                         f"{agreement['kl_teacher_student']:.4f} nats at T=1, teacher accuracy "
+                         f"{agreement['teacher_accuracy']:.4f} (cache {agreement['cache']})")
+        width = max(len(name) for name in result["per_class"])
+        lines.append(f"  {'class':<{width}}  precision  recall      f1  support")
+        for name, figures in result["per_class"].items():
+            lines.append(f"  {name:<{width}}  {figures['precision']:9.4f}  {figures['recall']:6.4f}  "
+                         f"{figures['f1']:6.4f}  {figures['support']:7d}")
+        lines.append(f"  written to {report['output']}/ ({METRICS}, {CONFUSION_PNG})")
+        return "\n".join(lines)
+    agreement = all("teacher_agreement" in result for result in results)
+    header = ["model", "params", "MB", "accuracy", "macro-F1", "img/s fwd", "img/s e2e"] + (["agree", "KL"] if agreement else [])
+    table = [header]
+    for result in results:
+        row = [result["name"], f"{result['parameters'] / 1e6:.2f}M", _megabytes(result), f"{result['accuracy']:.4f}",
+               f"{result['macro_f1']:.4f}", f"{result['speed']['forward_images_per_second']:.1f}",
+               f"{result['speed']['end_to_end_images_per_second']:.1f}"]
+        if agreement:
+            row += [f"{result['teacher_agreement']['top1_agreement']:.4f}", f"{result['teacher_agreement']['kl_teacher_student']:.4f}"]
+        table.append(row)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    if agreement:
+        lines.append(f"  agree: top-1 agreement with the cached teacher, KL: KL(teacher||model) at T=1 in nats")
+    lines.append(f"  written to {report['output']}/ ({METRICS}, {COMPARISON_PNG}, one folder per model)")
+    return "\n".join(lines)
+
+
+def plot_confusion(result: dict, path: Path) -> None:
+    """Counts in each cell, colour by the share of the true label's rows, so that small classes stay readable."""
+    from matplotlib.figure import Figure
+
+    names, counts = result["label_names"], np.asarray(result["confusion_matrix"])
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(16.0, max(4.5, 0.55 * len(names) + 3))
+    figure = Figure(figsize=(side + 1.2, side), dpi=120, layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if len(names) <= 60:
+        axes.set_xticks(range(len(names)), names, rotation=35, ha="right", rotation_mode="anchor")
+        axes.set_yticks(range(len(names)), [f"{name} ({total})" for name, total in zip(names, counts.sum(axis=1))])
+    if len(names) <= 30:
+        for (row, column), count in np.ndenumerate(counts):
+            axes.text(column, row, f"{count}", ha="center", va="center",
+                      color="white" if share[row, column] > 0.6 else "black")
+    axes.set_xlabel("predicted label")
+    axes.set_ylabel("true label (rows)")
+    axes.set_title(f"{result['name']} on {slug(result['dataset'])} {result['split']}\n"
+                   f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}", fontsize=10)
+    figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true label's rows")
+    figure.savefig(path)
+
+
+def plot_comparison(results: list[dict], path: Path, title: str) -> None:
+    """Quality (accuracy, macro-F1, agreement with the teacher), size and speed of each model, side by side."""
+    from matplotlib.figure import Figure
+
+    names = [result["name"] for result in results]
+    quality = {"accuracy": [r["accuracy"] for r in results], "macro-F1": [r["macro_f1"] for r in results]}
+    if all("teacher_agreement" in r for r in results):
+        quality["top-1 agreement with teacher"] = [r["teacher_agreement"]["top1_agreement"] for r in results]
+    figure = Figure(figsize=(max(10.0, 3.0 * len(results) + 4), 4.6), dpi=120, layout="constrained")
+    left, middle, right = figure.subplots(1, 3, width_ratios=[2.2, 1, 1])
+    positions, width = np.arange(len(results)), 0.8 / len(quality)
+    for k, (label, values) in enumerate(quality.items()):
+        bars = left.bar(positions + (k - (len(quality) - 1) / 2) * width, values, width, label=label)
+        left.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
+    left.set_ylim(0, 1.22)  # room for the legend above the bars of a perfect model
+    left.set_yticks(np.linspace(0, 1, 6))
+    left.set_title("quality (higher is better)", fontsize=10)
+    left.legend(fontsize=8, loc="upper center", ncols=len(quality), frameon=False)
+    panels = [(middle, [r["parameters"] / 1e6 for r in results], "parameters (millions)", "{:.2f}".format),
+              (right, [r["speed"]["forward_images_per_second"] for r in results],
+               f"images/s, forward (batch {results[0]['speed']['batch_size']}, {results[0]['speed']['device']})",
+               lambda value: f"{value:.0f}" if value >= 100 else f"{value:.1f}")]
+    for axes, values, label, fmt in panels:
+        bars = axes.bar(positions, values, 0.6, color="tab:gray")
+        axes.bar_label(bars, fmt=fmt, fontsize=8, padding=1)
+        axes.set_title(label, fontsize=10)
+        axes.margins(y=0.15)
+    for axes in (left, middle, right):
+        axes.set_xticks(positions, names, rotation=20, ha="right", rotation_mode="anchor", fontsize=8)
+        axes.spines[["top", "right"]].set_visible(False)
+    figure.suptitle(title)
+    figure.savefig(path)

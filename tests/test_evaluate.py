@@ -1,0 +1,183 @@
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.special import rel_entr, softmax
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+from conftest import LABELS, make_dataset_dict, save_mobilenet_student, save_vit_teacher
+from kdcache import KdcacheError
+from kdcache.evaluate import (
+    COMPARISON_PNG, CONFUSION_PNG, METRICS, classification_metrics, describe, evaluate_models, teacher_agreement,
+)
+
+
+def save_student(path, teacher):
+    """A tiny MobileNetV2 student folder as train-student leaves it: named labels and the teacher's processor."""
+    save_mobilenet_student(path)
+    config = AutoConfig.from_pretrained(str(path))
+    config.id2label, config.label2id = dict(enumerate(LABELS)), {name: i for i, name in enumerate(LABELS)}
+    config.save_pretrained(str(path))
+    AutoImageProcessor.from_pretrained(str(teacher), backend="pil").save_pretrained(str(path))
+    return path
+
+
+def plain_logits(model_path, dataset_path, split="test"):
+    """What pipeline() computes: the model's own processor on the RGB images, then the model."""
+    processor = AutoImageProcessor.from_pretrained(str(model_path), backend="pil")
+    model = AutoModelForImageClassification.from_pretrained(str(model_path)).eval()
+    images = [image.convert("RGB") for image in datasets.load_from_disk(str(dataset_path))[split]["image"]]
+    with torch.no_grad():
+        return model(**processor(images, return_tensors="pt")).logits.numpy()
+
+
+def test_classification_metrics_equal_a_hand_computation():
+    references = [0, 0, 0, 1, 1, 1, 2, 2]
+    predictions = [0, 0, 1, 1, 1, 0, 1, 0]  # class 2 is never predicted: its precision is 0/0, counted as 0
+    got = classification_metrics(predictions, references, LABELS)
+    assert got["confusion_matrix"] == [[2, 1, 0], [1, 2, 0], [1, 1, 0]]  # rows: true, columns: predicted
+    assert got["accuracy"] == pytest.approx(4 / 8)
+    first, second, third = (got["per_class"][name] for name in LABELS)
+    for figures in (first, second):  # 2 right of 4 predicted, 2 right of 3 true
+        assert figures["precision"] == pytest.approx(2 / 4)
+        assert figures["recall"] == pytest.approx(2 / 3)
+        assert figures["f1"] == pytest.approx(2 * (1 / 2) * (2 / 3) / (1 / 2 + 2 / 3))
+        assert figures["support"] == 3
+    assert third == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert got["macro_f1"] == pytest.approx((4 / 7 + 4 / 7 + 0) / 3)
+    with pytest.raises(KdcacheError, match="need as many"):
+        classification_metrics([0, 1], [0], LABELS)
+
+
+def test_metrics_need_no_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline by the code path, not by a setting
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert classification_metrics([0, 1, 2], [0, 1, 1], LABELS)["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_teacher_agreement_equals_a_direct_computation():
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(0, 3, (50, 3)).astype(np.float32)
+    student = (teacher + rng.normal(0, 2, (50, 3))).astype(np.float32)
+    labels = rng.integers(0, 3, 50)
+    got = teacher_agreement(student, teacher, labels)
+    p, q = softmax(teacher.astype(np.float64), axis=1), softmax(student.astype(np.float64), axis=1)
+    assert got["kl_teacher_student"] == pytest.approx(rel_entr(p, q).sum(axis=1).mean(), rel=1e-9)
+    assert got["top1_agreement"] == np.mean([np.argmax(s) == np.argmax(t) for s, t in zip(student, teacher)])
+    assert got["teacher_accuracy"] == np.mean([np.argmax(t) == y for t, y in zip(teacher, labels)])
+    assert 0 < got["top1_agreement"] < 1 and got["kl_teacher_student"] > 0
+    same = teacher_agreement(teacher, teacher, labels)
+    assert same["top1_agreement"] == 1.0 and same["kl_teacher_student"] == pytest.approx(0, abs=1e-12)
+
+
+def test_one_model_with_its_cache(tmp_path, tiny_dataset, tiny_teacher, tiny_cache):
+    report = evaluate_models([str(tiny_teacher)], cache=str(tiny_cache), split="test", batch_size=5,
+                             output=tmp_path / "eval", progress=False)
+    assert report["dataset"] == str(tiny_dataset), "the dataset defaults to the one the cache was made from"
+    saved = json.loads((tmp_path / "eval" / METRICS).read_text())
+    result = report["models"][0]
+    assert saved == result
+    references = datasets.load_from_disk(str(tiny_dataset))["test"]["labels"][:]
+    expected = classification_metrics(plain_logits(tiny_teacher, tiny_dataset).argmax(1), references, LABELS)
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix"):
+        assert result[key] == expected[key]
+    assert result["parameters"] == sum(p.numel() for p in AutoModelForImageClassification.from_pretrained(str(tiny_teacher)).parameters())
+    assert result["weights_bytes"] == (tiny_teacher / "model.safetensors").stat().st_size
+    assert result["speed"]["forward_images_per_second"] > 0 and result["speed"]["end_to_end_images_per_second"] > 0
+    # the teacher against its own cached logits: the same predictions, up to float noise from batching
+    agreement = result["teacher_agreement"]
+    assert agreement["top1_agreement"] == 1.0 and agreement["kl_teacher_student"] < 1e-9
+    assert agreement["teacher_accuracy"] == result["accuracy"]
+    with Image.open(tmp_path / "eval" / CONFUSION_PNG) as image:
+        image.verify()
+    with Image.open(tmp_path / "eval" / CONFUSION_PNG) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 300
+    assert "accuracy" in describe(report) and "top-1 agreement 1.0000" in describe(report)
+    assert not (tmp_path / "eval.partial").exists()
+
+
+def test_several_models_side_by_side(tmp_path, tiny_dataset, tiny_teacher, tiny_cache):
+    student = save_student(tmp_path / "student", tiny_teacher)
+    # the teacher's weights with its outputs named in another order: output i now means permuted[i]
+    permuted = save_vit_teacher(tmp_path / "permuted", id2label={0: LABELS[2], 1: LABELS[0], 2: LABELS[1]})
+    models = [str(tiny_teacher), str(student), str(permuted)]
+    report = evaluate_models(models, dataset=str(tiny_dataset), cache=str(tiny_cache), batch_size=8,
+                             output=tmp_path / "compare", progress=False)
+    teacher_raw, student_raw = plain_logits(tiny_teacher, tiny_dataset), plain_logits(student, tiny_dataset)
+    cached = datasets.load_from_disk(str(tiny_cache))["test"].with_format("numpy")[:]["teacher_logits"]
+    references = datasets.load_from_disk(str(tiny_dataset))["test"]["labels"][:]
+    for result, logits in zip(report["models"], (teacher_raw, student_raw, teacher_raw[:, [1, 2, 0]])):
+        assert result["accuracy"] == classification_metrics(logits.argmax(1), references, LABELS)["accuracy"]
+        direct = teacher_agreement(logits, cached, references)
+        for key, value in direct.items():
+            assert result["teacher_agreement"][key] == pytest.approx(value, abs=1e-6)
+    combined = json.loads((tmp_path / "compare" / METRICS).read_text())
+    assert [m["model"] for m in combined["models"]] == models
+    for name in ("teacher", "student", "permuted"):
+        assert (tmp_path / "compare" / name / METRICS).exists() and (tmp_path / "compare" / name / CONFUSION_PNG).exists()
+    with Image.open(tmp_path / "compare" / COMPARISON_PNG) as image:
+        image.verify()
+    table = describe(report)
+    assert all(name in table for name in ("teacher", "student", "permuted", "macro-F1", "agree"))
+    # evaluating again replaces the earlier evaluation
+    evaluate_models([str(tiny_teacher)], dataset=str(tiny_dataset), output=tmp_path / "compare", progress=False)
+    assert not (tmp_path / "compare" / COMPARISON_PNG).exists()
+
+
+def test_default_output_is_beside_a_local_model(tmp_path, tiny_dataset, tiny_teacher):
+    student = save_student(tmp_path / "student", tiny_teacher)
+    report = evaluate_models(str(student), dataset=str(tiny_dataset), split="validation", progress=False)
+    assert report["output"] == str(student / "eval-validation") and (student / "eval-validation" / METRICS).exists()
+    assert "teacher_agreement" not in report["models"][0]
+
+
+def test_input_errors_are_one_clear_line(tmp_path, tiny_dataset, tiny_teacher, tiny_cache):
+    other_names = save_vit_teacher(tmp_path / "other-names", id2label={0: "cat", 1: "dog", 2: "healthy"})
+    no_processor = save_mobilenet_student(tmp_path / "no-processor")
+    other_data = tmp_path / "other-data"
+    make_dataset_dict(seed=7).save_to_disk(str(other_data))  # same splits and sizes, other images
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    cases = [
+        (dict(models=[str(tiny_teacher), str(other_names)]), "labels .*cat, dog, healthy.* do not match the dataset's.*no match for angular_leaf_spot, bean_rust"),
+        (dict(split="nope"), "split 'nope' is not in dataset .*pass one of them with --split"),
+        (dict(cache=str(tiny_cache), dataset=str(other_data)), "cache .* was made from other data than split 'test'"),
+        (dict(cache=str(tiny_cache), split="nope"), "cache .* has no split 'nope'"),
+        (dict(models=[str(no_processor)]), "no preprocessor_config.json"),
+        (dict(models=["no-such-org/no-such-model"]), "could not load the model 'no-such-org/no-such-model'"),
+        (dict(output=precious), "not a kdcache evaluation"),
+    ]
+    for overrides, message in cases:
+        arguments = dict(models=[str(tiny_teacher)], dataset=str(tiny_dataset), output=tmp_path / "out", progress=False)
+        arguments.update(overrides)
+        with pytest.raises(KdcacheError, match=message) as error:
+            evaluate_models(**arguments)
+        assert "\n" not in str(error.value)
+        assert not (tmp_path / "out").exists()
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_cli(tmp_path, tiny_dataset, tiny_teacher):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", str(tiny_teacher), "--dataset", str(tiny_dataset), "--split", "validation",
+                                 "--batch-size", "4", "--output", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.stdout and "macro-F1" in result.stdout and "img/s" in result.stdout
+    assert (tmp_path / "eval" / METRICS).exists()
+    result = runner.invoke(app, ["evaluate", str(tiny_teacher), "--dataset", str(tiny_dataset), "--split", "nope"])
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("kdcache: error: split 'nope'")
