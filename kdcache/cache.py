@@ -18,19 +18,23 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import kdcache
 from kdcache import KdcacheError
 from kdcache.data import (
     ImagePipeline,
+    ViewRecipe,
     decode_images,
     find_columns,
     first_line,
+    image_bytes,
     label_names,
     load_image_dataset,
     load_image_processor,
@@ -39,10 +43,11 @@ from kdcache.data import (
 from kdcache.models import align_labels, load_classifier, weights_sha256
 from kdcache.runtime import check_writable_parent, move_into_place, pick_device, slug, tune_malloc
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2  # 2: optional augmented views per image (views, image columns); 1: one clean view
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "kdcache.json"
 ROW, LABELS, LOGITS, PIXELS = "row_index", "labels", "teacher_logits", "pixel_values"
+VIEWS, IMAGE = "views", "image"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -64,6 +69,10 @@ def teacher_logits(
     label_column: str | None = None,
     trust_remote_code: bool = False,
     match_labels_by_index: bool = False,
+    views: int = 1,
+    view_splits: list[str] | None = None,
+    view_scale: tuple[float, float] = (0.25, 1.0),
+    view_seed: int = 0,
     overwrite: bool = False,
     num_workers: int | None = None,
     chunk_size: int = 512,
@@ -71,10 +80,13 @@ def teacher_logits(
 ) -> Path:
     """Run `teacher` over `dataset` once and write the logit cache to `output`; returns the cache's path.
 
-    Re-running with the same inputs is a no-op; a killed run resumes from its finished chunks.
+    With views=K > 1, each image of the `view_splits` (default: train) gets K augmented views (random resized crop
+    and flip, ViewRecipe), each stored as its five parameters with the teacher's logits on exactly that view; the
+    other splits keep the one clean view of the teacher's processor. Re-running with the same inputs is a no-op;
+    a killed run resumes from its finished chunks.
     """
-    if batch_size < 1 or chunk_size < 1:
-        raise KdcacheError("--batch-size and --chunk-size must be at least 1")
+    if batch_size < 1 or chunk_size < 1 or views < 1:
+        raise KdcacheError("--batch-size, --chunk-size and --views must be at least 1")
     if precision not in PRECISIONS:
         raise KdcacheError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
     tune_malloc()
@@ -90,6 +102,10 @@ def teacher_logits(
             raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
         if len(dataset_dict[name]) == 0:
             raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
+    view_splits = ([name for name in splits if name == "train"] if view_splits is None else list(view_splits)) if views > 1 else []
+    for name in view_splits:
+        if name not in splits:
+            raise KdcacheError(f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})")
     image_column, label_column = find_columns(dataset_dict[splits[0]], image_column, label_column)
     for name in splits[1:]:
         find_columns(dataset_dict[name], image_column, label_column)
@@ -102,6 +118,8 @@ def teacher_logits(
     model = load_classifier(teacher, revision=revision, trust_remote_code=trust_remote_code)
     mapping = align_labels(model.config.id2label, names, "teacher", by_index=match_labels_by_index)
     pipeline = ImagePipeline(processor)
+    pixel_shape = tuple(pipeline.pixels([Image.new("RGB", (333, 257))]).shape[1:])
+    view_recipe = ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), scale=view_scale, seed=view_seed) if view_splits else None
 
     recipe = {
         "format_version": FORMAT_VERSION,
@@ -114,6 +132,7 @@ def teacher_logits(
         "label_names": names,
         "teacher_to_dataset": mapping,
         "precision": precision,
+        "views": {"count": views, "splits": view_splits, "recipe": view_recipe.to_dict()} if view_recipe else None,
     }
     fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -146,15 +165,16 @@ def teacher_logits(
         raise KdcacheError(f"cannot write under '{work.parent}' ({error.strerror}); choose another --output") from None
 
     model.to(torch_device)
+    job = _Job(model=model, pipeline=pipeline, mapping=mapping, names=names, image_column=image_column,
+               label_column=label_column, device=torch_device, precision=precision, num_workers=num_workers,
+               batch_size=batch_size, chunk_size=plan["chunk_size"], progress=progress)
     started = time.perf_counter()
     stats = {}
     with _quiet_datasets():
         for name in splits:
-            stats[name] = _run_split(
-                dataset_dict[name], name, work, plan["chunk_size"], batch_size, model, pipeline, mapping, names,
-                image_column, label_column, torch_device, precision, num_workers, progress,
-            )
-        cache = _assemble(work, splits, names)
+            job.views, job.view_recipe = (views, view_recipe) if name in view_splits else (1, None)
+            stats[name] = _run_split(job, dataset_dict[name], name, work)
+        cache = _assemble(work, splits)
         manifest = {
             "format": "kdcache",
             "format_version": FORMAT_VERSION,
@@ -179,6 +199,7 @@ def teacher_logits(
                     name: {
                         "fingerprint": recipe["split_fingerprints"][name],
                         "num_rows": len(cache[name]),
+                        "views": views if name in view_splits else 1,
                         "logits_sha256": logits_sha256(cache[name]),
                     }
                     for name in splits
@@ -188,10 +209,14 @@ def teacher_logits(
             "teacher_to_dataset": mapping,
             "columns": {
                 "labels": LABELS,
-                "teacher_logits": {"name": LOGITS, "dtype": "float32", "length": len(names), "order": "dataset labels"},
-                "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": list(cache[splits[0]].features[PIXELS].shape)},
+                "teacher_logits": {"name": LOGITS, "dtype": "float32", "length": len(names), "order": "dataset labels",
+                                   "per_view_shape": "(views, classes) in view splits"},
+                "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": list(pixel_shape), "splits": "without views"},
                 "row_index": ROW,
+                "views": {"name": VIEWS, "dtype": "int32", "fields": ["x0", "y0", "x1", "y1", "flip"], "splits": "with views"},
+                "image": {"name": IMAGE, "splits": "with views: the source image, to rebuild each view"},
             },
+            "views": recipe["views"],
             "precision": precision,
             "device": str(torch_device),
             "versions": _library_versions(),
@@ -205,13 +230,35 @@ def teacher_logits(
     return output
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Batch i of a list of row spans, decoded and resized: what a DataLoader worker prepares ahead of the teacher."""
+@dataclass
+class _Job:
+    """What every split's pass shares."""
 
-    def __init__(self, split, split_name, spans, image_column, label_column, pipeline):
-        self.split = undecoded(split, image_column)
+    model: torch.nn.Module
+    pipeline: ImagePipeline
+    mapping: list
+    names: list
+    image_column: str
+    label_column: str
+    device: torch.device
+    precision: str
+    num_workers: int | None
+    batch_size: int
+    chunk_size: int
+    progress: bool
+    views: int = 1
+    view_recipe: ViewRecipe | None = None
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch i of a list of row spans, decoded and resized (or cut into views): what a DataLoader worker prepares
+    ahead of the teacher."""
+
+    def __init__(self, split, split_name, spans, job):
+        self.split = undecoded(split, job.image_column)
         self.split_name, self.spans = split_name, spans
-        self.image_column, self.label_column, self.pipeline = image_column, label_column, pipeline
+        self.image_column, self.label_column = job.image_column, job.label_column
+        self.pipeline, self.views, self.view_recipe = job.pipeline, job.views, job.view_recipe
 
     def __len__(self):
         return len(self.spans)
@@ -221,94 +268,108 @@ class _Batches(torch.utils.data.Dataset):
         rows = list(range(start, end))
         try:
             images = decode_images(self.split, self.image_column, rows, self.split_name)
-            return {
-                "rows": np.asarray(rows, dtype=np.int64),
-                "labels": np.asarray(self.split[start:end][self.label_column], dtype=np.int64),
-                "pixels": self.pipeline.pixels(images),
-            }
+            batch = {"rows": np.asarray(rows, dtype=np.int64),
+                     "labels": np.asarray(self.split[start:end][self.label_column], dtype=np.int64)}
+            if self.view_recipe is None:
+                batch["pixels"] = self.pipeline.pixels(images)
+                return batch
+            views = np.stack([self.view_recipe.sample(*image.size, row, self.views) for image, row in zip(images, rows)])
+            batch["views"] = views
+            batch["pixels"] = np.stack([self.view_recipe.render(image, view) for image, row_views in zip(images, views)
+                                        for view in row_views])
+            batch["images"] = [image_bytes(value) for value in self.split[start:end][self.image_column]]
+            return batch
         except KdcacheError as error:  # carried to the main process as data: a worker's traceback is not a message
             return {"error": str(error)}
 
 
-def _run_split(split, name, work, chunk_size, batch_size, model, pipeline, mapping, names, image_column,
-               label_column, device, precision, num_workers, progress):
+def _run_split(job: _Job, split, name: str, work: Path):
     from tqdm.auto import tqdm
 
     rows = len(split)
     split_dir = work / name
     split_dir.mkdir(exist_ok=True)
-    todo = [k for k in range(math.ceil(rows / chunk_size)) if not (split_dir / _chunk_name(k)).exists()]
+    todo = [k for k in range(math.ceil(rows / job.chunk_size)) if not (split_dir / _chunk_name(k)).exists()]
+    images_per_batch = max(1, job.batch_size // job.views)  # a forward pass still sees about batch_size images
     spans = []
     for k in todo:
-        start, end = k * chunk_size, min(rows, (k + 1) * chunk_size)
-        spans += [(s, min(end, s + batch_size)) for s in range(start, end, batch_size)]
+        start, end = k * job.chunk_size, min(rows, (k + 1) * job.chunk_size)
+        spans += [(s, min(end, s + images_per_batch)) for s in range(start, end, images_per_batch)]
     if not spans:
         return None
+    num_workers = job.num_workers
     if num_workers is None:
         cpus = os.cpu_count() or 1
-        num_workers = min(8, cpus - 1) if device.type == "cuda" else (1 if cpus >= 2 else 0)
+        num_workers = min(8, cpus - 1) if job.device.type == "cuda" else (1 if cpus >= 2 else 0)
     loader = torch.utils.data.DataLoader(
-        _Batches(split, name, spans, image_column, label_column, pipeline),
+        _Batches(split, name, spans, job),
         batch_size=None,
         num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=job.device.type == "cuda",
         prefetch_factor=4 if num_workers else None,
     )
-    index = torch.tensor(mapping, device=device)
-    pending = {"rows": [], "labels": [], "logits": [], "pixels": []}
+    index = torch.tensor(job.mapping, device=job.device)
+    pending = []
     todo_rows = sum(end - start for start, end in spans)
-    bar = tqdm(total=todo_rows, unit="img", desc=f"teacher logits [{name}]", disable=not progress)
+    description = f"teacher logits [{name}" + (f", {job.views} views per image]" if job.views > 1 else "]")
+    bar = tqdm(total=todo_rows * job.views, unit="img", desc=description, disable=not job.progress)
     started = time.perf_counter()
     for batch in loader:
         if "error" in batch:
             raise KdcacheError(batch["error"])
-        pixel_values = pipeline.normalize(torch.as_tensor(batch["pixels"])).to(device, non_blocking=True)
-        with torch.inference_mode(), _autocast(device, precision):
-            logits = model(pixel_values=pixel_values).logits
+        pixel_values = job.pipeline.normalize(torch.as_tensor(batch["pixels"])).to(job.device, non_blocking=True)
+        with torch.inference_mode(), _autocast(job.device, job.precision):
+            logits = job.model(pixel_values=pixel_values).logits
         logits = logits.float()[:, index].cpu().numpy()
-        for key, value in (("rows", batch["rows"]), ("labels", batch["labels"]), ("logits", logits),
-                           ("pixels", batch["pixels"])):
-            pending[key].append(np.asarray(value))
+        batch["logits"] = logits.reshape(len(batch["rows"]), job.views, -1) if job.views > 1 else logits
+        pending.append(batch)
         bar.update(len(logits))
-        first_row = int(pending["rows"][0][0])
-        last_row = int(pending["rows"][-1][-1])
-        chunk = first_row // chunk_size
-        if last_row + 1 == min(rows, (chunk + 1) * chunk_size):
-            _write_chunk(split_dir / _chunk_name(chunk), {k: np.concatenate(v) for k, v in pending.items()}, names)
-            pending = {k: [] for k in pending}
+        chunk = int(pending[0]["rows"][0]) // job.chunk_size
+        if int(pending[-1]["rows"][-1]) + 1 == min(rows, (chunk + 1) * job.chunk_size):
+            _write_chunk(split_dir / _chunk_name(chunk), pending, job)
+            pending = []
     bar.close()
-    return round(todo_rows / (time.perf_counter() - started), 2)
+    return round(todo_rows * job.views / (time.perf_counter() - started), 2)
 
 
 def _chunk_name(index: int) -> str:
     return f"chunk-{index:06d}"
 
 
-def _features(names, pixel_shape):
+def _features(job: _Job, pixel_shape):
     import datasets
 
-    return datasets.Features({
-        ROW: datasets.Value("int64"),
-        LABELS: datasets.ClassLabel(names=names),
-        LOGITS: datasets.List(datasets.Value("float32"), length=len(names)),
-        PIXELS: datasets.Array3D(shape=tuple(pixel_shape), dtype="uint8"),
-    })
+    columns = {ROW: datasets.Value("int64"), LABELS: datasets.ClassLabel(names=job.names)}
+    if job.views > 1:
+        columns[LOGITS] = datasets.Array2D(shape=(job.views, len(job.names)), dtype="float32")
+        columns[VIEWS] = datasets.Array2D(shape=(job.views, 5), dtype="int32")
+        columns[IMAGE] = datasets.Image()
+    else:
+        columns[LOGITS] = datasets.List(datasets.Value("float32"), length=len(job.names))
+        columns[PIXELS] = datasets.Array3D(shape=tuple(pixel_shape), dtype="uint8")
+    return datasets.Features(columns)
 
 
-def _write_chunk(path: Path, columns: dict, names: list[str]) -> None:
+def _write_chunk(path: Path, batches: list[dict], job: _Job) -> None:
     import datasets
 
-    table = datasets.Dataset.from_dict(
-        {ROW: columns["rows"], LABELS: columns["labels"], LOGITS: columns["logits"], PIXELS: columns["pixels"]},
-        features=_features(names, columns["pixels"].shape[1:]),
-    )
+    def joined(key):
+        return np.concatenate([batch[key] for batch in batches])
+
+    columns = {ROW: joined("rows"), LABELS: joined("labels"), LOGITS: joined("logits")}
+    if job.views > 1:
+        columns[VIEWS] = joined("views")
+        columns[IMAGE] = [image for batch in batches for image in batch["images"]]
+    else:
+        columns[PIXELS] = joined("pixels")
+    table = datasets.Dataset.from_dict(columns, features=_features(job, batches[0]["pixels"].shape[1:]))
     partial = path.with_name(path.name + ".tmp")
     shutil.rmtree(partial, ignore_errors=True)
     table.save_to_disk(str(partial))
     partial.rename(path)  # a chunk exists only once it is complete
 
 
-def _assemble(work: Path, splits: list[str], names: list[str]):
+def _assemble(work: Path, splits: list[str]):
     import datasets
 
     parts = {}

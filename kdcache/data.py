@@ -160,6 +160,72 @@ class ImagePipeline:
         return self.normalize(torch.from_numpy(self.pixels(images)))
 
 
+class ViewRecipe:
+    """Augmented views of an image for the teacher and the student alike: a random resized crop (the box sampled as
+    torchvision's RandomResizedCrop does) and a horizontal flip, resized to the teacher's input size.
+
+    A view is fully described by five integers (x0, y0, x1, y1, flip), stored in the cache beside the teacher's
+    logits on it; `render` rebuilds the very same pixels from the image and those integers in stage two.
+    The views of a row depend on (seed, row) alone, not on batching, chunking or the number of processes.
+    """
+
+    def __init__(self, size, resample, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, seed=0):
+        self.size = (int(size[0]), int(size[1]))  # (height, width)
+        self.resample = int(resample)
+        self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
+        self.flip, self.seed = float(flip), int(seed)
+        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1] and 0 <= self.flip <= 1):
+            raise KdcacheError(f"view settings out of range: scale {self.scale}, ratio {self.ratio}, flip {self.flip}")
+
+    def to_dict(self) -> dict:
+        return {"kind": "random-resized-crop+hflip", "size": list(self.size), "resample": self.resample,
+                "scale": list(self.scale), "ratio": list(self.ratio), "flip": self.flip, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, recipe: dict) -> "ViewRecipe":
+        return cls(recipe["size"], recipe["resample"], recipe["scale"], recipe["ratio"], recipe["flip"], recipe["seed"])
+
+    def sample(self, width: int, height: int, key, count: int) -> np.ndarray:
+        """`count` views of a width x height image as an int32 (count, 5) array; `key` seeds them (e.g. the row)."""
+        rng = np.random.default_rng([self.seed, *np.atleast_1d(key).tolist()])
+        area = width * height
+        log_ratio = np.log(self.ratio)
+        views = np.zeros((count, 5), dtype=np.int32)
+        for index in range(count):
+            for _ in range(10):
+                target = area * rng.uniform(*self.scale)
+                aspect = np.exp(rng.uniform(*log_ratio))
+                w, h = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+                if 0 < w <= width and 0 < h <= height:
+                    x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+                    break
+            else:  # as torchvision: fall back to the largest centred crop within the allowed ratios
+                aspect = min(max(width / height, self.ratio[0]), self.ratio[1])
+                w, h = (width, int(round(width / aspect))) if width / height < aspect else (int(round(height * aspect)), height)
+                w, h = min(w, width), min(h, height)
+                x0, y0 = (width - w) // 2, (height - h) // 2
+            views[index] = (x0, y0, x0 + w, y0 + h, int(rng.random() < self.flip))
+        return views
+
+    def render(self, image, view) -> np.ndarray:
+        """uint8 (3, H, W) pixels of one view of an RGB PIL image."""
+        from PIL import Image
+
+        x0, y0, x1, y1, flip = (int(v) for v in view)
+        pixels = image.resize((self.size[1], self.size[0]), self.resample, box=(x0, y0, x1, y1))
+        if flip:
+            pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(pixels, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def image_bytes(value) -> dict:
+    """An undecoded image cell with its bytes inline, so that a cache never depends on the source's files."""
+    if value.get("bytes") is None and value.get("path"):
+        with open(value["path"], "rb") as file:
+            return {"bytes": file.read(), "path": None}
+    return {"bytes": value["bytes"], "path": None}
+
+
 def load_image_processor(
     name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, flag: str = "--teacher"
 ):

@@ -65,8 +65,8 @@ def fit_teacher(dataset_path: Path, output: Path, seed: int, epochs: int, progre
     inputs = ImagePipeline(processor)([image.convert("RGB") for image in train["image"]])
     labels = torch.tensor(train["label"][:])
     config = ViTConfig(
-        image_size=32, patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=192, num_labels=10, id2label=dict(enumerate(DIGIT_NAMES)),
+        image_size=32, patch_size=8, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=256, num_labels=10, id2label=dict(enumerate(DIGIT_NAMES)),
         label2id={name: index for index, name in enumerate(DIGIT_NAMES)},
     )
     torch.manual_seed(seed)
@@ -110,7 +110,7 @@ def run_demo(output: str | Path = "data/demo", quick: bool = False, seed: int = 
         shutil.rmtree(root)
     root.mkdir(parents=True)
     say = print if progress else (lambda *args, **kwargs: None)
-    settings = dict(teacher_epochs=3, student_epochs=2, limit=300) if quick else dict(teacher_epochs=30, student_epochs=15, limit=None)
+    settings = dict(teacher_epochs=3, student_epochs=2, limit=300) if quick else dict(teacher_epochs=60, student_epochs=15, limit=None)
 
     say("[1/5] building the digits dataset (scikit-learn's load_digits, upscaled to 32x32 RGB)")
     dataset = build_digits_dataset(root / "digits", seed=0, limit=settings["limit"])

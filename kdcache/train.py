@@ -6,18 +6,20 @@ for tests and benchmarks) the batch is built from the original images and the te
 """
 
 import json
+import math
+import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kdcache import KdcacheError
-from kdcache.cache import LABELS, LOGITS, PIXELS, load_cache
+from kdcache.cache import IMAGE, LABELS, LOGITS, PIXELS, VIEWS, load_cache
 from kdcache.defaults import TRAINING as DEFAULTS
-from kdcache.data import ImagePipeline, hub_error, load_image_dataset, undecoded
+from kdcache.data import ImagePipeline, ViewRecipe, hub_error, load_image_dataset, undecoded
 from kdcache.loss import check_loss_settings, distillation_loss
 from kdcache.models import align_labels, count_parameters, load_classifier
 from kdcache.runtime import check_writable_parent, move_into_place, pick_device, slug, tune_malloc
@@ -73,6 +75,59 @@ class Collator:
         if LOGITS in rows[0]:
             batch["teacher_logits"] = torch.stack([torch.as_tensor(row[LOGITS], dtype=torch.float32) for row in rows])
         return batch
+
+
+class ViewRows(torch.utils.data.Dataset):
+    """Training rows of a split cached with K views per image. Each epoch uses one view of each image, drawn so that
+    all K views come up once in every K epochs; the view is rebuilt from the image and its stored parameters and
+    paired with the teacher's logits on exactly that view.
+
+    fresh=True is the inconsistent baseline: a new random view every epoch, paired with the logits the teacher gave
+    the clean (unaugmented) view, which is what augmenting the student alone amounts to.
+    """
+
+    def __init__(self, rows, recipe: ViewRecipe, seed: int, fresh: bool = False):
+        import datasets
+
+        self.rows = undecoded(rows, IMAGE)
+        self.recipe, self.seed, self.fresh, self.epoch = recipe, seed, fresh, 0
+        self.count = 1 if fresh else rows.features[VIEWS].shape[0]
+        self.decoder = datasets.Image()
+
+    def __len__(self):
+        return len(self.rows)
+
+    def view_index(self, row: int) -> int:
+        cycle, position = divmod(self.epoch, self.count)
+        return int(np.random.default_rng([self.seed, row, cycle]).permutation(self.count)[position])
+
+    def __getitems__(self, indices):
+        batch = self.rows[list(indices)]
+        items = []
+        for position, row in enumerate(indices):
+            image = self.decoder.decode_example(batch[IMAGE][position]).convert("RGB")
+            logits = batch[LOGITS][position]
+            if self.fresh:
+                view = self.recipe.sample(*image.size, (row, self.epoch), 1)[0]
+            else:
+                k = self.view_index(row)
+                view, logits = batch[VIEWS][position][k], logits[k]
+            items.append({PIXELS: torch.from_numpy(self.recipe.render(image, view)), LABELS: batch[LABELS][position],
+                          LOGITS: logits})
+        return items
+
+    def __getitem__(self, index):
+        return self.__getitems__([index])[0]
+
+
+class SetEpoch(TrainerCallback):
+    """Tells the view rows which epoch is starting (Trainer tells samplers, not map-style datasets)."""
+
+    def __init__(self, rows: ViewRows):
+        self.rows = rows
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.rows.epoch = int(math.floor((state.epoch or 0) + 1e-6))
 
 
 def _online_rows(split, image_column, label_column, pipeline):
@@ -146,16 +201,20 @@ def train_student(
     overwrite: bool = False,
     online: bool = False,
     teacher: str | None = None,
+    student_only_augment: bool = False,
+    num_workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     logging_steps: int = 10,
     save_checkpoints: bool = True,
     push_to_hub: str | None = None,
+    callbacks: list | None = None,
     progress: bool = True,
 ) -> dict:
     """Train a student from the cache at `cache` and save it (model, image processor, model card) to `output`.
 
     Returns a summary: output folder, best validation accuracy and its epoch, wall time, the per-epoch history.
+    `callbacks` are transformers TrainerCallbacks (or classes), passed to the Trainer as they are.
     """
     check_loss_settings(temperature, alpha)
     if epochs <= 0 and max_steps <= 0:
@@ -190,27 +249,55 @@ def train_student(
     pixel_shape = manifest["columns"]["pixel_values"]["shape"]
     model = build_student(student, names, pixel_shape, seed)
 
+    data = manifest["dataset"]
+    views = data["splits"][train_split].get("views", 1)
+    if views > 1 and (online or student_only_augment):
+        raise KdcacheError(f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
+                           f"{views} views per image of split '{train_split}'")
+    if eval_split and data["splits"][eval_split].get("views", 1) > 1:
+        raise KdcacheError(f"--eval-split '{eval_split}' is cached with views; evaluate on a split with one clean view")
+
+    def source_split(split):
+        """The original rows the cache was made from, for the modes that need the images themselves."""
+        rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
+        if rows._fingerprint != data["splits"][split]["fingerprint"]:
+            raise KdcacheError(f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
+                               "this mode must see the same rows")
+        return rows
+
     online_teacher = None
     columns = [PIXELS, LABELS] + ([LOGITS] if alpha > 0 else [])
+    eval_rows = cached[eval_split].with_format("torch", columns=columns) if eval_split else None
     if online:
         teacher = teacher or manifest["teacher"]["name_or_path"]
         teacher_model = load_classifier(teacher, revision=manifest["teacher"].get("revision"),
                                         trust_remote_code=manifest["teacher"].get("trust_remote_code", False))
         online_teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, names)).to(torch_device)
-        source = load_image_dataset(manifest["dataset"]["name_or_path"], manifest["dataset"].get("revision"))
-        data = manifest["dataset"]
+        train_rows, eval_rows = (
+            _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
+            for split in (train_split, eval_split)
+        )
+    elif views > 1:
+        train_rows = ViewRows(cached[train_split], ViewRecipe.from_dict(manifest["views"]["recipe"]), seed)
+    elif student_only_augment:
+        import datasets
 
-        def rows(split):
-            if source[split]._fingerprint != data["splits"][split]["fingerprint"]:
-                raise KdcacheError(f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
-                                   "online mode must see the same rows")
-            return _online_rows(source[split], data["image_column"], data["label_column"], pipeline)
-
-        train_rows = rows(train_split)
-        eval_rows = rows(eval_split) if eval_split else None
+        images = undecoded(source_split(train_split), data["image_column"]).select_columns([data["image_column"]])
+        if data["image_column"] != IMAGE:
+            images = images.rename_column(data["image_column"], IMAGE)
+        train_rows = ViewRows(
+            datasets.concatenate_datasets([cached[train_split].select_columns([LABELS, LOGITS]), images], axis=1),
+            ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), seed=seed),
+            seed,
+            fresh=True,
+        )
     else:
         train_rows = cached[train_split].with_format("torch", columns=columns)
-        eval_rows = cached[eval_split].with_format("torch", columns=columns) if eval_split else None
+    callbacks = list(callbacks or [])
+    if isinstance(train_rows, ViewRows):
+        callbacks.append(SetEpoch(train_rows))
+    if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
+        num_workers = 1 if isinstance(train_rows, ViewRows) and (os.cpu_count() or 1) >= 2 else 0
 
     bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda" and torch.cuda.is_bf16_supported())
     fp16 = precision == "fp16"
@@ -239,7 +326,7 @@ def train_student(
         report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
         seed=seed,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=num_workers,
         use_cpu=torch_device.type == "cpu",
         bf16=bf16,
         fp16=fp16,
@@ -257,7 +344,12 @@ def train_student(
         temperature=temperature,
         alpha=alpha,
         teacher=online_teacher,
+        callbacks=callbacks,
     )
+    if not progress:  # Trainer prints every log line when its bar is off; quiet means quiet
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if checkpoint else None)
     seconds = time.perf_counter() - started
@@ -280,6 +372,7 @@ def train_student(
             "temperature": temperature, "alpha": alpha, "epochs": epochs, "max_steps": max_steps,
             "learning_rate": learning_rate, "batch_size": batch_size, "weight_decay": weight_decay,
             "warmup_ratio": warmup_ratio, "scheduler": scheduler, "seed": seed, "online": online,
+            "views": views, "student_only_augment": student_only_augment,
             "precision": "bf16" if bf16 else "fp16" if fp16 else "fp32", "device": str(torch_device),
         },
     }

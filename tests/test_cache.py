@@ -220,3 +220,61 @@ def test_output_that_is_not_a_cache_is_never_replaced(tmp_path, tiny_dataset, ti
     with pytest.raises(KdcacheError, match="not a kdcache cache"):
         teacher_logits(str(tiny_dataset), str(tiny_teacher), output=precious, overwrite=True, progress=False)
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def view_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
+    output = tmp_path_factory.mktemp("views") / "cache"
+    return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, views=3, batch_size=8,
+                          chunk_size=8, progress=False)
+
+
+def test_view_replay_is_exact(view_cache, tiny_teacher):
+    """Rebuilding a cached view from the image and its stored parameters, and running the teacher on it, gives
+    the stored logits."""
+    from kdcache.data import ImagePipeline, ViewRecipe
+
+    cache, manifest = load_cache(view_cache)
+    train = cache["train"]
+    assert manifest["format_version"] == 2 and manifest["dataset"]["splits"]["train"]["views"] == 3
+    assert train.features["teacher_logits"].shape == (3, 3) and train.features["views"].shape == (3, 5)
+    assert PIXELS in cache["validation"].column_names and "views" not in cache["validation"].column_names
+    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
+    processor = AutoImageProcessor.from_pretrained(str(tiny_teacher), backend="pil")
+    model = AutoModelForImageClassification.from_pretrained(str(tiny_teacher)).eval()
+    pipeline = ImagePipeline(processor)
+    distinct = 0
+    for row in (0, 5, 11, 23):
+        image = train[row]["image"].convert("RGB")
+        views = np.asarray(train[row]["views"])
+        rendered = [recipe.render(image, view) for view in views]
+        distinct += len({r.tobytes() for r in rendered})
+        with torch.no_grad():
+            logits = model(pixel_values=pipeline.normalize(torch.from_numpy(np.stack(rendered)))).logits.numpy()
+        assert np.abs(logits - np.asarray(train[row]["teacher_logits"])).max() <= 1e-5
+    assert distinct == 12, "each view of each row is a different crop"
+
+
+def test_views_do_not_depend_on_chunking_or_batching(tmp_path, view_cache, tiny_dataset, tiny_teacher):
+    other = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "other", views=3, batch_size=5,
+                           chunk_size=16, splits=["train"], progress=False)
+    a = datasets.load_from_disk(str(view_cache))["train"].with_format("numpy")[:]
+    b = datasets.load_from_disk(str(other))["train"].with_format("numpy")[:]
+    assert np.array_equal(a["views"], b["views"])
+    assert np.abs(a["teacher_logits"] - b["teacher_logits"]).max() <= 1e-5
+
+
+def test_caches_of_format_version_1_still_load(tmp_path, tiny_cache):
+    old = tmp_path / "v1"
+    shutil.copytree(tiny_cache, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    manifest.pop("views")
+    for split in manifest["dataset"]["splits"].values():
+        split.pop("views")
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    cache, loaded = load_cache(old)
+    assert loaded["format_version"] == 1 and len(cache["train"]) == 24
+    from kdcache.train import train_student
+
+    train_student(old, output=tmp_path / "student", max_steps=2, batch_size=8, progress=False)

@@ -184,3 +184,58 @@ def test_bad_options_and_existing_output(tmp_path, tiny_cache):
     (tmp_path / "exists").mkdir()
     with pytest.raises(KdcacheError, match="exists; pass --overwrite"):
         train_student(tiny_cache, output=tmp_path / "exists", max_steps=1, **FAST)
+
+
+@pytest.fixture(scope="module")
+def view_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
+    from kdcache.cache import teacher_logits
+
+    output = tmp_path_factory.mktemp("train-views") / "cache"
+    return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, views=4, batch_size=8, progress=False)
+
+
+def test_view_rows_cover_every_view_once_per_cycle_and_replay_it(view_cache):
+    from kdcache.data import ViewRecipe
+    from kdcache.train import ViewRows
+
+    cache, manifest = load_cache(view_cache)
+    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
+    rows = ViewRows(cache["train"], recipe, seed=3)
+    train = cache["train"].with_format("numpy")
+    used = {row: [] for row in range(len(rows))}
+    for epoch in range(8):
+        rows.epoch = epoch
+        items = rows.__getitems__(list(range(len(rows))))
+        for row, item in enumerate(items):
+            k = rows.view_index(row)
+            used[row].append(k)
+            image = cache["train"][row]["image"].convert("RGB")
+            assert torch.equal(item["pixel_values"], torch.from_numpy(recipe.render(image, train[row]["views"][k])))
+            assert np.allclose(item[LOGITS], train[row][LOGITS][k])
+    for row, ks in used.items():
+        assert sorted(ks[:4]) == [0, 1, 2, 3] and sorted(ks[4:]) == [0, 1, 2, 3]
+    assert len({tuple(ks) for ks in used.values()}) > 1, "images do not all walk their views in the same order"
+
+
+def test_training_on_views_and_the_inconsistent_baseline(tmp_path, view_cache, tiny_cache):
+    summary = train_student(view_cache, output=tmp_path / "views", epochs=2, **FAST)
+    assert summary["recipe"]["views"] == 4 and len(summary["history"]) == 2
+    baseline = train_student(tiny_cache, output=tmp_path / "baseline", epochs=1, student_only_augment=True, **FAST)
+    assert baseline["recipe"]["student_only_augment"] is True
+    with pytest.raises(KdcacheError, match="need a cache without views"):
+        train_student(view_cache, output=tmp_path / "x", max_steps=1, online=True, **FAST)
+
+
+def test_student_only_augment_pairs_fresh_views_with_the_clean_logits(tiny_cache, tiny_dataset):
+    from kdcache.data import ViewRecipe, undecoded
+    from kdcache.train import ViewRows
+
+    cache, _ = load_cache(tiny_cache)
+    images = undecoded(load_image_dataset(str(tiny_dataset))["train"], "image").select_columns(["image"])
+    merged = datasets.concatenate_datasets([cache["train"].select_columns(["labels", LOGITS]), images], axis=1)
+    rows = ViewRows(merged, ViewRecipe((32, 32), 2), seed=0, fresh=True)
+    first = rows.__getitems__([0, 1])
+    rows.epoch = 1
+    second = rows.__getitems__([0, 1])
+    assert not torch.equal(first[0]["pixel_values"], second[0]["pixel_values"]), "a new view each epoch"
+    assert first[0][LOGITS] == second[0][LOGITS] == cache["train"][0][LOGITS], "always the clean view's logits"

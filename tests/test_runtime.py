@@ -1,0 +1,32 @@
+import ctypes.util
+import sys
+
+import pytest
+
+from kdcache import KdcacheError
+from kdcache import runtime
+
+
+def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(runtime, "_malloc_tuned", False)
+    monkeypatch.setenv("KDCACHE_MALLOC_TUNING", "0")
+    assert runtime.tune_malloc() is False
+    monkeypatch.delenv("KDCACHE_MALLOC_TUNING")
+    expected = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
+    assert runtime.tune_malloc() is expected
+
+
+def test_device_names_are_checked():
+    assert runtime.pick_device("cpu").type == "cpu"
+    with pytest.raises(KdcacheError, match="not a device name"):
+        runtime.pick_device("gpu0")
+
+
+def test_move_into_place_replaces_atomically(tmp_path):
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "file").write_text("new")
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "file").write_text("old")
+    runtime.move_into_place(tmp_path / "new", tmp_path / "dest")
+    assert (tmp_path / "dest" / "file").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
