@@ -215,7 +215,7 @@ class ViewRecipe:
         pixels = image.resize((self.size[1], self.size[0]), self.resample, box=(x0, y0, x1, y1))
         if flip:
             pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(pixels, dtype=np.uint8).transpose(2, 0, 1)
+        return np.array(pixels, dtype=np.uint8).transpose(2, 0, 1)  # a copy: PIL's buffer is read-only
 
 
 def image_bytes(value) -> dict:
