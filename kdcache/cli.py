@@ -13,15 +13,20 @@ from kdcache.defaults import TRAINING as DEFAULTS
 
 app = typer.Typer(
     help=(
-        "Knowledge distillation with the teacher run once.\n\n"
-        "  1. kdcache teacher-logits  run the teacher over a dataset once, store its logits (an Arrow column)\n\n"
-        "  2. kdcache train-student   train a small student from the cached soft targets\n\n"
-        "  3. kdcache evaluate        measure students and teachers on a split\n\n"
-        "Every model or dataset argument takes a Hugging Face hub id or a local folder."
+        "Knowledge distillation for image classifiers, with the teacher run once.\n\n"
+        "\b\n"
+        "  kdcache teacher-logits   run the teacher once over a dataset, store its logits\n"
+        "  kdcache train-student    train a small student from the cached soft targets\n"
+        "  kdcache evaluate         measure students and teachers on a split\n"
+        "  kdcache info CACHE       what a cache holds and what produced it\n"
+        "  kdcache demo             the whole pipeline offline, on scikit-learn's digits\n\n"
+        "Every model or dataset argument takes a Hugging Face hub id or a local folder. "
+        "Run 'kdcache COMMAND --help' for a command's options and an example."
     ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
@@ -60,9 +65,13 @@ def teacher_logits_command(
     dataset_revision: Optional[str] = typer.Option(None, help="Dataset revision on the hub."),
     image_column: Optional[str] = typer.Option(None, show_default="image or img", help="Image column."),
     label_column: Optional[str] = typer.Option(None, show_default="labels or label", help="Label column, a ClassLabel."),
-    trust_remote_code: bool = typer.Option(False, help="Allow a teacher whose repository ships its own model code."),
-    match_labels_by_index: bool = typer.Option(False, help="Trust that the teacher's outputs follow the dataset's label order even though the names differ."),
-    overwrite: bool = typer.Option(False, help="Replace an existing cache made from other inputs."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a teacher whose repository ships its own model code."),
+    match_labels_by_index: bool = typer.Option(False, "--match-labels-by-index", help="Trust that the teacher's outputs follow the dataset's label order even though the names differ."),
+    views: int = typer.Option(1, help="Augmented views per training image (random resized crop + flip), each with the teacher's logits on exactly that view; 1 = the one clean view. Costs K teacher passes per image."),
+    view_splits: Optional[str] = typer.Option(None, show_default="train", help="Comma-separated splits that get --views; the others keep one clean view."),
+    view_scale: float = typer.Option(0.25, help="Smallest crop area of a view, as a fraction of the image (the largest is 1)."),
+    view_seed: int = typer.Option(0, help="Seed of the views (a row's views depend on it and the row alone)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache made from other inputs."),
     num_workers: Optional[int] = typer.Option(None, show_default="1 on CPU, up to 8 on CUDA", help="Processes decoding images ahead of the teacher."),
     chunk_size: int = typer.Option(512, help="Rows per resumable chunk."),
 ):
@@ -72,9 +81,12 @@ def teacher_logits_command(
     kdcache.json. Logits are raw (not softened), float32, in the dataset's label order. A killed run resumes
     from its finished chunks when you run the same command again; re-running a complete cache is a no-op.
 
-    Example (offline, local paths):
+    Examples (the hub defaults, then local paths, then 8 augmented views per training image):
 
+    \b
+      kdcache teacher-logits
       kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans
+      kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans --views 8
     """
     from kdcache.cache import describe, teacher_logits
 
@@ -82,7 +94,8 @@ def teacher_logits_command(
         dataset=dataset, teacher=teacher, output=output, splits=_split_list(splits), batch_size=batch_size,
         device=device, precision=precision, revision=revision, dataset_revision=dataset_revision,
         image_column=image_column, label_column=label_column, trust_remote_code=trust_remote_code,
-        match_labels_by_index=match_labels_by_index, overwrite=overwrite, num_workers=num_workers,
+        match_labels_by_index=match_labels_by_index, views=views, view_splits=_split_list(view_splits),
+        view_scale=(view_scale, 1.0), view_seed=view_seed, overwrite=overwrite, num_workers=num_workers,
         chunk_size=chunk_size,
     )
     typer.echo(describe(path))
@@ -91,7 +104,7 @@ def teacher_logits_command(
 @app.command("evaluate")
 @friendly
 def evaluate_command(
-    models: list[str] = typer.Argument(..., help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher).", show_default=False),
+    models: list[str] = typer.Argument(..., metavar="MODELS...", help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher).", show_default=False),
     dataset: Optional[str] = typer.Option(None, help="Hub dataset id or local folder.", show_default="the one --cache was made from, else beans"),
     split: str = typer.Option("test", help="Split to evaluate on."),
     cache: Optional[Path] = typer.Option(None, help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher."),
@@ -100,7 +113,7 @@ def evaluate_command(
     output: Optional[Path] = typer.Option(None, help="Folder to write.", show_default="MODEL/eval-SPLIT for a local model, data/eval/NAME-SPLIT for a hub id, data/eval/compare-SPLIT for several models"),
     image_column: Optional[str] = typer.Option(None, help="Image column.", show_default="the cache's, else image or img"),
     label_column: Optional[str] = typer.Option(None, help="Label column, a ClassLabel.", show_default="the cache's, else labels or label"),
-    match_labels_by_index: bool = typer.Option(False, help="Trust that a model's outputs follow the dataset's label order even though the names differ."),
+    match_labels_by_index: bool = typer.Option(False, "--match-labels-by-index", help="Trust that a model's outputs follow the dataset's label order even though the names differ."),
 ):
     """Measure models on a split: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix,
     parameters, size on disk and images/s; with --cache, how close each is to the teacher.
@@ -112,10 +125,9 @@ def evaluate_command(
 
     Examples (offline, local paths):
 
+    \b
       kdcache evaluate data/students/beans--effl0-beans-distilled --dataset ../shared/data/beans
-
       kdcache evaluate data/students/beans--effl0-beans-distilled --cache data/beans--effl0-beans
-
       kdcache evaluate ../shared/teachers/effl0-beans data/students/* --cache data/beans--effl0-beans
     """
     from kdcache.evaluate import describe, evaluate_models
@@ -129,7 +141,7 @@ def evaluate_command(
 
 @app.command("info")
 @friendly
-def info_command(cache: Path = typer.Argument(..., help="A cache folder written by kdcache teacher-logits.")):
+def info_command(cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits.")):
     """Print a cache's manifest: what produced it, its splits, and their checksums."""
     from kdcache.cache import describe
 
@@ -139,7 +151,7 @@ def info_command(cache: Path = typer.Argument(..., help="A cache folder written 
 @app.command("train-student")
 @friendly
 def train_student_command(
-    cache: Path = typer.Argument(..., help="A cache folder written by kdcache teacher-logits."),
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
     output: Optional[Path] = typer.Option(None, show_default="data/students/<cache>-distilled", help="Folder for the trained student."),
     student: Optional[str] = typer.Option(None, show_default="MobileNetV2Config() from scratch", help="Student: a model type from scratch (e.g. mobilenet_v2), a config-only folder, or a hub id / folder with weights."),
     temperature: float = typer.Option(5.0, "--temperature", "-T", help="Softmax temperature T of the distillation term."),
@@ -152,10 +164,12 @@ def train_student_command(
     scheduler: str = typer.Option(DEFAULTS["scheduler"], help="Learning-rate schedule (a transformers scheduler name: cosine, linear, constant...)."),
     seed: int = typer.Option(42, help="Seed for the student's initial weights and the data order."),
     eval_split: str = typer.Option("validation", help="Split evaluated after each epoch; the best epoch is kept. 'none' to skip."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder (or discard an interrupted run)."),
-    online: bool = typer.Option(False, help="Reference mode: run the teacher on every batch, as the tutorial does (for tests and benchmarks)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder (or discard an interrupted run)."),
+    online: bool = typer.Option(False, "--online", help="Reference mode: run the teacher on every batch, as the tutorial does (for tests and benchmarks)."),
     teacher: Optional[str] = typer.Option(None, show_default="the one recorded in the cache", help="With --online: the teacher."),
+    student_only_augment: bool = typer.Option(False, "--student-only-augment", help="Baseline for experiments: random views for the student, paired with the teacher's logits of the clean view (inconsistent teaching)."),
+    num_workers: Optional[int] = typer.Option(None, show_default="1 for caches with views, else 0", help="DataLoader worker processes."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16, fp16."),
     push_to_hub: Optional[str] = typer.Option(None, help="Also push the student to this hub repository (needs a login)."),
@@ -166,17 +180,20 @@ def train_student_command(
     The cache is verified first (manifest, row counts, logits checksums). The output folder holds the best
     epoch's model, the teacher's image processor, a model card, TensorBoard logs and kdcache_training.json.
 
-    Example:
+    Examples (distilled; the same student from labels alone, as a baseline):
 
-      kdcache train-student data/beans--effl0-beans --epochs 30 --output data/students/beans-distilled
+    \b
+      kdcache train-student data/beans--effl0-beans
+      kdcache train-student data/beans--effl0-beans --alpha 0 --output data/students/beans-scratch
     """
-    from kdcache.train import summary_line, train_student
+    from kdcache.train import train_student
 
-    summary = train_student(
+    train_student(
         cache, output=output, student=student, temperature=temperature, alpha=alpha, epochs=epochs,
         learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         scheduler=scheduler, seed=seed, eval_split=None if eval_split.lower() == "none" else eval_split,
-        resume=resume, overwrite=overwrite, online=online, teacher=teacher, device=device, precision=precision,
+        resume=resume, overwrite=overwrite, online=online, teacher=teacher, student_only_augment=student_only_augment,
+        num_workers=num_workers, device=device, precision=precision,
         push_to_hub=push_to_hub, progress=True,
     )
 
@@ -185,7 +202,7 @@ def train_student_command(
 @friendly
 def demo_command(
     output: Path = typer.Option(Path("data/demo"), help="Folder for the demo's dataset, models, cache and report (replaced)."),
-    quick: bool = typer.Option(False, help="A reduced run that still exercises every stage (about a minute; used by CI)."),
+    quick: bool = typer.Option(False, "--quick", help="A reduced run that still exercises every stage (about a minute; used by CI)."),
     seed: int = typer.Option(0, help="Seed for the teacher and the students."),
 ):
     """Run the whole pipeline offline on scikit-learn's digits: fit a small ViT teacher, cache its logits once,
