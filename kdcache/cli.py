@@ -104,7 +104,7 @@ def teacher_logits_command(
 @app.command("evaluate")
 @friendly
 def evaluate_command(
-    models: list[str] = typer.Argument(..., metavar="MODELS...", help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher).", show_default=False),
+    models: list[str] = typer.Argument(..., metavar="MODEL", help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher).", show_default=False),
     dataset: Optional[str] = typer.Option(None, help="Hub dataset id or local folder.", show_default="the one --cache was made from, else beans"),
     split: str = typer.Option("test", help="Split to evaluate on."),
     cache: Optional[Path] = typer.Option(None, help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher."),
