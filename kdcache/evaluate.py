@@ -345,7 +345,7 @@ def describe(report: dict) -> str:
     for row in table:
         lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
     if agreement:
-        lines.append(f"  agree: top-1 agreement with the cached teacher, KL: KL(teacher||model) at T=1 in nats")
+        lines.append("  agree: top-1 agreement with the cached teacher, KL: KL(teacher||model) at T=1 in nats")
     lines.append(f"  written to {report['output']}/ ({METRICS}, {COMPARISON_PNG}, one folder per model)")
     return "\n".join(lines)
 

@@ -25,7 +25,6 @@ from kdcache.models import align_labels, count_parameters, load_classifier
 from kdcache.runtime import check_writable_parent, move_into_place, pick_device, slug, tune_malloc
 
 
-
 class DistillationTrainer(Trainer):
     """Trainer whose loss is kdcache's distillation loss over the batch's `teacher_logits`."""
 
@@ -417,7 +416,7 @@ def model_card(summary: dict, manifest: dict, names: list[str]) -> str:
         "",
         f"# {Path(summary['output']).name}",
         "",
-        (f"A student distilled by [kdcache](https://github.com/) from the teacher `{recipe['teacher']}`"
+        (f"A student distilled by kdcache from the teacher `{recipe['teacher']}`"
          if recipe["alpha"] > 0 else "A student trained from labels alone (alpha=0) by kdcache, as a baseline")
         + f", on `{manifest['dataset']['name_or_path']}` ({', '.join(names)}).",
         "",
