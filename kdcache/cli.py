@@ -264,11 +264,18 @@ def main():
     # Hub downloads print their own bars; ours say what matters. Users can still turn verbosity up.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from kdcache.runtime import is_main_process
+    from kdcache.runtime import end_process, is_main_process, launched_processes
 
     if not is_main_process():  # one launch, one set of progress bars: the main process's
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    app(prog_name="kdcache")
+    try:
+        app(prog_name="kdcache")
+    except SystemExit as done:
+        if launched_processes() <= 1:
+            raise
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+        end_process(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
 
 
 if __name__ == "__main__":

@@ -172,10 +172,14 @@ def distributed(device: str = "auto") -> Processes | None:
     count = launched_processes()
     if count <= 1:
         return None
+    import atexit
+
     import torch
     from accelerate import PartialState
 
     cpu = device == "cpu" or not torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        atexit.register(_end_process_group)  # see end_process
     state = PartialState(cpu=cpu, timeout=COLLECTIVE_TIMEOUT)
     if state.num_processes != count:
         raise KdcacheError(f"the launcher started {count} processes but --device {device} cannot be shared among them "
@@ -183,6 +187,28 @@ def distributed(device: str = "auto") -> Processes | None:
     return Processes(count=state.num_processes, index=state.process_index,
                      local_count=_first_int(_LOCAL_WORLD_SIZE, state.num_processes),
                      device=torch.device("cpu") if cpu else state.device)
+
+
+def _end_process_group() -> None:
+    import torch.distributed
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def end_process(status: int = 0) -> None:
+    """End this process of a launch now, without the interpreter's teardown.
+
+    A gloo worker thread can still hold the last collective's tensors when the interpreter tears down; freeing them
+    then needs the GIL, and the process aborts (SIGABRT, "terminate called without an active exception") after its
+    work is done, failing the launch (pytorch/pytorch#190489). On a loaded 2-core machine that was about 1 launch of
+    kdcache teacher-logits in 10. Destroying the process group at exit (registered by `distributed`) made it 1 in 70,
+    not 0: other holders (transformers' model loading) keep the group and its threads alive. Everything kdcache
+    writes is closed and renamed when a stage returns, so its command line ends launched processes this way.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def is_main(processes: Processes | None) -> bool:

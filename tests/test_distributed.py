@@ -108,6 +108,7 @@ def test_two_processes_make_the_same_cache_as_one(tmp_path, tiny_dataset, tiny_t
 CHUNK_LOGGING_STAGE_ONE = """
 import os, sys
 from kdcache import cache
+from kdcache.runtime import end_process
 
 written, real_write = [], cache._write_chunk
 
@@ -122,6 +123,7 @@ def write_chunk(path, batches, job):
 cache._write_chunk = write_chunk
 dataset, teacher, output = sys.argv[1:4]
 cache.teacher_logits(dataset, teacher, output=output, views=2, progress=False, **%r)
+end_process(0)  # as kdcache's command line does under a launch
 """ % STAGE_ONE
 
 
@@ -164,6 +166,7 @@ def test_a_stopped_process_resumes_by_chunk_and_a_bad_image_ends_all_with_one_li
 # train_student under the launcher, each process writing the summaries it returns.
 TRAINING = """
 import json, os, sys
+from kdcache.runtime import end_process
 from kdcache.train import train_student
 
 cache, views_cache, student, output = sys.argv[1:5]
@@ -171,6 +174,7 @@ summary = train_student(cache, output=output, student=student, **%r)
 views = train_student(views_cache, output=output + "-views", epochs=2, batch_size=8, logging_steps=1, progress=False)
 with open(f"{output}-summary-{os.environ['RANK']}.json", "w") as file:
     json.dump({"summary": summary, "views": views}, file)
+end_process(0)
 """
 STAGE_TWO = dict(epochs=3, batch_size=8, learning_rate=1e-3, logging_steps=1, progress=False)
 
