@@ -513,7 +513,7 @@ def describe(path: str | Path) -> str:
         f"  labels          {', '.join(manifest['label_names'])}",
         f"  teacher->data   {manifest['teacher_to_dataset']} (teacher output index for each dataset label)",
         f"  logits          {manifest['columns']['teacher_logits']['dtype']}, computed in {manifest['precision']} "
-        f"on {manifest['device']}",
+        f"on {manifest['device']}" + (f" ({manifest['processes']} processes)" if manifest.get("processes", 1) > 1 else ""),
         f"  student input   {manifest['columns']['pixel_values']['dtype']} {manifest['columns']['pixel_values']['shape']}",
         "  splits:",
     ]

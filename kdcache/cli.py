@@ -114,7 +114,7 @@ def teacher_logits_command(
     trust_remote_code: bool = typer.Option(False, help="Allow a teacher whose repository ships its own model code."),
     match_labels_by_index: bool = typer.Option(False, help="Trust that the teacher's outputs follow the dataset's label order even though the names differ."),
     overwrite: bool = typer.Option(False, help="Replace an existing cache made from other inputs."),
-    num_workers: Optional[int] = typer.Option(None, show_default="1 on CPU, up to 8 on CUDA", help="Processes decoding images ahead of the teacher."),
+    num_workers: Optional[int] = typer.Option(None, show_default="1 on CPU (0 when a process has 1 core), up to 8 on CUDA", help="Processes decoding images ahead of the teacher (per process)."),
     chunk_size: int = typer.Option(512, help="Rows per resumable chunk."),
     num_processes: Optional[int] = typer.Option(None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP),
 ):
