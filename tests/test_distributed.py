@@ -20,6 +20,7 @@ from conftest import make_dataset_dict
 from kdcache.cache import IMAGE, LABELS, LOGITS, MANIFEST, PIXELS, ROW, VIEWS, teacher_logits
 
 REPO = Path(__file__).resolve().parents[1]
+# accelerate's torchrun-based launcher (--multi_gpu) also starts CPU processes; its --cpu one starts a single process
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 STAGE_ONE = dict(batch_size=4, chunk_size=8)  # 7 chunks: train 3, validation 2, test 2
