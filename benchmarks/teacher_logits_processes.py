@@ -5,7 +5,7 @@
 Each round runs `kdcache teacher-logits` twice from scratch, as a user would: (a) one process with all the cores as
 torch threads (OMP_NUM_THREADS = cores), (b) `--num-processes N` with cores / N threads each; both with kdcache's
 default DataLoader workers (on CPU: 1 per process when it has 2 cores or more, else 0). It prints images/s of the
-work (the manifest's `seconds`, measured by the main process from its first batch to the manifest: every process's
+work (the manifest's `seconds`, measured by the main process from the start of its teacher loop to the manifest: every process's
 chunks, the wait for the slowest, the assembly) and end to end (the command's wall time: imports, launcher, model
 loading and hashing included), the ratio N-process / 1-process of each (the median over rounds), and whether the
 two caches' logits checksums are equal (they are when each process has as many torch threads: a convolution's
