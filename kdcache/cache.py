@@ -41,7 +41,17 @@ from kdcache.data import (
     undecoded,
 )
 from kdcache.models import align_labels, load_classifier, weights_sha256
-from kdcache.runtime import check_writable_parent, move_into_place, pick_device, slug, tune_malloc
+from kdcache.runtime import (
+    agreed,
+    check_writable_parent,
+    cpus_per_process,
+    distributed,
+    is_main,
+    move_into_place,
+    pick_device,
+    slug,
+    tune_malloc,
+)
 
 FORMAT_VERSION = 2  # 2: optional augmented views per image (views, image columns); 1: one clean view
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
@@ -85,41 +95,45 @@ def teacher_logits(
     other splits keep the one clean view of the teacher's processor. Re-running with the same inputs is a no-op;
     a killed run resumes from its finished chunks.
     """
-    if batch_size < 1 or chunk_size < 1 or views < 1:
-        raise KdcacheError("--batch-size, --chunk-size and --views must be at least 1")
-    if precision not in PRECISIONS:
-        raise KdcacheError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
-    tune_malloc()
-    torch_device = pick_device(device)
-    if precision != "fp32" and torch_device.type != "cuda":
-        raise KdcacheError(f"--precision {precision} needs a CUDA device (on CPU it is slower than fp32); use fp32")
-    output = Path(output) if output is not None else default_cache_path(dataset, teacher)
+    processes = distributed(device)  # None on a plain run, which then goes exactly as it always has
+    with agreed(processes):  # every process checks and loads the same inputs; an error is printed once
+        if batch_size < 1 or chunk_size < 1 or views < 1:
+            raise KdcacheError("--batch-size, --chunk-size and --views must be at least 1")
+        if precision not in PRECISIONS:
+            raise KdcacheError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+        tune_malloc()
+        torch_device = pick_device(device)
+        if processes and torch_device.type == "cuda":
+            torch_device = processes.device  # one GPU per process
+        if precision != "fp32" and torch_device.type != "cuda":
+            raise KdcacheError(f"--precision {precision} needs a CUDA device (on CPU it is slower than fp32); use fp32")
+        output = Path(output) if output is not None else default_cache_path(dataset, teacher)
 
-    dataset_dict = load_image_dataset(dataset, revision=dataset_revision)
-    splits = list(dataset_dict) if not splits else list(splits)
-    for name in splits:
-        if name not in dataset_dict:
-            raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
-        if len(dataset_dict[name]) == 0:
-            raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
-    view_splits = ([name for name in splits if name == "train"] if view_splits is None else list(view_splits)) if views > 1 else []
-    for name in view_splits:
-        if name not in splits:
-            raise KdcacheError(f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})")
-    image_column, label_column = find_columns(dataset_dict[splits[0]], image_column, label_column)
-    for name in splits[1:]:
-        find_columns(dataset_dict[name], image_column, label_column)
-    names = label_names(dataset_dict[splits[0]], label_column)
-    for name in splits[1:]:
-        if label_names(dataset_dict[name], label_column) != names:
-            raise KdcacheError(f"split '{name}' has other label names than split '{splits[0]}'")
+        dataset_dict = load_image_dataset(dataset, revision=dataset_revision)
+        splits = list(dataset_dict) if not splits else list(splits)
+        for name in splits:
+            if name not in dataset_dict:
+                raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
+            if len(dataset_dict[name]) == 0:
+                raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
+        view_splits = ([name for name in splits if name == "train"] if view_splits is None else list(view_splits)) if views > 1 else []
+        for name in view_splits:
+            if name not in splits:
+                raise KdcacheError(f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})")
+        image_column, label_column = find_columns(dataset_dict[splits[0]], image_column, label_column)
+        for name in splits[1:]:
+            find_columns(dataset_dict[name], image_column, label_column)
+        names = label_names(dataset_dict[splits[0]], label_column)
+        for name in splits[1:]:
+            if label_names(dataset_dict[name], label_column) != names:
+                raise KdcacheError(f"split '{name}' has other label names than split '{splits[0]}'")
 
-    processor = load_image_processor(teacher, revision=revision, trust_remote_code=trust_remote_code)
-    model = load_classifier(teacher, revision=revision, trust_remote_code=trust_remote_code)
-    mapping = align_labels(model.config.id2label, names, "teacher", by_index=match_labels_by_index)
-    pipeline = ImagePipeline(processor)
-    pixel_shape = tuple(pipeline.pixels([Image.new("RGB", (333, 257))]).shape[1:])
-    view_recipe = ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), scale=view_scale, seed=view_seed) if view_splits else None
+        processor = load_image_processor(teacher, revision=revision, trust_remote_code=trust_remote_code)
+        model = load_classifier(teacher, revision=revision, trust_remote_code=trust_remote_code)
+        mapping = align_labels(model.config.id2label, names, "teacher", by_index=match_labels_by_index)
+        pipeline = ImagePipeline(processor)
+        pixel_shape = tuple(pipeline.pixels([Image.new("RGB", (333, 257))]).shape[1:])
+        view_recipe = ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), scale=view_scale, seed=view_seed) if view_splits else None
 
     recipe = {
         "format_version": FORMAT_VERSION,
@@ -136,11 +150,107 @@ def teacher_logits(
     }
     fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
+    # The main process alone looks at the output and the partial work, and decides; the others follow its plan.
+    work = output.with_name(output.name + ".partial")
+    plan = None
+    with agreed(processes):
+        if is_main(processes):
+            plan = _plan_work(output, work, fingerprint, overwrite, chunk_size, {name: len(dataset_dict[name]) for name in splits})
+    if processes:
+        plan = processes.share(plan)
+    if plan is None:
+        return output  # up to date
+
+    # channels_last lets oneDNN (CPU) and cuDNN pick their faster convolution kernels: about 1.2x on a CNN
+    # teacher on CPU (BENCHMARKS.md); a ViT only has its patch embedding as a convolution.
+    model.to(torch_device, memory_format=torch.channels_last)
+    job = _Job(model=model, pipeline=pipeline, mapping=mapping, names=names, image_column=image_column,
+               label_column=label_column, device=torch_device, precision=precision, num_workers=num_workers,
+               batch_size=batch_size, chunk_size=plan["chunk_size"], progress=progress and is_main(processes),
+               cpus=cpus_per_process(processes), processes=processes.count if processes else 1)
+    # Chunks are independent and named by index, so any process can write any chunk: process r takes every
+    # count-th of the chunks still to do (all splits in a row, so that small splits do not all land on process 0).
+    mine = plan["todo"][processes.index :: processes.count] if processes else plan["todo"]
+    started = time.perf_counter()
+    timings = {}
+    with _quiet_datasets():
+        for name in splits:
+            job.views, job.view_recipe = (views, view_recipe) if name in view_splits else (1, None)
+            timings[name] = _run_split(job, dataset_dict[name], name, work, [k for split, k in mine if split == name])
+    # A failure above (an unreadable image) ends this process at once, with its message; the launcher then ends the
+    # others, and a process waiting here learns that its peer is gone. Nothing is lost: finished chunks are kept.
+    everyone = processes.gather(timings) if processes else [timings]  # also: every chunk is written
+    stats = {name: _images_per_second([timings[name] for timings in everyone]) for name in splits}
+
+    with agreed(processes), _quiet_datasets():
+        if is_main(processes):
+            cache = _assemble(work, splits)
+            manifest = {
+                "format": "kdcache",
+                "format_version": FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "kdcache_version": kdcache.__version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "teacher": {
+                    "name_or_path": teacher,
+                    "revision": revision,
+                    "class": type(model).__name__,
+                    "weights_sha256": recipe["teacher_weights_sha256"],
+                    "id2label": {str(k): v for k, v in model.config.id2label.items()},
+                    "trust_remote_code": trust_remote_code,
+                },
+                "image_processor": recipe["image_processor"],
+                "dataset": {
+                    "name_or_path": dataset,
+                    "revision": dataset_revision,
+                    "image_column": image_column,
+                    "label_column": label_column,
+                    "splits": {
+                        name: {
+                            "fingerprint": recipe["split_fingerprints"][name],
+                            "num_rows": len(cache[name]),
+                            "views": views if name in view_splits else 1,
+                            "logits_sha256": logits_sha256(cache[name]),
+                        }
+                        for name in splits
+                    },
+                },
+                "label_names": names,
+                "teacher_to_dataset": mapping,
+                "columns": {
+                    "labels": LABELS,
+                    "teacher_logits": {"name": LOGITS, "dtype": "float32", "length": len(names), "order": "dataset labels",
+                                       "per_view_shape": "(views, classes) in view splits"},
+                    "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": list(pixel_shape), "splits": "without views"},
+                    "row_index": ROW,
+                    "views": {"name": VIEWS, "dtype": "int32", "fields": ["x0", "y0", "x1", "y1", "flip"], "splits": "with views"},
+                    "image": {"name": IMAGE, "splits": "with views: the source image, to rebuild each view"},
+                },
+                "views": recipe["views"],
+                "precision": precision,
+                "device": str(torch_device),
+                "processes": job.processes,
+                "versions": _library_versions(),
+                "seconds": round(time.perf_counter() - started, 1),
+                "images_per_second": stats,  # of all processes together, over the time of the slowest
+            }
+            _write_json(work / "cache" / MANIFEST, manifest)
+            processor.save_pretrained(str(work / "cache"))
+            move_into_place(work / "cache", output)
+            shutil.rmtree(work, ignore_errors=True)
+    if processes:
+        processes.wait()  # the others return once the cache is in place
+    return output
+
+
+def _plan_work(output: Path, work: Path, fingerprint: str, overwrite: bool, chunk_size: int, rows: dict) -> dict | None:
+    """Check the output, set up `work` (resuming a partial run of the same inputs) and list the chunks still to
+    compute, as [split, chunk index] pairs; None when `output` already holds this cache."""
     if (output / MANIFEST).exists():
         existing = read_manifest(output)
         if existing.get("fingerprint") == fingerprint:
             print(f"cache '{output}' is up to date (fingerprint {fingerprint}); nothing to do")
-            return output
+            return None
         if not overwrite:
             raise KdcacheError(
                 f"'{output}' holds a cache made from other inputs (fingerprint {existing.get('fingerprint')}, "
@@ -150,7 +260,6 @@ def teacher_logits(
         raise KdcacheError(f"--output '{output}' exists and is not a kdcache cache; choose another --output")
     check_writable_parent(output, "--output")
 
-    work = output.with_name(output.name + ".partial")
     plan = {"fingerprint": fingerprint, "chunk_size": chunk_size}
     if (work / "plan.json").exists():
         previous = json.loads((work / "plan.json").read_text())
@@ -161,75 +270,13 @@ def teacher_logits(
     try:
         work.mkdir(parents=True, exist_ok=True)
         _write_json(work / "plan.json", plan)
+        for name in rows:
+            (work / name).mkdir(exist_ok=True)
     except OSError as error:
         raise KdcacheError(f"cannot write under '{work.parent}' ({error.strerror}); choose another --output") from None
-
-    # channels_last lets oneDNN (CPU) and cuDNN pick their faster convolution kernels: about 1.2x on a CNN
-    # teacher on CPU (BENCHMARKS.md); a ViT only has its patch embedding as a convolution.
-    model.to(torch_device, memory_format=torch.channels_last)
-    job = _Job(model=model, pipeline=pipeline, mapping=mapping, names=names, image_column=image_column,
-               label_column=label_column, device=torch_device, precision=precision, num_workers=num_workers,
-               batch_size=batch_size, chunk_size=plan["chunk_size"], progress=progress)
-    started = time.perf_counter()
-    stats = {}
-    with _quiet_datasets():
-        for name in splits:
-            job.views, job.view_recipe = (views, view_recipe) if name in view_splits else (1, None)
-            stats[name] = _run_split(job, dataset_dict[name], name, work)
-        cache = _assemble(work, splits)
-        manifest = {
-            "format": "kdcache",
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "kdcache_version": kdcache.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "teacher": {
-                "name_or_path": teacher,
-                "revision": revision,
-                "class": type(model).__name__,
-                "weights_sha256": recipe["teacher_weights_sha256"],
-                "id2label": {str(k): v for k, v in model.config.id2label.items()},
-                "trust_remote_code": trust_remote_code,
-            },
-            "image_processor": recipe["image_processor"],
-            "dataset": {
-                "name_or_path": dataset,
-                "revision": dataset_revision,
-                "image_column": image_column,
-                "label_column": label_column,
-                "splits": {
-                    name: {
-                        "fingerprint": recipe["split_fingerprints"][name],
-                        "num_rows": len(cache[name]),
-                        "views": views if name in view_splits else 1,
-                        "logits_sha256": logits_sha256(cache[name]),
-                    }
-                    for name in splits
-                },
-            },
-            "label_names": names,
-            "teacher_to_dataset": mapping,
-            "columns": {
-                "labels": LABELS,
-                "teacher_logits": {"name": LOGITS, "dtype": "float32", "length": len(names), "order": "dataset labels",
-                                   "per_view_shape": "(views, classes) in view splits"},
-                "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": list(pixel_shape), "splits": "without views"},
-                "row_index": ROW,
-                "views": {"name": VIEWS, "dtype": "int32", "fields": ["x0", "y0", "x1", "y1", "flip"], "splits": "with views"},
-                "image": {"name": IMAGE, "splits": "with views: the source image, to rebuild each view"},
-            },
-            "views": recipe["views"],
-            "precision": precision,
-            "device": str(torch_device),
-            "versions": _library_versions(),
-            "seconds": round(time.perf_counter() - started, 1),
-            "images_per_second": stats,
-        }
-        _write_json(work / "cache" / MANIFEST, manifest)
-        processor.save_pretrained(str(work / "cache"))
-    move_into_place(work / "cache", output)
-    shutil.rmtree(work, ignore_errors=True)
-    return output
+    todo = [[name, k] for name, count in rows.items() for k in range(math.ceil(count / plan["chunk_size"]))
+            if not (work / name / _chunk_name(k)).exists()]
+    return {**plan, "todo": todo}
 
 
 @dataclass
@@ -248,6 +295,8 @@ class _Job:
     batch_size: int
     chunk_size: int
     progress: bool
+    cpus: int  # the cores this process may count on (shared with the other processes of a launch)
+    processes: int
     views: int = 1
     view_recipe: ViewRecipe | None = None
 
@@ -285,24 +334,22 @@ class _Batches(torch.utils.data.Dataset):
             return {"error": str(error)}
 
 
-def _run_split(job: _Job, split, name: str, work: Path):
+def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
+    """Compute and write the given chunks of one split; returns (images, seconds), or None when there were none."""
     from tqdm.auto import tqdm
 
     rows = len(split)
     split_dir = work / name
-    split_dir.mkdir(exist_ok=True)
-    todo = [k for k in range(math.ceil(rows / job.chunk_size)) if not (split_dir / _chunk_name(k)).exists()]
     images_per_batch = max(1, job.batch_size // job.views)  # a forward pass still sees about batch_size images
     spans = []
-    for k in todo:
+    for k in chunks:  # batches never cross a chunk's bounds: a chunk's logits do not depend on who computes it
         start, end = k * job.chunk_size, min(rows, (k + 1) * job.chunk_size)
         spans += [(s, min(end, s + images_per_batch)) for s in range(start, end, images_per_batch)]
     if not spans:
         return None
     num_workers = job.num_workers
     if num_workers is None:
-        cpus = os.cpu_count() or 1
-        num_workers = min(8, cpus - 1) if job.device.type == "cuda" else (1 if cpus >= 2 else 0)
+        num_workers = min(8, job.cpus - 1) if job.device.type == "cuda" else (1 if job.cpus >= 2 else 0)
     loader = torch.utils.data.DataLoader(
         _Batches(split, name, spans, job),
         batch_size=None,
@@ -313,26 +360,35 @@ def _run_split(job: _Job, split, name: str, work: Path):
     index = torch.tensor(job.mapping, device=job.device)
     pending = []
     todo_rows = sum(end - start for start, end in spans)
-    description = f"teacher logits [{name}" + (f", {job.views} views per image]" if job.views > 1 else "]")
-    bar = tqdm(total=todo_rows * job.views, unit="img", desc=description, disable=not job.progress)
+    description = f"teacher logits [{name}" + (f", {job.views} views per image" if job.views > 1 else "")
+    description += f", process 0 of {job.processes}]" if job.processes > 1 else "]"
     started = time.perf_counter()
-    for batch in loader:
-        if "error" in batch:
-            raise KdcacheError(batch["error"])
-        pixel_values = job.pipeline.normalize(torch.as_tensor(batch["pixels"])).to(job.device, non_blocking=True)
-        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), _autocast(job.device, job.precision):
-            logits = job.model(pixel_values=pixel_values).logits
-        logits = logits.float()[:, index].cpu().numpy()
-        batch["logits"] = logits.reshape(len(batch["rows"]), job.views, -1) if job.views > 1 else logits
-        pending.append(batch)
-        bar.update(len(logits))
-        chunk = int(pending[0]["rows"][0]) // job.chunk_size
-        if int(pending[-1]["rows"][-1]) + 1 == min(rows, (chunk + 1) * job.chunk_size):
-            _write_chunk(split_dir / _chunk_name(chunk), pending, job)
-            pending = []
-    bar.close()
-    return round(todo_rows * job.views / (time.perf_counter() - started), 2)
+    # closed on an error too, so that the error's message starts a line of its own
+    with tqdm(total=todo_rows * job.views, unit="img", desc=description, disable=not job.progress) as bar:
+        for batch in loader:
+            if "error" in batch:
+                raise KdcacheError(batch["error"])
+            pixel_values = job.pipeline.normalize(torch.as_tensor(batch["pixels"])).to(job.device, non_blocking=True)
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), _autocast(job.device, job.precision):
+                logits = job.model(pixel_values=pixel_values).logits
+            logits = logits.float()[:, index].cpu().numpy()
+            batch["logits"] = logits.reshape(len(batch["rows"]), job.views, -1) if job.views > 1 else logits
+            pending.append(batch)
+            bar.update(len(logits))
+            chunk = int(pending[0]["rows"][0]) // job.chunk_size
+            if int(pending[-1]["rows"][-1]) + 1 == min(rows, (chunk + 1) * job.chunk_size):
+                _write_chunk(split_dir / _chunk_name(chunk), pending, job)
+                pending = []
+    return todo_rows * job.views, time.perf_counter() - started
+
+
+def _images_per_second(timings: list) -> float | None:
+    """Images per second of all processes on one split: their images over the time of the slowest."""
+    done = [timing for timing in timings if timing is not None]
+    if not done:
+        return None
+    return round(sum(images for images, _ in done) / max(seconds for _, seconds in done), 2)
 
 
 def _chunk_name(index: int) -> str:
@@ -460,7 +516,7 @@ def describe(path: str | Path) -> str:
         f"  labels          {', '.join(manifest['label_names'])}",
         f"  teacher->data   {manifest['teacher_to_dataset']} (teacher output index for each dataset label)",
         f"  logits          {manifest['columns']['teacher_logits']['dtype']}, computed in {manifest['precision']} "
-        f"on {manifest['device']}",
+        f"on {manifest['device']}" + (f" ({manifest['processes']} processes)" if manifest.get("processes", 1) > 1 else ""),
         f"  student input   {manifest['columns']['pixel_values']['dtype']} {manifest['columns']['pixel_values']['shape']}",
         "  splits:",
     ]

@@ -38,13 +38,64 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except KdcacheError as error:
-            typer.echo(f"kdcache: error: {error}", err=True)
+            if not getattr(error, "reported_elsewhere", False):  # several processes agreed on it: the main one says it
+                typer.echo(f"kdcache: error: {error}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("kdcache: interrupted; run the same command again to resume", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+NUM_PROCESSES_HELP = ("Start this command as N processes through accelerate's launcher, on this machine (one per GPU, "
+                     "or N CPU processes); for several machines use accelerate launch (README).")
+
+
+def relaunch(num_processes: Optional[int], device: str) -> None:
+    """--num-processes N: run the same command as N processes of one `accelerate launch` on this machine, then exit
+    with its status. A shortcut for `accelerate launch --multi_gpu --num_processes N -m kdcache ...`: accelerate's
+    --cpu launcher starts one process only (several CPU processes need MPI there), while its torchrun-based launcher
+    starts CPU processes as well, and kdcache gives them a gloo process group."""
+    from kdcache.runtime import launched_processes
+
+    if num_processes is not None and num_processes < 1:
+        raise KdcacheError("--num-processes must be at least 1")
+    if num_processes in (None, 1) or launched_processes() > 1:
+        return
+    arguments, skip = [], False
+    for argument in sys.argv[1:]:  # the same command, without --num-processes
+        if skip or argument.startswith("--num-processes="):
+            skip = False
+            continue
+        if argument == "--num-processes":
+            skip = True
+            continue
+        arguments.append(argument)
+    import logging
+
+    import torch
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    gpus = torch.cuda.device_count() if device != "cpu" else 0
+    if 0 < gpus < num_processes:
+        raise KdcacheError(f"--num-processes {num_processes} needs one GPU each, and this machine has {gpus}; "
+                           f"use --num-processes {gpus}, or --device cpu for CPU processes")
+    launch = launch_command_parser().parse_args(
+        ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "0", "-m", "kdcache", *arguments]
+    )
+    # A process that fails prints its own one-line error; the launcher's report of it would be a page of noise.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        launch_command(launch)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        if failure.exitcode not in (1, 130):  # not one of kdcache's own exits, which have said why
+            typer.echo(f"kdcache: error: process {rank} of {num_processes} ended with exit code {failure.exitcode}", err=True)
+        raise typer.Exit(failure.exitcode if failure.exitcode > 0 else 1) from None
+    raise typer.Exit(0)
 
 
 def _split_list(value: Optional[str]) -> Optional[list[str]]:
@@ -72,8 +123,9 @@ def teacher_logits_command(
     view_scale: float = typer.Option(0.25, help="Smallest crop area of a view, as a fraction of the image (the largest is 1)."),
     view_seed: int = typer.Option(0, help="Seed of the views (a row's views depend on it and the row alone)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache made from other inputs."),
-    num_workers: Optional[int] = typer.Option(None, show_default="1 on CPU, up to 8 on CUDA", help="Processes decoding images ahead of the teacher."),
+    num_workers: Optional[int] = typer.Option(None, show_default="1 on CPU (0 when a process has 1 core), up to 8 on CUDA", help="Processes decoding images ahead of the teacher (per process)."),
     chunk_size: int = typer.Option(512, help="Rows per resumable chunk."),
+    num_processes: Optional[int] = typer.Option(None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP),
 ):
     """Run the teacher once over the dataset and store its logits as an Arrow column, with a manifest.
 
@@ -87,8 +139,16 @@ def teacher_logits_command(
       kdcache teacher-logits
       kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans
       kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans --views 8
+
+    Several processes (GPUs, machines) split the chunks among them and give the same cache as one:
+
+    \b
+      accelerate launch --num_processes 4 -m kdcache teacher-logits ...
+      kdcache teacher-logits --num-processes 4 ...
     """
+    relaunch(num_processes, device)
     from kdcache.cache import describe, teacher_logits
+    from kdcache.runtime import is_main_process
 
     path = teacher_logits(
         dataset=dataset, teacher=teacher, output=output, splits=_split_list(splits), batch_size=batch_size,
@@ -98,7 +158,8 @@ def teacher_logits_command(
         view_scale=(view_scale, 1.0), view_seed=view_seed, overwrite=overwrite, num_workers=num_workers,
         chunk_size=chunk_size,
     )
-    typer.echo(describe(path))
+    if is_main_process():
+        typer.echo(describe(path))
 
 
 @app.command("evaluate")
@@ -158,7 +219,7 @@ def train_student_command(
     alpha: float = typer.Option(0.5, "--alpha", "--lambda", help="Weight of the distillation term: 0 = labels only (a from-scratch baseline), 1 = teacher only."),
     epochs: float = typer.Option(DEFAULTS["epochs"], help="Training epochs."),
     learning_rate: float = typer.Option(DEFAULTS["learning_rate"], help="Peak AdamW learning rate."),
-    batch_size: int = typer.Option(DEFAULTS["batch_size"], help="Images per training step."),
+    batch_size: int = typer.Option(DEFAULTS["batch_size"], help="Images per training step: the global batch, of all processes together when there are several (each takes its share)."),
     weight_decay: float = typer.Option(DEFAULTS["weight_decay"], help="AdamW weight decay."),
     warmup_ratio: float = typer.Option(DEFAULTS["warmup_ratio"], help="Fraction of steps spent warming the learning rate up."),
     scheduler: str = typer.Option(DEFAULTS["scheduler"], help="Learning-rate schedule (a transformers scheduler name: cosine, linear, constant...)."),
@@ -173,6 +234,7 @@ def train_student_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16, fp16."),
     push_to_hub: Optional[str] = typer.Option(None, help="Also push the student to this hub repository (needs a login)."),
+    num_processes: Optional[int] = typer.Option(None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP),
 ):
     """Train a student from the cached soft targets and save it for pipeline("image-classification").
 
@@ -185,7 +247,14 @@ def train_student_command(
     \b
       kdcache train-student data/beans--effl0-beans
       kdcache train-student data/beans--effl0-beans --alpha 0 --output data/students/beans-scratch
+
+    Several processes train data-parallel (DDP) at the same global --batch-size:
+
+    \b
+      accelerate launch --num_processes 4 -m kdcache train-student data/beans--effl0-beans
+      kdcache train-student data/beans--effl0-beans --num-processes 4
     """
+    relaunch(num_processes, device)
     from kdcache.train import train_student
 
     train_student(
@@ -216,7 +285,18 @@ def main():
     # Hub downloads print their own bars; ours say what matters. Users can still turn verbosity up.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app(prog_name="kdcache")
+    from kdcache.runtime import end_process, is_main_process, launched_processes
+
+    if not is_main_process():  # one launch, one set of progress bars: the main process's
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        app(prog_name="kdcache")
+    except SystemExit as done:
+        if launched_processes() <= 1:
+            raise
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+        end_process(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
 
 
 if __name__ == "__main__":

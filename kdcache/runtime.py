@@ -1,9 +1,13 @@
-"""Process-level settings shared by every stage: allocator tuning, device choice, atomic folder writes."""
+"""Process-level settings shared by every stage: allocator tuning, device choice, atomic folder writes, and the
+few collective steps a launch of several processes needs (accelerate launch, torchrun)."""
 
+import contextlib
 import ctypes
 import os
 import shutil
 import sys
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from kdcache import KdcacheError
@@ -80,3 +84,153 @@ def slug(name_or_path: str) -> str:
     text = str(name_or_path).rstrip("/\\")
     base = text.replace("\\", "/").split("/")[-1] or "dataset"
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in base)
+
+
+# Several processes: `accelerate launch` (or torchrun, mpirun) starts one process per GPU or per share of the CPU
+# cores and describes the launch in environment variables. A plain run has none of them, and then nothing below
+# starts or imports anything: `distributed()` returns None and every stage runs exactly as on one process.
+
+_WORLD_SIZE = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_RANK = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_LOCAL_WORLD_SIZE = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+# A collective waits for the slowest process: at the end of stage one the others wait while the main process
+# assembles the cache, which takes longer than torch's default 30 minutes on an ImageNet-size dataset. A process
+# that dies does not leave the others waiting this long: the launcher ends them (and gloo notices a closed peer).
+COLLECTIVE_TIMEOUT = timedelta(hours=6)
+
+
+def _first_int(names, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return default
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (1 for a plain run), read from its environment alone."""
+    return _first_int(_WORLD_SIZE, 1)
+
+
+def is_main_process() -> bool:
+    """Whether this process should print what is printed once, read from the launcher's environment alone."""
+    return _first_int(_RANK, 0) == 0
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a launch of several, and the collective steps kdcache needs.
+
+    Every step goes through one collective, `gather`, so that a process that fails inside an agreed step (which
+    gathers its error) always meets the others at the same kind of call. torch.distributed is called directly:
+    the Trainer resets accelerate's PartialState when it starts, while the process group stays.
+    """
+
+    count: int
+    index: int
+    local_count: int
+    device: "torch.device"
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def gather(self, value) -> list:
+        """`value` from every process, in process order; a barrier as well."""
+        import torch.distributed
+
+        values = [None] * self.count
+        try:
+            torch.distributed.all_gather_object(values, value)
+        except RuntimeError as error:  # a peer died: its own message (printed by it) says why
+            failure = KdcacheError(f"another process stopped ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+            failure.reported_elsewhere = True
+            raise failure from None
+        return values
+
+    def wait(self) -> None:
+        self.gather(None)
+
+    def share(self, value):
+        """The main process's `value`, on every process."""
+        return self.gather(value if self.is_main else None)[0]
+
+    def agree(self, error: "KdcacheError | None") -> None:
+        """Raise the first process's error on every process (printed by the main one only), if any failed."""
+        messages = [message for message in self.gather(None if error is None else str(error)) if message is not None]
+        if messages:
+            failure = error if error is not None and str(error) == messages[0] else KdcacheError(messages[0])
+            failure.reported_elsewhere = not self.is_main
+            raise failure
+
+
+def distributed(device: str = "auto") -> Processes | None:
+    """The launch this process belongs to, its process group started through accelerate; None on a plain run.
+
+    `device` is the --device option: CPU processes talk over gloo; CUDA processes over NCCL, and each uses the GPU
+    of its local process index (`Processes.device`), whatever GPU index --device names.
+    """
+    count = launched_processes()
+    if count <= 1:
+        return None
+    import atexit
+
+    import torch
+    from accelerate import PartialState
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        atexit.register(_end_process_group)  # see end_process
+    state = PartialState(cpu=cpu, timeout=COLLECTIVE_TIMEOUT)
+    if state.num_processes != count:
+        raise KdcacheError(f"the launcher started {count} processes but --device {device} cannot be shared among them "
+                           "(a process group needs CPUs or CUDA GPUs); use --device cpu or cuda")
+    return Processes(count=state.num_processes, index=state.process_index,
+                     local_count=_first_int(_LOCAL_WORLD_SIZE, state.num_processes),
+                     device=torch.device("cpu") if cpu else state.device)
+
+
+def _end_process_group() -> None:
+    import torch.distributed
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def end_process(status: int = 0) -> None:
+    """End this process of a launch now, without the interpreter's teardown.
+
+    A gloo worker thread can still hold the last collective's tensors when the interpreter tears down; freeing them
+    then needs the GIL, and the process aborts (SIGABRT, "terminate called without an active exception") after its
+    work is done, failing the launch (pytorch/pytorch#190489). On a loaded 2-core machine that was about 1 launch of
+    kdcache teacher-logits in 10. Destroying the process group at exit (registered by `distributed`) made it 1 in 70,
+    not 0: other holders (transformers' model loading) keep the group and its threads alive. Everything kdcache
+    writes is closed and renamed when a stage returns, so its command line ends launched processes this way.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def is_main(processes: Processes | None) -> bool:
+    return processes is None or processes.is_main
+
+
+@contextlib.contextmanager
+def agreed(processes: Processes | None):
+    """A step whose outcome all processes share: a KdcacheError raised in it by any process is raised by every
+    process, and printed once (by the main one). Where only the main process acts (output checks, the final
+    rename), the others learn of its error this way instead of waiting for it. On a plain run: just the step."""
+    if processes is None:
+        yield
+        return
+    failure = None
+    try:
+        yield
+    except KdcacheError as error:
+        failure = error
+    processes.agree(failure)
+
+
+def cpus_per_process(processes: Processes | None) -> int:
+    """The CPU cores this process may count on: the machine's, shared among the processes launched on it."""
+    return max(1, (os.cpu_count() or 1) // (processes.local_count if processes else 1))

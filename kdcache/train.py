@@ -7,7 +7,6 @@ for tests and benchmarks) the batch is built from the original images and the te
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,17 @@ from kdcache.defaults import TRAINING as DEFAULTS
 from kdcache.data import ImagePipeline, ViewRecipe, hub_error, load_image_dataset, undecoded
 from kdcache.loss import check_loss_settings, distillation_loss
 from kdcache.models import align_labels, count_parameters, load_classifier
-from kdcache.runtime import check_writable_parent, move_into_place, pick_device, slug, tune_malloc
+from kdcache.runtime import (
+    agreed,
+    check_writable_parent,
+    cpus_per_process,
+    distributed,
+    is_main,
+    move_into_place,
+    pick_device,
+    slug,
+    tune_malloc,
+)
 
 
 class DistillationTrainer(Trainer):
@@ -214,101 +223,116 @@ def train_student(
 
     Returns a summary: output folder, best validation accuracy and its epoch, wall time, the per-epoch history.
     `callbacks` are transformers TrainerCallbacks (or classes), passed to the Trainer as they are.
+
+    Launched as several processes (accelerate launch, torchrun), it trains data-parallel: `batch_size` is the
+    global batch, split evenly among the processes; only the main process writes the output. Every process returns
+    the summary, the same on all (the Trainer gathers losses and metrics) except for its own wall time.
     """
-    check_loss_settings(temperature, alpha)
-    if epochs <= 0 and max_steps <= 0:
-        raise KdcacheError("--epochs must be > 0")
-    if learning_rate <= 0 or batch_size < 1:
-        raise KdcacheError("--learning-rate must be > 0 and --batch-size at least 1")
-    tune_malloc()
-    torch_device = pick_device(device)
-    cache_path = Path(cache)
-    cached, manifest = load_cache(cache_path)
-    names = manifest["label_names"]
-    for split, flag in ((train_split, "--train-split"), (eval_split, "--eval-split")):
-        if split is not None and split not in cached:
-            raise KdcacheError(f"{flag} '{split}' is not in cache '{cache_path}' (splits: {', '.join(cached)})")
-    output = Path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{'online' if online else 'distilled' if alpha > 0 else 'scratch'}"
-    if output.exists() and not overwrite:
-        raise KdcacheError(f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output")
-    check_writable_parent(output, "--output")
-    work = output.with_name(output.name + ".partial")
-    if work.exists() and not resume:
-        if not overwrite:
-            raise KdcacheError(
-                f"'{work}' holds an interrupted training run; pass --resume to continue it or --overwrite to start over"
+    processes = distributed(device)  # None on a plain run, which then goes exactly as it always has
+    with agreed(processes):  # every process checks the same inputs; an error is printed once
+        check_loss_settings(temperature, alpha)
+        if epochs <= 0 and max_steps <= 0:
+            raise KdcacheError("--epochs must be > 0")
+        if learning_rate <= 0 or batch_size < 1:
+            raise KdcacheError("--learning-rate must be > 0 and --batch-size at least 1")
+        if processes and batch_size % processes.count:
+            raise KdcacheError(f"--batch-size {batch_size} is the batch of all {processes.count} processes together; "
+                               f"make it a multiple of {processes.count}")
+        tune_malloc()
+        torch_device = pick_device(device)
+        if processes and torch_device.type == "cuda":
+            torch_device = processes.device  # one GPU per process (the online teacher goes there too)
+        cache_path = Path(cache)
+        cached, manifest = load_cache(cache_path)
+        names = manifest["label_names"]
+        for split, flag in ((train_split, "--train-split"), (eval_split, "--eval-split")):
+            if split is not None and split not in cached:
+                raise KdcacheError(f"{flag} '{split}' is not in cache '{cache_path}' (splits: {', '.join(cached)})")
+        output = Path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{'online' if online else 'distilled' if alpha > 0 else 'scratch'}"
+        work = output.with_name(output.name + ".partial")
+        if is_main(processes):  # the main process alone decides about the output, and clears it
+            if output.exists() and not overwrite:
+                raise KdcacheError(f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output")
+            check_writable_parent(output, "--output")
+            if work.exists() and not resume:
+                if not overwrite:
+                    raise KdcacheError(
+                        f"'{work}' holds an interrupted training run; pass --resume to continue it or --overwrite to start over"
+                    )
+                shutil.rmtree(work)
+
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(str(cache_path), backend="pil")
+        pipeline = ImagePipeline(processor)
+        pixel_shape = manifest["columns"]["pixel_values"]["shape"]
+        model = build_student(student, names, pixel_shape, seed)
+
+        data = manifest["dataset"]
+        views = data["splits"][train_split].get("views", 1)
+        if views > 1 and (online or student_only_augment):
+            raise KdcacheError(f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
+                               f"{views} views per image of split '{train_split}'")
+        if eval_split and data["splits"][eval_split].get("views", 1) > 1:
+            raise KdcacheError(f"--eval-split '{eval_split}' is cached with views; evaluate on a split with one clean view")
+
+        def source_split(split):
+            """The original rows the cache was made from, for the modes that need the images themselves."""
+            rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
+            if rows._fingerprint != data["splits"][split]["fingerprint"]:
+                raise KdcacheError(f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
+                                   "this mode must see the same rows")
+            return rows
+
+        online_teacher = None
+        columns = [PIXELS, LABELS] + ([LOGITS] if alpha > 0 else [])
+        eval_rows = cached[eval_split].with_format("torch", columns=columns) if eval_split else None
+        if online:
+            teacher = teacher or manifest["teacher"]["name_or_path"]
+            teacher_model = load_classifier(teacher, revision=manifest["teacher"].get("revision"),
+                                            trust_remote_code=manifest["teacher"].get("trust_remote_code", False))
+            online_teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, names)).to(torch_device)
+            train_rows, eval_rows = (
+                _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
+                for split in (train_split, eval_split)
             )
-        shutil.rmtree(work)
-    checkpoint = resume and any(work.glob("checkpoint-*"))
+        elif views > 1:
+            train_rows = ViewRows(cached[train_split], ViewRecipe.from_dict(manifest["views"]["recipe"]), seed)
+        elif student_only_augment:
+            import datasets
 
-    from transformers import AutoImageProcessor
+            images = undecoded(source_split(train_split), data["image_column"]).select_columns([data["image_column"]])
+            if data["image_column"] != IMAGE:
+                images = images.rename_column(data["image_column"], IMAGE)
+            train_rows = ViewRows(
+                datasets.concatenate_datasets([cached[train_split].select_columns([LABELS, LOGITS]), images], axis=1),
+                ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), seed=seed),
+                seed,
+                fresh=True,
+            )
+        else:
+            train_rows = cached[train_split].with_format("torch", columns=columns)
+        callbacks = list(callbacks or [])
+        if isinstance(train_rows, ViewRows):
+            callbacks.append(SetEpoch(train_rows))
+        if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
+            num_workers = 1 if isinstance(train_rows, ViewRows) and cpus_per_process(processes) >= 2 else 0
 
-    processor = AutoImageProcessor.from_pretrained(str(cache_path), backend="pil")
-    pipeline = ImagePipeline(processor)
-    pixel_shape = manifest["columns"]["pixel_values"]["shape"]
-    model = build_student(student, names, pixel_shape, seed)
-
-    data = manifest["dataset"]
-    views = data["splits"][train_split].get("views", 1)
-    if views > 1 and (online or student_only_augment):
-        raise KdcacheError(f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
-                           f"{views} views per image of split '{train_split}'")
-    if eval_split and data["splits"][eval_split].get("views", 1) > 1:
-        raise KdcacheError(f"--eval-split '{eval_split}' is cached with views; evaluate on a split with one clean view")
-
-    def source_split(split):
-        """The original rows the cache was made from, for the modes that need the images themselves."""
-        rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
-        if rows._fingerprint != data["splits"][split]["fingerprint"]:
-            raise KdcacheError(f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
-                               "this mode must see the same rows")
-        return rows
-
-    online_teacher = None
-    columns = [PIXELS, LABELS] + ([LOGITS] if alpha > 0 else [])
-    eval_rows = cached[eval_split].with_format("torch", columns=columns) if eval_split else None
-    if online:
-        teacher = teacher or manifest["teacher"]["name_or_path"]
-        teacher_model = load_classifier(teacher, revision=manifest["teacher"].get("revision"),
-                                        trust_remote_code=manifest["teacher"].get("trust_remote_code", False))
-        online_teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, names)).to(torch_device)
-        train_rows, eval_rows = (
-            _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
-            for split in (train_split, eval_split)
-        )
-    elif views > 1:
-        train_rows = ViewRows(cached[train_split], ViewRecipe.from_dict(manifest["views"]["recipe"]), seed)
-    elif student_only_augment:
-        import datasets
-
-        images = undecoded(source_split(train_split), data["image_column"]).select_columns([data["image_column"]])
-        if data["image_column"] != IMAGE:
-            images = images.rename_column(data["image_column"], IMAGE)
-        train_rows = ViewRows(
-            datasets.concatenate_datasets([cached[train_split].select_columns([LABELS, LOGITS]), images], axis=1),
-            ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), seed=seed),
-            seed,
-            fresh=True,
-        )
-    else:
-        train_rows = cached[train_split].with_format("torch", columns=columns)
-    callbacks = list(callbacks or [])
-    if isinstance(train_rows, ViewRows):
-        callbacks.append(SetEpoch(train_rows))
-    if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
-        num_workers = 1 if isinstance(train_rows, ViewRows) and (os.cpu_count() or 1) >= 2 else 0
-
-    bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda" and torch.cuda.is_bf16_supported())
-    fp16 = precision == "fp16"
-    if (bf16 or fp16) and torch_device.type != "cuda":
-        raise KdcacheError(f"--precision {precision} needs a CUDA device (bf16 on CPU is several times slower); use fp32")
+        bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda" and torch.cuda.is_bf16_supported())
+        fp16 = precision == "fp16"
+        if (bf16 or fp16) and torch_device.type != "cuda":
+            raise KdcacheError(f"--precision {precision} needs a CUDA device (bf16 on CPU is several times slower); use fp32")
+    checkpoint = resume and any(work.glob("checkpoint-*"))  # after the main process has cleared what it had to
     import importlib.util
 
+    count = processes.count if processes else 1
     evaluating = eval_rows is not None
     args = TrainingArguments(
         output_dir=str(work),
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
+        # Under DDP the Trainer gives each process its share of every batch (and averages the gradients), so the
+        # optimiser steps, the learning rate and the loss are those of one process at the same --batch-size.
+        per_device_train_batch_size=batch_size // count,
+        per_device_eval_batch_size=batch_size // count,
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         warmup_steps=warmup_ratio,
@@ -373,22 +397,28 @@ def train_student(
             "warmup_ratio": warmup_ratio, "scheduler": scheduler, "seed": seed, "online": online,
             "views": views, "student_only_augment": student_only_augment,
             "precision": "bf16" if bf16 else "fp16" if fp16 else "fp32", "device": str(torch_device),
+            "processes": count,
         },
     }
     final = work / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    trainer.save_model(str(final))
-    processor.save_pretrained(str(final))
-    (final / "kdcache_training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (final / "README.md").write_text(model_card(summary, manifest, names))
-    if (work / "runs").exists():
-        shutil.move(str(work / "runs"), str(final / "runs"))
+    if is_main(processes):
+        shutil.rmtree(final, ignore_errors=True)
+    trainer.save_model(str(final))  # on every process: under DDP the Trainer has the main one write
+    if is_main(processes):
+        processor.save_pretrained(str(final))
+        (final / "kdcache_training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (final / "README.md").write_text(model_card(summary, manifest, names))
+        if (work / "runs").exists():
+            shutil.move(str(work / "runs"), str(final / "runs"))
     if push_to_hub:
-        trainer.push_to_hub()
-    move_into_place(final, output)
-    shutil.rmtree(work, ignore_errors=True)
-    if progress:
-        print(summary_line(summary))
+        trainer.push_to_hub()  # on every process: the main one pushes
+    if is_main(processes):
+        move_into_place(final, output)
+        shutil.rmtree(work, ignore_errors=True)
+        if progress:
+            print(summary_line(summary))
+    if processes:
+        processes.wait()  # the others return once the student is in place
     return summary
 
 
@@ -427,7 +457,9 @@ def model_card(summary: dict, manifest: dict, names: list[str]) -> str:
         f"| student | {recipe['student']}, {recipe['student_parameters']:,} parameters |",
         f"| loss | (1-alpha) CE + alpha T^2 KL(teacher/T, student/T), T={recipe['temperature']}, alpha={recipe['alpha']} |",
         f"| training | {summary['epochs']:g} epochs ({summary['steps']} steps), AdamW lr {recipe['learning_rate']}, "
-        f"{recipe['scheduler']} schedule, batch {recipe['batch_size']}, weight decay {recipe['weight_decay']}, seed {recipe['seed']} |",
+        f"{recipe['scheduler']} schedule, batch {recipe['batch_size']}"
+        + (f" ({recipe['processes']} processes of {recipe['batch_size'] // recipe['processes']})" if recipe.get("processes", 1) > 1 else "")
+        + f", weight decay {recipe['weight_decay']}, seed {recipe['seed']} |",
     ]
     if accuracy is not None:
         lines.append(f"| {summary['eval_split']} accuracy | {accuracy:.4f} (best epoch {summary['best_epoch']:g}, the weights kept) |")

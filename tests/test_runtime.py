@@ -30,3 +30,18 @@ def test_move_into_place_replaces_atomically(tmp_path):
     runtime.move_into_place(tmp_path / "new", tmp_path / "dest")
     assert (tmp_path / "dest" / "file").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+
+
+def test_a_plain_run_is_not_distributed(monkeypatch):
+    """Without a launcher's environment nothing is started: the single-process path stays as it was."""
+    for name in runtime._WORLD_SIZE + runtime._RANK + runtime._LOCAL_WORLD_SIZE:
+        monkeypatch.delenv(name, raising=False)
+    assert runtime.launched_processes() == 1 and runtime.is_main_process()
+    assert runtime.distributed("auto") is None and runtime.is_main(None)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # accelerate launch of one process
+    assert runtime.distributed("cpu") is None
+    with pytest.raises(KdcacheError, match="as it is"), runtime.agreed(None):
+        raise KdcacheError("as it is")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert runtime.launched_processes() == 4 and not runtime.is_main_process()
