@@ -3,6 +3,8 @@
   (a) the student trained with cross-entropy only (alpha=0),
   (b) the student distilled from the cache,
   (c) the student distilled online, the teacher run on every batch (the tutorial's way),
+  (d) with --views-cache: the student distilled from a cache of K augmented views (each step rebuilds its views
+      from the stored JPEG bytes and crop boxes, in DataLoader workers),
   floor: the student's pure compute, forward + backward + AdamW step on in-memory tensors, no Trainer, no data.
 
     python benchmarks/train_student.py --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans
@@ -76,6 +78,7 @@ def main():
     parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--views-cache", default=None, help="a cache written with --views K, timed as (d)")
     args = parser.parse_args()
     tune_malloc()
     work = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
@@ -86,24 +89,25 @@ def main():
           f"{steps_per_epoch} steps of {args.batch_size}; {args.steps} timed steps after {args.warmup}, "
           f"{args.rounds} rounds; torch threads {torch.get_num_threads()}")
 
-    figures = {"a": [], "b": [], "c": [], "floor": []}
+    figures = {"a": [], "b": [], "c": [], "floor": []} | ({"d": []} if args.views_cache else {})
     for round_index in range(args.rounds):
         figures["a"].append(trainer_seconds_per_step(cache, work / "a", args.warmup, args.steps, args.batch_size, alpha=0.0))
         figures["b"].append(trainer_seconds_per_step(cache, work / "b", args.warmup, args.steps, args.batch_size))
         figures["c"].append(trainer_seconds_per_step(cache, work / "c", args.warmup, args.steps, args.batch_size,
                                                      online=True, teacher=args.teacher))
+        if args.views_cache:
+            figures["d"].append(trainer_seconds_per_step(args.views_cache, work / "d", args.warmup, args.steps, args.batch_size))
         figures["floor"].append(floor_seconds_per_step(cache, manifest, args.warmup, args.steps, args.batch_size))
-        print(f"round {round_index + 1}: s/epoch  (a) CE only {figures['a'][-1] * steps_per_epoch:.1f}  "
-              f"(b) cached {figures['b'][-1] * steps_per_epoch:.1f}  (c) online {figures['c'][-1] * steps_per_epoch:.1f}  "
-              f"floor {figures['floor'][-1] * steps_per_epoch:.1f}")
+        print(f"round {round_index + 1}: s/epoch " + "  ".join(f"({key}) {values[-1] * steps_per_epoch:.1f}" for key, values in figures.items()))
 
     def median_ratio(x, y):
         return statistics.median(a / b for a, b in zip(figures[x], figures[y]))
 
     medians = {key: statistics.median(values) * steps_per_epoch for key, values in figures.items()}
-    print(f"median s/epoch: (a) {medians['a']:.1f}  (b) {medians['b']:.1f}  (c) {medians['c']:.1f}  floor {medians['floor']:.1f}")
+    print("median s/epoch: " + "  ".join(f"({key}) {value:.1f}" for key, value in medians.items()))
     print(f"ratios: (b)/floor {median_ratio('b', 'floor'):.3f}  (b)/(a) {median_ratio('b', 'a'):.3f}  "
-          f"(c)/(b) {median_ratio('c', 'b'):.2f}")
+          f"(c)/(b) {median_ratio('c', 'b'):.2f}"
+          + (f"  (d)/floor {median_ratio('d', 'floor'):.3f}  (d)/(b) {median_ratio('d', 'b'):.3f}" if args.views_cache else ""))
 
 
 if __name__ == "__main__":
