@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass

@@ -9,8 +9,12 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdcache import KdcacheError
+
+if TYPE_CHECKING:
+    import torch
 
 _malloc_tuned = False
 
