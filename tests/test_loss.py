@@ -53,3 +53,27 @@ def test_half_precision_logits_are_upcast():
 def test_invalid_settings_are_refused(temperature, alpha):
     with pytest.raises(KdcacheError):
         distillation_loss(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), temperature, alpha)
+
+
+def test_terms_are_the_unweighted_parts_of_the_loss():
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(8, 5, generator=generator), torch.randn(8, 5, generator=generator)
+    labels = torch.randint(0, 5, (8,), generator=generator)
+    loss, terms = distillation_loss(student, labels, teacher, 4.0, 0.3, return_terms=True)
+    kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(student / 4.0, -1), F.softmax(teacher / 4.0, -1))
+    assert torch.allclose(terms["ce"], F.cross_entropy(student, labels))
+    assert torch.allclose(terms["kl"], kl, atol=1e-7)
+    assert torch.allclose(loss, 0.7 * terms["ce"] + 0.3 * 16.0 * terms["kl"])
+    assert set(distillation_loss(student, labels, teacher, 4.0, 1.0, return_terms=True)[1]) == {"kl"}
+    assert set(distillation_loss(student, labels, None, 4.0, 0.0, return_terms=True)[1]) == {"ce"}
+
+
+def test_mixed_labels_are_a_weighted_cross_entropy():
+    generator = torch.Generator().manual_seed(2)
+    student = torch.randn(6, 4, generator=generator)
+    first, second = torch.randint(0, 4, (6,), generator=generator), torch.randint(0, 4, (6,), generator=generator)
+    weight = torch.rand(6, 1, generator=generator)
+    soft = weight * F.one_hot(first, 4) + (1 - weight) * F.one_hot(second, 4)
+    expected = (weight[:, 0] * F.cross_entropy(student, first, reduction="none")
+                + (1 - weight[:, 0]) * F.cross_entropy(student, second, reduction="none")).mean()
+    assert torch.allclose(distillation_loss(student, soft, None, alpha=0.0), expected, atol=1e-6)
