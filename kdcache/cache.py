@@ -33,7 +33,7 @@ from kdcache.data import (
     decode_images,
     find_columns,
     first_line,
-    image_bytes,
+    raw_source,
     label_names,
     load_image_dataset,
     load_image_processor,
@@ -52,11 +52,17 @@ from kdcache.runtime import (
     tune_malloc,
 )
 
-FORMAT_VERSION = 2  # 2: optional augmented views per image (views, image columns); 1: one clean view
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# 3: view splits hold the source as reduced raw pixels (source, source_shape), and optionally mixed views
+#    (mix_partners, mix_views, mix_weights); a cache without views is written as format 2, which it still is.
+# 2: optional augmented views per image (views, image columns); 1: one clean view.
+FORMAT_VERSION = 3
+CLEAN_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 MANIFEST = "kdcache.json"
 ROW, LABELS, LOGITS, PIXELS = "row_index", "labels", "teacher_logits", "pixel_values"
 VIEWS, IMAGE = "views", "image"
+SOURCE, SOURCE_SHAPE = "source", "source_shape"
+MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS = "mix_partners", "mix_views", "mix_weights"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -82,6 +88,8 @@ def teacher_logits(
     view_splits: list[str] | None = None,
     view_scale: tuple[float, float] = (0.25, 1.0),
     view_seed: int = 0,
+    source_size: int | None = None,
+    mix_alpha: float = 0.0,
     overwrite: bool = False,
     num_workers: int | None = None,
     chunk_size: int = 512,
@@ -91,7 +99,10 @@ def teacher_logits(
 
     With views=K > 1, each image of the `view_splits` (default: train) gets K augmented views (random resized crop
     and flip, ViewRecipe), each stored as its five parameters with the teacher's logits on exactly that view; the
-    other splits keep the one clean view of the teacher's processor. Re-running with the same inputs is a no-op;
+    other splits keep the one clean view of the teacher's processor. The source image is stored beside the views,
+    its shorter side reduced to `source_size` (default 8/7 of the teacher's input, 256 for 224; 0 keeps it whole),
+    as raw pixels. mix_alpha > 0 mixes every view with a view of another image of the split (mixup, weight from
+    Beta(mix_alpha, mix_alpha) folded to >= 0.5) and stores the teacher's logits on the mixed image. Re-running with the same inputs is a no-op;
     a killed run resumes from its finished chunks.
     """
     processes = distributed(device)  # None on a plain run, which then goes exactly as it always has
@@ -132,10 +143,16 @@ def teacher_logits(
         mapping = align_labels(model.config.id2label, names, "teacher", by_index=match_labels_by_index)
         pipeline = ImagePipeline(processor)
         pixel_shape = tuple(pipeline.pixels([Image.new("RGB", (333, 257))]).shape[1:])
-        view_recipe = ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), scale=view_scale, seed=view_seed) if view_splits else None
+        if source_size is None:
+            source_size = round(max(pixel_shape[1:]) * 8 / 7)
+        if mix_alpha and not view_splits:
+            raise KdcacheError("--mix-alpha mixes augmented views: give --views K (K > 1) as well")
+        view_recipe = ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), scale=view_scale, seed=view_seed,
+                                 source_size=source_size or None, mix_alpha=mix_alpha) if view_splits else None
+        format_version = FORMAT_VERSION if view_recipe else CLEAN_FORMAT_VERSION
 
     recipe = {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "teacher_weights_sha256": weights_sha256(model),
         "teacher_class": type(model).__name__,
         "image_processor": json.loads(processor.to_json_string()),
@@ -186,7 +203,7 @@ def teacher_logits(
             cache = _assemble(work, splits)
             manifest = {
                 "format": "kdcache",
-                "format_version": FORMAT_VERSION,
+                "format_version": format_version,
                 "fingerprint": fingerprint,
                 "kdcache_version": kdcache.__version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -223,7 +240,11 @@ def teacher_logits(
                     "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": list(pixel_shape), "splits": "without views"},
                     "row_index": ROW,
                     "views": {"name": VIEWS, "dtype": "int32", "fields": ["x0", "y0", "x1", "y1", "flip"], "splits": "with views"},
-                    "image": {"name": IMAGE, "splits": "with views: the source image, to rebuild each view"},
+                    "source": {"name": SOURCE, "dtype": "binary", "shape_column": SOURCE_SHAPE,
+                               "splits": "with views: the source image's raw RGB bytes (height, width, 3), reduced to the "
+                                         "recipe's source_size, to rebuild each view"},
+                    "mix": {"partners": MIX_PARTNERS, "views": MIX_VIEWS, "weights": MIX_WEIGHTS,
+                            "splits": "with mixed views: the partner row, its view, and the weight of the row's own view"},
                 },
                 "views": recipe["views"],
                 "precision": precision,
@@ -323,11 +344,26 @@ class _Batches(torch.utils.data.Dataset):
             if self.view_recipe is None:
                 batch["pixels"] = self.pipeline.pixels(images)
                 return batch
-            views = np.stack([self.view_recipe.sample(*image.size, row, self.views) for image, row in zip(images, rows)])
+            recipe = self.view_recipe
+            images = [recipe.reduce(image) for image in images]
+            views = np.stack([recipe.sample(*image.size, row, self.views) for image, row in zip(images, rows)])
             batch["views"] = views
-            batch["pixels"] = np.stack([self.view_recipe.render(image, view) for image, row_views in zip(images, views)
+            batch["pixels"] = np.stack([recipe.render(image, view) for image, row_views in zip(images, views)
                                         for view in row_views])
-            batch["images"] = [image_bytes(value) for value in self.split[start:end][self.image_column]]
+            batch["sources"] = [raw_source(image) for image in images]
+            if recipe.mixed:
+                drawn = [recipe.sample_partners(row, len(self.split), self.views) for row in rows]
+                partners = np.stack([partner_rows for partner_rows, _ in drawn])
+                wanted = sorted(set(partners.ravel().tolist()))
+                partner_images = dict(zip(wanted, (recipe.reduce(image) for image in
+                                                   decode_images(self.split, self.image_column, wanted, self.split_name))))
+                mix_views = np.stack([[recipe.sample_partner_view(*partner_images[int(b)].size, row, k)
+                                       for k, b in enumerate(row_partners)] for row, row_partners in zip(rows, partners)])
+                batch["partner_pixels"] = np.stack([recipe.render(partner_images[int(b)], view)
+                                                    for row_partners, row_views in zip(partners, mix_views)
+                                                    for b, view in zip(row_partners, row_views)])
+                batch["mix_partners"], batch["mix_views"] = partners, mix_views
+                batch["mix_weights"] = np.stack([weights for _, weights in drawn])
             return batch
         except KdcacheError as error:  # carried to the main process as data: a worker's traceback is not a message
             return {"error": str(error)}
@@ -367,7 +403,12 @@ def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
         for batch in loader:
             if "error" in batch:
                 raise KdcacheError(batch["error"])
-            pixel_values = job.pipeline.normalize(torch.as_tensor(batch["pixels"])).to(job.device, non_blocking=True)
+            if "partner_pixels" in batch:  # mixed on CPU, by the same function that mixes the student's input
+                pixel_values = job.pipeline.mix(torch.as_tensor(batch["pixels"]), torch.as_tensor(batch["partner_pixels"]),
+                                                torch.as_tensor(batch["mix_weights"]).reshape(-1))
+            else:
+                pixel_values = job.pipeline.normalize(torch.as_tensor(batch["pixels"]))
+            pixel_values = pixel_values.to(job.device, non_blocking=True)
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), _autocast(job.device, job.precision):
                 logits = job.model(pixel_values=pixel_values).logits
@@ -401,7 +442,12 @@ def _features(job: _Job, pixel_shape):
     if job.views > 1:
         columns[LOGITS] = datasets.Array2D(shape=(job.views, len(job.names)), dtype="float32")
         columns[VIEWS] = datasets.Array2D(shape=(job.views, 5), dtype="int32")
-        columns[IMAGE] = datasets.Image()
+        columns[SOURCE] = datasets.Value("binary")
+        columns[SOURCE_SHAPE] = datasets.List(datasets.Value("int32"), length=3)
+        if job.view_recipe.mixed:
+            columns[MIX_PARTNERS] = datasets.List(datasets.Value("int32"), length=job.views)
+            columns[MIX_VIEWS] = datasets.Array2D(shape=(job.views, 5), dtype="int32")
+            columns[MIX_WEIGHTS] = datasets.List(datasets.Value("float32"), length=job.views)
     else:
         columns[LOGITS] = datasets.List(datasets.Value("float32"), length=len(job.names))
         columns[PIXELS] = datasets.Array3D(shape=tuple(pixel_shape), dtype="uint8")
@@ -417,7 +463,11 @@ def _write_chunk(path: Path, batches: list[dict], job: _Job) -> None:
     columns = {ROW: joined("rows"), LABELS: joined("labels"), LOGITS: joined("logits")}
     if job.views > 1:
         columns[VIEWS] = joined("views")
-        columns[IMAGE] = [image for batch in batches for image in batch["images"]]
+        columns[SOURCE] = [data for batch in batches for data, _ in batch["sources"]]
+        columns[SOURCE_SHAPE] = [shape for batch in batches for _, shape in batch["sources"]]
+        if job.view_recipe.mixed:
+            for key in (MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS):
+                columns[key] = joined(key)
     else:
         columns[PIXELS] = joined("pixels")
     table = datasets.Dataset.from_dict(columns, features=_features(job, batches[0]["pixels"].shape[1:]))

@@ -122,6 +122,8 @@ def teacher_logits_command(
     view_splits: Optional[str] = typer.Option(None, show_default="train", help="Comma-separated splits that get --views; the others keep one clean view."),
     view_scale: float = typer.Option(0.25, help="Smallest crop area of a view, as a fraction of the image (the largest is 1)."),
     view_seed: int = typer.Option(0, help="Seed of the views (a row's views depend on it and the row alone)."),
+    mix_alpha: float = typer.Option(0.0, help="Mix every view with a view of another image (mixup, weight ~ Beta(a, a) folded to >= 0.5) and store the teacher's logits on the mixed image: 'function matching'. 0 = no mixing; 1 = uniform weights."),
+    source_size: Optional[int] = typer.Option(None, show_default="8/7 of the teacher's input (256 for 224)", help="With --views: the shorter side the source image is reduced to once, stored as raw pixels that both stages render views from; 0 keeps it whole."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache made from other inputs."),
     num_workers: Optional[int] = typer.Option(None, show_default="1 on CPU (0 when a process has 1 core), up to 8 on CUDA", help="Processes decoding images ahead of the teacher (per process)."),
     chunk_size: int = typer.Option(512, help="Rows per resumable chunk."),
@@ -155,7 +157,7 @@ def teacher_logits_command(
         device=device, precision=precision, revision=revision, dataset_revision=dataset_revision,
         image_column=image_column, label_column=label_column, trust_remote_code=trust_remote_code,
         match_labels_by_index=match_labels_by_index, views=views, view_splits=_split_list(view_splits),
-        view_scale=(view_scale, 1.0), view_seed=view_seed, overwrite=overwrite, num_workers=num_workers,
+        view_scale=(view_scale, 1.0), view_seed=view_seed, mix_alpha=mix_alpha, source_size=source_size, overwrite=overwrite, num_workers=num_workers,
         chunk_size=chunk_size,
     )
     if is_main_process():
@@ -230,6 +232,8 @@ def train_student_command(
     online: bool = typer.Option(False, "--online", help="Reference mode: run the teacher on every batch, as the tutorial does (for tests and benchmarks)."),
     teacher: Optional[str] = typer.Option(None, show_default="the one recorded in the cache", help="With --online: the teacher."),
     student_only_augment: bool = typer.Option(False, "--student-only-augment", help="Baseline for experiments: random views for the student, paired with the teacher's logits of the clean view (inconsistent teaching)."),
+    student_size: Optional[int] = typer.Option(None, show_default="the teacher's input size", help="Train the student at S x S pixels: each view is the teacher's crop, resized to S (cheaper steps; saved with a processor that feeds S)."),
+    ema_decay: Optional[float] = typer.Option(None, show_default="no EMA", help="Keep an exponential moving average of the student's weights with this decay per step (e.g. 0.998); it is evaluated each epoch and saved as the student."),
     num_workers: Optional[int] = typer.Option(None, show_default="1 for caches with views, else 0", help="DataLoader worker processes."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16, fp16."),
@@ -262,7 +266,7 @@ def train_student_command(
         learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         scheduler=scheduler, seed=seed, eval_split=None if eval_split.lower() == "none" else eval_split,
         resume=resume, overwrite=overwrite, online=online, teacher=teacher, student_only_augment=student_only_augment,
-        num_workers=num_workers, device=device, precision=precision,
+        student_size=student_size, ema_decay=ema_decay, num_workers=num_workers, device=device, precision=precision,
         push_to_hub=push_to_hub, progress=True,
     )
 

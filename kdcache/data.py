@@ -136,7 +136,6 @@ class ImagePipeline:
         if getattr(processor, "do_normalize", False):
             values = processor.normalize(values.astype(np.float32), processor.image_mean, processor.image_std)
         self.lut = torch.from_numpy(np.ascontiguousarray(values[:, 0, :], dtype=np.float32))
-        self._channel = torch.arange(3).view(1, 3, 1, 1)
 
     def pixels(self, images: list) -> np.ndarray:
         """8-bit (batch, 3, H, W) pixels after the processor's resize and crop."""
@@ -154,7 +153,16 @@ class ImagePipeline:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """float32 model input from 8-bit pixels, identical to the processor's full output."""
-        return self.lut[self._channel, pixels.long()]
+        out = torch.empty(pixels.shape, dtype=torch.float32)
+        for channel in range(3):  # one 1-D gather per channel: twice as fast as one broadcast gather over all three
+            out[:, channel] = self.lut[channel][pixels[:, channel].long()]
+        return out
+
+    def mix(self, pixels: torch.Tensor, partner_pixels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """float32 model input of mixed views: weight * input(view) + (1 - weight) * input(partner's view).
+        Both stages call this on CPU, element by element, so the student's mixed input is the teacher's bit for bit."""
+        weights = weights.to(torch.float32).view(-1, 1, 1, 1)
+        return self.normalize(pixels) * weights + self.normalize(partner_pixels) * (1 - weights)
 
     def __call__(self, images: list) -> torch.Tensor:
         return self.normalize(torch.from_numpy(self.pixels(images)))
@@ -162,28 +170,58 @@ class ImagePipeline:
 
 class ViewRecipe:
     """Augmented views of an image for the teacher and the student alike: a random resized crop (the box sampled as
-    torchvision's RandomResizedCrop does) and a horizontal flip, resized to the teacher's input size.
+    torchvision's RandomResizedCrop does) and a horizontal flip, resized to the teacher's input size; optionally
+    mixed with a view of another image (mixup), the teacher then seeing the mixed image ("function matching",
+    Beyer et al., CVPR 2022).
 
     A view is fully described by five integers (x0, y0, x1, y1, flip), stored in the cache beside the teacher's
-    logits on it; `render` rebuilds the very same pixels from the image and those integers in stage two.
+    logits on it; `render` rebuilds the very same pixels from the image and those integers in stage two, at the
+    teacher's size or at the student's (the same box, so the student is taught on what the teacher saw). A mixed
+    view adds the partner row, the partner's view and the weight of the first image, all drawn from (seed, row).
     The views of a row depend on (seed, row) alone, not on batching, chunking or the number of processes.
+
+    source_size: the shorter side the source image is reduced to, once, in stage one (None: kept as it is). Boxes
+    are drawn on the reduced image, and both stages render from it, so teaching stays exact; rendering from raw
+    8-bit pixels of that size costs a fraction of decoding and resizing the original every epoch (BENCHMARKS.md).
     """
 
-    def __init__(self, size, resample, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, seed=0):
+    def __init__(self, size, resample, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, seed=0,
+                 source_size=None, mix_alpha=0.0):
         self.size = (int(size[0]), int(size[1]))  # (height, width)
         self.resample = int(resample)
         self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
         self.flip, self.seed = float(flip), int(seed)
+        self.source_size = int(source_size) if source_size else None
+        self.mix_alpha = float(mix_alpha)
         if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1] and 0 <= self.flip <= 1):
             raise KdcacheError(f"view settings out of range: scale {self.scale}, ratio {self.ratio}, flip {self.flip}")
+        if self.mix_alpha < 0 or (self.source_size is not None and self.source_size < 8):
+            raise KdcacheError(f"view settings out of range: mix alpha {self.mix_alpha} (>= 0), source size "
+                               f"{self.source_size} (at least 8, or 0 to keep the source as it is)")
+
+    @property
+    def mixed(self) -> bool:
+        return self.mix_alpha > 0
 
     def to_dict(self) -> dict:
-        return {"kind": "random-resized-crop+hflip", "size": list(self.size), "resample": self.resample,
-                "scale": list(self.scale), "ratio": list(self.ratio), "flip": self.flip, "seed": self.seed}
+        recipe = {"kind": "random-resized-crop+hflip", "size": list(self.size), "resample": self.resample,
+                  "scale": list(self.scale), "ratio": list(self.ratio), "flip": self.flip, "seed": self.seed}
+        if self.source_size or self.mixed:  # format 3's fields; a format 2 recipe reads back without them
+            recipe.update(source_size=self.source_size, mix_alpha=self.mix_alpha)
+        return recipe
 
     @classmethod
     def from_dict(cls, recipe: dict) -> "ViewRecipe":
-        return cls(recipe["size"], recipe["resample"], recipe["scale"], recipe["ratio"], recipe["flip"], recipe["seed"])
+        return cls(recipe["size"], recipe["resample"], recipe["scale"], recipe["ratio"], recipe["flip"], recipe["seed"],
+                   recipe.get("source_size"), recipe.get("mix_alpha", 0.0))
+
+    def reduce(self, image):
+        """The source image as both stages render from it: its shorter side brought down to source_size."""
+        if self.source_size is None or min(image.size) <= self.source_size:
+            return image
+        scale = self.source_size / min(image.size)
+        width, height = (max(1, round(side * scale)) for side in image.size)
+        return image.resize((width, height), self.resample)
 
     def sample(self, width: int, height: int, key, count: int) -> np.ndarray:
         """`count` views of a width x height image as an int32 (count, 5) array; `key` seeds them (e.g. the row)."""
@@ -207,23 +245,45 @@ class ViewRecipe:
             views[index] = (x0, y0, x0 + w, y0 + h, int(rng.random() < self.flip))
         return views
 
-    def render(self, image, view) -> np.ndarray:
-        """uint8 (3, H, W) pixels of one view of an RGB PIL image."""
+    # Keys of the mixing draws: longer than a row's own key (seed, row), so no stream is shared with it.
+    _MIX = 2**31
+
+    def sample_partners(self, row: int, rows: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """For `count` mixed views of `row` in a split of `rows`: the partner rows (never the row itself) and the
+        weight of the row's own view, from Beta(mix_alpha, mix_alpha) folded to >= 0.5 so each view stays mostly
+        its own image (as big_vision sorts its mixup weights)."""
+        rng = np.random.default_rng([self.seed, row, self._MIX])
+        partners = rng.integers(0, max(1, rows - 1), count)
+        partners = np.where(partners >= row, partners + 1, partners) if rows > 1 else np.zeros(count, dtype=np.int64)
+        weights = rng.beta(self.mix_alpha, self.mix_alpha, count).astype(np.float32)
+        return partners.astype(np.int32), np.maximum(weights, np.float32(1) - weights)
+
+    def sample_partner_view(self, width: int, height: int, row: int, index: int) -> np.ndarray:
+        """The view of the partner image in mixed view `index` of `row` (the partner is width x height)."""
+        return self.sample(width, height, (row, index, self._MIX), 1)[0]
+
+    def render(self, image, view, size=None) -> np.ndarray:
+        """uint8 (3, H, W) pixels of one view of an RGB PIL image, at `size` (height, width; default the teacher's)."""
         from PIL import Image
 
+        height, width = size or self.size
         x0, y0, x1, y1, flip = (int(v) for v in view)
-        pixels = image.resize((self.size[1], self.size[0]), self.resample, box=(x0, y0, x1, y1))
+        pixels = image.resize((width, height), self.resample, box=(x0, y0, x1, y1))
         if flip:
             pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.array(pixels, dtype=np.uint8).transpose(2, 0, 1)  # a copy: PIL's buffer is read-only
 
 
-def image_bytes(value) -> dict:
-    """An undecoded image cell with its bytes inline, so that a cache never depends on the source's files."""
-    if value.get("bytes") is None and value.get("path"):
-        with open(value["path"], "rb") as file:
-            return {"bytes": file.read(), "path": None}
-    return {"bytes": value["bytes"], "path": None}
+def raw_source(image) -> tuple[bytes, list[int]]:
+    """A reduced source image as stored in a format 3 view split: raw RGB bytes and their (height, width, 3)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return pixels.tobytes(), list(pixels.shape)
+
+
+def from_raw_source(data: bytes, shape):
+    from PIL import Image
+
+    return Image.fromarray(np.frombuffer(data, dtype=np.uint8).reshape(tuple(int(v) for v in shape)), "RGB")
 
 
 def load_image_processor(

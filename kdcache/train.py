@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kdcache import KdcacheError
-from kdcache.cache import IMAGE, LABELS, LOGITS, PIXELS, VIEWS, load_cache
+from kdcache.cache import IMAGE, LABELS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, PIXELS, SOURCE, SOURCE_SHAPE, VIEWS, load_cache
 from kdcache.defaults import TRAINING as DEFAULTS
-from kdcache.data import ImagePipeline, ViewRecipe, hub_error, load_image_dataset, undecoded
+from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, hub_error, load_image_dataset, undecoded
 from kdcache.loss import check_loss_settings, distillation_loss
 from kdcache.models import align_labels, count_parameters, load_classifier
 from kdcache.runtime import (
@@ -42,14 +43,30 @@ class DistillationTrainer(Trainer):
     def __init__(self, *args, temperature=5.0, alpha=0.5, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.temperature, self.alpha, self.teacher = temperature, alpha, teacher
+        self.loss_terms, self.loss_term_steps = {}, 0  # summed since the last log: what each term contributes
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher_logits = inputs.get("teacher_logits")
         if self.teacher is not None and self.alpha > 0:
             teacher_logits = self.teacher(inputs["pixel_values"])
         outputs = model(pixel_values=inputs["pixel_values"])
-        loss = distillation_loss(outputs.logits, inputs["labels"], teacher_logits, self.temperature, self.alpha)
+        loss, terms = distillation_loss(outputs.logits, inputs["labels"], teacher_logits, self.temperature, self.alpha,
+                                        return_terms=True)
+        if model.training:
+            for name, value in terms.items():
+                self.loss_terms[name] = self.loss_terms.get(name, 0.0) + value
+            self.loss_term_steps += 1
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        """Every training log line also gets the unweighted terms (loss_ce, loss_kl), averaged over its steps and
+        processes, beside the weighted total: which term dominates is the first question when distillation fails."""
+        if "loss" in logs and self.loss_term_steps:
+            for name, total in self.loss_terms.items():
+                mean = self.accelerator.reduce(torch.as_tensor(total, device=self.args.device) / self.loss_term_steps, "mean")
+                logs[f"loss_{name}"] = round(float(mean), 6)
+            self.loss_terms, self.loss_term_steps = {}, 0
+        super().log(logs, start_time)
 
 
 class OnlineTeacher(torch.nn.Module):
@@ -69,37 +86,77 @@ class OnlineTeacher(torch.nn.Module):
 
 
 class Collator:
-    """Rows of uint8 pixels (+ labels, + cached logits) to a batch; the per-pixel normalisation happens here, on
-    the whole batch at once, through the teacher processor's lookup table."""
+    """Rows of uint8 pixels (+ labels, + cached logits) to a batch in channels_last; the per-pixel normalisation
+    happens here, on the whole batch at once, through the teacher processor's lookup table.
 
-    def __init__(self, pipeline: ImagePipeline):
-        self.pipeline = pipeline
+    Pixels of another size than `student_size` (height, width) are resized to it first: the cache's clean views are
+    stored at the teacher's size, and a student trained at a lower resolution sees the same crop, smaller. Mixed
+    views (rows with a partner) become weight * view + (1 - weight) * partner, with labels mixed the same way.
+    """
+
+    def __init__(self, pipeline: ImagePipeline, student_size=None, num_classes=None):
+        self.pipeline, self.num_classes = pipeline, num_classes
+        self.student_size = tuple(student_size) if student_size else None
+        self.resample = int(getattr(pipeline.processor, "resample", 3))
+
+    def resized(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.student_size is None or tuple(pixels.shape[-2:]) == self.student_size:
+            return pixels
+        return torch.stack([torch.from_numpy(resize_pixels(image.numpy(), self.student_size, self.resample)) for image in pixels])
 
     def __call__(self, rows):
-        batch = {
-            "pixel_values": self.pipeline.normalize(torch.stack([torch.as_tensor(row[PIXELS]) for row in rows])),
-            "labels": torch.as_tensor([int(row[LABELS]) for row in rows]),
-        }
+        pixels = self.resized(stack_pixels(row[PIXELS] for row in rows))
+        labels = torch.as_tensor([int(row[LABELS]) for row in rows])
+        if MIX_WEIGHTS in rows[0]:
+            weights = torch.as_tensor([float(row[MIX_WEIGHTS]) for row in rows], dtype=torch.float32)
+            partner_pixels = self.resized(stack_pixels(row["partner_pixels"] for row in rows))
+            pixel_values = self.pipeline.mix(pixels, partner_pixels, weights)
+            partner_labels = torch.as_tensor([int(row["partner_labels"]) for row in rows])
+            labels = (weights[:, None] * F.one_hot(labels, self.num_classes)
+                      + (1 - weights[:, None]) * F.one_hot(partner_labels, self.num_classes))
+        else:
+            pixel_values = self.pipeline.normalize(pixels)
+        # channels_last: oneDNN's and cuDNN's faster convolutions for the student's forward and backward (BENCHMARKS.md)
+        batch = {"pixel_values": pixel_values.contiguous(memory_format=torch.channels_last), "labels": labels}
         if LOGITS in rows[0]:
             batch["teacher_logits"] = torch.stack([torch.as_tensor(row[LOGITS], dtype=torch.float32) for row in rows])
         return batch
 
 
+def stack_pixels(pixels) -> torch.Tensor:
+    """uint8 (batch, 3, H, W) from rows' pixels (numpy arrays read from the cache's memory map, or tensors)."""
+    return torch.from_numpy(np.stack([np.asarray(image, dtype=np.uint8) for image in pixels]))
+
+
+def resize_pixels(pixels: np.ndarray, size, resample: int) -> np.ndarray:
+    """uint8 (3, H, W) pixels resized to size (height, width) with PIL, as the image processors resize."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), "RGB")
+    return np.array(image.resize((size[1], size[0]), resample), dtype=np.uint8).transpose(2, 0, 1)
+
+
 class ViewRows(torch.utils.data.Dataset):
     """Training rows of a split cached with K views per image. Each epoch uses one view of each image, drawn so that
-    all K views come up once in every K epochs; the view is rebuilt from the image and its stored parameters and
-    paired with the teacher's logits on exactly that view.
+    all K views come up once in every K epochs; the view is rebuilt from the (reduced) source image and its stored
+    parameters, at the student's size, and paired with the teacher's logits on exactly that view. A mixed view
+    also rebuilds its partner's view (the collator mixes them).
 
     fresh=True is the inconsistent baseline: a new random view every epoch, paired with the logits the teacher gave
     the clean (unaugmented) view, which is what augmenting the student alone amounts to.
     """
 
-    def __init__(self, rows, recipe: ViewRecipe, seed: int, fresh: bool = False):
+    def __init__(self, rows, recipe: ViewRecipe, seed: int, fresh: bool = False, student_size=None):
         import datasets
 
-        self.rows = undecoded(rows, IMAGE)
+        self.raw = SOURCE in rows.column_names  # format 3: reduced raw pixels; format 2: the source image file
+        self.rows = rows if self.raw else undecoded(rows, IMAGE)
         self.recipe, self.seed, self.fresh, self.epoch = recipe, seed, fresh, 0
+        self.size = tuple(student_size) if student_size else recipe.size
         self.count = 1 if fresh else rows.features[VIEWS].shape[0]
+        self.mixed = MIX_WEIGHTS in rows.column_names
+        if self.mixed:  # partners are any rows of the split: read only what a partner needs
+            self.partner_rows = rows.select_columns([SOURCE, SOURCE_SHAPE, LABELS])
         self.decoder = datasets.Image()
 
     def __len__(self):
@@ -109,19 +166,34 @@ class ViewRows(torch.utils.data.Dataset):
         cycle, position = divmod(self.epoch, self.count)
         return int(np.random.default_rng([self.seed, row, cycle]).permutation(self.count)[position])
 
+    def source(self, batch, position):
+        if self.raw:
+            return from_raw_source(batch[SOURCE][position], batch[SOURCE_SHAPE][position])
+        return self.decoder.decode_example(batch[IMAGE][position]).convert("RGB")
+
     def __getitems__(self, indices):
         batch = self.rows[list(indices)]
+        chosen = [0 if self.fresh else self.view_index(row) for row in indices]
+        partners = {}
+        if self.mixed:
+            wanted = sorted({int(batch[MIX_PARTNERS][i][k]) for i, k in enumerate(chosen)})
+            partner_rows = self.partner_rows[wanted]
+            partners = {row: (self.source(partner_rows, i), partner_rows[LABELS][i]) for i, row in enumerate(wanted)}
         items = []
-        for position, row in enumerate(indices):
-            image = self.decoder.decode_example(batch[IMAGE][position]).convert("RGB")
+        for position, (row, k) in enumerate(zip(indices, chosen)):
+            image = self.source(batch, position)
             logits = batch[LOGITS][position]
             if self.fresh:
                 view = self.recipe.sample(*image.size, (row, self.epoch), 1)[0]
             else:
-                k = self.view_index(row)
                 view, logits = batch[VIEWS][position][k], logits[k]
-            items.append({PIXELS: torch.from_numpy(self.recipe.render(image, view)), LABELS: batch[LABELS][position],
-                          LOGITS: logits})
+            item = {PIXELS: torch.from_numpy(self.recipe.render(image, view, self.size)), LABELS: batch[LABELS][position],
+                    LOGITS: logits}
+            if self.mixed:
+                partner, partner_label = partners[int(batch[MIX_PARTNERS][position][k])]
+                item.update(partner_pixels=torch.from_numpy(self.recipe.render(partner, batch[MIX_VIEWS][position][k], self.size)),
+                            partner_labels=partner_label, **{MIX_WEIGHTS: batch[MIX_WEIGHTS][position][k]})
+            items.append(item)
         return items
 
     def __getitem__(self, index):
@@ -136,6 +208,72 @@ class SetEpoch(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.rows.epoch = int(math.floor((state.epoch or 0) + 1e-6))
+
+
+class StudentEMA(TrainerCallback):
+    """An exponential moving average of the student's weights, BatchNorm statistics included (PyTorch's
+    AveragedModel with get_ema_multi_avg_fn), updated after every optimiser step.
+
+    At each epoch's end the averaged weights are swapped into the model, so that the Trainer evaluates, checkpoints
+    and (with load_best_model_at_end) keeps the EMA; the training weights come back when the next epoch starts.
+    A checkpoint also holds the training weights and the average (kdcache_ema.pt), so --resume continues both.
+    """
+
+    FILE = "kdcache_ema.pt"
+
+    def __init__(self, decay: float):
+        self.decay, self.ema, self.training_weights = decay, None, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE
+        if state.global_step and saved.exists():  # resuming: the checkpoint's weights are the EMA's
+            kept = torch.load(saved, map_location="cpu", weights_only=True)
+            model.load_state_dict(kept["training"])
+            self.ema.load_state_dict(kept["ema"])
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.ema.update_parameters(model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self.swap_in(model)
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        if self.training_weights is not None:
+            model.load_state_dict(self.training_weights)
+            self.training_weights = None
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and folder.exists():
+            torch.save({"training": self.training_weights or model.state_dict(), "ema": self.ema.state_dict()}, folder / self.FILE)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not args.load_best_model_at_end:  # otherwise the best checkpoint, already an EMA, was loaded
+            self.swap_in(model)
+
+    def swap_in(self, model):
+        if self.training_weights is None:
+            self.training_weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
+            model.load_state_dict(self.ema.module.state_dict())
+
+
+def student_processor(processor, teacher_size, student_size):
+    """The teacher's image processor scaled to feed the student at its own size: every pixel size in `size` and
+    `crop_size` times student/teacher (a ViT's 224x224 becomes 128x128; a shortest edge 256, crop 224 becomes
+    146, 128), so a student trained at a lower resolution is saved with a processor that gives it what it saw."""
+    if student_size is None or tuple(student_size) == tuple(teacher_size):
+        return processor
+    factor = student_size[0] / teacher_size[0]
+    settings = processor.to_dict()
+    for key in ("size", "crop_size"):
+        if isinstance(settings.get(key), dict):
+            exact = {"height": student_size[0], "width": student_size[1]}
+            settings[key] = {name: exact.get(name, round(value * factor)) if isinstance(value, int) else value
+                             for name, value in settings[key].items() if value is not None}
+    return type(processor).from_dict(settings)
 
 
 def _online_rows(split, image_column, label_column, pipeline):
@@ -210,6 +348,8 @@ def train_student(
     online: bool = False,
     teacher: str | None = None,
     student_only_augment: bool = False,
+    student_size: int | None = None,
+    ema_decay: float | None = None,
     num_workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
@@ -222,7 +362,9 @@ def train_student(
     """Train a student from the cache at `cache` and save it (model, image processor, model card) to `output`.
 
     Returns a summary: output folder, best validation accuracy and its epoch, wall time, the per-epoch history.
-    `callbacks` are transformers TrainerCallbacks (or classes), passed to the Trainer as they are.
+    `student_size` S trains (and saves) the student at S x S pixels: each view is the same crop as the teacher's,
+    resized to S. `ema_decay` (e.g. 0.998) keeps an exponential moving average of the weights, evaluated each epoch
+    and saved as the student. `callbacks` are transformers TrainerCallbacks (or classes), passed to the Trainer as they are.
 
     Launched as several processes (accelerate launch, torchrun), it trains data-parallel: `batch_size` is the
     global batch, split evenly among the processes; only the main process writes the output. Every process returns
@@ -235,6 +377,10 @@ def train_student(
             raise KdcacheError("--epochs must be > 0")
         if learning_rate <= 0 or batch_size < 1:
             raise KdcacheError("--learning-rate must be > 0 and --batch-size at least 1")
+        if student_size is not None and student_size < 16:
+            raise KdcacheError(f"--student-size {student_size} is too small; give the student's input side in pixels (e.g. 128)")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise KdcacheError(f"--ema-decay {ema_decay} must be between 0 and 1 (e.g. 0.998); leave it out for no EMA")
         if processes and batch_size % processes.count:
             raise KdcacheError(f"--batch-size {batch_size} is the batch of all {processes.count} processes together; "
                                f"make it a multiple of {processes.count}")
@@ -266,7 +412,14 @@ def train_student(
         processor = AutoImageProcessor.from_pretrained(str(cache_path), backend="pil")
         pipeline = ImagePipeline(processor)
         pixel_shape = manifest["columns"]["pixel_values"]["shape"]
-        model = build_student(student, names, pixel_shape, seed)
+        size = (student_size, student_size) if student_size else tuple(pixel_shape[1:])
+        if online and size != tuple(pixel_shape[1:]):
+            raise KdcacheError(f"--online runs the teacher on the student's input, which must then be the teacher's "
+                               f"{pixel_shape[1]}x{pixel_shape[2]} pixels; leave out --student-size or train from the cache")
+        model = build_student(student, names, (3, *size), seed)
+        # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's .to(device)
+        # keeps the format, and the collator hands it channels_last batches
+        model = model.to(memory_format=torch.channels_last)
 
         data = manifest["dataset"]
         views = data["splits"][train_split].get("views", 1)
@@ -286,7 +439,8 @@ def train_student(
 
         online_teacher = None
         columns = [PIXELS, LABELS] + ([LOGITS] if alpha > 0 else [])
-        eval_rows = cached[eval_split].with_format("torch", columns=columns) if eval_split else None
+        # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
+        eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
         if online:
             teacher = teacher or manifest["teacher"]["name_or_path"]
             teacher_model = load_classifier(teacher, revision=manifest["teacher"].get("revision"),
@@ -297,7 +451,7 @@ def train_student(
                 for split in (train_split, eval_split)
             )
         elif views > 1:
-            train_rows = ViewRows(cached[train_split], ViewRecipe.from_dict(manifest["views"]["recipe"]), seed)
+            train_rows = ViewRows(cached[train_split], ViewRecipe.from_dict(manifest["views"]["recipe"]), seed, student_size=size)
         elif student_only_augment:
             import datasets
 
@@ -309,12 +463,15 @@ def train_student(
                 ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), seed=seed),
                 seed,
                 fresh=True,
+                student_size=size,
             )
         else:
-            train_rows = cached[train_split].with_format("torch", columns=columns)
+            train_rows = cached[train_split].with_format("numpy", columns=columns)
         callbacks = list(callbacks or [])
         if isinstance(train_rows, ViewRows):
             callbacks.append(SetEpoch(train_rows))
+        if ema_decay is not None:
+            callbacks.append(StudentEMA(ema_decay))
         if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
             num_workers = 1 if isinstance(train_rows, ViewRows) and cpus_per_process(processes) >= 2 else 0
 
@@ -362,7 +519,7 @@ def train_student(
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
-        data_collator=Collator(pipeline),
+        data_collator=Collator(pipeline, size, len(names)),
         compute_metrics=accuracy_metric if evaluating else None,
         temperature=temperature,
         alpha=alpha,
@@ -388,6 +545,8 @@ def train_student(
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
         "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "train_log": [{key: entry[key] for key in ("step", "loss", "loss_ce", "loss_kl") if key in entry}
+                      for entry in trainer.state.log_history if "loss" in entry],
         "history": [{"epoch": e["epoch"], "eval_accuracy": e["eval_accuracy"], "eval_loss": e["eval_loss"]} for e in history],
         "recipe": {
             "teacher": manifest["teacher"]["name_or_path"], "cache": str(cache_path), "cache_fingerprint": manifest["fingerprint"],
@@ -395,7 +554,8 @@ def train_student(
             "temperature": temperature, "alpha": alpha, "epochs": epochs, "max_steps": max_steps,
             "learning_rate": learning_rate, "batch_size": batch_size, "weight_decay": weight_decay,
             "warmup_ratio": warmup_ratio, "scheduler": scheduler, "seed": seed, "online": online,
-            "views": views, "student_only_augment": student_only_augment,
+            "views": views, "mixed_views": bool(manifest.get("views") and manifest["views"]["recipe"].get("mix_alpha")),
+            "student_only_augment": student_only_augment, "student_size": list(size), "ema_decay": ema_decay,
             "precision": "bf16" if bf16 else "fp16" if fp16 else "fp32", "device": str(torch_device),
             "processes": count,
         },
@@ -405,7 +565,7 @@ def train_student(
         shutil.rmtree(final, ignore_errors=True)
     trainer.save_model(str(final))  # on every process: under DDP the Trainer has the main one write
     if is_main(processes):
-        processor.save_pretrained(str(final))
+        student_processor(processor, pixel_shape[1:], size).save_pretrained(str(final))
         (final / "kdcache_training.json").write_text(json.dumps(summary, indent=2) + "\n")
         (final / "README.md").write_text(model_card(summary, manifest, names))
         if (work / "runs").exists():
@@ -461,6 +621,12 @@ def model_card(summary: dict, manifest: dict, names: list[str]) -> str:
         + (f" ({recipe['processes']} processes of {recipe['batch_size'] // recipe['processes']})" if recipe.get("processes", 1) > 1 else "")
         + f", weight decay {recipe['weight_decay']}, seed {recipe['seed']} |",
     ]
+    size = recipe.get("student_size")
+    if size:
+        views = recipe.get("views", 1)
+        lines.append(f"| input | {size[0]}x{size[1]} pixels"
+                     + (f"; {views} {'mixed ' if recipe.get('mixed_views') else ''}views per image, each the teacher's own" if views > 1 else "")
+                     + (f"; weights: EMA with decay {recipe['ema_decay']}" if recipe.get("ema_decay") else "") + " |")
     if accuracy is not None:
         lines.append(f"| {summary['eval_split']} accuracy | {accuracy:.4f} (best epoch {summary['best_epoch']:g}, the weights kept) |")
     lines += [

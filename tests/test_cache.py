@@ -46,7 +46,7 @@ def test_cache_columns_rows_and_manifest(tiny_cache, tiny_dataset):
         assert cache[split]["row_index"][:] == list(range(len(source[split])))
         assert cache[split].features[PIXELS].dtype == "uint8"
         assert manifest["dataset"]["splits"][split]["num_rows"] == len(source[split])
-    assert manifest["format_version"] == cache_module.FORMAT_VERSION
+    assert manifest["format_version"] == cache_module.CLEAN_FORMAT_VERSION  # a cache without views keeps format 2
     assert manifest["label_names"] == LABELS
     assert manifest["teacher_to_dataset"] == [0, 1, 2]
     assert len(manifest["teacher"]["weights_sha256"]) == 64
@@ -232,11 +232,11 @@ def view_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
 def test_view_replay_is_exact(view_cache, tiny_teacher):
     """Rebuilding a cached view from the image and its stored parameters, and running the teacher on it, gives
     the stored logits."""
-    from kdcache.data import ImagePipeline, ViewRecipe
+    from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source
 
     cache, manifest = load_cache(view_cache)
     train = cache["train"]
-    assert manifest["format_version"] == 2 and manifest["dataset"]["splits"]["train"]["views"] == 3
+    assert manifest["format_version"] == 3 and manifest["dataset"]["splits"]["train"]["views"] == 3
     assert train.features["teacher_logits"].shape == (3, 3) and train.features["views"].shape == (3, 5)
     assert PIXELS in cache["validation"].column_names and "views" not in cache["validation"].column_names
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
@@ -245,7 +245,7 @@ def test_view_replay_is_exact(view_cache, tiny_teacher):
     pipeline = ImagePipeline(processor)
     distinct = 0
     for row in (0, 5, 11, 23):
-        image = train[row]["image"].convert("RGB")
+        image = from_raw_source(train[row]["source"], train[row]["source_shape"])
         views = np.asarray(train[row]["views"])
         rendered = [recipe.render(image, view) for view in views]
         distinct += len({r.tobytes() for r in rendered})
@@ -277,4 +277,97 @@ def test_caches_of_format_version_1_still_load(tmp_path, tiny_cache):
     assert loaded["format_version"] == 1 and len(cache["train"]) == 24
     from kdcache.train import train_student
 
+    train_student(old, output=tmp_path / "student", max_steps=2, batch_size=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
+    output = tmp_path_factory.mktemp("mixed") / "cache"
+    return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, views=3, mix_alpha=1.0, batch_size=8,
+                          chunk_size=8, progress=False)
+
+
+def rebuild_mixed_views(train, recipe, row):
+    """A row's mixed views, rebuilt from the stored sources and parameters alone: uint8 views, partners' views, weights."""
+    from kdcache.data import from_raw_source
+
+    def source(index):
+        return from_raw_source(train[index]["source"], train[index]["source_shape"])
+
+    record = train[row]
+    own = np.stack([recipe.render(source(row), view) for view in record["views"]])
+    partners = np.stack([recipe.render(source(int(b)), view) for b, view in zip(record["mix_partners"], record["mix_views"])])
+    return torch.from_numpy(own), torch.from_numpy(partners), torch.tensor(record["mix_weights"])
+
+
+def test_mixed_view_replay_is_exact(mixed_cache, tiny_teacher):
+    """A mixed view rebuilt from the cache (both sources, both boxes, the weight) and run through the teacher gives
+    the stored logits."""
+    from kdcache.data import ImagePipeline, ViewRecipe
+
+    cache, manifest = load_cache(mixed_cache)
+    train = cache["train"]
+    assert manifest["format_version"] == 3 and manifest["views"]["recipe"]["mix_alpha"] == 1.0
+    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
+    pipeline = ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_teacher), backend="pil"))
+    model = AutoModelForImageClassification.from_pretrained(str(tiny_teacher)).eval()
+    for row in (0, 7, 13, 23):
+        own, partners, weights = rebuild_mixed_views(train, recipe, row)
+        assert (weights >= 0.5).all() and (weights < 1).all() and row not in train[row]["mix_partners"]
+        with torch.no_grad():
+            logits = model(pixel_values=pipeline.mix(own, partners, weights)).logits.numpy()
+            unmixed = model(pixel_values=pipeline.normalize(own)).logits.numpy()
+        stored = np.asarray(train[row][LOGITS])
+        assert np.abs(logits - stored).max() <= 1e-5
+        assert np.abs(unmixed - stored).max() > 1e-3, "the teacher saw the mixed image, not the view alone"
+
+
+def test_mixed_views_depend_on_seed_and_row_alone(tmp_path, mixed_cache, tiny_dataset, tiny_teacher):
+    other = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "other", views=3, mix_alpha=1.0,
+                           batch_size=5, chunk_size=16, splits=["train"], progress=False)
+    a = datasets.load_from_disk(str(mixed_cache))["train"].with_format("numpy")[:]
+    b = datasets.load_from_disk(str(other))["train"].with_format("numpy")[:]
+    for column in ("views", "mix_partners", "mix_views", "mix_weights", "source_shape"):
+        assert np.array_equal(a[column], b[column]), column
+    assert np.abs(a[LOGITS] - b[LOGITS]).max() <= 1e-5
+    reseeded = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "reseeded", views=3, mix_alpha=1.0,
+                              view_seed=1, splits=["train"], progress=False)
+    c = datasets.load_from_disk(str(reseeded))["train"].with_format("numpy")[:]
+    assert not np.array_equal(a["mix_partners"], c["mix_partners"])
+
+
+def test_mixing_needs_views(tmp_path, tiny_dataset, tiny_teacher):
+    with pytest.raises(KdcacheError, match="--mix-alpha mixes augmented views"):
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "x", mix_alpha=1.0, progress=False)
+
+
+def test_view_caches_of_format_version_2_still_load_and_train(tmp_path, view_cache):
+    """Format 2 kept each view split's source image as its file (an image column) instead of raw pixels."""
+    import io
+
+    from kdcache.data import ViewRecipe, from_raw_source
+    from kdcache.train import ViewRows, train_student
+
+    def as_png(row):
+        buffer = io.BytesIO()
+        from_raw_source(row["source"], row["source_shape"]).save(buffer, format="PNG")
+        return {"image": {"bytes": buffer.getvalue(), "path": None}}
+
+    old = tmp_path / "v2"
+    cache = datasets.load_from_disk(str(view_cache))
+    train = cache["train"].map(as_png, remove_columns=["source", "source_shape"],
+                               features=datasets.Features({**{k: v for k, v in cache["train"].features.items()
+                                                              if k not in ("source", "source_shape")}, "image": datasets.Image()}))
+    datasets.DatasetDict({**cache, "train": train}).save_to_disk(str(old))
+    manifest = json.loads((view_cache / MANIFEST).read_text())
+    manifest["format_version"] = 2
+    for key in ("source_size", "mix_alpha"):
+        manifest["views"]["recipe"].pop(key)
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    shutil.copy(view_cache / "preprocessor_config.json", old)
+    loaded, _ = load_cache(old)
+    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
+    new_rows, old_rows = ViewRows(load_cache(view_cache)[0]["train"], recipe, 0), ViewRows(loaded["train"], recipe, 0)
+    for new_item, old_item in zip(new_rows.__getitems__([0, 9]), old_rows.__getitems__([0, 9])):
+        assert torch.equal(new_item[PIXELS], old_item[PIXELS])
     train_student(old, output=tmp_path / "student", max_steps=2, batch_size=8, progress=False)

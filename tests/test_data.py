@@ -90,3 +90,47 @@ def test_bad_view_settings_are_refused():
         ViewRecipe((32, 32), 2, scale=(0.0, 1.0))
     with pytest.raises(KdcacheError, match="view settings"):
         ViewRecipe((32, 32), 2, scale=(0.5, 0.4))
+    with pytest.raises(KdcacheError, match="view settings"):
+        ViewRecipe((32, 32), 2, mix_alpha=-1.0)
+
+
+def test_mix_partners_and_weights_depend_on_seed_and_row_alone():
+    recipe = ViewRecipe((32, 32), 2, seed=3, mix_alpha=1.0)
+    partners, weights = recipe.sample_partners(row=4, rows=10, count=400)
+    assert partners.dtype == np.int32 and weights.dtype == np.float32 and partners.shape == weights.shape == (400,)
+    assert (partners != 4).all() and partners.min() == 0 and partners.max() == 9, "any other row, never itself"
+    assert (weights >= 0.5).all() and (weights <= 1.0).all() and 0.7 < weights.mean() < 0.8  # Beta(1,1) folded
+    again = recipe.sample_partners(row=4, rows=10, count=400)
+    assert np.array_equal(partners, again[0]) and np.array_equal(weights, again[1])
+    assert not np.array_equal(partners, recipe.sample_partners(row=5, rows=10, count=400)[0])
+    other_seed = ViewRecipe((32, 32), 2, seed=4, mix_alpha=1.0).sample_partners(row=4, rows=10, count=400)
+    assert not np.array_equal(partners, other_seed[0])
+    assert not np.array_equal(recipe.sample(50, 40, 4, 1)[0], recipe.sample_partner_view(50, 40, row=4, index=0)), \
+        "the partner's view is drawn apart from the row's own views"
+    assert np.array_equal(recipe.sample_partner_view(50, 40, 4, 2), recipe.sample_partner_view(50, 40, 4, 2))
+
+
+def test_sources_are_reduced_never_enlarged_and_round_trip_as_raw_pixels():
+    from kdcache.data import from_raw_source, raw_source
+
+    recipe = ViewRecipe((16, 16), Image.BICUBIC, source_size=20)
+    image = make_images(1, seed=0, size=(60, 40))[0][0]
+    reduced = recipe.reduce(image)
+    assert reduced.size == (30, 20) and np.array_equal(np.asarray(reduced), np.asarray(image.resize((30, 20), Image.BICUBIC)))
+    small = make_images(1, seed=1, size=(18, 30))[0][0]
+    assert recipe.reduce(small) is small
+    data, shape = raw_source(reduced)
+    assert shape == [20, 30, 3] and np.array_equal(np.asarray(from_raw_source(data, shape)), np.asarray(reduced))
+    assert ViewRecipe.from_dict(recipe.to_dict()).to_dict() == recipe.to_dict()
+    assert "mix_alpha" not in ViewRecipe((16, 16), 2).to_dict(), "a recipe without format 3's fields reads as format 2's"
+
+
+def test_mixed_input_is_the_weighted_sum_of_the_two_inputs():
+    pipeline = ImagePipeline(ViTImageProcessorPil(size={"height": 8, "width": 8}))
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=generator) for _ in range(2))
+    weights = torch.tensor([1.0, 0.5, 0.75, 0.6])
+    mixed = pipeline.mix(a, b, weights)
+    assert torch.equal(mixed[0], pipeline.normalize(a)[0])
+    expected = weights.view(-1, 1, 1, 1) * pipeline.normalize(a) + (1 - weights.view(-1, 1, 1, 1)) * pipeline.normalize(b)
+    assert torch.allclose(mixed, expected, atol=1e-6)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import make_dataset_dict
-from kdcache.cache import IMAGE, LABELS, LOGITS, MANIFEST, PIXELS, ROW, VIEWS, teacher_logits
+from kdcache.cache import LABELS, LOGITS, MANIFEST, PIXELS, ROW, SOURCE, VIEWS, teacher_logits
 
 REPO = Path(__file__).resolve().parents[1]
 # accelerate's torchrun-based launcher (--multi_gpu) also starts CPU processes; its --cpu one starts a single process
@@ -62,7 +62,7 @@ def assert_same_cache(a: Path, b: Path):
         assert np.array_equal(x[ROW], np.arange(len(x[ROW]))) and np.array_equal(x[ROW], y[ROW])
         assert np.array_equal(x[LABELS], y[LABELS])
         np.testing.assert_allclose(x[LOGITS], y[LOGITS], rtol=0, atol=1e-5)
-        for column in (PIXELS, VIEWS, IMAGE):
+        for column in (PIXELS, VIEWS, SOURCE):
             if column in x:
                 assert all(np.array_equal(p, q) for p, q in zip(x[column], y[column])), column
 

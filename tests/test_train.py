@@ -195,7 +195,7 @@ def view_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
 
 
 def test_view_rows_cover_every_view_once_per_cycle_and_replay_it(view_cache):
-    from kdcache.data import ViewRecipe
+    from kdcache.data import ViewRecipe, from_raw_source
     from kdcache.train import ViewRows
 
     cache, manifest = load_cache(view_cache)
@@ -209,7 +209,7 @@ def test_view_rows_cover_every_view_once_per_cycle_and_replay_it(view_cache):
         for row, item in enumerate(items):
             k = rows.view_index(row)
             used[row].append(k)
-            image = cache["train"][row]["image"].convert("RGB")
+            image = from_raw_source(cache["train"][row]["source"], cache["train"][row]["source_shape"])
             assert torch.equal(item["pixel_values"], torch.from_numpy(recipe.render(image, train[row]["views"][k])))
             assert np.allclose(item[LOGITS], train[row][LOGITS][k])
     for row, ks in used.items():
@@ -239,3 +239,145 @@ def test_student_only_augment_pairs_fresh_views_with_the_clean_logits(tiny_cache
     second = rows.__getitems__([0, 1])
     assert not torch.equal(first[0]["pixel_values"], second[0]["pixel_values"]), "a new view each epoch"
     assert first[0][LOGITS] == second[0][LOGITS] == cache["train"][0][LOGITS], "always the clean view's logits"
+
+
+def test_student_size_is_the_same_box_resized(tmp_path, view_cache, tiny_cache):
+    from PIL import Image
+
+    from kdcache.data import ViewRecipe, from_raw_source
+    from kdcache.train import ViewRows, resize_pixels
+
+    cache, manifest = load_cache(view_cache)
+    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
+    rows = ViewRows(cache["train"], recipe, seed=0, student_size=(20, 20))
+    train = cache["train"]
+    for row, item in zip((2, 17), rows.__getitems__([2, 17])):
+        view = train[row]["views"][rows.view_index(row)]
+        x0, y0, x1, y1, flip = view
+        source = from_raw_source(train[row]["source"], train[row]["source_shape"])
+        expected = np.asarray(source.resize((20, 20), recipe.resample, box=(x0, y0, x1, y1))).transpose(2, 0, 1)
+        assert torch.equal(item["pixel_values"], torch.from_numpy(expected[:, :, ::-1].copy() if flip else expected))
+    # a clean cached view (the teacher's 32 px) is resized whole to the student's size
+    clean, _ = load_cache(tiny_cache)
+    collate = Collator(ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_cache), backend="pil")), (20, 20), 3)
+    batch = collate(clean["validation"].with_format("torch", columns=["pixel_values", "labels"]).__getitems__([0, 1]))
+    stored = clean["validation"][0]["pixel_values"]
+    assert batch["pixel_values"].shape == (2, 3, 20, 20)
+    assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch["pixel_values"][0], collate.pipeline.normalize(
+        torch.from_numpy(resize_pixels(np.asarray(stored, dtype=np.uint8), (20, 20), collate.pipeline.processor.resample))[None])[0])
+    # trained and saved at that size: the saved processor feeds the student 20x20 pixels
+    train_student(view_cache, output=tmp_path / "small", max_steps=2, student_size=20, **FAST)
+    classifier = pipeline("image-classification", model=str(tmp_path / "small"))
+    assert classifier.image_processor(Image.new("RGB", (50, 40)), return_tensors="pt")["pixel_values"].shape[-2:] == (20, 20)
+    assert len(classifier(Image.new("RGB", (50, 40)))) == 3
+
+
+def test_ema_is_what_is_saved_and_both_load_as_pipelines(tmp_path, tiny_cache, monkeypatch):
+    from PIL import Image
+
+    from kdcache import train as train_module
+
+    kept = []
+
+    class Recorded(train_module.StudentEMA):
+        def __init__(self, decay):
+            super().__init__(decay)
+            kept.append(self)
+
+    monkeypatch.setattr(train_module, "StudentEMA", Recorded)
+    train_student(tiny_cache, output=tmp_path / "ema", epochs=2, ema_decay=0.5, eval_split=None, save_checkpoints=False, **FAST)
+    train_student(tiny_cache, output=tmp_path / "plain", epochs=2, eval_split=None, save_checkpoints=False, **FAST)
+    averaged = kept[0].ema.module.state_dict()
+    saved, plain = weights(tmp_path / "ema"), weights(tmp_path / "plain")
+    for name, value in saved.items():
+        assert torch.allclose(value.float(), averaged[name].float()), name
+    assert any(not torch.allclose(saved[name].float(), plain[name].float()) for name in saved), "the EMA is not the last step"
+    for folder in ("ema", "plain"):
+        assert len(pipeline("image-classification", model=str(tmp_path / folder))(Image.new("RGB", (40, 36)))) == 3
+    recorded = json.loads((tmp_path / "ema" / "kdcache_training.json").read_text())
+    assert recorded["recipe"]["ema_decay"] == 0.5 and "EMA with decay 0.5" in (tmp_path / "ema" / "README.md").read_text()
+
+
+def test_ema_with_evaluation_and_resume(tmp_path, tiny_cache, monkeypatch):
+    whole = train_student(tiny_cache, output=tmp_path / "whole", epochs=2, ema_decay=0.8, **FAST)
+    from kdcache import train as train_module
+
+    original = train_module.DistillationTrainer.__init__
+
+    def with_crash(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(StopAfterFirstSave)
+
+    monkeypatch.setattr(train_module.DistillationTrainer, "__init__", with_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, ema_decay=0.8, **FAST)
+    monkeypatch.setattr(train_module.DistillationTrainer, "__init__", original)
+    resumed = train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, ema_decay=0.8, resume=True, **FAST)
+    assert resumed["train_losses"][-3:] == whole["train_losses"][-3:], "training resumed from the training weights"
+    assert [e["eval_accuracy"] for e in resumed["history"]] == [e["eval_accuracy"] for e in whole["history"]]
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert all(torch.allclose(a[name].float(), b[name].float(), atol=1e-6) for name in a)
+
+
+def test_loss_terms_are_logged_beside_the_total(tmp_path, tiny_cache):
+    summary = train_student(tiny_cache, output=tmp_path / "s", max_steps=3, alpha=0.3, temperature=2.0, **FAST)
+    logs = summary["train_log"]
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(0.7 * entry["loss_ce"] + 0.3 * 4.0 * entry["loss_kl"], rel=1e-4)
+    scratch = train_student(tiny_cache, output=tmp_path / "scratch", max_steps=2, alpha=0.0, **FAST)
+    assert all("loss_kl" not in entry and entry["loss"] == pytest.approx(entry["loss_ce"], rel=1e-5) for entry in scratch["train_log"])
+    events = list((tmp_path / "s" / "runs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"train/loss_ce", "train/loss_kl", "train/loss"} <= set(tags)
+
+
+@pytest.fixture(scope="module")
+def mixed_train_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
+    from kdcache.cache import teacher_logits
+
+    output = tmp_path_factory.mktemp("train-mixed") / "cache"
+    return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, views=2, mix_alpha=1.0, batch_size=8, progress=False)
+
+
+def test_mixed_rows_rebuild_the_teachers_input_and_mix_the_labels(mixed_train_cache, tiny_teacher):
+    from kdcache.data import ViewRecipe
+    from kdcache.train import ViewRows
+
+    cache, manifest = load_cache(mixed_train_cache)
+    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
+    rows = ViewRows(cache["train"], recipe, seed=1)
+    collate = Collator(ImagePipeline(AutoImageProcessor.from_pretrained(str(mixed_train_cache), backend="pil")), None, 3)
+    teacher_model = load_classifier(str(tiny_teacher))
+    teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, LABELS))
+    for epoch in (0, 1):
+        rows.epoch = epoch
+        items = rows.__getitems__(list(range(8)))
+        batch = collate(items)
+        assert (batch["teacher_logits"] - teacher(batch["pixel_values"])).abs().max() <= 1e-5, "the teacher's own input"
+        for item, labels in zip(items, batch["labels"]):
+            expected = torch.zeros(3)
+            expected[int(item["labels"])] += float(item["mix_weights"])
+            expected[int(item["partner_labels"])] += 1 - float(item["mix_weights"])
+            assert torch.allclose(labels, expected)
+
+
+def test_training_on_mixed_views_with_and_without_labels(tmp_path, mixed_train_cache):
+    for alpha in (1.0, 0.5):
+        summary = train_student(mixed_train_cache, output=tmp_path / f"a{alpha}", epochs=1, alpha=alpha, **FAST)
+        assert summary["recipe"]["mixed_views"] is True and np.isfinite(summary["train_losses"]).all()
+
+
+def test_same_seed_same_machine_same_student(tmp_path, view_cache):
+    runs = [train_student(view_cache, output=tmp_path / f"run{i}", max_steps=4, student_size=24, **FAST) for i in range(2)]
+    assert runs[0]["train_losses"] == runs[1]["train_losses"]
+    a, b = weights(tmp_path / "run0"), weights(tmp_path / "run1")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_online_needs_the_teachers_input_size(tmp_path, tiny_cache):
+    with pytest.raises(KdcacheError, match="--online runs the teacher on the student's input"):
+        train_student(tiny_cache, output=tmp_path / "x", max_steps=1, online=True, student_size=24, **FAST)
