@@ -4,10 +4,14 @@
   (b) the student distilled from the cache,
   (c) the student distilled online, the teacher run on every batch (the tutorial's way),
   (d) with --views-cache: the student distilled from a cache of K augmented views (each step rebuilds its views
-      from the stored JPEG bytes and crop boxes, in DataLoader workers),
-  floor: the student's pure compute, forward + backward + AdamW step on in-memory tensors, no Trainer, no data.
+      from the stored source pixels and crop boxes, mixed ones with their partner's, in DataLoader workers),
+  floor: the fastest way to train that student here: forward + backward + AdamW step in channels_last on
+      in-memory tensors, no Trainer, no data.
 
-    python benchmarks/train_student.py --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans
+    python benchmarks/train_student.py --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans \
+        --views-cache data/quality/caches/mixed16 --student-size 128
+
+With --student-size S every figure is at S x S pixels (the floor too); without it, at the teacher's input size.
 
 (a), (b) and (c) run through `kdcache.train_student` (Trainer, the same code as the CLI) for --steps steps without
 evaluation or checkpoints; a callback times each step, and the first --warmup steps are not counted. Rounds
@@ -29,7 +33,7 @@ from kdcache.cache import LOGITS, PIXELS, load_cache, teacher_logits
 from kdcache.data import ImagePipeline
 from kdcache.loss import distillation_loss
 from kdcache.runtime import tune_malloc
-from kdcache.train import build_student, train_student
+from kdcache.train import Collator, build_student, train_student
 
 
 class StepTimer(TrainerCallback):
@@ -47,16 +51,16 @@ def trainer_seconds_per_step(cache, work, warmup, steps, batch_size, **options):
     return (timer.times[-1] - timer.times[warmup - 1]) / steps
 
 
-def floor_seconds_per_step(cache, manifest, warmup, steps, batch_size):
-    """forward + backward + AdamW step of the same student on batches already in memory, as float tensors."""
+def floor_seconds_per_step(cache, manifest, warmup, steps, batch_size, student_size):
+    """forward + backward + AdamW step of the same student, in channels_last, on batches already in memory."""
     cached, _ = load_cache(cache, verify=False)
-    pipeline = ImagePipeline(AutoImageProcessor.from_pretrained(str(cache), backend="pil"))
-    rows = cached["train"].with_format("torch")[: batch_size * 4]
-    batches = [
-        (pipeline.normalize(rows[PIXELS][i : i + batch_size]), rows["labels"][i : i + batch_size], rows[LOGITS][i : i + batch_size])
-        for i in range(0, batch_size * 4, batch_size)
-    ]
-    model = build_student(None, manifest["label_names"], manifest["columns"]["pixel_values"]["shape"], seed=42).train()
+    size = (student_size, student_size) if student_size else None
+    collate = Collator(ImagePipeline(AutoImageProcessor.from_pretrained(str(cache), backend="pil")), size)
+    rows = cached["train"].with_format("numpy", columns=[PIXELS, "labels", LOGITS])
+    batches = [collate(rows.__getitems__(list(range(i, i + batch_size)))) for i in range(0, batch_size * 4, batch_size)]
+    batches = [(batch["pixel_values"], batch["labels"], batch["teacher_logits"]) for batch in batches]
+    shape = batches[0][0].shape[1:]
+    model = build_student(None, manifest["label_names"], shape, seed=42).train().to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     times = []
     for step in range(warmup + steps):
@@ -79,6 +83,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--views-cache", default=None, help="a cache written with --views K, timed as (d)")
+    parser.add_argument("--student-size", type=int, default=None, help="train (and measure the floor) at S x S pixels")
     args = parser.parse_args()
     tune_malloc()
     work = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
@@ -87,17 +92,20 @@ def main():
     steps_per_epoch = math.ceil(len(cached["train"]) / args.batch_size)
     print(f"teacher {manifest['teacher']['name_or_path']}, train split {len(cached['train'])} rows = "
           f"{steps_per_epoch} steps of {args.batch_size}; {args.steps} timed steps after {args.warmup}, "
-          f"{args.rounds} rounds; torch threads {torch.get_num_threads()}")
+          f"{args.rounds} rounds; torch threads {torch.get_num_threads()}; student input "
+          f"{args.student_size or manifest['columns']['pixel_values']['shape'][-1]} px")
+    size = {"student_size": args.student_size}
 
-    figures = {"a": [], "b": [], "c": [], "floor": []} | ({"d": []} if args.views_cache else {})
+    figures = {"a": [], "b": []} | ({} if args.student_size else {"c": []}) | {"floor": []} | ({"d": []} if args.views_cache else {})
     for round_index in range(args.rounds):
-        figures["a"].append(trainer_seconds_per_step(cache, work / "a", args.warmup, args.steps, args.batch_size, alpha=0.0))
-        figures["b"].append(trainer_seconds_per_step(cache, work / "b", args.warmup, args.steps, args.batch_size))
-        figures["c"].append(trainer_seconds_per_step(cache, work / "c", args.warmup, args.steps, args.batch_size,
-                                                     online=True, teacher=args.teacher))
+        figures["a"].append(trainer_seconds_per_step(cache, work / "a", args.warmup, args.steps, args.batch_size, alpha=0.0, **size))
+        figures["b"].append(trainer_seconds_per_step(cache, work / "b", args.warmup, args.steps, args.batch_size, **size))
+        if not args.student_size:  # the online teacher needs its own input size
+            figures["c"].append(trainer_seconds_per_step(cache, work / "c", args.warmup, args.steps, args.batch_size,
+                                                         online=True, teacher=args.teacher))
         if args.views_cache:
-            figures["d"].append(trainer_seconds_per_step(args.views_cache, work / "d", args.warmup, args.steps, args.batch_size))
-        figures["floor"].append(floor_seconds_per_step(cache, manifest, args.warmup, args.steps, args.batch_size))
+            figures["d"].append(trainer_seconds_per_step(args.views_cache, work / "d", args.warmup, args.steps, args.batch_size, **size))
+        figures["floor"].append(floor_seconds_per_step(cache, manifest, args.warmup, args.steps, args.batch_size, args.student_size))
         print(f"round {round_index + 1}: s/epoch " + "  ".join(f"({key}) {values[-1] * steps_per_epoch:.1f}" for key, values in figures.items()))
 
     def median_ratio(x, y):
@@ -105,8 +113,8 @@ def main():
 
     medians = {key: statistics.median(values) * steps_per_epoch for key, values in figures.items()}
     print("median s/epoch: " + "  ".join(f"({key}) {value:.1f}" for key, value in medians.items()))
-    print(f"ratios: (b)/floor {median_ratio('b', 'floor'):.3f}  (b)/(a) {median_ratio('b', 'a'):.3f}  "
-          f"(c)/(b) {median_ratio('c', 'b'):.2f}"
+    print(f"ratios: (b)/floor {median_ratio('b', 'floor'):.3f}  (b)/(a) {median_ratio('b', 'a'):.3f}"
+          + (f"  (c)/(b) {median_ratio('c', 'b'):.2f}" if "c" in figures else "")
           + (f"  (d)/floor {median_ratio('d', 'floor'):.3f}  (d)/(b) {median_ratio('d', 'b'):.3f}" if args.views_cache else ""))
 
 
