@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from kdcache import KdcacheError
 from kdcache.cache import IMAGE, LABELS, LOGITS, PIXELS, VIEWS, load_cache
 from kdcache.defaults import TRAINING as DEFAULTS
 from kdcache.data import ImagePipeline, ViewRecipe, hub_error, load_image_dataset, undecoded
+from kdcache.devices import OneDeviceArguments, resolve_cuda, training_precision
 from kdcache.loss import check_loss_settings, distillation_loss
 from kdcache.models import align_labels, count_parameters, load_classifier
 from kdcache.runtime import (
@@ -229,6 +230,7 @@ def train_student(
     the summary, the same on all (the Trainer gathers losses and metrics) except for its own wall time.
     """
     processes = distributed(device)  # None on a plain run, which then goes exactly as it always has
+    count = processes.count if processes else 1
     with agreed(processes):  # every process checks the same inputs; an error is printed once
         check_loss_settings(temperature, alpha)
         if epochs <= 0 and max_steps <= 0:
@@ -239,9 +241,10 @@ def train_student(
             raise KdcacheError(f"--batch-size {batch_size} is the batch of all {processes.count} processes together; "
                                f"make it a multiple of {processes.count}")
         tune_malloc()
-        torch_device = pick_device(device)
+        torch_device = resolve_cuda(pick_device(device))
         if processes and torch_device.type == "cuda":
             torch_device = processes.device  # one GPU per process (the online teacher goes there too)
+        precision = training_precision(precision, torch_device)
         cache_path = Path(cache)
         cached, manifest = load_cache(cache_path)
         names = manifest["label_names"]
@@ -317,18 +320,13 @@ def train_student(
             callbacks.append(SetEpoch(train_rows))
         if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
             num_workers = 1 if isinstance(train_rows, ViewRows) and cpus_per_process(processes) >= 2 else 0
-
-        bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda" and torch.cuda.is_bf16_supported())
-        fp16 = precision == "fp16"
-        if (bf16 or fp16) and torch_device.type != "cuda":
-            raise KdcacheError(f"--precision {precision} needs a CUDA device (bf16 on CPU is several times slower); use fp32")
     checkpoint = resume and any(work.glob("checkpoint-*"))  # after the main process has cleared what it had to
     import importlib.util
 
-    count = processes.count if processes else 1
     evaluating = eval_rows is not None
-    args = TrainingArguments(
+    args = OneDeviceArguments(
         output_dir=str(work),
+        kdcache_device=str(torch_device),
         # Under DDP the Trainer gives each process its share of every batch (and averages the gradients), so the
         # optimiser steps, the learning rate and the loss are those of one process at the same --batch-size.
         per_device_train_batch_size=batch_size // count,
@@ -351,8 +349,8 @@ def train_student(
         remove_unused_columns=False,
         dataloader_num_workers=num_workers,
         use_cpu=torch_device.type == "cpu",
-        bf16=bf16,
-        fp16=fp16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         disable_tqdm=not progress,
         push_to_hub=push_to_hub is not None,
         hub_model_id=push_to_hub,
@@ -393,11 +391,11 @@ def train_student(
             "teacher": manifest["teacher"]["name_or_path"], "cache": str(cache_path), "cache_fingerprint": manifest["fingerprint"],
             "student": student or "MobileNetV2Config() from scratch", "student_parameters": count_parameters(model),
             "temperature": temperature, "alpha": alpha, "epochs": epochs, "max_steps": max_steps,
-            "learning_rate": learning_rate, "batch_size": batch_size, "weight_decay": weight_decay,
+            # the batch and processes as the Trainer ran them (one device per process: kdcache.devices)
+            "learning_rate": learning_rate, "batch_size": args.train_batch_size * args.world_size, "weight_decay": weight_decay,
             "warmup_ratio": warmup_ratio, "scheduler": scheduler, "seed": seed, "online": online,
             "views": views, "student_only_augment": student_only_augment,
-            "precision": "bf16" if bf16 else "fp16" if fp16 else "fp32", "device": str(torch_device),
-            "processes": count,
+            "precision": precision, "device": str(args.device), "processes": args.world_size,
         },
     }
     final = work / "final"
