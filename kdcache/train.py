@@ -20,6 +20,7 @@ from kdcache.cache import IMAGE, LABELS, LOGITS, PIXELS, VIEWS, load_cache
 from kdcache.defaults import TRAINING as DEFAULTS
 from kdcache.data import ImagePipeline, ViewRecipe, hub_error, load_image_dataset, undecoded
 from kdcache.devices import OneDeviceArguments, resolve_cuda, training_precision
+from kdcache.hub import push_folder
 from kdcache.loss import distillation_loss
 from kdcache.models import align_labels, count_parameters, load_classifier, weights_sha256
 from kdcache.options import check_resumable, check_training_options, record_options, run_options
@@ -359,8 +360,7 @@ def train_student(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         disable_tqdm=not progress,
-        push_to_hub=push_to_hub is not None,
-        hub_model_id=push_to_hub,
+        push_to_hub=False,  # kdcache pushes the finished student folder itself, once (kdcache.hub)
     )
     trainer = DistillationTrainer(
         model=model,
@@ -412,16 +412,19 @@ def train_student(
     if is_main(processes):
         processor.save_pretrained(str(final))
         (final / "kdcache_training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (final / "README.md").write_text(model_card(summary, manifest, names))
+        (final / "README.md").write_text(model_card(summary, manifest, names, push_to_hub))
         if (work / "runs").exists():
             shutil.move(str(work / "runs"), str(final / "runs"))
-    if push_to_hub:
-        trainer.push_to_hub()  # on every process: the main one pushes
     if is_main(processes):
         move_into_place(final, output)
         shutil.rmtree(work, ignore_errors=True)
         if progress:
             print(summary_line(summary))
+    with agreed(processes):  # a failed push is said once, and every process exits with it
+        if push_to_hub and is_main(processes):
+            url = push_folder(output, push_to_hub)
+            if progress:
+                print(f"pushed to {url}")
     if processes:
         processes.wait()  # the others return once the student is in place
     return summary
@@ -451,7 +454,7 @@ def summary_line(summary: dict) -> str:
     return f"{quality}; {summary['seconds']:.0f} s; student saved to {summary['output']}"
 
 
-def model_card(summary: dict, manifest: dict, names: list[str]) -> str:
+def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None = None) -> str:
     recipe = summary["recipe"]
     accuracy = summary["best_eval_accuracy"]
     lines = [
@@ -487,7 +490,7 @@ def model_card(summary: dict, manifest: dict, names: list[str]) -> str:
         "",
         "```python",
         "from transformers import pipeline",
-        f'classifier = pipeline("image-classification", model="{summary["output"]}")',
+        f'classifier = pipeline("image-classification", model="{repo or summary["output"]}")',
         "```",
         "",
     ]
