@@ -31,7 +31,7 @@ def test_push_uploads_the_finished_student_folder_once(tmp_path, tiny_cache, mon
     FakeHub.calls = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     output = tmp_path / "student"
-    train_student(tiny_cache, output=output, epochs=2, push_to_hub="me/beans-student", **FAST)
+    train_student(tiny_cache, output=output, epochs=1, push_to_hub="me/beans-student", **FAST)
     assert [call[0] for call in FakeHub.calls] == ["create_repo", "upload_folder"], "one upload, after training"
     assert FakeHub.calls[0] == ("create_repo", "me/beans-student", True)
     _, repo, folder, path_in_repo, files, partial_left = FakeHub.calls[1]
