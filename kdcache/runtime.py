@@ -57,6 +57,10 @@ def pick_device(device: str = "auto"):
         raise KdcacheError(f"--device '{device}' is not a device name; use auto, cpu, cuda, cuda:1 or mps") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise KdcacheError(f"--device '{device}' asked for CUDA but no CUDA GPU is available; use --device cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise KdcacheError(f"--device '{device}': this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+                           f"(cuda:0 to cuda:{count - 1}); pick one of them")
     return chosen
 
 

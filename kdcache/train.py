@@ -14,14 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from kdcache import KdcacheError
 from kdcache.cache import IMAGE, LABELS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, PIXELS, SOURCE, SOURCE_SHAPE, VIEWS, load_cache
 from kdcache.defaults import TRAINING as DEFAULTS
 from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, hub_error, load_image_dataset, undecoded
-from kdcache.loss import check_loss_settings, distillation_loss
-from kdcache.models import align_labels, count_parameters, load_classifier
+from kdcache.devices import OneDeviceArguments, resolve_cuda, training_precision
+from kdcache.hub import push_folder
+from kdcache.loss import distillation_loss
+from kdcache.models import align_labels, count_parameters, load_classifier, weights_sha256
+from kdcache.options import check_resumable, check_training_options, record_options, run_options
 from kdcache.runtime import (
     agreed,
     check_writable_parent,
@@ -370,24 +373,22 @@ def train_student(
     global batch, split evenly among the processes; only the main process writes the output. Every process returns
     the summary, the same on all (the Trainer gathers losses and metrics) except for its own wall time.
     """
+    arguments = dict(locals())  # the options as given: --resume compares them with the interrupted run's
     processes = distributed(device)  # None on a plain run, which then goes exactly as it always has
+    count = processes.count if processes else 1
     with agreed(processes):  # every process checks the same inputs; an error is printed once
-        check_loss_settings(temperature, alpha)
-        if epochs <= 0 and max_steps <= 0:
-            raise KdcacheError("--epochs must be > 0")
-        if learning_rate <= 0 or batch_size < 1:
-            raise KdcacheError("--learning-rate must be > 0 and --batch-size at least 1")
-        if student_size is not None and student_size < 16:
-            raise KdcacheError(f"--student-size {student_size} is too small; give the student's input side in pixels (e.g. 128)")
-        if ema_decay is not None and not 0 < ema_decay < 1:
-            raise KdcacheError(f"--ema-decay {ema_decay} must be between 0 and 1 (e.g. 0.998); leave it out for no EMA")
-        if processes and batch_size % processes.count:
-            raise KdcacheError(f"--batch-size {batch_size} is the batch of all {processes.count} processes together; "
-                               f"make it a multiple of {processes.count}")
+        check_training_options(
+            temperature=temperature, alpha=alpha, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
+            batch_size=batch_size, processes=count, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+            scheduler=scheduler, seed=seed, num_workers=num_workers, logging_steps=logging_steps, precision=precision,
+            online=online, teacher=teacher, student_only_augment=student_only_augment, resume=resume,
+            save_checkpoints=save_checkpoints, push_to_hub=push_to_hub, student_size=student_size, ema_decay=ema_decay,
+        )
         tune_malloc()
-        torch_device = pick_device(device)
+        torch_device = resolve_cuda(pick_device(device))
         if processes and torch_device.type == "cuda":
             torch_device = processes.device  # one GPU per process (the online teacher goes there too)
+        precision = training_precision(precision, torch_device)
         cache_path = Path(cache)
         cached, manifest = load_cache(cache_path)
         names = manifest["label_names"]
@@ -396,6 +397,7 @@ def train_student(
                 raise KdcacheError(f"{flag} '{split}' is not in cache '{cache_path}' (splits: {', '.join(cached)})")
         output = Path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{'online' if online else 'distilled' if alpha > 0 else 'scratch'}"
         work = output.with_name(output.name + ".partial")
+        options = run_options(arguments, cache_fingerprint=manifest["fingerprint"], precision=precision)
         if is_main(processes):  # the main process alone decides about the output, and clears it
             if output.exists() and not overwrite:
                 raise KdcacheError(f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output")
@@ -406,6 +408,8 @@ def train_student(
                         f"'{work}' holds an interrupted training run; pass --resume to continue it or --overwrite to start over"
                     )
                 shutil.rmtree(work)
+            if resume:
+                check_resumable(work, options)
 
         from transformers import AutoImageProcessor
 
@@ -438,13 +442,15 @@ def train_student(
             return rows
 
         online_teacher = None
+        teacher_run = manifest["teacher"]["name_or_path"]  # the teacher whose outputs the student learns from
         columns = [PIXELS, LABELS] + ([LOGITS] if alpha > 0 else [])
         # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
         eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
         if online:
-            teacher = teacher or manifest["teacher"]["name_or_path"]
-            teacher_model = load_classifier(teacher, revision=manifest["teacher"].get("revision"),
+            teacher_run = teacher or teacher_run
+            teacher_model = load_classifier(teacher_run, revision=None if teacher else manifest["teacher"].get("revision"),
                                             trust_remote_code=manifest["teacher"].get("trust_remote_code", False))
+            check_same_teacher(teacher_model, teacher, manifest, cache_path)
             online_teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, names)).to(torch_device)
             train_rows, eval_rows = (
                 _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
@@ -474,18 +480,14 @@ def train_student(
             callbacks.append(StudentEMA(ema_decay))
         if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
             num_workers = 1 if isinstance(train_rows, ViewRows) and cpus_per_process(processes) >= 2 else 0
-
-        bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda" and torch.cuda.is_bf16_supported())
-        fp16 = precision == "fp16"
-        if (bf16 or fp16) and torch_device.type != "cuda":
-            raise KdcacheError(f"--precision {precision} needs a CUDA device (bf16 on CPU is several times slower); use fp32")
-    checkpoint = resume and any(work.glob("checkpoint-*"))  # after the main process has cleared what it had to
+        if is_main(processes) and not resume:  # once every check has passed: a refused run leaves no work folder
+            record_options(work, options)
     import importlib.util
 
-    count = processes.count if processes else 1
     evaluating = eval_rows is not None
-    args = TrainingArguments(
+    args = OneDeviceArguments(
         output_dir=str(work),
+        kdcache_device=str(torch_device),
         # Under DDP the Trainer gives each process its share of every batch (and averages the gradients), so the
         # optimiser steps, the learning rate and the loss are those of one process at the same --batch-size.
         per_device_train_batch_size=batch_size // count,
@@ -508,11 +510,10 @@ def train_student(
         remove_unused_columns=False,
         dataloader_num_workers=num_workers,
         use_cpu=torch_device.type == "cpu",
-        bf16=bf16,
-        fp16=fp16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         disable_tqdm=not progress,
-        push_to_hub=push_to_hub is not None,
-        hub_model_id=push_to_hub,
+        push_to_hub=False,  # kdcache pushes the finished student folder itself, once (kdcache.hub)
     )
     trainer = DistillationTrainer(
         model=model,
@@ -531,7 +532,7 @@ def train_student(
 
         trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if checkpoint else None)
+    trainer.train(resume_from_checkpoint=True if resume else None)  # check_resumable found a checkpoint
     seconds = time.perf_counter() - started
 
     history = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
@@ -549,15 +550,15 @@ def train_student(
                       for entry in trainer.state.log_history if "loss" in entry],
         "history": [{"epoch": e["epoch"], "eval_accuracy": e["eval_accuracy"], "eval_loss": e["eval_loss"]} for e in history],
         "recipe": {
-            "teacher": manifest["teacher"]["name_or_path"], "cache": str(cache_path), "cache_fingerprint": manifest["fingerprint"],
+            "teacher": teacher_run, "cache": str(cache_path), "cache_fingerprint": manifest["fingerprint"],
             "student": student or "MobileNetV2Config() from scratch", "student_parameters": count_parameters(model),
             "temperature": temperature, "alpha": alpha, "epochs": epochs, "max_steps": max_steps,
-            "learning_rate": learning_rate, "batch_size": batch_size, "weight_decay": weight_decay,
+            # the batch and processes as the Trainer ran them (one device per process: kdcache.devices)
+            "learning_rate": learning_rate, "batch_size": args.train_batch_size * args.world_size, "weight_decay": weight_decay,
             "warmup_ratio": warmup_ratio, "scheduler": scheduler, "seed": seed, "online": online,
             "views": views, "mixed_views": bool(manifest.get("views") and manifest["views"]["recipe"].get("mix_alpha")),
             "student_only_augment": student_only_augment, "student_size": list(size), "ema_decay": ema_decay,
-            "precision": "bf16" if bf16 else "fp16" if fp16 else "fp32", "device": str(torch_device),
-            "processes": count,
+            "precision": precision, "device": str(args.device), "processes": args.world_size,
         },
     }
     final = work / "final"
@@ -567,19 +568,37 @@ def train_student(
     if is_main(processes):
         student_processor(processor, pixel_shape[1:], size).save_pretrained(str(final))
         (final / "kdcache_training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (final / "README.md").write_text(model_card(summary, manifest, names))
+        (final / "README.md").write_text(model_card(summary, manifest, names, push_to_hub))
         if (work / "runs").exists():
             shutil.move(str(work / "runs"), str(final / "runs"))
-    if push_to_hub:
-        trainer.push_to_hub()  # on every process: the main one pushes
     if is_main(processes):
         move_into_place(final, output)
         shutil.rmtree(work, ignore_errors=True)
         if progress:
             print(summary_line(summary))
+    with agreed(processes):  # a failed push is said once, and every process exits with it
+        if push_to_hub and is_main(processes):
+            url = push_folder(output, push_to_hub)
+            if progress:
+                print(f"pushed to {url}")
     if processes:
         processes.wait()  # the others return once the student is in place
     return summary
+
+
+def check_same_teacher(model, teacher: str | None, manifest: dict, cache_path: Path) -> None:
+    """--online runs a teacher instead of reading the cache: it must be the teacher that made the cache, or the
+    cache's pixels, labels and recipe would be paired with another model's outputs under the cache's name."""
+    expected, found = manifest["teacher"]["weights_sha256"], weights_sha256(model)
+    if found == expected:
+        return
+    if teacher:
+        raise KdcacheError(f"--teacher '{teacher}' is not the teacher that made cache '{cache_path}' (weights sha256 "
+                           f"{found[:16]}..., the cache's {expected[:16]}...); leave out --teacher to run the cache's "
+                           "teacher, or make a cache with this one (kdcache teacher-logits --teacher ...)")
+    raise KdcacheError(f"the cache's teacher '{manifest['teacher']['name_or_path']}' no longer has the weights that made "
+                       f"cache '{cache_path}' (weights sha256 {found[:16]}..., the cache's {expected[:16]}...); pass "
+                       "the teacher that made it with --teacher, or make the cache again")
 
 
 def summary_line(summary: dict) -> str:
@@ -591,7 +610,7 @@ def summary_line(summary: dict) -> str:
     return f"{quality}; {summary['seconds']:.0f} s; student saved to {summary['output']}"
 
 
-def model_card(summary: dict, manifest: dict, names: list[str]) -> str:
+def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None = None) -> str:
     recipe = summary["recipe"]
     accuracy = summary["best_eval_accuracy"]
     lines = [
@@ -633,7 +652,7 @@ def model_card(summary: dict, manifest: dict, names: list[str]) -> str:
         "",
         "```python",
         "from transformers import pipeline",
-        f'classifier = pipeline("image-classification", model="{summary["output"]}")',
+        f'classifier = pipeline("image-classification", model="{repo or summary["output"]}")',
         "```",
         "",
     ]

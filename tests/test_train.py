@@ -177,7 +177,7 @@ def test_bad_options_and_existing_output(tmp_path, tiny_cache):
         (dict(temperature=0), "temperature must be > 0"),
         (dict(alpha=2), r"alpha \(lambda\) must be in \[0, 1\]"),
         (dict(eval_split="nope"), "--eval-split 'nope' is not in cache"),
-        (dict(learning_rate=0), "--learning-rate must be > 0"),
+        (dict(learning_rate=0), "--learning-rate 0 must be > 0"),
     ]:
         with pytest.raises(KdcacheError, match=message):
             train_student(tiny_cache, output=tmp_path / "s", max_steps=1, **{**FAST, **options})

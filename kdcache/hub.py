@@ -1,0 +1,28 @@
+"""--push-to-hub: upload the finished student folder, as it is on disk, to a hub repository.
+
+The Trainer's own push uploads its work folder (checkpoints' parent, with the Trainer's model card and no image
+processor) at every save; kdcache uploads once, the folder that `pipeline()` loads, after it is in place.
+"""
+
+from pathlib import Path
+
+from kdcache import KdcacheError
+from kdcache.data import first_line
+
+
+def push_folder(folder: Path, repo: str) -> str:
+    """Create `repo` if needed and upload `folder` to its root; returns the repository's URL. A failure is one line
+    that says where the student is and how to push it later: the local folder is complete either way."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        url = api.create_repo(repo, exist_ok=True)
+        repo_id = getattr(url, "repo_id", None) or repo  # NAME alone is created under the logged-in account
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload student trained by kdcache")
+    except Exception as error:  # no login, no network, no rights: huggingface_hub raises many kinds
+        raise KdcacheError(
+            f"could not push to hub repository '{repo}' ({type(error).__name__}: {first_line(error)}); the student is "
+            f"saved at '{folder}': push it later with 'hf auth login' then 'hf upload {repo} {folder} .'"
+        ) from None
+    return str(url)
