@@ -278,3 +278,16 @@ def test_caches_of_format_version_1_still_load(tmp_path, tiny_cache):
     from kdcache.train import train_student
 
     train_student(old, output=tmp_path / "student", max_steps=2, batch_size=8, progress=False)
+
+
+def test_an_empty_split_saved_with_save_to_disk_is_named(tmp_path, tiny_teacher):
+    source = make_dataset_dict({"train": 6, "validation": 3, "test": 3})
+    source["test"] = source["test"].select([])
+    source.save_to_disk(str(tmp_path / "with-empty-test"))
+    with pytest.raises(KdcacheError) as refused:
+        teacher_logits(str(tmp_path / "with-empty-test"), str(tiny_teacher), output=tmp_path / "o", progress=False)
+    assert str(refused.value) == (f"split 'test' of dataset '{tmp_path / 'with-empty-test'}' is empty; "
+                                  "leave it out with --splits")
+    out = teacher_logits(str(tmp_path / "with-empty-test"), str(tiny_teacher), output=tmp_path / "o",
+                         splits=["train", "validation"], progress=False)
+    assert json.loads((out / MANIFEST).read_text())["dataset"]["splits"]["validation"]["num_rows"] == 3

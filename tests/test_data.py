@@ -90,3 +90,14 @@ def test_bad_view_settings_are_refused():
         ViewRecipe((32, 32), 2, scale=(0.0, 1.0))
     with pytest.raises(KdcacheError, match="view settings"):
         ViewRecipe((32, 32), 2, scale=(0.5, 0.4))
+
+
+def test_an_empty_split_saved_with_save_to_disk_loads_empty(tmp_path):
+    source = make_dataset_dict({"train": 4, "test": 2})
+    source["test"] = source["test"].select([])
+    source.save_to_disk(str(tmp_path / "saved"))
+    loaded = load_image_dataset(str(tmp_path / "saved"))  # datasets.load_from_disk raises IndexError on this folder
+    assert sorted(loaded) == ["test", "train"] and len(loaded["train"]) == 4 and len(loaded["test"]) == 0
+    assert loaded["test"].features == source["test"].features
+    source["test"].save_to_disk(str(tmp_path / "one-empty"))
+    assert len(load_image_dataset(str(tmp_path / "one-empty"))["train"]) == 0
