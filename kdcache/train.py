@@ -21,6 +21,14 @@ from kdcache.defaults import TRAINING as DEFAULTS
 from kdcache.data import ImagePipeline, ViewRecipe, hub_error, load_image_dataset, undecoded
 from kdcache.loss import check_loss_settings, distillation_loss
 from kdcache.models import align_labels, count_parameters, load_classifier
+from kdcache.outputs import (
+    check_free_space,
+    guards_output,
+    lock_output,
+    report_disk_full,
+    training_bytes,
+    unfinished_checkpoints,
+)
 from kdcache.runtime import (
     agreed,
     check_writable_parent,
@@ -189,6 +197,7 @@ def accuracy_metric(prediction):
     return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
+@guards_output
 def train_student(
     cache: str | Path,
     output: str | Path | None = None,
@@ -251,6 +260,7 @@ def train_student(
         output = Path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{'online' if online else 'distilled' if alpha > 0 else 'scratch'}"
         work = output.with_name(output.name + ".partial")
         if is_main(processes):  # the main process alone decides about the output, and clears it
+            lock_output(output)  # held until this function returns: a second run on this output is refused
             if output.exists() and not overwrite:
                 raise KdcacheError(f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output")
             check_writable_parent(output, "--output")
@@ -267,6 +277,11 @@ def train_student(
         pipeline = ImagePipeline(processor)
         pixel_shape = manifest["columns"]["pixel_values"]["shape"]
         model = build_student(student, names, pixel_shape, seed)
+        space = training_bytes(model, checkpoints=2 if save_checkpoints else 0)  # save_total_limit below
+        if is_main(processes):
+            check_free_space(output, space, "its checkpoints and the student", work)
+        report_disk_full(work, space, then="run the same command with --resume to continue from the last checkpoint",
+                         scratch=lambda: [work / "final", *unfinished_checkpoints(work)] if is_main(processes) else [])
 
         data = manifest["dataset"]
         views = data["splits"][train_split].get("views", 1)
