@@ -23,7 +23,8 @@ from kdcache import KdcacheError
 from kdcache.runtime import check_writable_parent
 
 LOCK_SUFFIX = ".lock"
-# Datasets' own files beside each saved folder's Arrow data (dataset_info.json, state.json, schema and footer).
+# What datasets writes into each saved folder besides the rows (dataset_info.json, state.json, the Arrow schema and
+# footer), each file taking whole disk blocks.
 SAVED_FOLDER_BYTES = 16 * 1024
 # torch's zip writer reports a full disk without an errno ("PytorchStreamWriter failed writing file ..."): such an
 # error counts as a full disk when the file system is left with less than this.
