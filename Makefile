@@ -22,4 +22,4 @@ test: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) data/demo
+	rm -rf $(VENV) data/demo data/demo.lock

@@ -40,6 +40,7 @@ from kdcache.data import (
     undecoded,
 )
 from kdcache.models import align_labels, load_classifier, weights_sha256
+from kdcache.outputs import check_free_space, guards_output, lock_output, report_disk_full, stage_one_bytes
 from kdcache.runtime import (
     agreed,
     check_writable_parent,
@@ -47,6 +48,7 @@ from kdcache.runtime import (
     distributed,
     is_main,
     move_into_place,
+    output_path,
     pick_device,
     slug,
     tune_malloc,
@@ -70,6 +72,7 @@ def default_cache_path(dataset: str, teacher: str) -> Path:
     return Path("data") / f"{slug(dataset)}--{slug(teacher)}"
 
 
+@guards_output
 def teacher_logits(
     dataset: str = "beans",
     teacher: str = "merve/beans-vit-224",
@@ -117,7 +120,9 @@ def teacher_logits(
             torch_device = processes.device  # one GPU per process
         if precision != "fp32" and torch_device.type != "cuda":
             raise KdcacheError(f"--precision {precision} needs a CUDA device (on CPU it is slower than fp32); use fp32")
-        output = Path(output) if output is not None else default_cache_path(dataset, teacher)
+        output = output_path(output) if output is not None else default_cache_path(dataset, teacher)
+        if is_main(processes):
+            lock_output(output)  # held until this function returns: a second run on this output is refused
 
         dataset_dict = load_image_dataset(dataset, revision=dataset_revision)
         splits = list(dataset_dict) if not splits else list(splits)
@@ -169,9 +174,12 @@ def teacher_logits(
     # The main process alone looks at the output and the partial work, and decides; the others follow its plan.
     work = output.with_name(output.name + ".partial")
     plan = None
+    space = stage_one_bytes(dataset_dict, splits, image_column, pixel_shape, len(names), views, view_splits, chunk_size)
     with agreed(processes):
         if is_main(processes):
             plan = _plan_work(output, work, fingerprint, overwrite, chunk_size, {name: len(dataset_dict[name]) for name in splits})
+            if plan is not None:  # before the teacher runs
+                check_free_space(output, space, "the chunks and then the assembled cache", work)
     if processes:
         plan = processes.share(plan)
     if plan is None:
@@ -187,6 +195,10 @@ def teacher_logits(
     # Chunks are independent and named by index, so any process can write any chunk: process r takes every
     # count-th of the chunks still to do (all splits in a row, so that small splits do not all land on process 0).
     mine = plan["todo"][processes.index :: processes.count] if processes else plan["todo"]
+    # A full disk keeps the finished chunks; only this process's half-written ones (and the main one's half-assembled
+    # copy) are removed.
+    report_disk_full(work, space, scratch=lambda: [work / name / f"{_chunk_name(k)}.tmp" for name, k in mine]
+                     + ([work / "cache"] if is_main(processes) else []))
     started = time.perf_counter()
     timings = {}
     with _quiet_datasets():

@@ -274,7 +274,7 @@ def train_student_command(
 @app.command("demo")
 @friendly
 def demo_command(
-    output: Path = typer.Option(Path("data/demo"), help="Folder for the demo's dataset, models, cache and report (replaced)."),
+    output: Path = typer.Option(Path("data/demo"), help="Folder for the demo's dataset, models, cache and report: a new or empty folder, or one an earlier demo wrote (replaced)."),
     quick: bool = typer.Option(False, "--quick", help="A reduced run that still exercises every stage (about a minute; used by CI)."),
     seed: int = typer.Option(0, help="Seed for the teacher and the students."),
 ):

@@ -1,6 +1,7 @@
 """Datasets in, model inputs out: loading from the hub or a local path, finding the columns, and the
 teacher's preprocessing split into an 8-bit geometric part (cached once) and a per-pixel part (a lookup table)."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ def load_image_dataset(name_or_path: str, revision: str | None = None):
     path = Path(name_or_path).expanduser()
     try:
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            loaded = datasets.load_from_disk(str(path))
+            loaded = _load_from_disk(path)
         elif path.is_dir():
             loaded = datasets.load_dataset(str(path))
         elif path.exists():
@@ -50,6 +51,33 @@ def load_image_dataset(name_or_path: str, revision: str | None = None):
     if not isinstance(loaded, datasets.DatasetDict):
         raise KdcacheError(f"--dataset '{name_or_path}' did not load as a dataset with splits")
     return loaded
+
+
+def _load_from_disk(path: Path):
+    """`datasets.load_from_disk`, except that a split saved with no rows loads as an empty split.
+
+    save_to_disk writes an empty split as no data file at all, and load_from_disk then fails on the whole folder with
+    an IndexError that names nothing; loaded empty, the split is named by the checks of the stage that uses it, and the
+    other splits stay usable.
+    """
+    import datasets
+
+    def empty(folder: Path) -> bool:
+        state = folder / "state.json"
+        return state.exists() and json.loads(state.read_text()).get("_data_files") == []
+
+    def load(folder: Path):
+        if not empty(folder):
+            return datasets.load_from_disk(str(folder))
+        info = datasets.DatasetInfo.from_directory(str(folder))
+        return datasets.Dataset.from_dict({name: [] for name in info.features}, features=info.features, info=info)
+
+    if not (path / "dataset_dict.json").exists():
+        return load(path)
+    names = json.loads((path / "dataset_dict.json").read_text())["splits"]
+    if not any(empty(path / name) for name in names):
+        return datasets.load_from_disk(str(path))
+    return datasets.DatasetDict({name: load(path / name) for name in names})
 
 
 def first_line(error: BaseException) -> str:

@@ -20,7 +20,7 @@ from kdcache import KdcacheError
 from kdcache.cache import LABELS, LOGITS, load_cache
 from kdcache.data import decode_images, find_columns, label_names, load_image_dataset, load_image_processor, undecoded
 from kdcache.models import align_labels, count_parameters, load_classifier
-from kdcache.runtime import check_writable_parent, move_into_place, pick_device, slug, tune_malloc
+from kdcache.runtime import check_writable_parent, move_into_place, output_path, pick_device, slug, tune_malloc
 
 METRICS, CONFUSION_PNG, COMPARISON_PNG = "metrics.json", "confusion_matrix.png", "comparison.png"
 WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")  # not training_args.bin, which Trainer saves beside them
@@ -122,7 +122,7 @@ def evaluate_models(
     # Every model's labels and image processor are checked before any is run: a mistake in the third model
     # should not cost the time of the first two.
     prepared = [_prepare(name, names, match_labels_by_index) for name in models]
-    output = Path(output) if output is not None else default_output(models, split)
+    output = output_path(output) if output is not None else default_output(models, split)
     _check_output(output)
     short_names = _unique([slug(name) for name in models])
     folders = short_names if len(models) > 1 else [""]  # several models: one subfolder each

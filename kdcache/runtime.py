@@ -75,6 +75,17 @@ def check_writable_parent(path: Path, what: str) -> None:
         raise KdcacheError(f"{what} '{path}' is in a folder that is not writable ({parent}); choose another --output")
 
 
+def output_path(output, flag: str = "--output") -> Path:
+    """The output folder of a stage, refused when it is the current folder or one of its parents: a stage replaces
+    its output by renaming a finished folder onto it, and must never swap out the folder it runs in."""
+    path = Path(output).expanduser()
+    resolved = path.resolve()
+    if path.name in ("", ".", "..") or resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise KdcacheError(f"{flag} '{output}' is the current folder or one of its parents; name a folder of its own "
+                           f"(e.g. {flag} data/NAME)")
+    return path
+
+
 def move_into_place(finished: Path, destination: Path) -> None:
     """Rename a completed folder onto its final name; an existing destination is swapped out, then removed."""
     old = destination.with_name(destination.name + ".old")

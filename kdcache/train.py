@@ -25,6 +25,14 @@ from kdcache.hub import push_folder
 from kdcache.loss import distillation_loss
 from kdcache.models import align_labels, count_parameters, load_classifier, weights_sha256
 from kdcache.options import check_resumable, check_training_options, record_options, run_options
+from kdcache.outputs import (
+    check_free_space,
+    guards_output,
+    lock_output,
+    report_disk_full,
+    training_bytes,
+    unfinished_checkpoints,
+)
 from kdcache.runtime import (
     agreed,
     check_writable_parent,
@@ -32,6 +40,7 @@ from kdcache.runtime import (
     distributed,
     is_main,
     move_into_place,
+    output_path,
     pick_device,
     slug,
     tune_malloc,
@@ -330,6 +339,7 @@ def accuracy_metric(prediction):
     return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
+@guards_output
 def train_student(
     cache: str | Path,
     output: str | Path | None = None,
@@ -395,10 +405,11 @@ def train_student(
         for split, flag in ((train_split, "--train-split"), (eval_split, "--eval-split")):
             if split is not None and split not in cached:
                 raise KdcacheError(f"{flag} '{split}' is not in cache '{cache_path}' (splits: {', '.join(cached)})")
-        output = Path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{'online' if online else 'distilled' if alpha > 0 else 'scratch'}"
+        output = output_path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{'online' if online else 'distilled' if alpha > 0 else 'scratch'}"
         work = output.with_name(output.name + ".partial")
         options = run_options(arguments, cache_fingerprint=manifest["fingerprint"], precision=precision)
         if is_main(processes):  # the main process alone decides about the output, and clears it
+            lock_output(output)  # held until this function returns: a second run on this output is refused
             if output.exists() and not overwrite:
                 raise KdcacheError(f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output")
             check_writable_parent(output, "--output")
@@ -424,6 +435,11 @@ def train_student(
         # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's .to(device)
         # keeps the format, and the collator hands it channels_last batches
         model = model.to(memory_format=torch.channels_last)
+        space = training_bytes(model, checkpoints=2 if save_checkpoints else 0)  # save_total_limit below
+        if is_main(processes):
+            check_free_space(output, space, "its checkpoints and the student", work)
+        report_disk_full(work, space, then="run the same command with --resume to continue from the last checkpoint",
+                         scratch=lambda: [work / "final", *unfinished_checkpoints(work)] if is_main(processes) else [])
 
         data = manifest["dataset"]
         views = data["splits"][train_split].get("views", 1)

@@ -1,4 +1,6 @@
+import errno
 import json
+import re
 import shutil
 
 import datasets
@@ -371,3 +373,179 @@ def test_view_caches_of_format_version_2_still_load_and_train(tmp_path, view_cac
     for new_item, old_item in zip(new_rows.__getitems__([0, 9]), old_rows.__getitems__([0, 9])):
         assert torch.equal(new_item[PIXELS], old_item[PIXELS])
     train_student(old, output=tmp_path / "student", max_steps=2, batch_size=8, progress=False)
+def test_an_empty_split_saved_with_save_to_disk_is_named(tmp_path, tiny_teacher):
+    source = make_dataset_dict({"train": 6, "validation": 3, "test": 3})
+    source["test"] = source["test"].select([])
+    source.save_to_disk(str(tmp_path / "with-empty-test"))
+    with pytest.raises(KdcacheError) as refused:
+        teacher_logits(str(tmp_path / "with-empty-test"), str(tiny_teacher), output=tmp_path / "o", progress=False)
+    assert str(refused.value) == (f"split 'test' of dataset '{tmp_path / 'with-empty-test'}' is empty; "
+                                  "leave it out with --splits")
+    out = teacher_logits(str(tmp_path / "with-empty-test"), str(tiny_teacher), output=tmp_path / "o",
+                         splits=["train", "validation"], progress=False)
+    assert json.loads((out / MANIFEST).read_text())["dataset"]["splits"]["validation"]["num_rows"] == 3
+
+
+# Stage one in another process, stopped after its first chunk (holding the output's lock, with a DataLoader worker
+# forked) until the file named by its last argument appears.
+PAUSED_RUN = """
+import sys, time
+from pathlib import Path
+from kdcache import cache
+dataset, teacher, output, go = sys.argv[1:5]
+real_write = cache._write_chunk
+written = []
+def write_then_wait(path, *args):
+    real_write(path, *args)
+    written.append(path)
+    if len(written) == 1:
+        print("paused", flush=True)
+        while not Path(go).exists():
+            time.sleep(0.05)
+cache._write_chunk = write_then_wait
+cache.teacher_logits(dataset, teacher, output=output, batch_size=8, chunk_size=8, num_workers=1, progress=False)
+print("done", flush=True)
+"""
+
+
+def start_paused_run(dataset, teacher, output, go):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    # as many torch threads as this process, which made the reference: the logits are then the same bit for bit
+    environment = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    run = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(dataset), str(teacher), str(output), str(go)],
+                           env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = run.stdout.readline().strip()
+    if line != "paused":
+        run.kill()
+        raise AssertionError(f"the first run did not start: {line} {run.stderr.read()[-2000:]}")
+    return run
+
+
+def assert_same_cache(path, reference):
+    a, b = (json.loads((folder / MANIFEST).read_text()) for folder in (path, reference))
+    assert a["fingerprint"] == b["fingerprint"]
+    assert a["dataset"]["splits"] == b["dataset"]["splits"]  # row counts and logits checksums
+    load_cache(path)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path, tiny_dataset, tiny_teacher, tiny_cache):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    output = tmp_path / "cache"
+    first = start_paused_run(tiny_dataset, tiny_teacher, output, tmp_path / "go")
+    try:
+        second = CliRunner().invoke(app, ["teacher-logits", "--dataset", str(tiny_dataset), "--teacher", str(tiny_teacher),
+                                          "--output", str(output), "--batch-size", "8", "--chunk-size", "8"])
+        assert second.exit_code == 1
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert second.stderr.startswith(f"kdcache: error: --output '{output}' is being written by another kdcache run "
+                                        f"(pid {first.pid} on ")
+        assert str(tmp_path / "cache.lock") in second.stderr
+        (tmp_path / "go").touch()
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and out.strip() == "done" and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "cache.partial").exists()
+    assert_same_cache(output, tiny_cache)
+
+
+def test_a_run_killed_while_it_holds_the_lock_does_not_block_the_next(tmp_path, tiny_dataset, tiny_teacher, tiny_cache,
+                                                                       monkeypatch):
+    import os
+    import signal
+
+    output = tmp_path / "cache"
+    first = start_paused_run(tiny_dataset, tiny_teacher, output, tmp_path / "never")
+    os.kill(first.pid, signal.SIGKILL)  # its DataLoader worker outlives it for a few seconds
+    first.communicate(timeout=60)
+    real_write = cache_module._write_chunk
+    recomputed = []
+    monkeypatch.setattr(cache_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args)))
+    teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, batch_size=8, chunk_size=8, progress=False)
+    assert len(recomputed) == 3 + 2 + 2 - 1, "the killed run's chunk is kept"
+    assert_same_cache(output, tiny_cache)
+
+
+def test_too_small_a_disk_is_refused_before_the_teacher_runs(tmp_path, tiny_dataset, tiny_teacher, monkeypatch):
+    from kdcache import outputs
+
+    monkeypatch.setattr(outputs, "free_bytes", lambda folder: 100_000)
+    ran = []
+    monkeypatch.setattr(cache_module, "_run_split", lambda *args: ran.append(args))
+    output = tmp_path / "cache"
+    with pytest.raises(KdcacheError) as refused:
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and not ran
+    assert re.fullmatch(rf"--output '{re.escape(str(output))}' needs about [\d.]+ KB free for the chunks and then the "
+                        r"assembled cache, but its file system has 100\.0 KB free; free some space or choose another "
+                        r"--output", message), message
+    assert not output.exists()
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path, tiny_dataset, tiny_teacher, tiny_cache, monkeypatch):
+    output, work = tmp_path / "cache", tmp_path / "cache.partial"
+    real_write, real_assemble = cache_module._write_chunk, cache_module._assemble
+    written = []
+
+    def disk_fills_after_one_chunk(path, *args):
+        if written:  # as fsspec's writer fails: half a chunk is on disk
+            partial = path.with_name(path.name + ".tmp")
+            partial.mkdir()
+            (partial / "data-00000-of-00001.arrow").write_bytes(b"half a chunk")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, *args)
+        written.append(path)
+
+    def disk_fills_while_assembling(work_folder, splits):
+        (work_folder / "cache" / "train").mkdir(parents=True)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    options = dict(output=output, batch_size=8, chunk_size=8, progress=False)
+    monkeypatch.setattr(cache_module, "_write_chunk", disk_fills_after_one_chunk)
+    with pytest.raises(KdcacheError) as full:
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), **options)
+    message = str(full.value)
+    assert "\n" not in message and message.startswith(f"the disk holding '{work}' is full (this run needs about ")
+    assert message.endswith("finished work is kept: free some space, then run the same command again to resume")
+    assert written[0].is_dir() and not list(work.glob("*/*.tmp")) and not output.exists()
+
+    recomputed = []
+    monkeypatch.setattr(cache_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args)))
+    monkeypatch.setattr(cache_module, "_assemble", disk_fills_while_assembling)
+    with pytest.raises(KdcacheError, match="is full"):
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), **options)
+    assert len(recomputed) == 3 + 2 + 2 - 1 and not (work / "cache").exists() and not output.exists()
+
+    monkeypatch.setattr(cache_module, "_assemble", real_assemble)
+    teacher_logits(str(tiny_dataset), str(tiny_teacher), **options)
+    assert len(recomputed) == 6, "the third run only assembles"
+    assert_same_cache(output, tiny_cache)
+
+
+@pytest.mark.parametrize("views", [1, 3])
+def test_disk_estimate_is_close_to_the_peak_of_a_run(tmp_path, tiny_dataset, tiny_teacher, monkeypatch, views):
+    from kdcache import outputs
+
+    estimates, peaks = [], []
+    real_check, real_assemble = cache_module.check_free_space, cache_module._assemble
+    monkeypatch.setattr(cache_module, "check_free_space", lambda output, needed, *args: (estimates.append(needed), real_check(output, needed, *args)))
+
+    def measured(work, splits):
+        cache = real_assemble(work, splits)
+        peaks.append(outputs.bytes_under(work))  # every chunk and the assembled copy
+        return cache
+
+    monkeypatch.setattr(cache_module, "_assemble", measured)
+    teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "c", views=views, batch_size=8, chunk_size=8,
+                   progress=False)
+    assert peaks[0] <= estimates[0] <= 1.3 * peaks[0], (estimates, peaks)

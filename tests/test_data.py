@@ -134,3 +134,14 @@ def test_mixed_input_is_the_weighted_sum_of_the_two_inputs():
     assert torch.equal(mixed[0], pipeline.normalize(a)[0])
     expected = weights.view(-1, 1, 1, 1) * pipeline.normalize(a) + (1 - weights.view(-1, 1, 1, 1)) * pipeline.normalize(b)
     assert torch.allclose(mixed, expected, atol=1e-6)
+
+
+def test_an_empty_split_saved_with_save_to_disk_loads_empty(tmp_path):
+    source = make_dataset_dict({"train": 4, "test": 2})
+    source["test"] = source["test"].select([])
+    source.save_to_disk(str(tmp_path / "saved"))
+    loaded = load_image_dataset(str(tmp_path / "saved"))  # datasets.load_from_disk raises IndexError on this folder
+    assert sorted(loaded) == ["test", "train"] and len(loaded["train"]) == 4 and len(loaded["test"]) == 0
+    assert loaded["test"].features == source["test"].features
+    source["test"].save_to_disk(str(tmp_path / "one-empty"))
+    assert len(load_image_dataset(str(tmp_path / "one-empty"))["train"]) == 0

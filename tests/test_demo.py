@@ -41,3 +41,46 @@ def test_quick_demo_runs_every_stage_and_writes_its_outputs(tmp_path, capsys):
     assert recorded["seconds_per_epoch"]["cached"] > 0 and recorded["seconds_per_epoch"]["online"] > 0
     table = capsys.readouterr().out
     assert "student distilled from the cache" in table and "seconds per training epoch" in table
+
+
+def test_a_folder_the_demo_did_not_write_is_refused_and_left_intact(tmp_path, monkeypatch):
+    import time
+
+    import pytest
+
+    from kdcache import KdcacheError
+    from kdcache import demo
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"a photo")
+    built = []
+    monkeypatch.setattr(demo, "build_digits_dataset", lambda *args, **kwargs: built.append(args))
+    started = time.perf_counter()
+    with pytest.raises(KdcacheError) as refused:
+        run_demo(photos, quick=True, progress=False)
+    assert time.perf_counter() - started < 5 and not built, "refused before any work"
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"--output '{photos}' holds files that kdcache demo did not write")
+    assert sorted(path.name for path in photos.iterdir()) == ["holiday.jpg"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"], "no lock file left beside it either"
+    assert (photos / "holiday.jpg").read_bytes() == b"a photo"
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(KdcacheError, match="is a file"):
+        run_demo(tmp_path / "a-file", quick=True, progress=False)
+
+
+def test_the_demo_replaces_only_its_own_folder_or_an_empty_one(tmp_path):
+    from kdcache.demo import DEMO_MARKER, claim_demo_folder
+
+    earlier = tmp_path / "earlier"
+    claim_demo_folder(earlier)  # new: created and marked
+    (earlier / "cache").mkdir()
+    (earlier / "cache" / "data.arrow").write_bytes(b"old run")
+    (earlier / "demo.json").write_text("{}")
+    claim_demo_folder(earlier)
+    assert sorted(path.name for path in earlier.iterdir()) == [DEMO_MARKER]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    claim_demo_folder(empty)
+    assert sorted(path.name for path in empty.iterdir()) == [DEMO_MARKER]

@@ -148,7 +148,11 @@ def test_input_errors_are_one_clear_line(tmp_path, tiny_dataset, tiny_teacher, t
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
+    empty_test = make_dataset_dict({"train": 3, "test": 3})
+    empty_test["test"] = empty_test["test"].select([])
+    empty_test.save_to_disk(str(tmp_path / "empty-test"))
     cases = [
+        (dict(dataset=str(tmp_path / "empty-test")), f"^split 'test' of dataset '{tmp_path / 'empty-test'}' is empty; evaluate on another --split$"),
         (dict(models=[str(tiny_teacher), str(other_names)]), "labels .*cat, dog, healthy.* do not match the dataset's.*no match for angular_leaf_spot, bean_rust"),
         (dict(split="nope"), "split 'nope' is not in dataset .*pass one of them with --split"),
         (dict(cache=str(tiny_cache), dataset=str(other_data)), "cache .* was made from other data than split 'test'"),

@@ -1,5 +1,6 @@
 import ctypes.util
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,16 @@ def test_a_plain_run_is_not_distributed(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     assert runtime.launched_processes() == 4 and not runtime.is_main_process()
+
+
+def test_an_output_that_is_the_current_folder_or_a_parent_is_refused(tmp_path, monkeypatch):
+    from kdcache import KdcacheError
+    from kdcache.runtime import output_path
+
+    work = tmp_path / "project"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for output in (".", "..", str(work), str(tmp_path), "./"):
+        with pytest.raises(KdcacheError, match="is the current folder or one of its parents"):
+            output_path(output)
+    assert output_path("data/cache") == Path("data/cache")

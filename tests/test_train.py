@@ -126,6 +126,72 @@ def test_resume_continues_an_interrupted_run(tmp_path, tiny_cache, monkeypatch):
     assert all(torch.allclose(a[name].float(), b[name].float(), atol=1e-6) for name in a)
 
 
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, tiny_cache):
+    import os
+
+    from kdcache.outputs import output_lock
+
+    with output_lock(tmp_path / "student"):  # as a run in another process holds it
+        with pytest.raises(KdcacheError) as refused:
+            train_student(tiny_cache, output=tmp_path / "student", max_steps=1, **FAST)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"--output '{tmp_path / 'student'}' is being written by another "
+                                                      f"kdcache run (pid {os.getpid()} on ")
+    assert not (tmp_path / "student").exists() and not (tmp_path / "student.partial").exists()
+
+
+def test_too_small_a_disk_is_refused_before_training(tmp_path, tiny_cache, monkeypatch):
+    import re
+
+    from kdcache import outputs
+    from kdcache import train as train_module
+
+    monkeypatch.setattr(outputs, "free_bytes", lambda folder: 1_000_000)
+    trained = []
+    monkeypatch.setattr(train_module.DistillationTrainer, "train", lambda self, *args, **kwargs: trained.append(self))
+    with pytest.raises(KdcacheError) as refused:
+        train_student(tiny_cache, output=tmp_path / "student", epochs=2, **FAST)
+    assert not trained
+    assert re.fullmatch(r"--output '.*student' needs about [\d.]+ MB free for its checkpoints and the student, but its "
+                        r"file system has 1\.0 MB free; free some space or choose another --output", str(refused.value))
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumable(tmp_path, tiny_cache, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from kdcache import train as train_module
+
+    whole = train_student(tiny_cache, output=tmp_path / "whole", epochs=2, **FAST)
+    real_save = train_module.DistillationTrainer._save_checkpoint
+    saved = []
+
+    def disk_fills_at_the_second_checkpoint(self, model, trial):
+        if saved:  # as torch.save fails half-way through a checkpoint
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"half a model")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(self, model, trial)
+        saved.append(self.state.global_step)
+
+    monkeypatch.setattr(train_module.DistillationTrainer, "_save_checkpoint", disk_fills_at_the_second_checkpoint)
+    work = tmp_path / "student.partial"
+    with pytest.raises(KdcacheError) as full:
+        train_student(tiny_cache, output=tmp_path / "student", epochs=2, **FAST)
+    message = str(full.value)
+    assert "\n" not in message and message.startswith(f"the disk holding '{work}' is full (this run needs about ")
+    assert message.endswith("run the same command with --resume to continue from the last checkpoint")
+    assert sorted(folder.name for folder in work.glob("checkpoint-*")) == [f"checkpoint-{saved[0]}"]
+    assert not (tmp_path / "student").exists()
+
+    monkeypatch.setattr(train_module.DistillationTrainer, "_save_checkpoint", real_save)
+    resumed = train_student(tiny_cache, output=tmp_path / "student", epochs=2, resume=True, **FAST)
+    assert resumed["train_losses"][-3:] == whole["train_losses"][-3:]
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "student")
+    assert all(torch.allclose(a[name].float(), b[name].float(), atol=1e-6) for name in a)
+
+
 def damaged_copy(tiny_cache, tmp_path, change):
     target = tmp_path / "damaged"
     cache = datasets.load_from_disk(str(tiny_cache))

@@ -1,0 +1,288 @@
+"""Keeping a stage's output safe on a real machine: one writer per output, enough disk before the work starts, and a
+full disk during the work reported as one line with the finished work kept for resuming.
+
+A stage function is decorated with `guards_output`; inside it, the main process takes the output's lock with
+`lock_output`, refuses early with `check_free_space`, and every process names what a full disk would interrupt with
+`report_disk_full`. Locks are released, and a full disk is reported, when the decorated function ends.
+"""
+
+import contextlib
+import contextvars
+import errno
+import functools
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from kdcache import KdcacheError
+from kdcache.runtime import check_writable_parent
+
+LOCK_SUFFIX = ".lock"
+# What datasets writes into each saved folder besides the rows (dataset_info.json, state.json, the Arrow schema and
+# footer), each file taking whole disk blocks.
+SAVED_FOLDER_BYTES = 16 * 1024
+# torch's zip writer reports a full disk without an errno ("PytorchStreamWriter failed writing file ..."): such an
+# error counts as a full disk when the file system is left with less than this.
+NEARLY_FULL_BYTES = 64 * 1024**2
+
+
+def lock_file(output: str | Path) -> Path:
+    """The lock of an output: a file beside it, not inside the folder that is renamed into place."""
+    absolute = Path(os.path.abspath(output))  # abspath: '.' and '..' have a name to put beside
+    return absolute.with_name(absolute.name + LOCK_SUFFIX)
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path, flag: str = "--output"):
+    """Hold the lock of `output` for the block, or refuse at once, naming the run that holds it.
+
+    The lock is an OS file lock (flock, through filelock): the kernel releases it when its holder ends in any way, so
+    a killed run never leaves a lock that blocks the next one. The holder writes its pid, host and start time into
+    the lock file for the message of a run that finds it taken.
+    """
+    import filelock
+
+    path = lock_file(output)
+    check_writable_parent(Path(output), flag)
+    lock = filelock.FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise KdcacheError(
+            f"{flag} '{output}' is being written by another kdcache run ({_holder(path)}); wait for it to end or "
+            f"choose another {flag} (lock file {path})"
+        ) from None
+    except OSError as error:
+        raise KdcacheError(f"{flag} '{output}' cannot be locked ({error.strerror or error}: {path}); choose another {flag}") from None
+    try:
+        _write_holder(path, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            _write_holder(path, "")  # a lock file left with a holder's name would mislead whoever reads it
+        lock.release()
+
+
+def _write_holder(path: Path, text: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, text.encode())
+    finally:
+        os.close(descriptor)
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "its pid is not recorded"
+
+
+@dataclass
+class _Guard:
+    """What the running stage holds (its locks) and what a full disk would interrupt."""
+
+    locks: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    folder: Path | None = None
+    needed: int | None = None
+    then: str = "run the same command again to resume"
+    scratch: Callable[[], Iterable[Path]] | None = None
+
+
+_guard: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar("kdcache_output_guard", default=None)
+
+
+def guards_output(function):
+    """Decorate a stage: locks taken in it by `lock_output` are released when it ends, and a full disk anywhere in it
+    (ENOSPC, EDQUOT, or the writers' own words for it) becomes one KdcacheError, after removing the half-written files
+    that `report_disk_full` named."""
+
+    @functools.wraps(function)
+    def guarded(*args, **kwargs):
+        guard = _Guard()
+        token = _guard.set(guard)
+        try:
+            with guard.locks:
+                try:
+                    return function(*args, **kwargs)
+                except KdcacheError:
+                    raise
+                except Exception as error:
+                    if not is_disk_full(error, guard.folder):
+                        raise
+                    raise _disk_full_error(guard) from None
+        finally:
+            _guard.reset(token)
+
+    return guarded
+
+
+def _current() -> _Guard:
+    guard = _guard.get()
+    if guard is None:
+        raise RuntimeError("kdcache.outputs: call this inside a function decorated with @guards_output")
+    return guard
+
+
+def lock_output(output: str | Path, flag: str = "--output") -> Path:
+    """Take the lock of `output` until the stage ends (see `output_lock`). Under several processes only the main one
+    calls this: the others write only where the main process's plan sends them."""
+    return _current().locks.enter_context(output_lock(output, flag))
+
+
+def report_disk_full(folder: Path, needed: int, then: str | None = None, scratch: Callable[[], Iterable[Path]] | None = None) -> None:
+    """Should the disk fill up during the rest of the stage: name `folder` and the `needed` bytes, remove the paths
+    `scratch()` lists (half-written files; the finished work stays for resuming), and tell the user `then`."""
+    guard = _current()
+    guard.folder, guard.needed, guard.scratch = Path(folder), int(needed), scratch
+    if then:
+        guard.then = then
+
+
+def _disk_full_error(guard: _Guard) -> KdcacheError:
+    if guard.scratch is not None:
+        for path in guard.scratch():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+    where = f"the disk holding '{guard.folder}'" if guard.folder else "the disk"
+    free = free_bytes(guard.folder) if guard.folder else None
+    figures = []
+    if guard.needed is not None:
+        figures.append(f"this run needs about {human_bytes(guard.needed)} in all")
+    if free is not None:
+        figures.append(f"{human_bytes(free)} free now")
+    figures = f" ({'; '.join(figures)})" if figures else ""
+    return KdcacheError(f"{where} is full{figures}; finished work is kept: free some space, then {guard.then}")
+
+
+def is_disk_full(error: BaseException, folder: Path | None = None) -> bool:
+    """Whether `error`, or an error it came from, says the disk (or the user's quota) is full."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "StorageFull" in text:
+            return True
+        if isinstance(error, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
+            free = free_bytes(folder) if folder is not None else None
+            if free is not None and free < NEARLY_FULL_BYTES:
+                return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """Free bytes for this user on the file system of `folder` (or of its nearest existing parent)."""
+    path = Path(os.path.abspath(folder))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def bytes_under(folder: Path) -> int:
+    """The disk space the files under `folder` take: their allocated blocks, which is what they cost the free space
+    (a small file takes a whole block)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                status = os.lstat(os.path.join(root, name))
+                total += status.st_blocks * 512 if hasattr(status, "st_blocks") else status.st_size
+    return total
+
+
+def check_free_space(output: Path, needed: int, what: str, work: Path | None = None, flag: str = "--output") -> None:
+    """Refuse, before the work starts, an output whose file system cannot hold the `needed` bytes. What `work` (the
+    partial folder) already holds counts as written: it is finished work resumed, or stale work about to be removed."""
+    free = free_bytes(output)
+    if free is None:
+        return  # a file system that does not say: the disk-full report is the guard
+    have = bytes_under(work) if work is not None and work.is_dir() else 0
+    if free + have < needed:
+        raise KdcacheError(
+            f"{flag} '{output}' needs about {human_bytes(needed - have)} free for {what}, but its file system has "
+            f"{human_bytes(free)} free; free some space or choose another {flag}"
+        )
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def _list_offsets(shape) -> int:
+    """Bytes of the Arrow offsets of one row of a datasets ArrayXD (nested lists): 4 per list at every level."""
+    lists, product = 0, 1
+    for size in shape[:-1]:
+        lists += product
+        product *= size
+    return 4 * (lists + product)
+
+
+def average_image_bytes(split, image_column: str, sample: int = 64) -> float:
+    """The mean stored size of a split's images, from up to `sample` rows spread over it (bytes inline, or the size
+    of the file an image path names)."""
+    from kdcache.data import undecoded
+
+    if len(split) == 0:
+        return 0.0
+    rows = sorted({round(i * (len(split) - 1) / max(1, sample - 1)) for i in range(min(sample, len(split)))})
+    sizes = []
+    for value in undecoded(split, image_column).select(rows)[image_column]:
+        if value.get("bytes") is not None:
+            sizes.append(len(value["bytes"]))
+        elif value.get("path"):
+            with contextlib.suppress(OSError):
+                sizes.append(os.path.getsize(value["path"]))
+    return sum(sizes) / len(sizes) if sizes else 0.0
+
+
+def stage_one_bytes(dataset_dict, splits, image_column: str, pixel_shape, classes: int, views: int, view_splits,
+                    chunk_size: int) -> int:
+    """The disk stage one needs at its peak: the chunks, and then the assembled copy of them, written before the
+    chunks are removed; so about twice the cache.
+
+    A row of a split with one clean view holds row_index and labels (int64), the logits (float32 x classes) and the
+    uint8 pixels; a row with K views holds K logit vectors, K view boxes (5 x int32) and the source image's bytes.
+    """
+    cache = folders = 0
+    for name in splits:
+        rows = len(dataset_dict[name])
+        if name in view_splits:
+            row = 16 + 4 * views * classes + _list_offsets((views, classes)) + 20 * views + _list_offsets((views, 5))
+            row += average_image_bytes(dataset_dict[name], image_column) + 12  # its bytes and path offsets
+        else:
+            row = 16 + 4 * classes + math.prod(pixel_shape) + _list_offsets(pixel_shape)
+        cache += rows * row
+        folders += -(-rows // chunk_size) + 1  # the split's chunks, and its folder in the assembled copy
+    return int(2 * cache + folders * SAVED_FOLDER_BYTES)
+
+
+def training_bytes(model, checkpoints: int) -> int:
+    """The disk a training run needs at its peak: the checkpoints kept (weights, and AdamW's two moments of each
+    weight), plus the one written before the oldest is removed, plus the final model."""
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in (*model.parameters(), *model.buffers()))
+    return (3 * weights * (checkpoints + 1) if checkpoints else 0) + weights + SAVED_FOLDER_BYTES
+
+
+def unfinished_checkpoints(work: Path) -> list[Path]:
+    """Trainer checkpoints that a failure cut short: the Trainer writes trainer_state.json into a checkpoint last."""
+    return [folder for folder in work.glob("checkpoint-*") if folder.is_dir() and not (folder / "trainer_state.json").exists()]

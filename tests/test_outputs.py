@@ -1,0 +1,153 @@
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdcache import KdcacheError
+from kdcache import outputs
+from kdcache.outputs import guards_output, lock_file, lock_output, output_lock, report_disk_full
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A process that takes an output's lock, forks a child that outlives it (as a DataLoader worker does), says so, and
+# waits to be killed.
+HOLDER = """
+import os, sys, time
+from kdcache.outputs import output_lock
+held = output_lock(sys.argv[1])
+held.__enter__()
+child = os.fork()
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(os.getpid(), child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_writer_is_refused_with_one_line_naming_the_holder(tmp_path):
+    output = tmp_path / "out"
+    with output_lock(output) as path:
+        assert path == tmp_path / "out.lock" and f"pid {os.getpid()}" in path.read_text()
+        with pytest.raises(KdcacheError) as refused:
+            with output_lock(output):
+                pass
+        message = str(refused.value)
+        assert "\n" not in message and f"pid {os.getpid()}" in message and str(path) in message
+        assert "being written by another kdcache run" in message
+    assert path.read_text() == "", "a released lock names no holder"
+    with output_lock(output):  # free again
+        pass
+    assert not output.exists(), "the lock lives beside the output, not in it"
+
+
+def test_a_lock_held_by_a_killed_process_does_not_block(tmp_path):
+    output = tmp_path / "out"
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(output)], env=environment, stdout=subprocess.PIPE, text=True)
+    pid, child = (int(value) for value in holder.stdout.readline().split())
+    try:
+        with pytest.raises(KdcacheError, match=f"pid {pid} on "):
+            with output_lock(output):
+                pass
+        os.kill(pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+        os.kill(child, 0)  # the child forked while the lock was held is alive: the lock must not stay with it
+        with output_lock(output):
+            pass
+    finally:
+        for process in (pid, child):
+            try:
+                os.kill(process, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        holder.wait(timeout=30)
+
+
+def test_locks_are_released_when_the_stage_ends_even_on_an_error(tmp_path):
+    @guards_output
+    def stage(fail):
+        lock_output(tmp_path / "out")
+        if fail:
+            raise KdcacheError("a bad input")
+        return "done"
+
+    with pytest.raises(KdcacheError, match="a bad input"):
+        stage(True)
+    assert stage(False) == "done"
+    with pytest.raises(RuntimeError, match="guards_output"):
+        lock_output(tmp_path / "out")
+
+
+def test_a_full_disk_is_one_line_and_only_the_scratch_is_removed(tmp_path, monkeypatch):
+    work = tmp_path / "out.partial"
+    (work / "done").mkdir(parents=True)
+    (work / "done" / "data").write_text("finished")
+    (work / "half.tmp").mkdir()
+    (work / "half.tmp" / "data").write_text("half")
+    monkeypatch.setattr(outputs, "free_bytes", lambda folder: 0)
+
+    @guards_output
+    def stage():
+        lock_output(tmp_path / "out")
+        report_disk_full(work, 3_500_000, scratch=lambda: [work / "half.tmp", work / "never-written"])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(KdcacheError) as full:
+        stage()
+    message = str(full.value)
+    assert "\n" not in message and str(work) in message and "3.5 MB" in message and "run the same command again" in message
+    assert (work / "done" / "data").read_text() == "finished" and not (work / "half.tmp").exists()
+    with output_lock(tmp_path / "out"):  # released on the way out
+        pass
+
+
+def test_what_counts_as_a_full_disk(tmp_path, monkeypatch):
+    assert outputs.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert outputs.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as cause:
+            raise RuntimeError("saving the chunk failed") from cause
+    except RuntimeError as wrapped:
+        assert outputs.is_disk_full(wrapped)
+    assert outputs.is_disk_full(Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"))
+    assert not outputs.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not outputs.is_disk_full(ValueError("no such column"))
+    torch_writer = RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0")
+    monkeypatch.setattr(outputs, "free_bytes", lambda folder: 10**12)
+    assert not outputs.is_disk_full(torch_writer, tmp_path), "with room to spare it is some other write error"
+    monkeypatch.setattr(outputs, "free_bytes", lambda folder: 4096)
+    assert outputs.is_disk_full(torch_writer, tmp_path)
+
+
+def test_free_space_check_counts_the_work_already_done(tmp_path, monkeypatch):
+    work = tmp_path / "out.partial"
+    work.mkdir()
+    (work / "chunk").write_bytes(b"x" * 4000)
+    monkeypatch.setattr(outputs, "free_bytes", lambda folder: 7000)
+    outputs.check_free_space(tmp_path / "out", 10_000, "the cache", work)  # 7000 free + 4000 written
+    with pytest.raises(KdcacheError) as refused:
+        outputs.check_free_space(tmp_path / "out", 10_000, "the cache")
+    assert str(refused.value) == (f"--output '{tmp_path / 'out'}' needs about 10.0 KB free for the cache, but its file "
+                                  "system has 7.0 KB free; free some space or choose another --output")
+
+
+def test_training_estimate_counts_the_checkpoints_kept():
+    import torch
+
+    model = torch.nn.Linear(100, 10)  # 1010 float32 weights
+    weights = 1010 * 4
+    assert outputs.training_bytes(model, checkpoints=0) == weights + outputs.SAVED_FOLDER_BYTES
+    assert outputs.training_bytes(model, checkpoints=2) == 3 * weights * 3 + weights + outputs.SAVED_FOLDER_BYTES
+
+
+def test_lock_file_of_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert lock_file(".") == tmp_path.parent / f"{tmp_path.name}.lock"
+    assert lock_file("a/b/") == tmp_path / "a" / "b.lock"
