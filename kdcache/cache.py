@@ -174,7 +174,8 @@ def teacher_logits(
     # The main process alone looks at the output and the partial work, and decides; the others follow its plan.
     work = output.with_name(output.name + ".partial")
     plan = None
-    space = stage_one_bytes(dataset_dict, splits, image_column, pixel_shape, len(names), views, view_splits, chunk_size)
+    space = stage_one_bytes(dataset_dict, splits, image_column, pixel_shape, len(names), views, view_splits, chunk_size,
+                            view_recipe.source_size if view_recipe else None, bool(view_recipe and view_recipe.mixed))
     with agreed(processes):
         if is_main(processes):
             plan = _plan_work(output, work, fingerprint, overwrite, chunk_size, {name: len(dataset_dict[name]) for name in splits})

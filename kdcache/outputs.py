@@ -237,9 +237,13 @@ def _list_offsets(shape) -> int:
     return 4 * (lists + product)
 
 
-def average_image_bytes(split, image_column: str, sample: int = 64) -> float:
-    """The mean stored size of a split's images, from up to `sample` rows spread over it (bytes inline, or the size
-    of the file an image path names)."""
+def average_source_bytes(split, image_column: str, source_size: int | None, sample: int = 64) -> float:
+    """The mean size of a split's sources as a view split stores them: raw RGB pixels of the image with its shorter
+    side reduced to `source_size` (never enlarged), from up to `sample` rows spread over it (headers only are read)."""
+    import io
+
+    from PIL import Image
+
     from kdcache.data import undecoded
 
     if len(split) == 0:
@@ -247,28 +251,31 @@ def average_image_bytes(split, image_column: str, sample: int = 64) -> float:
     rows = sorted({round(i * (len(split) - 1) / max(1, sample - 1)) for i in range(min(sample, len(split)))})
     sizes = []
     for value in undecoded(split, image_column).select(rows)[image_column]:
-        if value.get("bytes") is not None:
-            sizes.append(len(value["bytes"]))
-        elif value.get("path"):
-            with contextlib.suppress(OSError):
-                sizes.append(os.path.getsize(value["path"]))
+        with contextlib.suppress(OSError, ValueError):  # an unreadable image is stage one's to report, with its row
+            opened = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
+            width, height = opened.size
+            scale = min(1.0, source_size / min(width, height)) if source_size else 1.0
+            sizes.append(round(width * scale) * round(height * scale) * 3)
     return sum(sizes) / len(sizes) if sizes else 0.0
 
 
 def stage_one_bytes(dataset_dict, splits, image_column: str, pixel_shape, classes: int, views: int, view_splits,
-                    chunk_size: int) -> int:
+                    chunk_size: int, source_size: int | None = None, mixed: bool = False) -> int:
     """The disk stage one needs at its peak: the chunks, and then the assembled copy of them, written before the
     chunks are removed; so about twice the cache.
 
     A row of a split with one clean view holds row_index and labels (int64), the logits (float32 x classes) and the
-    uint8 pixels; a row with K views holds K logit vectors, K view boxes (5 x int32) and the source image's bytes.
+    uint8 pixels; a row with K views holds K logit vectors, K view boxes (5 x int32), the source's raw pixels and
+    their shape, and with mixing K partners (int32), K partner boxes and K weights (float32).
     """
     cache = folders = 0
     for name in splits:
         rows = len(dataset_dict[name])
         if name in view_splits:
             row = 16 + 4 * views * classes + _list_offsets((views, classes)) + 20 * views + _list_offsets((views, 5))
-            row += average_image_bytes(dataset_dict[name], image_column) + 12  # its bytes and path offsets
+            row += average_source_bytes(dataset_dict[name], image_column, source_size) + 8 + 12  # bytes, offsets, shape
+            if mixed:
+                row += 28 * views + 2 * _list_offsets((views,)) + _list_offsets((views, 5))
         else:
             row = 16 + 4 * classes + math.prod(pixel_shape) + _list_offsets(pixel_shape)
         cache += rows * row

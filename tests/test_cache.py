@@ -532,8 +532,8 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path, tiny_data
     assert_same_cache(output, tiny_cache)
 
 
-@pytest.mark.parametrize("views", [1, 3])
-def test_disk_estimate_is_close_to_the_peak_of_a_run(tmp_path, tiny_dataset, tiny_teacher, monkeypatch, views):
+@pytest.mark.parametrize("views,mix_alpha", [(1, 0.0), (3, 0.0), (3, 1.0)])
+def test_disk_estimate_is_close_to_the_peak_of_a_run(tmp_path, tiny_dataset, tiny_teacher, monkeypatch, views, mix_alpha):
     from kdcache import outputs
 
     estimates, peaks = [], []
@@ -546,6 +546,6 @@ def test_disk_estimate_is_close_to_the_peak_of_a_run(tmp_path, tiny_dataset, tin
         return cache
 
     monkeypatch.setattr(cache_module, "_assemble", measured)
-    teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "c", views=views, batch_size=8, chunk_size=8,
-                   progress=False)
+    teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "c", views=views, mix_alpha=mix_alpha,
+                   batch_size=8, chunk_size=8, progress=False)
     assert peaks[0] <= estimates[0] <= 1.3 * peaks[0], (estimates, peaks)
