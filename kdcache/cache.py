@@ -582,6 +582,12 @@ def describe(path: str | Path) -> str:
         f"  student input   {manifest['columns']['pixel_values']['dtype']} {manifest['columns']['pixel_values']['shape']}",
         "  splits:",
     ]
+    if manifest.get("views"):
+        views, recipe = manifest["views"], manifest["views"]["recipe"]
+        lines.insert(-1, f"  views           {views['count']} per image of {', '.join(views['splits'])}: crops of "
+                         f"{recipe['scale'][0]:g}-{recipe['scale'][1]:g} of the area + flip, seed {recipe['seed']}"
+                         + (f", mixed (mixup alpha {recipe['mix_alpha']:g})" if recipe.get("mix_alpha") else "")
+                         + (f", sources reduced to {recipe['source_size']} px" if recipe.get("source_size") else ""))
     for name, split in data["splits"].items():
         lines.append(
             f"    {name:<12} {split['num_rows']:>8} rows  fingerprint {split['fingerprint']}  "
