@@ -1,3 +1,4 @@
+import contextlib
 import json
 import shutil
 
@@ -103,8 +104,9 @@ class StopAfterFirstSave(TrainerCallback):
         raise KeyboardInterrupt
 
 
-def test_resume_continues_an_interrupted_run(tmp_path, tiny_cache, monkeypatch):
-    whole = train_student(tiny_cache, output=tmp_path / "whole", epochs=2, **FAST)
+@contextlib.contextmanager
+def crash_after_first_save(monkeypatch):
+    """Training runs in the block stop (as a Ctrl-C would) right after their first checkpoint."""
     from kdcache import train as train_module
 
     original = train_module.DistillationTrainer.__init__
@@ -113,10 +115,15 @@ def test_resume_continues_an_interrupted_run(tmp_path, tiny_cache, monkeypatch):
         original(self, *args, **kwargs)
         self.add_callback(StopAfterFirstSave)
 
-    monkeypatch.setattr(train_module.DistillationTrainer, "__init__", with_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.DistillationTrainer, "__init__", with_crash)
+        yield
+
+
+def test_resume_continues_an_interrupted_run(tmp_path, tiny_cache, monkeypatch):
+    whole = train_student(tiny_cache, output=tmp_path / "whole", epochs=2, **FAST)
+    with crash_after_first_save(monkeypatch), pytest.raises(KeyboardInterrupt):
         train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, **FAST)
-    monkeypatch.setattr(train_module.DistillationTrainer, "__init__", original)
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial").exists()
     with pytest.raises(KdcacheError, match="interrupted training run; pass --resume"):
         train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, **FAST)
@@ -367,18 +374,8 @@ def test_ema_is_what_is_saved_and_both_load_as_pipelines(tmp_path, tiny_cache, m
 
 def test_ema_with_evaluation_and_resume(tmp_path, tiny_cache, monkeypatch):
     whole = train_student(tiny_cache, output=tmp_path / "whole", epochs=2, ema_decay=0.8, **FAST)
-    from kdcache import train as train_module
-
-    original = train_module.DistillationTrainer.__init__
-
-    def with_crash(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.add_callback(StopAfterFirstSave)
-
-    monkeypatch.setattr(train_module.DistillationTrainer, "__init__", with_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_first_save(monkeypatch), pytest.raises(KeyboardInterrupt):
         train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, ema_decay=0.8, **FAST)
-    monkeypatch.setattr(train_module.DistillationTrainer, "__init__", original)
     resumed = train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, ema_decay=0.8, resume=True, **FAST)
     assert resumed["train_losses"][-3:] == whole["train_losses"][-3:], "training resumed from the training weights"
     assert [e["eval_accuracy"] for e in resumed["history"]] == [e["eval_accuracy"] for e in whole["history"]]
