@@ -135,12 +135,14 @@ def teacher_logits_command(
     kdcache.json. Logits are raw (not softened), float32, in the dataset's label order. A killed run resumes
     from its finished chunks when you run the same command again; re-running a complete cache is a no-op.
 
-    Examples (the hub defaults, then local paths, then 8 augmented views per training image):
+    Examples (the hub defaults, then local paths, then 8 augmented views per training image, then 16 mixed views):
 
     \b
       kdcache teacher-logits
       kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans
       kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans --views 8
+      kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans \
+          --views 16 --view-scale 0.05 --mix-alpha 1 --output data/beans-effl0-mixed16
 
     Several processes (GPUs, machines) split the chunks among them and give the same cache as one:
 
@@ -251,6 +253,11 @@ def train_student_command(
     \b
       kdcache train-student data/beans--effl0-beans
       kdcache train-student data/beans--effl0-beans --alpha 0 --output data/students/beans-scratch
+
+    From a cache of (mixed) views, patient and consistent: the teacher alone, at 128 px, with an EMA:
+
+    \b
+      kdcache train-student data/beans-effl0-mixed16 --alpha 1 --student-size 128 --ema-decay 0.99 --epochs 16
 
     Several processes train data-parallel (DDP) at the same global --batch-size:
 
