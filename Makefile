@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch 2.13.0 (a plain `torch` requirement would pull a CUDA build of several GB).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The linter's settings are in pyproject.toml ([tool.ruff]).
+lint: install
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) data/demo data/demo.lock

@@ -94,10 +94,10 @@ def table(args):
     for recipe in dict.fromkeys(line["recipe"] for line in final):
         runs = [line for line in final if line["recipe"] == recipe]
 
-        def mean(key):
+        def mean(key, runs=runs):
             return round(statistics.mean(line[key] for line in runs), 4)
 
-        def sd(key):
+        def sd(key, runs=runs):
             return round(statistics.stdev(line[key] for line in runs), 4) if len(runs) > 1 else None
 
         rows.append({

@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 
 from kdcache.cache import teacher_logits
-from kdcache.data import ImagePipeline, decode_images, find_columns, load_image_dataset, load_image_processor, undecoded
+from kdcache.data import (
+    ImagePipeline,
+    decode_images,
+    find_columns,
+    load_image_dataset,
+    load_image_processor,
+    undecoded,
+)
 from kdcache.models import load_classifier
 from kdcache.runtime import tune_malloc
 
@@ -93,7 +100,7 @@ def main():
         whole.append(len(split) / elapsed)
         print(f"round {round_index + 1}: best raw forward {raw[-1]:.1f} img/s | stage one loop {loop[-1]:.1f} img/s "
               f"({loop[-1] / raw[-1]:.3f} of raw) | stage one end to end {whole[-1]:.1f} img/s ({whole[-1] / raw[-1]:.3f})")
-    ratio_loop = statistics.median(l / r for l, r in zip(loop, raw))
+    ratio_loop = statistics.median(done / r for done, r in zip(loop, raw))
     ratio_whole = statistics.median(w / r for w, r in zip(whole, raw))
     print(f"median: raw {statistics.median(raw):.1f} img/s, stage one loop {statistics.median(loop):.1f} img/s, "
           f"end to end {statistics.median(whole):.1f} img/s; ratio to raw: loop {ratio_loop:.3f}, end to end {ratio_whole:.3f}")

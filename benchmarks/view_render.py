@@ -48,7 +48,7 @@ def main():
         recipe = ViewRecipe((size, size), Image.BICUBIC, scale=(0.05, 1.0))
         boxes = [recipe.sample(*image.size, index, 1)[0] for index, image in enumerate(images)]
         decode = milliseconds(lambda i: Image.open(io.BytesIO(files[i])).convert("RGB"), len(files), args.rounds)
-        crop = milliseconds(lambda i: recipe.render(images[i], boxes[i]), len(images), args.rounds)
+        crop = milliseconds(lambda i, recipe=recipe, boxes=boxes: recipe.render(images[i], boxes[i]), len(images), args.rounds)
         rows.append((size, "jpeg (decode + crop + resize)", decode + crop))
         for source_size in args.sources:
             reduced = ViewRecipe((size, size), Image.BICUBIC, scale=(0.05, 1.0), source_size=source_size)
@@ -56,12 +56,12 @@ def main():
             small = [from_raw_source(*source) for source in sources]
             small_boxes = [reduced.sample(*image.size, index, 1)[0] for index, image in enumerate(small)]
             rows.append((size, f"raw {source_size} (crop + resize)", milliseconds(
-                lambda i: reduced.render(from_raw_source(*sources[i]), small_boxes[i]), len(sources), args.rounds)))
+                lambda i, reduced=reduced, sources=sources, boxes=small_boxes: reduced.render(from_raw_source(*sources[i]), boxes[i]), len(sources), args.rounds)))
     for size, source, cost in rows:
         print(f"  view at {size:>3} px from {source:<32} {cost:6.2f} ms")
     bytes_per_image = {n: np.mean([len(raw_source(ViewRecipe((8, 8), 3, source_size=n).reduce(im))[0]) for im in images]) / 1e3
                        for n in args.sources}
-    print("  stored per image: jpeg {:.0f} KB; ".format(np.mean([len(f) for f in files]) / 1e3)
+    print(f"  stored per image: jpeg {np.mean([len(f) for f in files]) / 1e3:.0f} KB; "
           + "; ".join(f"raw {n} {kb:.0f} KB" for n, kb in bytes_per_image.items()))
 
 

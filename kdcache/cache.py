@@ -33,10 +33,10 @@ from kdcache.data import (
     decode_images,
     find_columns,
     first_line,
-    raw_source,
     label_names,
     load_image_dataset,
     load_image_processor,
+    raw_source,
     undecoded,
 )
 from kdcache.models import align_labels, load_classifier, weights_sha256

@@ -15,9 +15,9 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from kdcache import KdcacheError
 from kdcache.runtime import check_writable_parent

@@ -17,9 +17,21 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from kdcache import KdcacheError
-from kdcache.cache import IMAGE, LABELS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, PIXELS, SOURCE, SOURCE_SHAPE, VIEWS, load_cache
-from kdcache.defaults import TRAINING as DEFAULTS
+from kdcache.cache import (
+    IMAGE,
+    LABELS,
+    LOGITS,
+    MIX_PARTNERS,
+    MIX_VIEWS,
+    MIX_WEIGHTS,
+    PIXELS,
+    SOURCE,
+    SOURCE_SHAPE,
+    VIEWS,
+    load_cache,
+)
 from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, hub_error, load_image_dataset, undecoded
+from kdcache.defaults import TRAINING as DEFAULTS
 from kdcache.devices import OneDeviceArguments, resolve_cuda, training_precision
 from kdcache.hub import push_folder
 from kdcache.loss import distillation_loss

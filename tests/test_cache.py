@@ -7,9 +7,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import LABELS, make_dataset_dict, save_vit_teacher
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from conftest import LABELS, make_dataset_dict, save_vit_teacher
 from kdcache import KdcacheError
 from kdcache import cache as cache_module
 from kdcache.cache import LOGITS, MANIFEST, PIXELS, describe, load_cache, teacher_logits

@@ -2,10 +2,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import LABELS, make_dataset_dict, make_images
 from PIL import Image
 from transformers import ConvNextImageProcessorPil, ViTImageProcessorPil
 
-from conftest import LABELS, make_dataset_dict, make_images
 from kdcache import KdcacheError
 from kdcache.data import ImagePipeline, ViewRecipe, find_columns, load_image_dataset
 

@@ -48,8 +48,7 @@ def test_a_folder_the_demo_did_not_write_is_refused_and_left_intact(tmp_path, mo
 
     import pytest
 
-    from kdcache import KdcacheError
-    from kdcache import demo
+    from kdcache import KdcacheError, demo
 
     photos = tmp_path / "photos"
     photos.mkdir()

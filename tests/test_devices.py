@@ -13,8 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
-from kdcache import KdcacheError
-from kdcache import devices
+from kdcache import KdcacheError, devices
 from kdcache.runtime import pick_device
 from kdcache.train import DistillationTrainer, train_student
 

@@ -15,8 +15,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_dataset_dict
+
 from kdcache.cache import LABELS, LOGITS, MANIFEST, PIXELS, ROW, SOURCE, VIEWS, teacher_logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ cache._write_chunk = write_chunk
 dataset, teacher, output = sys.argv[1:4]
 cache.teacher_logits(dataset, teacher, output=output, views=2, progress=False, **%r)
 end_process(0)  # as kdcache's command line does under a launch
-""" % STAGE_ONE
+""" % STAGE_ONE  # noqa: UP031 (a script template: %r keeps its dict braces as they are)
 
 
 def test_a_stopped_process_resumes_by_chunk_and_a_bad_image_ends_all_with_one_line(
@@ -181,10 +181,10 @@ STAGE_TWO = dict(epochs=3, batch_size=8, learning_rate=1e-3, logging_steps=1, pr
 
 
 def test_two_processes_train_a_student_like_one_at_the_same_global_batch(tmp_path, tiny_cache, views_reference):
+    from conftest import COLOURS, LABELS, save_vit_teacher
     from PIL import Image
     from transformers import AutoModelForImageClassification, pipeline
 
-    from conftest import COLOURS, LABELS, save_vit_teacher
     from kdcache.train import train_student
 
     # A student without BatchNorm (a tiny ViT, no dropout): then a global batch split in two halves, whose gradients

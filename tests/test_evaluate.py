@@ -4,14 +4,20 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import LABELS, make_dataset_dict, save_mobilenet_student, save_vit_teacher
 from PIL import Image
 from scipy.special import rel_entr, softmax
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-from conftest import LABELS, make_dataset_dict, save_mobilenet_student, save_vit_teacher
 from kdcache import KdcacheError
 from kdcache.evaluate import (
-    COMPARISON_PNG, CONFUSION_PNG, METRICS, classification_metrics, describe, evaluate_models, teacher_agreement,
+    COMPARISON_PNG,
+    CONFUSION_PNG,
+    METRICS,
+    classification_metrics,
+    describe,
+    evaluate_models,
+    teacher_agreement,
 )
 
 

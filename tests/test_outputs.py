@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcache import KdcacheError
-from kdcache import outputs
+from kdcache import KdcacheError, outputs
 from kdcache.outputs import guards_output, lock_file, lock_output, output_lock, report_disk_full
 
 REPO = Path(__file__).resolve().parents[1]

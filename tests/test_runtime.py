@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcache import KdcacheError
-from kdcache import runtime
+from kdcache import KdcacheError, runtime
 
 
 def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):

@@ -6,9 +6,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import COLOURS, LABELS, save_mobilenet_student, save_vit_teacher
 from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback, pipeline
 
-from conftest import COLOURS, LABELS, save_mobilenet_student, save_vit_teacher
 from kdcache import KdcacheError
 from kdcache.cache import LOGITS, MANIFEST, load_cache
 from kdcache.data import ImagePipeline, load_image_dataset
@@ -285,7 +285,7 @@ def test_view_rows_cover_every_view_once_per_cycle_and_replay_it(view_cache):
             image = from_raw_source(cache["train"][row]["source"], cache["train"][row]["source_shape"])
             assert torch.equal(item["pixel_values"], torch.from_numpy(recipe.render(image, train[row]["views"][k])))
             assert np.allclose(item[LOGITS], train[row][LOGITS][k])
-    for row, ks in used.items():
+    for ks in used.values():
         assert sorted(ks[:4]) == [0, 1, 2, 3] and sorted(ks[4:]) == [0, 1, 2, 3]
     assert len({tuple(ks) for ks in used.values()}) > 1, "images do not all walk their views in the same order"
 

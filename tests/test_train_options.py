@@ -5,9 +5,9 @@ import json
 import shutil
 
 import pytest
+from conftest import save_vit_teacher
 from transformers import TrainerCallback
 
-from conftest import save_vit_teacher
 from kdcache import KdcacheError
 from kdcache.options import OPTIONS_FILE
 from kdcache.train import train_student
