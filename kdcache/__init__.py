@@ -6,9 +6,7 @@ stage two (`train_student`) trains a student from those cached soft targets; `ev
 
 __version__ = "0.1.0"
 
-
-class KdcacheError(ValueError):
-    """A problem with the user's input, reported as one line (no traceback) by the CLI."""
+from kdcache.errors import KdcacheError  # noqa: F401 (public: `from kdcache import KdcacheError`)
 
 
 def __getattr__(name):

@@ -26,19 +26,18 @@ import torch
 from PIL import Image
 
 import kdcache
-from kdcache import KdcacheError
 from kdcache.data import (
     ImagePipeline,
     ViewRecipe,
     decode_images,
     find_columns,
-    first_line,
     label_names,
     load_image_dataset,
     load_image_processor,
     raw_source,
     undecoded,
 )
+from kdcache.errors import KdcacheError, first_line
 from kdcache.models import align_labels, load_classifier, weights_sha256
 from kdcache.outputs import check_free_space, guards_output, lock_output, report_disk_full, stage_one_bytes
 from kdcache.runtime import (

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from kdcache import KdcacheError
 from kdcache.defaults import TRAINING as DEFAULTS
+from kdcache.errors import KdcacheError
 
 app = typer.Typer(
     help=(

@@ -2,14 +2,13 @@
 teacher's preprocessing split into an 8-bit geometric part (cached once) and a per-pixel part (a lookup table)."""
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdcache import KdcacheError
+from kdcache.errors import KdcacheError, first_line, hub_error
 
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("labels", "label")
@@ -78,11 +77,6 @@ def _load_from_disk(path: Path):
     if not any(empty(path / name) for name in names):
         return datasets.load_from_disk(str(path))
     return datasets.DatasetDict({name: load(path / name) for name in names})
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
 
 
 def find_columns(split, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
@@ -327,21 +321,3 @@ def load_image_processor(
         )
     except Exception as error:
         raise hub_error("image processor", name_or_path, flag, error) from None
-
-
-def hub_error(what: str, name_or_path: str, flag: str, error: BaseException) -> KdcacheError:
-    """One line for a failed from_pretrained: a folder without the files, custom code, or the hub unreachable."""
-    text = str(error)
-    if "trust_remote_code" in text:
-        return KdcacheError(
-            f"{what} '{name_or_path}' needs custom code from its repository; pass --trust-remote-code if you trust it"
-        )
-    if os.path.isdir(os.path.expanduser(name_or_path)):
-        return KdcacheError(
-            f"could not load the {what} from the folder '{name_or_path}' ({type(error).__name__}: {first_line(error)}); "
-            f"pass a folder written by save_pretrained with {flag}"
-        )
-    return KdcacheError(
-        f"could not load the {what} '{name_or_path}' from the hub (no network, or no such repository) and there is "
-        f"no local folder of that name; pass a local folder with {flag}"
-    )

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache import KdcacheError
+from kdcache.errors import KdcacheError
 from kdcache.outputs import guards_output, lock_output
 from kdcache.runtime import move_into_place, tune_malloc
 

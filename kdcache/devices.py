@@ -13,7 +13,7 @@ from functools import cached_property
 import torch
 from transformers import TrainingArguments
 
-from kdcache import KdcacheError
+from kdcache.errors import KdcacheError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 import kdcache
-from kdcache import KdcacheError
 from kdcache.cache import LABELS, LOGITS, load_cache
 from kdcache.data import decode_images, find_columns, label_names, load_image_dataset, load_image_processor, undecoded
+from kdcache.errors import KdcacheError, hub_error
 from kdcache.models import align_labels, count_parameters, load_classifier
 from kdcache.runtime import check_writable_parent, move_into_place, output_path, pick_device, slug, tune_malloc
 
@@ -217,8 +217,6 @@ def _prepare(name: str, names: list[str], by_index: bool):
     try:
         config = AutoConfig.from_pretrained(name)
     except Exception as error:
-        from kdcache.data import hub_error
-
         raise hub_error("model", name, "MODELS", error) from None
     if not getattr(config, "id2label", None):
         raise KdcacheError(f"model '{name}' is not a classifier (its config has no id2label)")

@@ -6,8 +6,7 @@ processor) at every save; kdcache uploads once, the folder that `pipeline()` loa
 
 from pathlib import Path
 
-from kdcache import KdcacheError
-from kdcache.data import first_line
+from kdcache.errors import KdcacheError, first_line
 
 
 def push_folder(folder: Path, repo: str) -> str:

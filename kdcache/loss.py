@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from kdcache import KdcacheError
+from kdcache.errors import KdcacheError
 
 
 def distillation_loss(

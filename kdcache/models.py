@@ -5,8 +5,7 @@ import re
 
 import torch
 
-from kdcache import KdcacheError
-from kdcache.data import hub_error
+from kdcache.errors import KdcacheError, hub_error
 
 
 def load_classifier(

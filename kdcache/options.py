@@ -4,8 +4,8 @@ import json
 import math
 from pathlib import Path
 
-from kdcache import KdcacheError
 from kdcache.devices import PRECISIONS
+from kdcache.errors import KdcacheError
 from kdcache.loss import check_loss_settings
 
 # transformers schedules that need nothing beyond warmup and the step count. The others need settings kdcache does

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdcache import KdcacheError
+from kdcache.errors import KdcacheError
 from kdcache.runtime import check_writable_parent
 
 LOCK_SUFFIX = ".lock"

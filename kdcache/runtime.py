@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdcache import KdcacheError
+from kdcache.errors import KdcacheError
 
 if TYPE_CHECKING:
     import torch

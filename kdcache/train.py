@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from kdcache import KdcacheError
 from kdcache.cache import (
     IMAGE,
     LABELS,
@@ -30,9 +29,10 @@ from kdcache.cache import (
     VIEWS,
     load_cache,
 )
-from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, hub_error, load_image_dataset, undecoded
+from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, load_image_dataset, undecoded
 from kdcache.defaults import TRAINING as DEFAULTS
 from kdcache.devices import OneDeviceArguments, resolve_cuda, training_precision
+from kdcache.errors import KdcacheError, hub_error
 from kdcache.hub import push_folder
 from kdcache.loss import distillation_loss
 from kdcache.models import align_labels, count_parameters, load_classifier, weights_sha256
