@@ -7,7 +7,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import LABELS, make_dataset_dict, save_vit_teacher
+from helpers import LABELS, make_dataset_dict, save_vit_teacher
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from kdcache import KdcacheError

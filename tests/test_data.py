@@ -2,7 +2,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import LABELS, make_dataset_dict, make_images
+from helpers import LABELS, make_dataset_dict, make_images
 from PIL import Image
 from transformers import ConvNextImageProcessorPil, ViTImageProcessorPil
 

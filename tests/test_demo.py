@@ -2,6 +2,7 @@ import json
 
 import datasets
 import numpy as np
+import pytest
 from transformers import AutoModelForImageClassification
 
 from kdcache.demo import DIGIT_NAMES, build_digits_dataset, run_demo
@@ -26,6 +27,7 @@ def test_digits_dataset_is_deterministic_and_stratified(tmp_path):
     assert datasets.load_from_disk(str(first))["train"].features["label"].names == DIGIT_NAMES
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_writes_its_outputs(tmp_path, capsys):
     results = run_demo(tmp_path / "demo", quick=True, progress=False)
     root = tmp_path / "demo"

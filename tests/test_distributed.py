@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset_dict
+from helpers import make_dataset_dict
 
 from kdcache.cache import LABELS, LOGITS, MANIFEST, PIXELS, ROW, SOURCE, VIEWS, teacher_logits
 
@@ -37,7 +37,8 @@ def gloo_problem():
     return None
 
 
-pytestmark = pytest.mark.skipif(gloo_problem() is not None, reason=f"cannot start a gloo process group: {gloo_problem()}")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(gloo_problem() is not None, reason=f"cannot start a gloo process group: {gloo_problem()}")]
 
 
 def run(command, **env):
@@ -181,7 +182,7 @@ STAGE_TWO = dict(epochs=3, batch_size=8, learning_rate=1e-3, logging_steps=1, pr
 
 
 def test_two_processes_train_a_student_like_one_at_the_same_global_batch(tmp_path, tiny_cache, views_reference):
-    from conftest import COLOURS, LABELS, save_vit_teacher
+    from helpers import COLOURS, LABELS, save_vit_teacher
     from PIL import Image
     from transformers import AutoModelForImageClassification, pipeline
 

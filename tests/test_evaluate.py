@@ -4,7 +4,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import LABELS, make_dataset_dict, save_mobilenet_student, save_vit_teacher
+from helpers import LABELS, make_dataset_dict, save_mobilenet_student, save_vit_teacher
 from PIL import Image
 from scipy.special import rel_entr, softmax
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, LABELS, save_mobilenet_student, save_vit_teacher
+from helpers import COLOURS, LABELS, save_mobilenet_student, save_vit_teacher
 from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback, pipeline
 
 from kdcache import KdcacheError

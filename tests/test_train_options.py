@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import save_vit_teacher
+from helpers import save_vit_teacher
 from transformers import TrainerCallback
 
 from kdcache import KdcacheError

@@ -1,0 +1,62 @@
+"""What the tests build: tiny models from configs and tiny generated images, so the suite needs no network and no
+real dataset. Imported by the tests as `from helpers import ...`; the fixtures that share them are in conftest.py."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+LABELS = ["angular_leaf_spot", "bean_rust", "healthy"]
+COLOURS = [(200, 60, 40), (60, 170, 60), (50, 70, 200)]
+
+
+def make_images(count: int, seed: int, size=(40, 36)):
+    """Images whose class shows in their colour and texture, of a few sizes, as a real dataset has."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for index in range(count):
+        label = index % len(LABELS)
+        width, height = size[0] + 4 * (index % 3), size[1] + 2 * (index % 2)
+        base = np.array(COLOURS[label], dtype=np.float32)
+        noise = rng.normal(0, 40, (height, width, 3))
+        stripes = (np.arange(width)[None, :, None] % (3 + label)) * 12.0
+        pixels = np.clip(base + noise + stripes, 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(pixels, "RGB"))
+        labels.append(label)
+    return images, labels
+
+
+def make_dataset_dict(sizes=None, seed=0):
+    import datasets
+
+    sizes = sizes or {"train": 24, "validation": 12, "test": 12}
+    features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=LABELS)})
+    splits = {}
+    for offset, (name, count) in enumerate(sizes.items()):
+        images, labels = make_images(count, seed + offset)
+        splits[name] = datasets.Dataset.from_dict({"image": images, "labels": labels}, features=features)
+    return datasets.DatasetDict(splits)
+
+
+def save_vit_teacher(path, id2label=None, seed=0, image_size=32):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    id2label = id2label or dict(enumerate(LABELS))
+    config = ViTConfig(
+        image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=len(id2label), id2label=id2label,
+        label2id={name: index for index, name in id2label.items()},
+    )
+    torch.manual_seed(seed)
+    model = ViTForImageClassification(config).eval()
+    model.save_pretrained(str(path))
+    ViTImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(str(path))
+    return path
+
+
+def save_mobilenet_student(path, num_labels=3, seed=0, image_size=32):
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    config = MobileNetV2Config(image_size=image_size, depth_multiplier=0.35, num_labels=num_labels)
+    torch.manual_seed(seed)
+    MobileNetV2ForImageClassification(config).save_pretrained(str(path))
+    return path
