@@ -91,7 +91,7 @@ def run(args, work: Path) -> dict:
     import transformers
 
     from kdcache.cache import read_manifest, teacher_logits
-    from kdcache.evaluate import evaluate_models
+    from kdcache.evaluation import evaluate_models
     from kdcache.train import train_student
 
     dataset = args.dataset or generated_dataset(work / "dataset", {"train": args.train_images, "validation": 64, "test": 128})

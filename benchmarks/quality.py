@@ -44,7 +44,7 @@ RECIPES = {
 
 def run(args):
     from kdcache.cache import read_manifest, teacher_logits
-    from kdcache.evaluate import evaluate_models
+    from kdcache.evaluation import evaluate_models
     from kdcache.train import train_student
 
     root = Path(args.root)

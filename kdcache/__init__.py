@@ -20,7 +20,7 @@ def __getattr__(name):
 
         return train_student
     if name == "evaluate_models":
-        from kdcache.evaluate import evaluate_models
+        from kdcache.evaluation import evaluate_models
 
         return evaluate_models
     if name == "distillation_loss":

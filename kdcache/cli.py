@@ -195,7 +195,7 @@ def evaluate_command(
       kdcache evaluate data/students/beans--effl0-beans-distilled --cache data/beans--effl0-beans
       kdcache evaluate ../shared/teachers/effl0-beans data/students/* --cache data/beans--effl0-beans
     """
-    from kdcache.evaluate import describe, evaluate_models
+    from kdcache.evaluation import describe, evaluate_models
 
     report = evaluate_models(
         models, dataset=dataset, split=split, cache=cache, batch_size=batch_size, device=device, output=output,

@@ -137,7 +137,7 @@ def run_demo(output: str | Path = "data/demo", quick: bool = False, seed: int = 
     claim_demo_folder(root)  # before the imports below, which take seconds
 
     from kdcache.cache import teacher_logits
-    from kdcache.evaluate import evaluate_models
+    from kdcache.evaluation import evaluate_models
     from kdcache.train import train_student
 
     tune_malloc()

@@ -10,7 +10,7 @@ from scipy.special import rel_entr, softmax
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from kdcache import KdcacheError
-from kdcache.evaluate import (
+from kdcache.evaluation import (
     COMPARISON_PNG,
     CONFUSION_PNG,
     METRICS,
