@@ -18,14 +18,12 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-import kdcache
 from kdcache.data import (
     ImagePipeline,
     ViewRecipe,
@@ -38,6 +36,25 @@ from kdcache.data import (
     undecoded,
 )
 from kdcache.errors import KdcacheError, first_line
+from kdcache.manifest import (  # noqa: F401 (the format's names, importable from here as before)
+    CLEAN_FORMAT_VERSION,
+    FORMAT_VERSION,
+    IMAGE,
+    LABELS,
+    LOGITS,
+    MANIFEST,
+    MIX_PARTNERS,
+    MIX_VIEWS,
+    MIX_WEIGHTS,
+    PIXELS,
+    ROW,
+    SOURCE,
+    SOURCE_SHAPE,
+    SUPPORTED_FORMAT_VERSIONS,
+    VIEWS,
+    Manifest,
+    logits_sha256,
+)
 from kdcache.models import align_labels, load_classifier, weights_sha256
 from kdcache.outputs import check_free_space, guards_output, lock_output, report_disk_full, stage_one_bytes
 from kdcache.runtime import (
@@ -48,22 +65,10 @@ from kdcache.runtime import (
     is_main,
     move_into_place,
     output_path,
-    pick_device,
+    placement,
     slug,
-    tune_malloc,
 )
 
-# 3: view splits hold the source as reduced raw pixels (source, source_shape), and optionally mixed views
-#    (mix_partners, mix_views, mix_weights); a cache without views is written as format 2, which it still is.
-# 2: optional augmented views per image (views, image columns); 1: one clean view.
-FORMAT_VERSION = 3
-CLEAN_FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
-MANIFEST = "kdcache.json"
-ROW, LABELS, LOGITS, PIXELS = "row_index", "labels", "teacher_logits", "pixel_values"
-VIEWS, IMAGE = "views", "image"
-SOURCE, SOURCE_SHAPE = "source", "source_shape"
-MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS = "mix_partners", "mix_views", "mix_weights"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -113,12 +118,7 @@ def teacher_logits(
             raise KdcacheError("--batch-size, --chunk-size and --views must be at least 1")
         if precision not in PRECISIONS:
             raise KdcacheError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
-        tune_malloc()
-        torch_device = pick_device(device)
-        if processes and torch_device.type == "cuda":
-            torch_device = processes.device  # one GPU per process
-        if precision != "fp32" and torch_device.type != "cuda":
-            raise KdcacheError(f"--precision {precision} needs a CUDA device (on CPU it is slower than fp32); use fp32")
+        torch_device = placement(device, precision, processes, training=False).device
         output = output_path(output) if output is not None else default_cache_path(dataset, teacher)
         if is_main(processes):
             lock_output(output)  # held until this function returns: a second run on this output is refused
@@ -213,60 +213,19 @@ def teacher_logits(
     with agreed(processes), _quiet_datasets():
         if is_main(processes):
             cache = _assemble(work, splits)
-            manifest = {
-                "format": "kdcache",
-                "format_version": format_version,
-                "fingerprint": fingerprint,
-                "kdcache_version": kdcache.__version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "teacher": {
-                    "name_or_path": teacher,
-                    "revision": revision,
-                    "class": type(model).__name__,
-                    "weights_sha256": recipe["teacher_weights_sha256"],
-                    "id2label": {str(k): v for k, v in model.config.id2label.items()},
-                    "trust_remote_code": trust_remote_code,
-                },
-                "image_processor": recipe["image_processor"],
-                "dataset": {
-                    "name_or_path": dataset,
-                    "revision": dataset_revision,
-                    "image_column": image_column,
-                    "label_column": label_column,
-                    "splits": {
-                        name: {
-                            "fingerprint": recipe["split_fingerprints"][name],
-                            "num_rows": len(cache[name]),
-                            "views": views if name in view_splits else 1,
-                            "logits_sha256": logits_sha256(cache[name]),
-                        }
-                        for name in splits
-                    },
-                },
-                "label_names": names,
-                "teacher_to_dataset": mapping,
-                "columns": {
-                    "labels": LABELS,
-                    "teacher_logits": {"name": LOGITS, "dtype": "float32", "length": len(names), "order": "dataset labels",
-                                       "per_view_shape": "(views, classes) in view splits"},
-                    "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": list(pixel_shape), "splits": "without views"},
-                    "row_index": ROW,
-                    "views": {"name": VIEWS, "dtype": "int32", "fields": ["x0", "y0", "x1", "y1", "flip"], "splits": "with views"},
-                    "source": {"name": SOURCE, "dtype": "binary", "shape_column": SOURCE_SHAPE,
-                               "splits": "with views: the source image's raw RGB bytes (height, width, 3), reduced to the "
-                                         "recipe's source_size, to rebuild each view"},
-                    "mix": {"partners": MIX_PARTNERS, "views": MIX_VIEWS, "weights": MIX_WEIGHTS,
-                            "splits": "with mixed views: the partner row, its view, and the weight of the row's own view"},
-                },
-                "views": recipe["views"],
-                "precision": precision,
-                "device": str(torch_device),
-                "processes": job.processes,
-                "versions": _library_versions(),
-                "seconds": round(time.perf_counter() - started, 1),
-                "images_per_second": stats,  # of all processes together, over the time of the slowest
-            }
-            _write_json(work / "cache" / MANIFEST, manifest)
+            manifest = Manifest.build(
+                recipe=recipe, fingerprint=fingerprint, pixel_shape=pixel_shape,
+                teacher={"name_or_path": teacher, "revision": revision, "trust_remote_code": trust_remote_code,
+                         "id2label": {str(k): v for k, v in model.config.id2label.items()}},
+                dataset={"name_or_path": dataset, "revision": dataset_revision},
+                splits={name: {"fingerprint": recipe["split_fingerprints"][name], "num_rows": len(cache[name]),
+                               "views": views if name in view_splits else 1, "logits_sha256": logits_sha256(cache[name])}
+                        for name in splits},
+                run={"precision": precision, "device": str(torch_device), "processes": job.processes,
+                     "versions": _library_versions(), "seconds": round(time.perf_counter() - started, 1),
+                     "images_per_second": stats},
+            )
+            manifest.write(work / "cache")
             processor.save_pretrained(str(work / "cache"))
             move_into_place(work / "cache", output)
             shutil.rmtree(work, ignore_errors=True)
@@ -506,59 +465,32 @@ def _assemble(work: Path, splits: list[str]):
     return datasets.load_from_disk(str(target))
 
 
-def logits_sha256(split) -> str:
-    logits = np.asarray(split.with_format("numpy")[LOGITS], dtype="<f4")
-    return hashlib.sha256(np.ascontiguousarray(logits).tobytes()).hexdigest()
-
-
-def read_manifest(path: str | Path) -> dict:
-    file = Path(path) / MANIFEST
-    try:
-        return json.loads(file.read_text())
-    except FileNotFoundError:
-        raise KdcacheError(f"'{path}' is not a kdcache cache ({MANIFEST} is missing); create one with kdcache teacher-logits") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise KdcacheError(f"the manifest '{file}' cannot be read ({first_line(error)}); recreate the cache") from None
+def read_manifest(path: str | Path) -> Manifest:
+    return Manifest.read(path)
 
 
 def load_cache(path: str | Path, verify: bool = True):
-    """The cache as (DatasetDict, manifest). With verify, a stale or damaged cache is refused: unknown format
+    """The cache as (DatasetDict, Manifest). With verify, a stale or damaged cache is refused: unknown format
     version, missing split, other row count, or logits that no longer match their checksum."""
     import datasets
 
     path = Path(path)
     if not path.is_dir():
         raise KdcacheError(f"cache '{path}' does not exist; create it with kdcache teacher-logits")
-    manifest = read_manifest(path)
-    version = manifest.get("format_version")
-    if manifest.get("format") != "kdcache" or version not in SUPPORTED_FORMAT_VERSIONS:
-        raise KdcacheError(
-            f"cache '{path}' has format version {version!r}; this kdcache (v{kdcache.__version__}) reads "
-            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}: recreate it with kdcache teacher-logits"
-        )
+    manifest = Manifest.read(path)
+    manifest.check_format(path)
     try:
         with _quiet_datasets():
             cache = datasets.load_from_disk(str(path))
     except Exception as error:
         raise KdcacheError(f"cache '{path}' cannot be read ({first_line(error)}); recreate it with kdcache teacher-logits") from None
     if verify:
-        verify_cache(cache, manifest, path)
+        manifest.verify(cache, path)
     return cache, manifest
 
 
 def verify_cache(cache, manifest: dict, path) -> None:
-    for name, expected in manifest["dataset"]["splits"].items():
-        if name not in cache:
-            raise KdcacheError(f"cache '{path}' lacks split '{name}' that its manifest lists; recreate it")
-        if len(cache[name]) != expected["num_rows"]:
-            raise KdcacheError(
-                f"cache '{path}' split '{name}' has {len(cache[name])} rows, its manifest says {expected['num_rows']}; "
-                "the cache is damaged: recreate it"
-            )
-        if logits_sha256(cache[name]) != expected["logits_sha256"]:
-            raise KdcacheError(f"cache '{path}' split '{name}': teacher logits do not match their checksum; the cache is damaged: recreate it")
-        if list(cache[name].features[LABELS].names) != manifest["label_names"]:
-            raise KdcacheError(f"cache '{path}' split '{name}': label names differ from the manifest's; recreate it")
+    Manifest(manifest).verify(cache, path)
 
 
 def describe(path: str | Path) -> str:

@@ -95,7 +95,7 @@ def evaluate_models(
     dataset_revision = None
     if cache is not None:
         cached, manifest = load_cache(cache)
-        made_from = manifest["dataset"]
+        made_from = manifest.dataset
         if split not in made_from["splits"]:
             raise KdcacheError(f"cache '{cache}' has no split '{split}' (splits: {', '.join(made_from['splits'])}); "
                                f"pick one with --split, or cache it with kdcache teacher-logits --splits {split}")
@@ -150,8 +150,8 @@ def evaluate_models(
             "output": str(output / folder) if folder else str(output),
         }
         if teacher is not None:
-            result["teacher_agreement"] = {"cache": str(cache), "cache_fingerprint": manifest["fingerprint"],
-                                           "teacher": manifest["teacher"]["name_or_path"],
+            result["teacher_agreement"] = {"cache": str(cache), "cache_fingerprint": manifest.fingerprint,
+                                           "teacher": manifest.teacher["name_or_path"],
                                            **teacher_agreement(logits, teacher, references)}
         results.append(result)
         del model
@@ -190,15 +190,15 @@ def _check_output(output: Path) -> None:
 
 def _cached_teacher(cached, manifest, cache, rows, dataset, split, names, references) -> np.ndarray:
     """The cached teacher logits of `split`, once it is certain they belong to these very rows."""
-    expected = manifest["dataset"]["splits"][split]
+    expected = manifest.split(split)
     if rows._fingerprint != expected["fingerprint"] or len(rows) != expected["num_rows"]:
         raise KdcacheError(
             f"cache '{cache}' was made from other data than split '{split}' of '{dataset}' (fingerprint "
             f"{expected['fingerprint']}, {expected['num_rows']} rows; the split has {rows._fingerprint}, {len(rows)} "
-            f"rows); pass the dataset it was made from ({manifest['dataset']['name_or_path']}) or rebuild the cache"
+            f"rows); pass the dataset it was made from ({manifest.dataset['name_or_path']}) or rebuild the cache"
         )
-    if manifest["label_names"] != names:
-        raise KdcacheError(f"cache '{cache}' has labels {', '.join(manifest['label_names'])} but dataset '{dataset}' "
+    if manifest.label_names != names:
+        raise KdcacheError(f"cache '{cache}' has labels {', '.join(manifest.label_names)} but dataset '{dataset}' "
                            f"has {', '.join(names)}; rebuild the cache from this dataset")
     part = cached[split].with_format("numpy")[:]
     if not np.array_equal(np.asarray(part[LABELS], dtype=np.int64), references):

@@ -64,6 +64,42 @@ def pick_device(device: str = "auto"):
     return chosen
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a stage computes: its device, its precision and how many processes share the work."""
+
+    device: "torch.device"
+    precision: str
+    processes: int
+
+    def describe(self, per_process_batch: int) -> str:
+        """The effective contract in one line, e.g. 'global batch 32 = 1 process x 32 on cuda:0, bf16'."""
+        plural = "es" if self.processes > 1 else ""
+        return (f"global batch {per_process_batch * self.processes} = {self.processes} process{plural} x "
+                f"{per_process_batch} on {self.device}, {self.precision}")
+
+
+def placement(device: str, precision: str, processes: "Processes | None", training: bool) -> Placement:
+    """The one resolver of --device, --precision and the process count, shared by the stages. Under several
+    processes on CUDA each process takes the GPU of its local index. Stage two (`training`) names the GPU that
+    `cuda` means and resolves --precision auto (kdcache.devices); stage one computes in fp32 unless told otherwise."""
+    tune_malloc()
+    chosen = pick_device(device)
+    if training:
+        from kdcache.devices import resolve_cuda
+
+        chosen = resolve_cuda(chosen)
+    if processes and chosen.type == "cuda":
+        chosen = processes.device  # one GPU per process
+    if training:
+        from kdcache.devices import training_precision
+
+        precision = training_precision(precision, chosen)
+    elif precision != "fp32" and chosen.type != "cuda":
+        raise KdcacheError(f"--precision {precision} needs a CUDA device (on CPU it is slower than fp32); use fp32")
+    return Placement(chosen, precision, processes.count if processes else 1)
+
+
 def check_writable_parent(path: Path, what: str) -> None:
     """Fail early, before hours of work, if the output cannot be created."""
     parent = path.resolve().parent

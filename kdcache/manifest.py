@@ -1,0 +1,209 @@
+"""The manifest of a logit cache (CACHE/kdcache.json): the cache's public contract, in one type.
+
+`Manifest` is the manifest's JSON as a dict (so it is written, compared and dumped as one), plus what every stage
+needs of it: reading with one-line errors, upgrading older format versions in memory so that no reader has to
+know them, building a new one (stage one), verifying a loaded cache against it, and accessors for the fields the
+other stages read. A new field is added here (in `build`, an accessor, and `_upgrade` for caches without it).
+
+Format versions:
+  3: view splits hold the source as reduced raw pixels (source, source_shape), and optionally mixed views
+     (mix_partners, mix_views, mix_weights); a cache without views is written as format 2, which it still is.
+  2: optional augmented views per image (views, image columns).
+  1: one clean view (no `views`, at the top or per split): read as views=None, and 1 view per split.
+"""
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import kdcache
+from kdcache.errors import KdcacheError, first_line
+
+FORMAT_VERSION = 3
+CLEAN_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+MANIFEST = "kdcache.json"
+ROW, LABELS, LOGITS, PIXELS = "row_index", "labels", "teacher_logits", "pixel_values"
+VIEWS, IMAGE = "views", "image"
+SOURCE, SOURCE_SHAPE = "source", "source_shape"
+MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS = "mix_partners", "mix_views", "mix_weights"
+
+COLUMNS = {
+    "labels": LABELS,
+    "teacher_logits": {"name": LOGITS, "dtype": "float32", "length": None, "order": "dataset labels",
+                       "per_view_shape": "(views, classes) in view splits"},
+    "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": None, "splits": "without views"},
+    "row_index": ROW,
+    "views": {"name": VIEWS, "dtype": "int32", "fields": ["x0", "y0", "x1", "y1", "flip"], "splits": "with views"},
+    "source": {"name": SOURCE, "dtype": "binary", "shape_column": SOURCE_SHAPE,
+               "splits": "with views: the source image's raw RGB bytes (height, width, 3), reduced to the "
+                         "recipe's source_size, to rebuild each view"},
+    "mix": {"partners": MIX_PARTNERS, "views": MIX_VIEWS, "weights": MIX_WEIGHTS,
+            "splits": "with mixed views: the partner row, its view, and the weight of the row's own view"},
+}
+
+
+class Manifest(dict):
+    """A cache's manifest: its JSON (a dict), upgraded to the current shape, with the accessors the stages use."""
+
+    # reading, writing, building
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Manifest":
+        """The manifest of the cache folder `path`, refused in one line when missing or unreadable (not checked
+        against a format version: `check_format` does that, so that `kdcache info` can still show an old one)."""
+        file = Path(path) / MANIFEST
+        try:
+            data = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise KdcacheError(f"'{path}' is not a kdcache cache ({MANIFEST} is missing); create one with kdcache "
+                               "teacher-logits") from None
+        except (OSError, json.JSONDecodeError) as error:
+            raise KdcacheError(f"the manifest '{file}' cannot be read ({first_line(error)}); recreate the cache") from None
+        return cls(_upgrade(data))
+
+    def check_format(self, path) -> None:
+        """Refuse a manifest that is not kdcache's, or of a format version this kdcache does not read."""
+        version = self.get("format_version")
+        if self.get("format") != "kdcache" or version not in SUPPORTED_FORMAT_VERSIONS:
+            raise KdcacheError(
+                f"cache '{path}' has format version {version!r}; this kdcache (v{kdcache.__version__}) reads "
+                f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}: recreate it with kdcache teacher-logits"
+            )
+
+    def write(self, folder: Path) -> None:
+        """Write into `folder` (atomically: a reader never sees half a manifest)."""
+        partial = folder / (MANIFEST + ".tmp")
+        partial.write_text(json.dumps(self, indent=2) + "\n")
+        partial.replace(folder / MANIFEST)
+
+    @classmethod
+    def build(cls, *, recipe: dict, fingerprint: str, teacher: dict, dataset: dict, splits: dict, pixel_shape,
+              run: dict) -> "Manifest":
+        """Stage one's manifest. `recipe` is what the fingerprint was taken of (see cache.teacher_logits); `teacher`
+        and `dataset` name them (name_or_path, revision, ...); `splits` gives each split's fingerprint, num_rows,
+        views and logits_sha256; `run` says how the logits were made (precision, device, processes, versions,
+        seconds, images_per_second)."""
+        names = recipe["label_names"]
+        columns = json.loads(json.dumps(COLUMNS))
+        columns["teacher_logits"]["length"] = len(names)
+        columns["pixel_values"]["shape"] = list(pixel_shape)
+        return cls({
+            "format": "kdcache",
+            "format_version": recipe["format_version"],
+            "fingerprint": fingerprint,
+            "kdcache_version": kdcache.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "teacher": {
+                "name_or_path": teacher["name_or_path"],
+                "revision": teacher["revision"],
+                "class": recipe["teacher_class"],
+                "weights_sha256": recipe["teacher_weights_sha256"],
+                "id2label": teacher["id2label"],
+                "trust_remote_code": teacher["trust_remote_code"],
+            },
+            "image_processor": recipe["image_processor"],
+            "dataset": {
+                "name_or_path": dataset["name_or_path"],
+                "revision": dataset["revision"],
+                "image_column": recipe["image_column"],
+                "label_column": recipe["label_column"],
+                "splits": splits,
+            },
+            "label_names": names,
+            "teacher_to_dataset": recipe["teacher_to_dataset"],
+            "columns": columns,
+            "views": recipe["views"],
+            "precision": run["precision"],
+            "device": run["device"],
+            "processes": run["processes"],
+            "versions": run["versions"],
+            "seconds": run["seconds"],
+            "images_per_second": run["images_per_second"],  # of all processes together, over the time of the slowest
+        })
+
+    # verifying
+
+    def verify(self, cache, path) -> None:
+        """Refuse a loaded cache (a DatasetDict) that no longer matches this manifest: a missing split, another
+        row count, logits that do not match their checksum, other label names."""
+        for name, expected in self["dataset"]["splits"].items():
+            if name not in cache:
+                raise KdcacheError(f"cache '{path}' lacks split '{name}' that its manifest lists; recreate it")
+            if len(cache[name]) != expected["num_rows"]:
+                raise KdcacheError(
+                    f"cache '{path}' split '{name}' has {len(cache[name])} rows, its manifest says "
+                    f"{expected['num_rows']}; the cache is damaged: recreate it"
+                )
+            if logits_sha256(cache[name]) != expected["logits_sha256"]:
+                raise KdcacheError(f"cache '{path}' split '{name}': teacher logits do not match their checksum; the "
+                                   "cache is damaged: recreate it")
+            if list(cache[name].features[LABELS].names) != self.label_names:
+                raise KdcacheError(f"cache '{path}' split '{name}': label names differ from the manifest's; recreate it")
+
+    # accessors
+
+    @property
+    def fingerprint(self) -> str:
+        return self["fingerprint"]
+
+    @property
+    def label_names(self) -> list[str]:
+        return self["label_names"]
+
+    @property
+    def teacher(self) -> dict:
+        """name_or_path, revision, class, weights_sha256, id2label, trust_remote_code."""
+        return self["teacher"]
+
+    @property
+    def dataset(self) -> dict:
+        """name_or_path, revision, image_column, label_column, splits."""
+        return self["dataset"]
+
+    @property
+    def splits(self) -> dict:
+        return self["dataset"]["splits"]
+
+    def split(self, name: str) -> dict:
+        """fingerprint, num_rows, views and logits_sha256 of split `name`."""
+        return self["dataset"]["splits"][name]
+
+    def views_of(self, split: str) -> int:
+        """Views per image of `split` (1: the one clean view)."""
+        return self.split(split)["views"]
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(3, height, width) of the teacher's input, as the clean splits store it."""
+        return tuple(self["columns"]["pixel_values"]["shape"])
+
+    @property
+    def view_recipe(self):
+        """The ViewRecipe of the view splits, or None for a cache without views."""
+        from kdcache.data import ViewRecipe
+
+        return ViewRecipe.from_dict(self["views"]["recipe"]) if self["views"] else None
+
+    @property
+    def mixed_views(self) -> bool:
+        return bool(self["views"] and self["views"]["recipe"].get("mix_alpha"))
+
+
+def _upgrade(data: dict) -> dict:
+    """An older format's manifest in the current shape, in memory (the file and its format_version stay)."""
+    data.setdefault("views", None)  # format 1: no views
+    for split in data.get("dataset", {}).get("splits", {}).values():
+        split.setdefault("views", 1)
+    data.get("teacher", {}).setdefault("trust_remote_code", False)
+    data.setdefault("processes", 1)
+    return data
+
+
+def logits_sha256(split) -> str:
+    """The checksum of a split's teacher logits, as the manifest records it: sha256 of the little-endian float32s."""
+    import numpy as np
+
+    logits = np.asarray(split.with_format("numpy")[LOGITS], dtype="<f4")
+    return hashlib.sha256(np.ascontiguousarray(logits).tobytes()).hexdigest()
