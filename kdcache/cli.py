@@ -8,8 +8,10 @@ from typing import Optional
 
 import typer
 
-from kdcache.defaults import TRAINING as DEFAULTS
 from kdcache.errors import KdcacheError
+from kdcache.options import TrainingOptions
+
+DEFAULT = TrainingOptions.default  # stage two's defaults are declared once, in kdcache.options
 
 app = typer.Typer(
     help=(
@@ -219,15 +221,15 @@ def train_student_command(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
     output: Optional[Path] = typer.Option(None, show_default="data/students/<cache>-distilled", help="Folder for the trained student."),
     student: Optional[str] = typer.Option(None, show_default="MobileNetV2Config() from scratch", help="Student: a model type from scratch (e.g. mobilenet_v2), a config-only folder, or a hub id / folder with weights."),
-    temperature: float = typer.Option(5.0, "--temperature", "-T", help="Softmax temperature T of the distillation term."),
-    alpha: float = typer.Option(0.5, "--alpha", "--lambda", help="Weight of the distillation term: 0 = labels only (a from-scratch baseline), 1 = teacher only."),
-    epochs: float = typer.Option(DEFAULTS["epochs"], help="Training epochs."),
-    learning_rate: float = typer.Option(DEFAULTS["learning_rate"], help="Peak AdamW learning rate."),
-    batch_size: int = typer.Option(DEFAULTS["batch_size"], help="Images per training step: the global batch, of all processes together when there are several (each takes its share)."),
-    weight_decay: float = typer.Option(DEFAULTS["weight_decay"], help="AdamW weight decay."),
-    warmup_ratio: float = typer.Option(DEFAULTS["warmup_ratio"], help="Fraction of steps spent warming the learning rate up (>= 0 and < 1)."),
-    scheduler: str = typer.Option(DEFAULTS["scheduler"], help="Learning-rate schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt."),
-    seed: int = typer.Option(42, help="Seed for the student's initial weights and the data order."),
+    temperature: float = typer.Option(DEFAULT("temperature"), "--temperature", "-T", help="Softmax temperature T of the distillation term."),
+    alpha: float = typer.Option(DEFAULT("alpha"), "--alpha", "--lambda", help="Weight of the distillation term: 0 = labels only (a from-scratch baseline), 1 = teacher only."),
+    epochs: float = typer.Option(DEFAULT("epochs"), help="Training epochs."),
+    learning_rate: float = typer.Option(DEFAULT("learning_rate"), help="Peak AdamW learning rate."),
+    batch_size: int = typer.Option(DEFAULT("batch_size"), help="Images per training step: the global batch, of all processes together when there are several (each takes its share)."),
+    weight_decay: float = typer.Option(DEFAULT("weight_decay"), help="AdamW weight decay."),
+    warmup_ratio: float = typer.Option(DEFAULT("warmup_ratio"), help="Fraction of steps spent warming the learning rate up (>= 0 and < 1)."),
+    scheduler: str = typer.Option(DEFAULT("scheduler"), help="Learning-rate schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt."),
+    seed: int = typer.Option(DEFAULT("seed"), help="Seed for the student's initial weights and the data order."),
     eval_split: str = typer.Option("validation", help="Split evaluated after each epoch; the best epoch is kept. 'none' to skip."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint; refused if it was started with other options (workers, device and logging may change)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder (or discard an interrupted run)."),
@@ -237,8 +239,8 @@ def train_student_command(
     student_size: Optional[int] = typer.Option(None, show_default="the teacher's input size", help="Train the student at S x S pixels: each view is the teacher's crop, resized to S (cheaper steps; saved with a processor that feeds S)."),
     ema_decay: Optional[float] = typer.Option(None, show_default="no EMA", help="Keep an exponential moving average of the student's weights with this decay per step (e.g. 0.998); it is evaluated each epoch and saved as the student."),
     num_workers: Optional[int] = typer.Option(None, show_default="1 for caches with views, else 0", help="DataLoader worker processes."),
-    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps: one device, also on a machine with several GPUs (use them all with --num-processes)."),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA GPUs that compute in it natively, Ampere or newer; else fp32), fp32, bf16, fp16."),
+    device: str = typer.Option(DEFAULT("device"), help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps: one device, also on a machine with several GPUs (use them all with --num-processes)."),
+    precision: str = typer.Option(DEFAULT("precision"), help="auto (bf16 on CUDA GPUs that compute in it natively, Ampere or newer; else fp32), fp32, bf16, fp16."),
     push_to_hub: Optional[str] = typer.Option(None, metavar="REPO", help="Once the student is saved, upload its folder (weights, image processor, model card) to this hub repository, created if needed (needs a login: hf auth login)."),
     num_processes: Optional[int] = typer.Option(None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP),
 ):
@@ -268,14 +270,14 @@ def train_student_command(
     relaunch(num_processes, device)
     from kdcache.train import train_student
 
-    train_student(
-        cache, output=output, student=student, temperature=temperature, alpha=alpha, epochs=epochs,
-        learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-        scheduler=scheduler, seed=seed, eval_split=None if eval_split.lower() == "none" else eval_split,
-        resume=resume, overwrite=overwrite, online=online, teacher=teacher, student_only_augment=student_only_augment,
-        student_size=student_size, ema_decay=ema_decay, num_workers=num_workers, device=device, precision=precision,
-        push_to_hub=push_to_hub, progress=True,
+    options = TrainingOptions(
+        student=student, temperature=temperature, alpha=alpha, epochs=epochs, learning_rate=learning_rate,
+        batch_size=batch_size, weight_decay=weight_decay, warmup_ratio=warmup_ratio, scheduler=scheduler, seed=seed,
+        eval_split=None if eval_split.lower() == "none" else eval_split, resume=resume, overwrite=overwrite,
+        online=online, teacher=teacher, student_only_augment=student_only_augment, student_size=student_size,
+        ema_decay=ema_decay, num_workers=num_workers, device=device, precision=precision, push_to_hub=push_to_hub,
     )
+    train_student(cache, output=output, options=options, progress=True)
 
 
 @app.command("demo")

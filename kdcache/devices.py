@@ -14,8 +14,7 @@ import torch
 from transformers import TrainingArguments
 
 from kdcache.errors import KdcacheError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from kdcache.options import PRECISIONS  # noqa: F401 (importable from here as before)
 
 
 @dataclass

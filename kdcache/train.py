@@ -6,9 +6,11 @@ for tests and benchmarks) the batch is built from the original images and the te
 """
 
 import json
+import logging
 import math
 import shutil
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +32,13 @@ from kdcache.cache import (
     load_cache,
 )
 from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, load_image_dataset, undecoded
-from kdcache.defaults import TRAINING as DEFAULTS
-from kdcache.devices import OneDeviceArguments, resolve_cuda, training_precision
+from kdcache.devices import OneDeviceArguments
 from kdcache.errors import KdcacheError, hub_error
 from kdcache.hub import push_folder
 from kdcache.loss import distillation_loss
+from kdcache.manifest import Manifest
 from kdcache.models import align_labels, count_parameters, load_classifier, weights_sha256
-from kdcache.options import check_resumable, check_training_options, record_options, run_options
+from kdcache.options import TrainingOptions, check_resumable, record_options, run_options
 from kdcache.outputs import (
     check_free_space,
     guards_output,
@@ -53,11 +55,11 @@ from kdcache.runtime import (
     is_main,
     move_into_place,
     output_path,
-    pick_device,
+    placement,
     slug,
-    tune_malloc,
 )
 
+log = logging.getLogger("kdcache")
 
 class DistillationTrainer(Trainer):
     """Trainer whose loss is kdcache's distillation loss over the batch's `teacher_logits`."""
@@ -352,224 +354,257 @@ def accuracy_metric(prediction):
 
 
 @guards_output
-def train_student(
-    cache: str | Path,
-    output: str | Path | None = None,
-    student: str | None = None,
-    temperature: float = 5.0,
-    alpha: float = 0.5,
-    epochs: float = DEFAULTS["epochs"],
-    learning_rate: float = DEFAULTS["learning_rate"],
-    batch_size: int = DEFAULTS["batch_size"],
-    weight_decay: float = DEFAULTS["weight_decay"],
-    warmup_ratio: float = DEFAULTS["warmup_ratio"],
-    scheduler: str = DEFAULTS["scheduler"],
-    seed: int = 42,
-    train_split: str = "train",
-    eval_split: str | None = "validation",
-    max_steps: int = -1,
-    resume: bool = False,
-    overwrite: bool = False,
-    online: bool = False,
-    teacher: str | None = None,
-    student_only_augment: bool = False,
-    student_size: int | None = None,
-    ema_decay: float | None = None,
-    num_workers: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    logging_steps: int = 10,
-    save_checkpoints: bool = True,
-    push_to_hub: str | None = None,
-    callbacks: list | None = None,
-    progress: bool = True,
-) -> dict:
+def train_student(cache: str | Path, output: str | Path | None = None, options: TrainingOptions | None = None, *,
+                  callbacks: list | None = None, progress: bool = True, **overrides) -> dict:
     """Train a student from the cache at `cache` and save it (model, image processor, model card) to `output`.
 
-    Returns a summary: output folder, best validation accuracy and its epoch, wall time, the per-epoch history.
-    `student_size` S trains (and saves) the student at S x S pixels: each view is the same crop as the teacher's,
-    resized to S. `ema_decay` (e.g. 0.998) keeps an exponential moving average of the weights, evaluated each epoch
-    and saved as the student. `callbacks` are transformers TrainerCallbacks (or classes), passed to the Trainer as they are.
+    The options are a TrainingOptions (kdcache.options: every option, its default and its checks), given whole as
+    `options`, one by one as keywords (`train_student(cache, output=..., seed=1, alpha=0)`), or both (the keywords
+    win). `student_size` S trains (and saves) the student at S x S pixels: each view is the same crop as the
+    teacher's, resized to S. `ema_decay` (e.g. 0.998) keeps an exponential moving average of the weights, evaluated
+    each epoch and saved as the student. `callbacks` are transformers TrainerCallbacks (or classes), passed to the
+    Trainer as they are.
 
+    Returns a summary: output folder, best validation accuracy and its epoch, wall time, the per-epoch history.
     Launched as several processes (accelerate launch, torchrun), it trains data-parallel: `batch_size` is the
     global batch, split evenly among the processes; only the main process writes the output. Every process returns
     the summary, the same on all (the Trainer gathers losses and metrics) except for its own wall time.
     """
-    arguments = dict(locals())  # the options as given: --resume compares them with the interrupted run's
-    processes = distributed(device)  # None on a plain run, which then goes exactly as it always has
-    count = processes.count if processes else 1
+    options = replace(options or TrainingOptions(), **overrides)
+    processes = distributed(options.device)  # None on a plain run, which then goes exactly as it always has
     with agreed(processes):  # every process checks the same inputs; an error is printed once
-        check_training_options(
-            temperature=temperature, alpha=alpha, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
-            batch_size=batch_size, processes=count, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-            scheduler=scheduler, seed=seed, num_workers=num_workers, logging_steps=logging_steps, precision=precision,
-            online=online, teacher=teacher, student_only_augment=student_only_augment, resume=resume,
-            save_checkpoints=save_checkpoints, push_to_hub=push_to_hub, student_size=student_size, ema_decay=ema_decay,
-        )
-        tune_malloc()
-        torch_device = resolve_cuda(pick_device(device))
-        if processes and torch_device.type == "cuda":
-            torch_device = processes.device  # one GPU per process (the online teacher goes there too)
-        precision = training_precision(precision, torch_device)
-        cache_path = Path(cache)
-        cached, manifest = load_cache(cache_path)
-        names = manifest["label_names"]
-        for split, flag in ((train_split, "--train-split"), (eval_split, "--eval-split")):
-            if split is not None and split not in cached:
-                raise KdcacheError(f"{flag} '{split}' is not in cache '{cache_path}' (splits: {', '.join(cached)})")
-        output = output_path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{'online' if online else 'distilled' if alpha > 0 else 'scratch'}"
-        work = output.with_name(output.name + ".partial")
-        options = run_options(arguments, cache_fingerprint=manifest["fingerprint"], precision=precision)
-        if is_main(processes):  # the main process alone decides about the output, and clears it
-            lock_output(output)  # held until this function returns: a second run on this output is refused
-            if output.exists() and not overwrite:
-                raise KdcacheError(f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output")
-            check_writable_parent(output, "--output")
-            if work.exists() and not resume:
-                if not overwrite:
-                    raise KdcacheError(
-                        f"'{work}' holds an interrupted training run; pass --resume to continue it or --overwrite to start over"
-                    )
-                shutil.rmtree(work)
-            if resume:
-                check_resumable(work, options)
-
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(str(cache_path), backend="pil")
-        pipeline = ImagePipeline(processor)
-        pixel_shape = manifest["columns"]["pixel_values"]["shape"]
-        size = (student_size, student_size) if student_size else tuple(pixel_shape[1:])
-        if online and size != tuple(pixel_shape[1:]):
-            raise KdcacheError(f"--online runs the teacher on the student's input, which must then be the teacher's "
-                               f"{pixel_shape[1]}x{pixel_shape[2]} pixels; leave out --student-size or train from the cache")
-        model = build_student(student, names, (3, *size), seed)
+        options.check(processes.count if processes else 1)
+        place = placement(options.device, options.precision, processes, training=True)
+        cache_path, cached, manifest = _open_cache(cache, options)
+        output, work = _claim_output(output, cache_path, manifest, options, place, processes)
+        processor, size = _student_input(cache_path, manifest, options)
+        model = build_student(options.student, manifest.label_names, (3, *size), options.seed)
         # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's .to(device)
         # keeps the format, and the collator hands it channels_last batches
         model = model.to(memory_format=torch.channels_last)
-        space = training_bytes(model, checkpoints=2 if save_checkpoints else 0)  # save_total_limit below
-        if is_main(processes):
-            check_free_space(output, space, "its checkpoints and the student", work)
-        report_disk_full(work, space, then="run the same command with --resume to continue from the last checkpoint",
-                         scratch=lambda: [work / "final", *unfinished_checkpoints(work)] if is_main(processes) else [])
+        _check_space(model, output, work, options, processes)
+        rows = training_rows(cached, manifest, cache_path, options, ImagePipeline(processor), processor, size, place)
+        callbacks = _callbacks(callbacks, rows, options)
+        if is_main(processes) and not options.resume:  # once every check has passed: a refused run leaves no work folder
+            record_options(work, run_options(options, cache_fingerprint=manifest.fingerprint, precision=place.precision))
+    trainer = _trainer(model, rows, work, options, place, ImagePipeline(processor), size, len(manifest.label_names),
+                       callbacks, progress, processes)
+    if progress and is_main(processes):
+        log.info(place.describe(trainer.args.train_batch_size))
+    seconds = _train(trainer, options)
+    summary = _summary(trainer, seconds, output, cache_path, manifest, model, rows, options, place, size)
+    _save(trainer, summary, work, output, manifest, processor, size, options, processes)
+    if progress and is_main(processes):
+        log.info(summary_line(summary))
+    _push(output, options, progress, processes)
+    if processes:
+        processes.wait()  # the others return once the student is in place
+    return summary
 
-        data = manifest["dataset"]
-        views = data["splits"][train_split].get("views", 1)
-        if views > 1 and (online or student_only_augment):
-            raise KdcacheError(f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
-                               f"{views} views per image of split '{train_split}'")
-        if eval_split and data["splits"][eval_split].get("views", 1) > 1:
-            raise KdcacheError(f"--eval-split '{eval_split}' is cached with views; evaluate on a split with one clean view")
 
-        def source_split(split):
-            """The original rows the cache was made from, for the modes that need the images themselves."""
-            rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
-            if rows._fingerprint != data["splits"][split]["fingerprint"]:
-                raise KdcacheError(f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
-                                   "this mode must see the same rows")
-            return rows
+def _open_cache(cache, options: TrainingOptions):
+    """The verified cache, refused when it lacks the splits asked for."""
+    cache_path = Path(cache)
+    cached, manifest = load_cache(cache_path)
+    for split, flag in ((options.train_split, "--train-split"), (options.eval_split, "--eval-split")):
+        if split is not None and split not in cached:
+            raise KdcacheError(f"{flag} '{split}' is not in cache '{cache_path}' (splits: {', '.join(cached)})")
+    return cache_path, cached, manifest
 
-        online_teacher = None
-        teacher_run = manifest["teacher"]["name_or_path"]  # the teacher whose outputs the student learns from
-        columns = [PIXELS, LABELS] + ([LOGITS] if alpha > 0 else [])
-        # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
-        eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
-        if online:
-            teacher_run = teacher or teacher_run
-            teacher_model = load_classifier(teacher_run, revision=None if teacher else manifest["teacher"].get("revision"),
-                                            trust_remote_code=manifest["teacher"].get("trust_remote_code", False))
-            check_same_teacher(teacher_model, teacher, manifest, cache_path)
-            online_teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, names)).to(torch_device)
-            train_rows, eval_rows = (
-                _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
-                for split in (train_split, eval_split)
-            )
-        elif views > 1:
-            train_rows = ViewRows(cached[train_split], ViewRecipe.from_dict(manifest["views"]["recipe"]), seed, student_size=size)
-        elif student_only_augment:
-            import datasets
 
-            images = undecoded(source_split(train_split), data["image_column"]).select_columns([data["image_column"]])
-            if data["image_column"] != IMAGE:
-                images = images.rename_column(data["image_column"], IMAGE)
-            train_rows = ViewRows(
-                datasets.concatenate_datasets([cached[train_split].select_columns([LABELS, LOGITS]), images], axis=1),
-                ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), seed=seed),
-                seed,
-                fresh=True,
-                student_size=size,
-            )
-        else:
-            train_rows = cached[train_split].with_format("numpy", columns=columns)
-        callbacks = list(callbacks or [])
-        if isinstance(train_rows, ViewRows):
-            callbacks.append(SetEpoch(train_rows))
-        if ema_decay is not None:
-            callbacks.append(StudentEMA(ema_decay))
-        if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
-            num_workers = 1 if isinstance(train_rows, ViewRows) and cpus_per_process(processes) >= 2 else 0
-        if is_main(processes) and not resume:  # once every check has passed: a refused run leaves no work folder
-            record_options(work, options)
+def _claim_output(output, cache_path: Path, manifest: Manifest, options: TrainingOptions, place, processes):
+    """The output folder and its work folder (OUTPUT.partial), locked; the main process alone decides about them."""
+    kind = "online" if options.online else "distilled" if options.alpha > 0 else "scratch"
+    output = output_path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{kind}"
+    work = output.with_name(output.name + ".partial")
+    if is_main(processes):
+        lock_output(output)  # held until this function returns: a second run on this output is refused
+        if output.exists() and not options.overwrite:
+            raise KdcacheError(f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output")
+        check_writable_parent(output, "--output")
+        if work.exists() and not options.resume:
+            if not options.overwrite:
+                raise KdcacheError(
+                    f"'{work}' holds an interrupted training run; pass --resume to continue it or --overwrite to start over"
+                )
+            shutil.rmtree(work)
+        if options.resume:
+            check_resumable(work, run_options(options, cache_fingerprint=manifest.fingerprint, precision=place.precision))
+    return output, work
+
+
+def _student_input(cache_path: Path, manifest: Manifest, options: TrainingOptions):
+    """The teacher's image processor (saved in the cache) and the student's input size (height, width)."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(str(cache_path), backend="pil")
+    teacher_size = manifest.pixel_shape[1:]
+    size = (options.student_size, options.student_size) if options.student_size else teacher_size
+    if options.online and size != teacher_size:
+        raise KdcacheError(f"--online runs the teacher on the student's input, which must then be the teacher's "
+                           f"{teacher_size[0]}x{teacher_size[1]} pixels; leave out --student-size or train from the cache")
+    return processor, size
+
+
+def _check_space(model, output: Path, work: Path, options: TrainingOptions, processes) -> None:
+    space = training_bytes(model, checkpoints=2 if options.save_checkpoints else 0)  # save_total_limit in _trainer
+    if is_main(processes):
+        check_free_space(output, space, "its checkpoints and the student", work)
+    report_disk_full(work, space, then="run the same command with --resume to continue from the last checkpoint",
+                     scratch=lambda: [work / "final", *unfinished_checkpoints(work)] if is_main(processes) else [])
+
+
+@dataclass
+class TrainingRows:
+    """What the student learns from and is evaluated on, and the teacher behind it."""
+
+    mode: str  # cached, views, mixed views, online, student-only
+    train: object
+    eval: object | None
+    teacher_run: str  # the teacher whose outputs the student learns from
+    views: int = 1
+    online_teacher: torch.nn.Module | None = None
+
+
+def training_rows(cached, manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, processor, size,
+                  place) -> TrainingRows:
+    """The one place that picks the training rows: cached (one clean view), views or mixed views (K consistent views
+    per image), online (the teacher run on every batch) or student-only (random views for the student, the clean
+    view's logits); contradictory modes are refused."""
+    data, train_split, eval_split = manifest.dataset, options.train_split, options.eval_split
+    views = manifest.views_of(train_split)
+    if views > 1 and (options.online or options.student_only_augment):
+        raise KdcacheError(f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
+                           f"{views} views per image of split '{train_split}'")
+    if eval_split and manifest.views_of(eval_split) > 1:
+        raise KdcacheError(f"--eval-split '{eval_split}' is cached with views; evaluate on a split with one clean view")
+
+    def source_split(split):
+        """The original rows the cache was made from, for the modes that need the images themselves."""
+        rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
+        if rows._fingerprint != manifest.split(split)["fingerprint"]:
+            raise KdcacheError(f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
+                               "this mode must see the same rows")
+        return rows
+
+    columns = [PIXELS, LABELS] + ([LOGITS] if options.alpha > 0 else [])
+    # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
+    eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
+    teacher_run = manifest.teacher["name_or_path"]
+    if options.online:
+        teacher_run = options.teacher or teacher_run
+        teacher_model = load_classifier(teacher_run, revision=None if options.teacher else manifest.teacher.get("revision"),
+                                        trust_remote_code=manifest.teacher.get("trust_remote_code", False))
+        check_same_teacher(teacher_model, options.teacher, manifest, cache_path)
+        online_teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, manifest.label_names))
+        train_rows, eval_rows = (
+            _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
+            for split in (train_split, eval_split)
+        )
+        return TrainingRows("online", train_rows, eval_rows, teacher_run, views, online_teacher.to(place.device))
+    if views > 1:
+        train_rows = ViewRows(cached[train_split], manifest.view_recipe, options.seed, student_size=size)
+        return TrainingRows("mixed views" if manifest.mixed_views else "views", train_rows, eval_rows, teacher_run, views)
+    if options.student_only_augment:
+        import datasets
+
+        images = undecoded(source_split(train_split), data["image_column"]).select_columns([data["image_column"]])
+        if data["image_column"] != IMAGE:
+            images = images.rename_column(data["image_column"], IMAGE)
+        train_rows = ViewRows(
+            datasets.concatenate_datasets([cached[train_split].select_columns([LABELS, LOGITS]), images], axis=1),
+            ViewRecipe(manifest.pixel_shape[1:], getattr(processor, "resample", 3), seed=options.seed),
+            options.seed,
+            fresh=True,
+            student_size=size,
+        )
+        return TrainingRows("student-only", train_rows, eval_rows, teacher_run, views)
+    return TrainingRows("cached", cached[train_split].with_format("numpy", columns=columns), eval_rows, teacher_run, views)
+
+
+def _callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
+    callbacks = list(callbacks or [])
+    if isinstance(rows.train, ViewRows):
+        callbacks.append(SetEpoch(rows.train))
+    if options.ema_decay is not None:
+        callbacks.append(StudentEMA(options.ema_decay))
+    return callbacks
+
+
+def _trainer(model, rows: TrainingRows, work: Path, options: TrainingOptions, place, pipeline, size, classes: int,
+             callbacks: list, progress: bool, processes) -> "DistillationTrainer":
     import importlib.util
 
-    evaluating = eval_rows is not None
+    num_workers = options.num_workers
+    if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
+        num_workers = 1 if isinstance(rows.train, ViewRows) and cpus_per_process(processes) >= 2 else 0
+    evaluating = rows.eval is not None
     args = OneDeviceArguments(
         output_dir=str(work),
-        kdcache_device=str(torch_device),
+        kdcache_device=str(place.device),
         # Under DDP the Trainer gives each process its share of every batch (and averages the gradients), so the
         # optimiser steps, the learning rate and the loss are those of one process at the same --batch-size.
-        per_device_train_batch_size=batch_size // count,
-        per_device_eval_batch_size=batch_size // count,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_ratio,
-        lr_scheduler_type=scheduler,
-        num_train_epochs=epochs,
-        max_steps=max_steps,
+        per_device_train_batch_size=options.batch_size // place.processes,
+        per_device_eval_batch_size=options.batch_size // place.processes,
+        learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay,
+        warmup_steps=options.warmup_ratio,
+        lr_scheduler_type=options.scheduler,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
         eval_strategy="epoch" if evaluating else "no",
-        save_strategy="epoch" if save_checkpoints else "no",
+        save_strategy="epoch" if options.save_checkpoints else "no",
         save_total_limit=2,
-        load_best_model_at_end=evaluating and save_checkpoints,
+        load_best_model_at_end=evaluating and options.save_checkpoints,
         metric_for_best_model="accuracy" if evaluating else None,
         greater_is_better=True,
-        logging_steps=logging_steps,
+        logging_steps=options.logging_steps,
         report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
-        seed=seed,
+        seed=options.seed,
         remove_unused_columns=False,
         dataloader_num_workers=num_workers,
-        use_cpu=torch_device.type == "cpu",
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
+        use_cpu=place.device.type == "cpu",
+        bf16=place.precision == "bf16",
+        fp16=place.precision == "fp16",
         disable_tqdm=not progress,
         push_to_hub=False,  # kdcache pushes the finished student folder itself, once (kdcache.hub)
     )
     trainer = DistillationTrainer(
         model=model,
         args=args,
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
-        data_collator=Collator(pipeline, size, len(names)),
+        train_dataset=rows.train,
+        eval_dataset=rows.eval,
+        data_collator=Collator(pipeline, size, classes),
         compute_metrics=accuracy_metric if evaluating else None,
-        temperature=temperature,
-        alpha=alpha,
-        teacher=online_teacher,
+        temperature=options.temperature,
+        alpha=options.alpha,
+        teacher=rows.online_teacher,
         callbacks=callbacks,
     )
     if not progress:  # Trainer prints every log line when its bar is off; quiet means quiet
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resume else None)  # check_resumable found a checkpoint
-    seconds = time.perf_counter() - started
+    return trainer
 
+
+def _train(trainer, options: TrainingOptions) -> float:
+    """Train (continuing from the last checkpoint with --resume); returns the wall time in seconds."""
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if options.resume else None)  # check_resumable found a checkpoint
+    return time.perf_counter() - started
+
+
+def _summary(trainer, seconds, output, cache_path, manifest: Manifest, model, rows: TrainingRows,
+             options: TrainingOptions, place, size) -> dict:
     history = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
     best = max(history, key=lambda entry: entry["eval_accuracy"]) if history else None
-    summary = {
+    args = trainer.args
+    return {
         "output": str(output),
         "best_eval_accuracy": best["eval_accuracy"] if best else None,
         "best_epoch": best["epoch"] if best else None,
-        "eval_split": eval_split,
+        "eval_split": options.eval_split,
         "epochs": trainer.state.epoch,
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
@@ -578,40 +613,45 @@ def train_student(
                       for entry in trainer.state.log_history if "loss" in entry],
         "history": [{"epoch": e["epoch"], "eval_accuracy": e["eval_accuracy"], "eval_loss": e["eval_loss"]} for e in history],
         "recipe": {
-            "teacher": teacher_run, "cache": str(cache_path), "cache_fingerprint": manifest["fingerprint"],
-            "student": student or "MobileNetV2Config() from scratch", "student_parameters": count_parameters(model),
-            "temperature": temperature, "alpha": alpha, "epochs": epochs, "max_steps": max_steps,
+            # the options as given (those that say what is trained), then what they resolved to
+            **{name: value for name, value in asdict(options).items() if name not in NOT_RECORDED},
+            "teacher": rows.teacher_run, "cache": str(cache_path), "cache_fingerprint": manifest.fingerprint,
+            "student": options.student or "MobileNetV2Config() from scratch", "student_parameters": count_parameters(model),
             # the batch and processes as the Trainer ran them (one device per process: kdcache.devices)
-            "learning_rate": learning_rate, "batch_size": args.train_batch_size * args.world_size, "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio, "scheduler": scheduler, "seed": seed, "online": online,
-            "views": views, "mixed_views": bool(manifest.get("views") and manifest["views"]["recipe"].get("mix_alpha")),
-            "student_only_augment": student_only_augment, "student_size": list(size), "ema_decay": ema_decay,
-            "precision": precision, "device": str(args.device), "processes": args.world_size,
+            "batch_size": args.train_batch_size * args.world_size,
+            "views": rows.views, "mixed_views": manifest.mixed_views, "student_size": list(size),
+            "precision": place.precision, "device": str(args.device), "processes": args.world_size,
         },
     }
+
+
+# Options that say how a run goes, not what it trains, or that the recipe gives resolved (teacher: the run's teacher)
+NOT_RECORDED = ("resume", "overwrite", "num_workers", "device", "logging_steps", "push_to_hub", "save_checkpoints",
+                "train_split", "eval_split", "teacher")
+
+
+def _save(trainer, summary: dict, work: Path, output: Path, manifest: Manifest, processor, size, options, processes) -> None:
+    """The final student (the best epoch's, or the EMA's) with its processor and model card, moved into place."""
     final = work / "final"
     if is_main(processes):
         shutil.rmtree(final, ignore_errors=True)
     trainer.save_model(str(final))  # on every process: under DDP the Trainer has the main one write
     if is_main(processes):
-        student_processor(processor, pixel_shape[1:], size).save_pretrained(str(final))
+        student_processor(processor, manifest.pixel_shape[1:], size).save_pretrained(str(final))
         (final / "kdcache_training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (final / "README.md").write_text(model_card(summary, manifest, names, push_to_hub))
+        (final / "README.md").write_text(model_card(summary, manifest, manifest.label_names, options.push_to_hub))
         if (work / "runs").exists():
             shutil.move(str(work / "runs"), str(final / "runs"))
-    if is_main(processes):
         move_into_place(final, output)
         shutil.rmtree(work, ignore_errors=True)
-        if progress:
-            print(summary_line(summary))
+
+
+def _push(output: Path, options: TrainingOptions, progress: bool, processes) -> None:
     with agreed(processes):  # a failed push is said once, and every process exits with it
-        if push_to_hub and is_main(processes):
-            url = push_folder(output, push_to_hub)
+        if options.push_to_hub and is_main(processes):
+            url = push_folder(output, options.push_to_hub)
             if progress:
-                print(f"pushed to {url}")
-    if processes:
-        processes.wait()  # the others return once the student is in place
-    return summary
+                log.info(f"pushed to {url}")
 
 
 def check_same_teacher(model, teacher: str | None, manifest: dict, cache_path: Path) -> None:
