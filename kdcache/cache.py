@@ -14,6 +14,7 @@ The work happens in `CACHE.partial/`, chunk by chunk, so a killed run resumes; t
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -69,6 +70,7 @@ from kdcache.runtime import (
     slug,
 )
 
+log = logging.getLogger("kdcache")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -240,7 +242,7 @@ def _plan_work(output: Path, work: Path, fingerprint: str, overwrite: bool, chun
     if (output / MANIFEST).exists():
         existing = read_manifest(output)
         if existing.get("fingerprint") == fingerprint:
-            print(f"cache '{output}' is up to date (fingerprint {fingerprint}); nothing to do")
+            log.info(f"cache '{output}' is up to date (fingerprint {fingerprint}); nothing to do")
             return None
         if not overwrite:
             raise KdcacheError(

@@ -6,6 +6,7 @@ few online steps for timing, and evaluate_models on all three.
 """
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -18,6 +19,7 @@ from kdcache.errors import KdcacheError
 from kdcache.outputs import guards_output, lock_output
 from kdcache.runtime import move_into_place, tune_malloc
 
+log = logging.getLogger("kdcache")
 DIGIT_NAMES = [str(digit) for digit in range(10)]
 # The demo replaces its output folder on every run; this file, written first into a folder it creates, is how it knows
 # a folder is its own. Any other folder that is not empty is refused, never emptied.
@@ -142,7 +144,7 @@ def run_demo(output: str | Path = "data/demo", quick: bool = False, seed: int = 
 
     tune_malloc()
     started = time.perf_counter()
-    say = print if progress else (lambda *args, **kwargs: None)
+    say = log.info if progress else (lambda *args, **kwargs: None)
     settings = dict(teacher_epochs=3, student_epochs=2, limit=300) if quick else dict(teacher_epochs=60, student_epochs=15, limit=None)
 
     say("[1/5] building the digits dataset (scikit-learn's load_digits, upscaled to 32x32 RGB)")
@@ -180,7 +182,7 @@ def run_demo(output: str | Path = "data/demo", quick: bool = False, seed: int = 
         "seconds": round(time.perf_counter() - started, 1),
     }
     (root / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(demo_table(results))
+    log.info(demo_table(results))
     return results
 
 
