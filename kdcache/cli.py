@@ -219,8 +219,10 @@ def train_student_command(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
     output: Optional[Path] = typer.Option(None, show_default="data/students/<cache>-distilled", help="Folder for the trained student."),
     student: Optional[str] = typer.Option(None, show_default="MobileNetV2Config() from scratch", help="Student: a model type from scratch (e.g. mobilenet_v2), a config-only folder, or a hub id / folder with weights."),
-    temperature: float = typer.Option(5.0, "--temperature", "-T", help="Softmax temperature T of the distillation term."),
-    alpha: float = typer.Option(0.5, "--alpha", "--lambda", help="Weight of the distillation term: 0 = labels only (a from-scratch baseline), 1 = teacher only."),
+    loss: str = typer.Option("kd", help="Distillation loss. kd: KL to the teacher's softened outputs (Hinton). dkd: decoupled KD, the target class and the other classes weighted apart (1:8), for 3+ classes and unmixed caches. dist: matches the correlations of student and teacher probabilities, not their values, for a much stronger teacher."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-T", show_default="5 for kd, 4 for dkd, 1 for dist", help="Softmax temperature T of the distillation term."),
+    alpha: float = typer.Option(0.5, "--alpha", "--lambda", help="Weight of the distillation part against the labels' cross-entropy, for every --loss: 0 = labels only (a from-scratch baseline), 1 = teacher only; 0.5 is the DKD and DIST papers' 1:1."),
+    standardize_logits: bool = typer.Option(False, "--standardize-logits", help="z-score each image's logits, student's and teacher's, before the softmax: the student matches the teacher's ranking of the classes, not the range of its logits, and T becomes a base temperature (Sun et al. 2024 use 2). kd and dkd."),
     epochs: float = typer.Option(DEFAULTS["epochs"], help="Training epochs."),
     learning_rate: float = typer.Option(DEFAULTS["learning_rate"], help="Peak AdamW learning rate."),
     batch_size: int = typer.Option(DEFAULTS["batch_size"], help="Images per training step: the global batch, of all processes together when there are several (each takes its share)."),
@@ -244,7 +246,9 @@ def train_student_command(
 ):
     """Train a student from the cached soft targets and save it for pipeline("image-classification").
 
-    Loss: (1-alpha)*CE(student, labels) + alpha*T^2*KL(softmax(teacher/T) || softmax(student/T)), batchmean.
+    Loss: (1-alpha)*CE(student, labels) + alpha*D, where D is, by --loss, T^2*KL(softmax(teacher/T) ||
+    softmax(student/T)) (kd), T^2*(TCKD + 8*NCKD) (dkd) or T^2*(inter + intra) (dist), each averaged over the batch;
+    every term is logged (loss_ce, loss_kl; loss_tckd, loss_nckd; loss_inter, loss_intra).
     The cache is verified first (manifest, row counts, logits checksums). The output folder holds the best
     epoch's model, the teacher's image processor, a model card, TensorBoard logs and kdcache_training.json.
 
@@ -269,7 +273,8 @@ def train_student_command(
     from kdcache.train import train_student
 
     train_student(
-        cache, output=output, student=student, temperature=temperature, alpha=alpha, epochs=epochs,
+        cache, output=output, student=student, loss=loss, temperature=temperature, alpha=alpha,
+        standardize_logits=standardize_logits, epochs=epochs,
         learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         scheduler=scheduler, seed=seed, eval_split=None if eval_split.lower() == "none" else eval_split,
         resume=resume, overwrite=overwrite, online=online, teacher=teacher, student_only_augment=student_only_augment,

@@ -4,7 +4,8 @@ Each takes (student_logits, labels, teacher_logits, temperature, alpha) and retu
 (loss, terms): the unweighted terms, detached, for logging. alpha means the same in all of them: the loss is
 (1-alpha) * CE(student, labels) + alpha * (the loss's distillation part), so alpha=0 is plain cross-entropy
 (teacher_logits may then be None) and alpha=1 is the teacher alone. `LOSSES` maps the names train-student takes
-to the functions; `DEFAULT_TEMPERATURES` gives each its paper's temperature.
+to the functions; `DEFAULT_TEMPERATURES` gives each its temperature: dkd's and dist's papers', and kd's 5 of the
+Hugging Face distillation tutorial that kdcache started from.
 """
 
 import torch

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kdcache import KdcacheError
 from kdcache.devices import PRECISIONS
-from kdcache.loss import check_loss_settings
+from kdcache.loss import DEFAULT_TEMPERATURES, LOSSES, check_loss_settings
 
 # transformers schedules that need nothing beyond warmup and the step count. The others need settings kdcache does
 # not pass (cosine_with_min_lr, warmup_stable_decay) or step on a metric assumed to be a loss (reduce_lr_on_plateau,
@@ -26,9 +26,14 @@ def _finite(value) -> bool:
 def check_training_options(*, temperature, alpha, epochs, max_steps, learning_rate, batch_size, processes,
                            weight_decay, warmup_ratio, scheduler, seed, num_workers, logging_steps, precision, online,
                            teacher, student_only_augment, resume, save_checkpoints, push_to_hub, student_size=None,
-                           ema_decay=None) -> None:
+                           ema_decay=None, loss="kd", standardize_logits=False) -> None:
     """Every option of train_student that can be wrong on its own, each refused with one line naming the fix."""
-    check_loss_settings(temperature, alpha)
+    if loss not in LOSSES:
+        raise KdcacheError(f"--loss '{loss}' is not one of {', '.join(LOSSES)}")
+    if standardize_logits and loss == "dist":
+        raise KdcacheError("--standardize-logits is an option of the KL-based losses (kd, dkd), which its paper "
+                           "defines it for, not of --loss dist; leave it out or use --loss kd or dkd")
+    check_loss_settings(DEFAULT_TEMPERATURES[loss] if temperature is None else temperature, alpha)
     if max_steps != -1 and max_steps < 1:
         raise KdcacheError(f"max_steps={max_steps} must be at least 1 (or -1, the default, to train for --epochs)")
     if max_steps == -1 and not (_finite(epochs) and epochs > 0):
@@ -77,6 +82,19 @@ def check_training_options(*, temperature, alpha, epochs, max_steps, learning_ra
         except HFValidationError:
             raise KdcacheError(f"--push-to-hub '{push_to_hub}' is not a hub repository id; use NAME or OWNER/NAME "
                                "(letters, digits, '-', '_', '.')") from None
+
+
+def check_loss_for_cache(loss: str, classes: int, mixed_labels: bool, cache) -> None:
+    """What a loss needs of the cache it trains from, refused before training (kdcache.loss.dkd_loss would refuse
+    the first batch): DKD's non-target part needs a third class, and its target part one label per image."""
+    if loss != "dkd":
+        return
+    if classes <= 2:
+        raise KdcacheError(f"--loss dkd needs more than 2 classes (its non-target part is over the classes other than "
+                           f"the label's), and cache '{cache}' has {classes}; use --loss kd or --loss dist")
+    if mixed_labels:
+        raise KdcacheError(f"--loss dkd needs one label per image, and cache '{cache}' mixes images (mixup): each "
+                           "training image has two weighted labels; use --loss kd or --loss dist with this cache")
 
 
 def run_options(arguments: dict, **resolved) -> dict:

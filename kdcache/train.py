@@ -22,9 +22,9 @@ from kdcache.defaults import TRAINING as DEFAULTS
 from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, hub_error, load_image_dataset, undecoded
 from kdcache.devices import OneDeviceArguments, resolve_cuda, training_precision
 from kdcache.hub import push_folder
-from kdcache.loss import distillation_loss
+from kdcache.loss import DEFAULT_TEMPERATURES, LOSSES
 from kdcache.models import align_labels, count_parameters, load_classifier, weights_sha256
-from kdcache.options import check_resumable, check_training_options, record_options, run_options
+from kdcache.options import check_loss_for_cache, check_resumable, check_training_options, record_options, run_options
 from kdcache.outputs import (
     check_free_space,
     guards_output,
@@ -48,13 +48,15 @@ from kdcache.runtime import (
 
 
 class DistillationTrainer(Trainer):
-    """Trainer whose loss is kdcache's distillation loss over the batch's `teacher_logits`."""
+    """Trainer whose loss is one of kdcache's distillation losses (kdcache.loss.LOSSES) over the batch's
+    `teacher_logits`."""
 
-    loss_is_scaled_for_ga = False  # distillation_loss is a per-batch mean
+    loss_is_scaled_for_ga = False  # every kdcache loss is a per-batch mean
 
-    def __init__(self, *args, temperature=5.0, alpha=0.5, teacher=None, **kwargs):
+    def __init__(self, *args, temperature=5.0, alpha=0.5, teacher=None, loss="kd", standardize=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.temperature, self.alpha, self.teacher = temperature, alpha, teacher
+        self.loss_function, self.standardize = LOSSES[loss], standardize
         self.loss_terms, self.loss_term_steps = {}, 0  # summed since the last log: what each term contributes
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -62,8 +64,8 @@ class DistillationTrainer(Trainer):
         if self.teacher is not None and self.alpha > 0:
             teacher_logits = self.teacher(inputs["pixel_values"])
         outputs = model(pixel_values=inputs["pixel_values"])
-        loss, terms = distillation_loss(outputs.logits, inputs["labels"], teacher_logits, self.temperature, self.alpha,
-                                        return_terms=True)
+        loss, terms = self.loss_function(outputs.logits, inputs["labels"], teacher_logits, self.temperature, self.alpha,
+                                         return_terms=True, standardize=self.standardize)
         if model.training:
             for name, value in terms.items():
                 self.loss_terms[name] = self.loss_terms.get(name, 0.0) + value
@@ -71,7 +73,8 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, start_time=None):
-        """Every training log line also gets the unweighted terms (loss_ce, loss_kl), averaged over its steps and
+        """Every training log line also gets the unweighted terms (loss_ce, loss_kl; loss_tckd, loss_nckd for dkd;
+        loss_inter, loss_intra for dist), averaged over its steps and
         processes, beside the weighted total: which term dominates is the first question when distillation fails."""
         if "loss" in logs and self.loss_term_steps:
             for name, total in self.loss_terms.items():
@@ -344,8 +347,10 @@ def train_student(
     cache: str | Path,
     output: str | Path | None = None,
     student: str | None = None,
-    temperature: float = 5.0,
+    temperature: float | None = None,
     alpha: float = 0.5,
+    loss: str = "kd",
+    standardize_logits: bool = False,
     epochs: float = DEFAULTS["epochs"],
     learning_rate: float = DEFAULTS["learning_rate"],
     batch_size: int = DEFAULTS["batch_size"],
@@ -375,6 +380,9 @@ def train_student(
     """Train a student from the cache at `cache` and save it (model, image processor, model card) to `output`.
 
     Returns a summary: output folder, best validation accuracy and its epoch, wall time, the per-epoch history.
+    `loss` is a name in kdcache.loss.LOSSES (kd, dkd, dist); `temperature` None is that loss's paper's
+    (DEFAULT_TEMPERATURES); `alpha` weights the loss's distillation part against the labels' cross-entropy;
+    `standardize_logits` z-scores student and teacher logits before the softmax (kd and dkd).
     `student_size` S trains (and saves) the student at S x S pixels: each view is the same crop as the teacher's,
     resized to S. `ema_decay` (e.g. 0.998) keeps an exponential moving average of the weights, evaluated each epoch
     and saved as the student. `callbacks` are transformers TrainerCallbacks (or classes), passed to the Trainer as they are.
@@ -393,7 +401,10 @@ def train_student(
             scheduler=scheduler, seed=seed, num_workers=num_workers, logging_steps=logging_steps, precision=precision,
             online=online, teacher=teacher, student_only_augment=student_only_augment, resume=resume,
             save_checkpoints=save_checkpoints, push_to_hub=push_to_hub, student_size=student_size, ema_decay=ema_decay,
+            loss=loss, standardize_logits=standardize_logits,
         )
+        if temperature is None:
+            temperature = DEFAULT_TEMPERATURES[loss]
         tune_malloc()
         torch_device = resolve_cuda(pick_device(device))
         if processes and torch_device.type == "cuda":
@@ -407,7 +418,7 @@ def train_student(
                 raise KdcacheError(f"{flag} '{split}' is not in cache '{cache_path}' (splits: {', '.join(cached)})")
         output = output_path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{'online' if online else 'distilled' if alpha > 0 else 'scratch'}"
         work = output.with_name(output.name + ".partial")
-        options = run_options(arguments, cache_fingerprint=manifest["fingerprint"], precision=precision)
+        options = run_options(arguments, cache_fingerprint=manifest["fingerprint"], precision=precision, temperature=temperature)
         if is_main(processes):  # the main process alone decides about the output, and clears it
             lock_output(output)  # held until this function returns: a second run on this output is refused
             if output.exists() and not overwrite:
@@ -448,6 +459,8 @@ def train_student(
                                f"{views} views per image of split '{train_split}'")
         if eval_split and data["splits"][eval_split].get("views", 1) > 1:
             raise KdcacheError(f"--eval-split '{eval_split}' is cached with views; evaluate on a split with one clean view")
+        mixed_views = bool(manifest.get("views") and manifest["views"]["recipe"].get("mix_alpha"))
+        check_loss_for_cache(loss, len(names), views > 1 and mixed_views, cache_path)
 
         def source_split(split):
             """The original rows the cache was made from, for the modes that need the images themselves."""
@@ -541,6 +554,8 @@ def train_student(
         temperature=temperature,
         alpha=alpha,
         teacher=online_teacher,
+        loss=loss,
+        standardize=standardize_logits,
         callbacks=callbacks,
     )
     if not progress:  # Trainer prints every log line when its bar is off; quiet means quiet
@@ -562,17 +577,18 @@ def train_student(
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
         "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-        "train_log": [{key: entry[key] for key in ("step", "loss", "loss_ce", "loss_kl") if key in entry}
+        "train_log": [{key: value for key, value in entry.items() if key in ("step", "loss") or key.startswith("loss_")}
                       for entry in trainer.state.log_history if "loss" in entry],
         "history": [{"epoch": e["epoch"], "eval_accuracy": e["eval_accuracy"], "eval_loss": e["eval_loss"]} for e in history],
         "recipe": {
             "teacher": teacher_run, "cache": str(cache_path), "cache_fingerprint": manifest["fingerprint"],
             "student": student or "MobileNetV2Config() from scratch", "student_parameters": count_parameters(model),
-            "temperature": temperature, "alpha": alpha, "epochs": epochs, "max_steps": max_steps,
+            "loss": loss, "temperature": temperature, "alpha": alpha, "standardize_logits": standardize_logits,
+            "epochs": epochs, "max_steps": max_steps,
             # the batch and processes as the Trainer ran them (one device per process: kdcache.devices)
             "learning_rate": learning_rate, "batch_size": args.train_batch_size * args.world_size, "weight_decay": weight_decay,
             "warmup_ratio": warmup_ratio, "scheduler": scheduler, "seed": seed, "online": online,
-            "views": views, "mixed_views": bool(manifest.get("views") and manifest["views"]["recipe"].get("mix_alpha")),
+            "views": views, "mixed_views": mixed_views,
             "student_only_augment": student_only_augment, "student_size": list(size), "ema_decay": ema_decay,
             "precision": precision, "device": str(args.device), "processes": args.world_size,
         },
@@ -626,6 +642,19 @@ def summary_line(summary: dict) -> str:
     return f"{quality}; {summary['seconds']:.0f} s; student saved to {summary['output']}"
 
 
+def loss_formula(recipe: dict) -> str:
+    """The training loss as the model card states it (a summary written before --loss existed used kd)."""
+    loss, settings = recipe.get("loss", "kd"), f"T={recipe['temperature']}, alpha={recipe['alpha']}"
+    standardized = "z-scored " if recipe.get("standardize_logits") else ""
+    distillation = {
+        "kd": f"T^2 KL({standardized}teacher/T, {standardized}student/T)",
+        "dkd": f"T^2 (TCKD + 8 NCKD) of the {standardized}logits/T (decoupled KD, Zhao et al. 2022)",
+        "dist": "T^2 (inter + intra), one minus the Pearson correlations of softmax(logits/T) per image and per class "
+                "(DIST, Huang et al. 2022)",
+    }[loss]
+    return f"{loss}: (1-alpha) CE + alpha {distillation}, {settings}" + (", logits standardised" if standardized else "")
+
+
 def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None = None) -> str:
     recipe = summary["recipe"]
     accuracy = summary["best_eval_accuracy"]
@@ -650,7 +679,7 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
         f"| teacher | `{recipe['teacher']}` (weights sha256 `{manifest['teacher']['weights_sha256'][:16]}...`) |",
         f"| logit cache | fingerprint `{recipe['cache_fingerprint']}`" + (" (teacher run online)" if recipe["online"] else "") + " |",
         f"| student | {recipe['student']}, {recipe['student_parameters']:,} parameters |",
-        f"| loss | (1-alpha) CE + alpha T^2 KL(teacher/T, student/T), T={recipe['temperature']}, alpha={recipe['alpha']} |",
+        f"| loss | {loss_formula(recipe)} |",
         f"| training | {summary['epochs']:g} epochs ({summary['steps']} steps), AdamW lr {recipe['learning_rate']}, "
         f"{recipe['scheduler']} schedule, batch {recipe['batch_size']}"
         + (f" ({recipe['processes']} processes of {recipe['batch_size'] // recipe['processes']})" if recipe.get("processes", 1) > 1 else "")

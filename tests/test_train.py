@@ -12,7 +12,7 @@ from conftest import COLOURS, LABELS, save_mobilenet_student, save_vit_teacher
 from kdcache import KdcacheError
 from kdcache.cache import LOGITS, MANIFEST, load_cache
 from kdcache.data import ImagePipeline, load_image_dataset
-from kdcache.loss import distillation_loss
+from kdcache.loss import LOSSES
 from kdcache.models import align_labels, load_classifier
 from kdcache.train import Collator, OnlineTeacher, _online_rows, train_student
 
@@ -43,9 +43,10 @@ def test_cached_loss_equals_online_loss_batch_by_batch(tiny_cache, tiny_dataset,
         assert (cached["teacher_logits"] - online_logits).abs().max() <= 1e-5
         with torch.no_grad():
             student_logits = student(pixel_values=cached["pixel_values"]).logits
-        cached_loss = distillation_loss(student_logits, cached["labels"], cached["teacher_logits"])
-        online_loss = distillation_loss(student_logits, online["labels"], online_logits)
-        assert abs(cached_loss.item() - online_loss.item()) <= 1e-6
+        for name, loss in LOSSES.items():
+            cached_loss = loss(student_logits, cached["labels"], cached["teacher_logits"])
+            online_loss = loss(student_logits, online["labels"], online_logits)
+            assert abs(cached_loss.item() - online_loss.item()) <= 1e-6, name
 
 
 def test_training_from_the_cache_equals_online_distillation(tmp_path, tiny_cache):
@@ -59,6 +60,14 @@ def test_training_from_the_cache_equals_online_distillation(tmp_path, tiny_cache
     # and the teacher mattered: a different alpha trains to different weights
     other = train_student(tiny_cache, output=tmp_path / "other", max_steps=6, alpha=0.9, **FAST)
     assert not np.allclose(other["train_losses"], cached["train_losses"])
+
+
+def test_training_from_the_cache_equals_online_distillation_with_dkd(tmp_path, tiny_cache):
+    options = dict(max_steps=4, loss="dkd", standardize_logits=True, **FAST)
+    cached = train_student(tiny_cache, output=tmp_path / "cached", **options)
+    online = train_student(tiny_cache, output=tmp_path / "online", online=True, **options)
+    assert np.allclose(cached["train_losses"], online["train_losses"], rtol=0, atol=1e-5)
+    assert [set(entry) for entry in online["train_log"]] == [{"step", "loss", "loss_ce", "loss_tckd", "loss_nckd"}] * 4
 
 
 def test_trained_student_is_a_pipeline_with_label_names_and_a_model_card(tmp_path, tiny_cache):
@@ -398,6 +407,42 @@ def test_loss_terms_are_logged_beside_the_total(tmp_path, tiny_cache):
     assert {"train/loss_ce", "train/loss_kl", "train/loss"} <= set(tags)
 
 
+@pytest.mark.parametrize("loss,temperature,distillation", [
+    ("dkd", 4.0, lambda entry: entry["loss_tckd"] + 8.0 * entry["loss_nckd"]),
+    ("dist", 1.0, lambda entry: entry["loss_inter"] + entry["loss_intra"]),
+])
+def test_each_loss_trains_and_logs_its_terms(tmp_path, tiny_cache, loss, temperature, distillation):
+    summary = train_student(tiny_cache, output=tmp_path / "s", max_steps=3, alpha=0.3, loss=loss, **FAST)
+    assert summary["recipe"]["loss"] == loss and summary["recipe"]["temperature"] == temperature
+    assert len(summary["train_log"]) == 3
+    for entry in summary["train_log"]:
+        assert entry["loss"] == pytest.approx(0.7 * entry["loss_ce"] + 0.3 * temperature**2 * distillation(entry), rel=1e-4)
+    assert f"| loss | {loss}: (1-alpha) CE + alpha T^2" in (tmp_path / "s" / "README.md").read_text()
+    events = list((tmp_path / "s" / "runs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set(EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"])
+    assert {f"train/loss_{name}" for name in {"dkd": ("tckd", "nckd"), "dist": ("inter", "intra")}[loss]} <= tags
+
+
+def test_dkd_is_refused_on_two_classes_before_training(tmp_path, tiny_teacher):
+    from conftest import make_images
+    from kdcache.cache import teacher_logits
+
+    images, labels = make_images(8, 0)
+    features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=LABELS[:2])})
+    two = datasets.Dataset.from_dict({"image": images, "labels": [label % 2 for label in labels]}, features=features)
+    datasets.DatasetDict({"train": two}).save_to_disk(str(tmp_path / "two"))
+    teacher = save_vit_teacher(tmp_path / "teacher", id2label=dict(enumerate(LABELS[:2])))
+    cache = teacher_logits(str(tmp_path / "two"), str(teacher), output=tmp_path / "cache", progress=False)
+    with pytest.raises(KdcacheError, match=r"--loss dkd needs more than 2 classes .* has 2; use --loss kd or --loss dist") as refused:
+        train_student(cache, output=tmp_path / "s", eval_split=None, max_steps=1, loss="dkd", **FAST)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.partial").exists()
+    summary = train_student(cache, output=tmp_path / "s", eval_split=None, max_steps=1, loss="dist", **FAST)
+    assert summary["recipe"]["loss"] == "dist"
+
+
 @pytest.fixture(scope="module")
 def mixed_train_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
     from kdcache.cache import teacher_logits
@@ -432,6 +477,13 @@ def test_training_on_mixed_views_with_and_without_labels(tmp_path, mixed_train_c
     for alpha in (1.0, 0.5):
         summary = train_student(mixed_train_cache, output=tmp_path / f"a{alpha}", epochs=1, alpha=alpha, **FAST)
         assert summary["recipe"]["mixed_views"] is True and np.isfinite(summary["train_losses"]).all()
+
+
+def test_dkd_is_refused_on_mixed_views_and_dist_trains_on_them(tmp_path, mixed_train_cache):
+    with pytest.raises(KdcacheError, match=r"--loss dkd needs one label per image, and cache .* mixes images"):
+        train_student(mixed_train_cache, output=tmp_path / "dkd", max_steps=1, loss="dkd", **FAST)
+    summary = train_student(mixed_train_cache, output=tmp_path / "dist", max_steps=2, loss="dist", **FAST)
+    assert np.isfinite(summary["train_losses"]).all() and "loss_intra" in summary["train_log"][0]
 
 
 def test_same_seed_same_machine_same_student(tmp_path, view_cache):
