@@ -181,10 +181,11 @@ def evaluate_command(
     match_labels_by_index: bool = typer.Option(False, "--match-labels-by-index", help="Trust that a model's outputs follow the dataset's label order even though the names differ."),
 ):
     """Measure models on a split: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix,
-    parameters, size on disk and images/s; with --cache, how close each is to the teacher.
+    expected calibration error (15 bins), parameters, size on disk and images/s; with --cache, how close each is
+    to the teacher.
 
     Each model is fed through its own image processor, as pipeline() would, and its outputs are matched to the
-    dataset's labels by name. Writes metrics.json and confusion_matrix.png (and, for several models, one folder
+    dataset's labels by name. Writes metrics.json, confusion_matrix.png and reliability_diagram.png (and, for several models, one folder
     per model plus a combined metrics.json and comparison.png). Metrics are computed by evaluate modules shipped
     with kdcache, so nothing is fetched from the hub.
 
