@@ -568,10 +568,15 @@ def train_student(
 
     history = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
     best = max(history, key=lambda entry: entry["eval_accuracy"]) if history else None
+    last = history[-1] if history else None
     summary = {
         "output": str(output),
         "best_eval_accuracy": best["eval_accuracy"] if best else None,
         "best_epoch": best["epoch"] if best else None,
+        # the last epoch beside the best: a best epoch far from the last says the schedule overshot, or it was luck
+        "last_eval_accuracy": last["eval_accuracy"] if last else None,
+        "last_epoch": last["epoch"] if last else None,
+        "saved_epoch": (best if args.load_best_model_at_end else last)["epoch"] if history else None,
         "eval_split": eval_split,
         "epochs": trainer.state.epoch,
         "steps": trainer.state.global_step,
@@ -638,7 +643,8 @@ def summary_line(summary: dict) -> str:
         quality = "no evaluation split"
     else:
         quality = (f"best {summary['eval_split']} accuracy {summary['best_eval_accuracy']:.4f} at epoch "
-                   f"{summary['best_epoch']:g} of {summary['epochs']:g}")
+                   f"{summary['best_epoch']:g}, last {summary['last_eval_accuracy']:.4f} at epoch "
+                   f"{summary['last_epoch']:g} of {summary['epochs']:g}")
     return f"{quality}; {summary['seconds']:.0f} s; student saved to {summary['output']}"
 
 
@@ -692,7 +698,9 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
                      + (f"; {views} {'mixed ' if recipe.get('mixed_views') else ''}views per image, each the teacher's own" if views > 1 else "")
                      + (f"; weights: EMA with decay {recipe['ema_decay']}" if recipe.get("ema_decay") else "") + " |")
     if accuracy is not None:
-        lines.append(f"| {summary['eval_split']} accuracy | {accuracy:.4f} (best epoch {summary['best_epoch']:g}, the weights kept) |")
+        saved = "best" if summary.get("saved_epoch", summary["best_epoch"]) == summary["best_epoch"] else "last"
+        lines.append(f"| {summary['eval_split']} accuracy | best {accuracy:.4f} (epoch {summary['best_epoch']:g}), last "
+                     f"{summary['last_eval_accuracy']:.4f} (epoch {summary['last_epoch']:g}); the {saved} epoch's weights are saved |")
     lines += [
         "",
         "```python",

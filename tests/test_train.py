@@ -101,6 +101,23 @@ def test_best_epoch_is_the_one_kept(tmp_path, tiny_cache):
     with torch.no_grad():
         accuracy = (model(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).float().mean().item()
     assert accuracy == pytest.approx(best["eval_accuracy"])
+    last = summary["history"][-1]
+    assert (summary["last_eval_accuracy"], summary["last_epoch"]) == (last["eval_accuracy"], 3.0)
+    assert (summary["best_eval_accuracy"], summary["best_epoch"], summary["saved_epoch"]) == (best["eval_accuracy"], best["epoch"], best["epoch"])
+    recorded = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())
+    assert recorded["last_eval_accuracy"] == last["eval_accuracy"] and recorded["best_epoch"] == best["epoch"]
+    assert (f"| validation accuracy | best {best['eval_accuracy']:.4f} (epoch {best['epoch']:g}), last "
+            f"{last['eval_accuracy']:.4f} (epoch 3); the best epoch's weights are saved |") in (tmp_path / "s" / "README.md").read_text()
+    from kdcache.train import summary_line
+
+    assert f"at epoch {best['epoch']:g}, last {last['eval_accuracy']:.4f} at epoch 3 of 3" in summary_line(summary)
+
+
+def test_without_checkpoints_the_last_epoch_is_saved_and_said_so(tmp_path, tiny_cache):
+    summary = train_student(tiny_cache, output=tmp_path / "s", epochs=2, learning_rate=3e-3, save_checkpoints=False, **FAST)
+    assert summary["saved_epoch"] == summary["last_epoch"] == 2.0
+    card = (tmp_path / "s" / "README.md").read_text()
+    assert ("the last epoch's weights are saved" in card) == (summary["best_epoch"] != 2.0)
 
 
 def test_scratch_baseline_needs_no_teacher_logits(tmp_path, tiny_cache):
