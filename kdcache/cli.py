@@ -19,6 +19,7 @@ app = typer.Typer(
         "  kdcache train-student    train a small student from the cached soft targets\n"
         "  kdcache evaluate         measure students and teachers on a split\n"
         "  kdcache info CACHE       what a cache holds and what produced it\n"
+        "  kdcache verify CACHE     rerun the teacher on a sample of a cache: are its logits the teacher's?\n"
         "  kdcache demo             the whole pipeline offline, on scikit-learn's digits\n\n"
         "Every model or dataset argument takes a Hugging Face hub id or a local folder. "
         "Run 'kdcache COMMAND --help' for a command's options and an example."
@@ -212,6 +213,37 @@ def info_command(cache: Path = typer.Argument(..., metavar="CACHE", help="A cach
     from kdcache.cache import describe
 
     typer.echo(describe(cache))
+
+
+@app.command("verify")
+@friendly
+def verify_command(
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
+    sample: int = typer.Option(64, help="Random (row, view) pairs rechecked per split."),
+    tolerance: Optional[float] = typer.Option(None, show_default="1e-3 for an fp32 cache, 2e-2 fp16, 1e-1 bf16", help="Largest |logit difference| that passes; above it the command exits with status 1."),
+    seed: int = typer.Option(0, help="Seed of the sample."),
+    teacher: Optional[str] = typer.Option(None, show_default="the one recorded in the cache", help="Load the cache's teacher from here instead (a local copy of a hub teacher, offline); its weights must match the cache's."),
+    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
+    batch_size: int = typer.Option(32, help="Inputs per teacher forward pass."),
+):
+    """Rerun the cache's teacher on a random sample of its inputs and compare with the cached logits.
+
+    The checksums checked on every load catch logits changed after the cache was written; this catches logits that
+    are not the teacher's at all (altered with their checksums, or written wrong). Clean rows are rerun on their
+    stored pixels, views and mixed views rebuilt from their source images and parameters, as stage one built them.
+    Prints max |logit difference| and top-1 mismatches per split; exits 1 above --tolerance.
+
+    \b
+      kdcache verify data/beans--effl0-beans
+      kdcache verify data/beans-effl0-mixed16 --sample 256 --teacher ../shared/teachers/effl0-beans
+    """
+    from kdcache.verify import describe, verify_teacher_logits
+
+    report = verify_teacher_logits(cache, sample=sample, tolerance=tolerance, seed=seed, teacher=teacher, device=device,
+                                   batch_size=batch_size)
+    typer.echo(describe(report))
+    if not report["passed"]:
+        raise typer.Exit(1)
 
 
 @app.command("train-student")
