@@ -39,6 +39,12 @@ RECIPES = {
     "scratch": ("views16", {**PATIENT, "alpha": 0.0}),  # the same schedule and views, from labels alone
     "views": ("views16", PATIENT),  # consistent views, not mixed
     "patient": ("mixed16", PATIENT),  # consistent mixed views: function matching
+    # Issue 15's losses on the recipe chosen on validation (views): the teacher alone (alpha=1), each loss at its
+    # paper's temperature (DKD T=4, TCKD + 8 NCKD; DIST T=1, inter + intra); logit standardisation with KD at the
+    # paper's base temperature 2 (standardised logits have unit spread, so T=5 would flatten the targets).
+    "views-dkd": ("views16", {**PATIENT, "loss": "dkd"}),
+    "views-dist": ("views16", {**PATIENT, "loss": "dist"}),
+    "views-kd-standardized": ("views16", {**PATIENT, "standardize_logits": True, "temperature": 2.0}),
 }
 
 
