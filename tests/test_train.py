@@ -513,3 +513,21 @@ def test_same_seed_same_machine_same_student(tmp_path, view_cache):
 def test_online_needs_the_teachers_input_size(tmp_path, tiny_cache):
     with pytest.raises(KdcacheError, match="--online runs the teacher on the student's input"):
         train_student(tiny_cache, output=tmp_path / "x", max_steps=1, online=True, student_size=24, **FAST)
+
+
+def test_the_students_batchnorm_keeps_a_running_average_not_the_last_batch():
+    from kdcache.train import BATCHNORM_MOMENTUM, build_student
+
+    student = build_student(None, ["a", "b", "c"], (3, 32, 32), seed=0)
+    norms = [module for module in student.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert norms and all(norm.momentum == BATCHNORM_MOMENTUM for norm in norms)
+    batch_means = []
+    norms[0].register_forward_hook(lambda module, inputs, output: batch_means.append(inputs[0].mean((0, 2, 3))))
+    student.train()
+    with torch.no_grad():  # two batches with very different statistics: the running mean must remember the first
+        student(pixel_values=torch.zeros(4, 3, 32, 32))
+        student(pixel_values=torch.full((4, 3, 32, 32), 5.0))
+    assert not torch.allclose(norms[0].running_mean, batch_means[-1], atol=1e-3)
+    # from zeros: m * first, then (1 - m) * that + m * second
+    expected = (1 - BATCHNORM_MOMENTUM) * BATCHNORM_MOMENTUM * batch_means[0] + BATCHNORM_MOMENTUM * batch_means[1]
+    assert torch.allclose(norms[0].running_mean, expected, atol=1e-5)
