@@ -51,7 +51,7 @@ RECIPES = {
 def run(args):
     from kdcache.cache import read_manifest, teacher_logits
     from kdcache.evaluate import evaluate_models
-    from kdcache.train import train_student
+    from kdcache.train import BATCHNORM_MOMENTUM, train_student
 
     root = Path(args.root)
     overrides = dict(parse_setting(item) for item in args.set)
@@ -73,6 +73,7 @@ def run(args):
                 "stage_one_minutes": round(manifest["seconds"] / 60, 2),
                 "stage_two_minutes": round(summary["seconds"] / 60, 2),
                 "student_size": summary["recipe"]["student_size"][0], "output": str(student),
+                "batchnorm_momentum": BATCHNORM_MOMENTUM,
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_minutes": round((time.time() - started) / 60, 2),
             }
             if args.test:  # once per final student, after every choice was made on validation
@@ -96,6 +97,9 @@ def parse_setting(item: str):
 def table(args):
     lines = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
     final = [line for line in lines if "test_accuracy" in line]
+    for line in final:  # runs before the BatchNorm fix (kdcache.train.BATCHNORM_MOMENTUM) are their own rows
+        if line.get("batchnorm_momentum", 0.997) != 0.1:
+            line["recipe"] += f" (BatchNorm momentum {line.get('batchnorm_momentum', 0.997)})"
     rows = []
     for recipe in dict.fromkeys(line["recipe"] for line in final):
         runs = [line for line in final if line["recipe"] == recipe]
