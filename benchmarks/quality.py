@@ -39,13 +39,19 @@ RECIPES = {
     "scratch": ("views16", {**PATIENT, "alpha": 0.0}),  # the same schedule and views, from labels alone
     "views": ("views16", PATIENT),  # consistent views, not mixed
     "patient": ("mixed16", PATIENT),  # consistent mixed views: function matching
+    # Issue 15's losses on the recipe chosen on validation (views): the teacher alone (alpha=1), each loss at its
+    # paper's temperature (DKD T=4, TCKD + 8 NCKD; DIST T=1, inter + intra); logit standardisation with KD at the
+    # paper's base temperature 2 (standardised logits have unit spread, so T=5 would flatten the targets).
+    "views-dkd": ("views16", {**PATIENT, "loss": "dkd"}),
+    "views-dist": ("views16", {**PATIENT, "loss": "dist"}),
+    "views-kd-standardized": ("views16", {**PATIENT, "standardize_logits": True, "temperature": 2.0}),
 }
 
 
 def run(args):
     from kdcache.cache import read_manifest, teacher_logits
     from kdcache.evaluation import evaluate_models
-    from kdcache.train import train_student
+    from kdcache.train import BATCHNORM_MOMENTUM, train_student
 
     root = Path(args.root)
     overrides = dict(parse_setting(item) for item in args.set)
@@ -67,6 +73,7 @@ def run(args):
                 "stage_one_minutes": round(manifest["seconds"] / 60, 2),
                 "stage_two_minutes": round(summary["seconds"] / 60, 2),
                 "student_size": summary["recipe"]["student_size"][0], "output": str(student),
+                "batchnorm_momentum": BATCHNORM_MOMENTUM,
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_minutes": round((time.time() - started) / 60, 2),
             }
             if args.test:  # once per final student, after every choice was made on validation
@@ -90,6 +97,9 @@ def parse_setting(item: str):
 def table(args):
     lines = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
     final = [line for line in lines if "test_accuracy" in line]
+    for line in final:  # runs before the BatchNorm fix (kdcache.train.BATCHNORM_MOMENTUM) are their own rows
+        if line.get("batchnorm_momentum", 0.997) != 0.1:
+            line["recipe"] += f" (BatchNorm momentum {line.get('batchnorm_momentum', 0.997)})"
     rows = []
     for recipe in dict.fromkeys(line["recipe"] for line in final):
         runs = [line for line in final if line["recipe"] == recipe]

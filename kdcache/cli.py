@@ -21,6 +21,7 @@ app = typer.Typer(
         "  kdcache train-student    train a small student from the cached soft targets\n"
         "  kdcache evaluate         measure students and teachers on a split\n"
         "  kdcache info CACHE       what a cache holds and what produced it\n"
+        "  kdcache verify CACHE     rerun the teacher on a sample of a cache: are its logits the teacher's?\n"
         "  kdcache demo             the whole pipeline offline, on scikit-learn's digits\n\n"
         "Every model or dataset argument takes a Hugging Face hub id or a local folder. "
         "Run 'kdcache COMMAND --help' for a command's options and an example."
@@ -183,10 +184,11 @@ def evaluate_command(
     match_labels_by_index: bool = typer.Option(False, "--match-labels-by-index", help="Trust that a model's outputs follow the dataset's label order even though the names differ."),
 ):
     """Measure models on a split: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix,
-    parameters, size on disk and images/s; with --cache, how close each is to the teacher.
+    expected calibration error (15 bins), parameters, size on disk and images/s; with --cache, how close each is
+    to the teacher.
 
     Each model is fed through its own image processor, as pipeline() would, and its outputs are matched to the
-    dataset's labels by name. Writes metrics.json and confusion_matrix.png (and, for several models, one folder
+    dataset's labels by name. Writes metrics.json, confusion_matrix.png and reliability_diagram.png (and, for several models, one folder
     per model plus a combined metrics.json and comparison.png). Metrics are computed by evaluate modules shipped
     with kdcache, so nothing is fetched from the hub.
 
@@ -215,14 +217,47 @@ def info_command(cache: Path = typer.Argument(..., metavar="CACHE", help="A cach
     typer.echo(describe(cache))
 
 
+@app.command("verify")
+@friendly
+def verify_command(
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
+    sample: int = typer.Option(64, help="Random (row, view) pairs rechecked per split."),
+    tolerance: Optional[float] = typer.Option(None, show_default="1e-3 for an fp32 cache, 2e-2 fp16, 1e-1 bf16", help="Largest |logit difference| that passes; above it the command exits with status 1."),
+    seed: int = typer.Option(0, help="Seed of the sample."),
+    teacher: Optional[str] = typer.Option(None, show_default="the one recorded in the cache", help="Load the cache's teacher from here instead (a local copy of a hub teacher, offline); its weights must match the cache's."),
+    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
+    batch_size: int = typer.Option(32, help="Inputs per teacher forward pass."),
+):
+    """Rerun the cache's teacher on a random sample of its inputs and compare with the cached logits.
+
+    The checksums checked on every load catch logits changed after the cache was written; this catches logits that
+    are not the teacher's at all (altered with their checksums, or written wrong). Clean rows are rerun on their
+    stored pixels, views and mixed views rebuilt from their source images and parameters, as stage one built them.
+    Prints max |logit difference| and top-1 mismatches per split; exits 1 above --tolerance.
+
+    \b
+      kdcache verify data/beans--effl0-beans
+      kdcache verify data/beans-effl0-mixed16 --sample 256 --teacher ../shared/teachers/effl0-beans
+    """
+    from kdcache.verify import describe, verify_teacher_logits
+
+    report = verify_teacher_logits(cache, sample=sample, tolerance=tolerance, seed=seed, teacher=teacher, device=device,
+                                   batch_size=batch_size)
+    typer.echo(describe(report))
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
 @app.command("train-student")
 @friendly
 def train_student_command(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
     output: Optional[Path] = typer.Option(None, show_default="data/students/<cache>-distilled", help="Folder for the trained student."),
     student: Optional[str] = typer.Option(None, show_default="MobileNetV2Config() from scratch", help="Student: a model type from scratch (e.g. mobilenet_v2), a config-only folder, or a hub id / folder with weights."),
-    temperature: float = typer.Option(DEFAULT("temperature"), "--temperature", "-T", help="Softmax temperature T of the distillation term."),
-    alpha: float = typer.Option(DEFAULT("alpha"), "--alpha", "--lambda", help="Weight of the distillation term: 0 = labels only (a from-scratch baseline), 1 = teacher only."),
+    loss: str = typer.Option(DEFAULT("loss"), help="Distillation loss. kd: KL to the teacher's softened outputs (Hinton). dkd: decoupled KD, the target class and the other classes weighted apart (1:8), for 3+ classes and unmixed caches. dist: matches the correlations of student and teacher probabilities, not their values, for a much stronger teacher."),
+    temperature: Optional[float] = typer.Option(DEFAULT("temperature"), "--temperature", "-T", show_default="5 for kd, 4 for dkd, 1 for dist", help="Softmax temperature T of the distillation term."),
+    alpha: float = typer.Option(DEFAULT("alpha"), "--alpha", "--lambda", help="Weight of the distillation part against the labels' cross-entropy, for every --loss: 0 = labels only (a from-scratch baseline), 1 = teacher only; 0.5 is the DKD and DIST papers' 1:1."),
+    standardize_logits: bool = typer.Option(DEFAULT("standardize_logits"), "--standardize-logits", help="z-score each image's logits, student's and teacher's, before the softmax: the student matches the teacher's ranking of the classes, not the range of its logits, and T becomes a base temperature (Sun et al. 2024 use 2). kd and dkd."),
     epochs: float = typer.Option(DEFAULT("epochs"), help="Training epochs."),
     learning_rate: float = typer.Option(DEFAULT("learning_rate"), help="Peak AdamW learning rate."),
     batch_size: int = typer.Option(DEFAULT("batch_size"), help="Images per training step: the global batch, of all processes together when there are several (each takes its share)."),
@@ -246,7 +281,9 @@ def train_student_command(
 ):
     """Train a student from the cached soft targets and save it for pipeline("image-classification").
 
-    Loss: (1-alpha)*CE(student, labels) + alpha*T^2*KL(softmax(teacher/T) || softmax(student/T)), batchmean.
+    Loss: (1-alpha)*CE(student, labels) + alpha*D, where D is, by --loss, T^2*KL(softmax(teacher/T) ||
+    softmax(student/T)) (kd), T^2*(TCKD + 8*NCKD) (dkd) or T^2*(inter + intra) (dist), each averaged over the batch;
+    every term is logged (loss_ce, loss_kl; loss_tckd, loss_nckd; loss_inter, loss_intra).
     The cache is verified first (manifest, row counts, logits checksums). The output folder holds the best
     epoch's model, the teacher's image processor, a model card, TensorBoard logs and kdcache_training.json.
 
@@ -271,7 +308,8 @@ def train_student_command(
     from kdcache.train import train_student
 
     options = TrainingOptions(
-        student=student, temperature=temperature, alpha=alpha, epochs=epochs, learning_rate=learning_rate,
+        student=student, loss=loss, temperature=temperature, alpha=alpha,
+        standardize_logits=standardize_logits, epochs=epochs, learning_rate=learning_rate,
         batch_size=batch_size, weight_decay=weight_decay, warmup_ratio=warmup_ratio, scheduler=scheduler, seed=seed,
         eval_split=None if eval_split.lower() == "none" else eval_split, resume=resume, overwrite=overwrite,
         online=online, teacher=teacher, student_only_augment=student_only_augment, student_size=student_size,

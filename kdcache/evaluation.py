@@ -23,6 +23,8 @@ from kdcache.models import align_labels, count_parameters, load_classifier
 from kdcache.runtime import check_writable_parent, move_into_place, output_path, pick_device, slug, tune_malloc
 
 METRICS, CONFUSION_PNG, COMPARISON_PNG = "metrics.json", "confusion_matrix.png", "comparison.png"
+RELIABILITY_PNG = "reliability_diagram.png"
+CALIBRATION_BINS = 15  # Guo et al. (2017), "On Calibration of Modern Neural Networks": the usual 15
 WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")  # not training_args.bin, which Trainer saves beside them
 TIMED = ("forward: model(pixel_values) under torch.inference_mode, after one untimed warm-up batch; "
          "end_to_end: decoding, the model's image processor and the forward")
@@ -43,6 +45,28 @@ def classification_metrics(predictions, references, names: list[str]) -> dict:
     }
     return {"accuracy": raw["accuracy"], "macro_f1": raw["macro_f1"], "per_class": per_class,
             "confusion_matrix": raw["confusion_matrix"]}
+
+
+def calibration(logits, references, bins: int = CALIBRATION_BINS) -> dict:
+    """Expected calibration error (Guo et al. 2017): the top-1 confidences (max softmax) fall into `bins` equal-width
+    bins (lower, upper] of [0, 1]; ECE = sum over bins of (rows in the bin / rows) * |accuracy - mean confidence|
+    in the bin. Also each bin's count, accuracy and mean confidence (None when empty), for the reliability diagram."""
+    probabilities = torch.as_tensor(np.asarray(logits), dtype=torch.float64).softmax(-1).numpy()
+    confidence, predicted = probabilities.max(-1), probabilities.argmax(-1)
+    correct = predicted == np.asarray(references).reshape(-1)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    table, error = [], 0.0
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        accuracy = float(correct[members].mean()) if count else None
+        mean_confidence = float(confidence[members].mean()) if count else None
+        if count:
+            error += count / len(confidence) * abs(accuracy - mean_confidence)
+        table.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": count, "accuracy": accuracy,
+                      "confidence": mean_confidence})
+    return {"expected_calibration_error": error, "calibration_bins": table}
 
 
 def teacher_agreement(student_logits, teacher_logits, labels) -> dict:
@@ -140,6 +164,7 @@ def evaluate_models(
             "rows": len(rows),
             "label_names": names,
             **classification_metrics(logits.argmax(-1), references, names),
+            **calibration(logits, references),
             "confusion_matrix_axes": "rows: true label, columns: predicted label, in label_names order",
             "parameters": count_parameters(model),
             "weights_bytes": weights_bytes(name),
@@ -164,6 +189,7 @@ def evaluate_models(
             (work / folder).mkdir(exist_ok=True)
             _write_json(work / folder / METRICS, result)
             plot_confusion(result, work / folder / CONFUSION_PNG)
+            plot_reliability(result, work / folder / RELIABILITY_PNG)
         report = {"output": str(output), "dataset": dataset, "split": split, "rows": len(rows), "models": results}
         if len(results) > 1:
             _write_json(work / METRICS, report)
@@ -312,7 +338,8 @@ def describe(report: dict) -> str:
         lines += [
             f"  model       {result['model']} ({result['model_class']}, {result['parameters']:,} parameters, "
             f"{_megabytes(result)} MB on disk)",
-            f"  accuracy    {result['accuracy']:.4f}    macro-F1 {result['macro_f1']:.4f}",
+            f"  accuracy    {result['accuracy']:.4f}    macro-F1 {result['macro_f1']:.4f}    "
+            f"ECE {result['expected_calibration_error']:.4f} ({len(result['calibration_bins'])} bins)",
             f"  speed       {speed['forward_images_per_second']:.1f} img/s forward, "
             f"{speed['end_to_end_images_per_second']:.1f} img/s with decoding and preprocessing "
             f"(batch {speed['batch_size']}, {speed['device']})",
@@ -327,14 +354,15 @@ def describe(report: dict) -> str:
         for name, figures in result["per_class"].items():
             lines.append(f"  {name:<{width}}  {figures['precision']:9.4f}  {figures['recall']:6.4f}  "
                          f"{figures['f1']:6.4f}  {figures['support']:7d}")
-        lines.append(f"  written to {report['output']}/ ({METRICS}, {CONFUSION_PNG})")
+        lines.append(f"  written to {report['output']}/ ({METRICS}, {CONFUSION_PNG}, {RELIABILITY_PNG})")
         return "\n".join(lines)
     agreement = all("teacher_agreement" in result for result in results)
-    header = ["model", "params", "MB", "accuracy", "macro-F1", "img/s fwd", "img/s e2e"] + (["agree", "KL"] if agreement else [])
+    header = ["model", "params", "MB", "accuracy", "macro-F1", "ECE", "img/s fwd", "img/s e2e"] + (["agree", "KL"] if agreement else [])
     table = [header]
     for result in results:
         row = [result["name"], f"{result['parameters'] / 1e6:.2f}M", _megabytes(result), f"{result['accuracy']:.4f}",
-               f"{result['macro_f1']:.4f}", f"{result['speed']['forward_images_per_second']:.1f}",
+               f"{result['macro_f1']:.4f}", f"{result['expected_calibration_error']:.4f}",
+               f"{result['speed']['forward_images_per_second']:.1f}",
                f"{result['speed']['end_to_end_images_per_second']:.1f}"]
         if agreement:
             row += [f"{result['teacher_agreement']['top1_agreement']:.4f}", f"{result['teacher_agreement']['kl_teacher_student']:.4f}"]
@@ -370,6 +398,33 @@ def plot_confusion(result: dict, path: Path) -> None:
     axes.set_title(f"{result['name']} on {slug(result['dataset'])} {result['split']}\n"
                    f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}", fontsize=10)
     figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true label's rows")
+    figure.savefig(path)
+
+
+def plot_reliability(result: dict, path: Path) -> None:
+    """Accuracy against mean confidence in each confidence bin, beside the diagonal of a calibrated model; a bar
+    below the diagonal is overconfidence. The bins' share of the rows underneath, as ECE weighs them."""
+    from matplotlib.figure import Figure
+
+    table = result["calibration_bins"]
+    lower, width = np.array([b["lower"] for b in table]), np.array([b["upper"] - b["lower"] for b in table])
+    accuracy = np.array([b["accuracy"] if b["count"] else 0.0 for b in table])
+    confidence = np.array([b["confidence"] if b["count"] else np.nan for b in table])
+    share = np.array([b["count"] for b in table]) / max(1, sum(b["count"] for b in table))
+    figure = Figure(figsize=(5.2, 6.2), dpi=120, layout="constrained")
+    top, bottom = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    top.bar(lower, accuracy, width, align="edge", edgecolor="black", linewidth=0.5, label="accuracy")
+    top.plot(confidence, accuracy, "o", color="tab:red", markersize=3, label="mean confidence of the bin")
+    top.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(fontsize=8, loc="upper left", frameon=False)
+    top.set_title(f"{result['name']} on {slug(result['dataset'])} {result['split']}\n"
+                  f"ECE {result['expected_calibration_error']:.4f} ({len(table)} bins)", fontsize=10)
+    bottom.bar(lower, share, width, align="edge", color="tab:gray")
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("confidence (max softmax)")
+    bottom.set_ylabel("share of rows")
     figure.savefig(path)
 
 

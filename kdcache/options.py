@@ -3,7 +3,7 @@
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
@@ -32,8 +32,10 @@ class TrainingOptions:
     """
 
     student: str | None = None
-    temperature: float = 5.0
+    loss: str = "kd"  # a name in kdcache.loss.LOSSES
+    temperature: float | None = None  # None: the loss's paper's (kdcache.loss.DEFAULT_TEMPERATURES)
     alpha: float = 0.5
+    standardize_logits: bool = False
     epochs: float = 20
     learning_rate: float = 1e-3
     batch_size: int = 32
@@ -68,6 +70,12 @@ class TrainingOptions:
         many processes share the batch."""
         check_training_options(processes=processes, **asdict(self))
 
+    def resolved(self) -> "TrainingOptions":
+        """These options with what a default of None stands for filled in (the loss's temperature)."""
+        from kdcache.loss import DEFAULT_TEMPERATURES
+
+        return replace(self, temperature=DEFAULT_TEMPERATURES[self.loss] if self.temperature is None else self.temperature)
+
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
@@ -76,11 +84,16 @@ def _finite(value) -> bool:
 def check_training_options(*, temperature, alpha, epochs, max_steps, learning_rate, batch_size, processes,
                            weight_decay, warmup_ratio, scheduler, seed, num_workers, logging_steps, precision, online,
                            teacher, student_only_augment, resume, save_checkpoints, push_to_hub, student_size=None,
-                           ema_decay=None, **unchecked) -> None:
+                           ema_decay=None, loss="kd", standardize_logits=False, **unchecked) -> None:
     """Every option of train_student that can be wrong on its own, each refused with one line naming the fix."""
-    from kdcache.loss import check_loss_settings
+    from kdcache.loss import DEFAULT_TEMPERATURES, LOSSES, check_loss_settings
 
-    check_loss_settings(temperature, alpha)
+    if loss not in LOSSES:
+        raise KdcacheError(f"--loss '{loss}' is not one of {', '.join(LOSSES)}")
+    if standardize_logits and loss == "dist":
+        raise KdcacheError("--standardize-logits is an option of the KL-based losses (kd, dkd), which its paper "
+                           "defines it for, not of --loss dist; leave it out or use --loss kd or dkd")
+    check_loss_settings(DEFAULT_TEMPERATURES[loss] if temperature is None else temperature, alpha)
     if max_steps != -1 and max_steps < 1:
         raise KdcacheError(f"max_steps={max_steps} must be at least 1 (or -1, the default, to train for --epochs)")
     if max_steps == -1 and not (_finite(epochs) and epochs > 0):
@@ -129,6 +142,19 @@ def check_training_options(*, temperature, alpha, epochs, max_steps, learning_ra
         except HFValidationError:
             raise KdcacheError(f"--push-to-hub '{push_to_hub}' is not a hub repository id; use NAME or OWNER/NAME "
                                "(letters, digits, '-', '_', '.')") from None
+
+
+def check_loss_for_cache(loss: str, classes: int, mixed_labels: bool, cache) -> None:
+    """What a loss needs of the cache it trains from, refused before training (kdcache.loss.dkd_loss would refuse
+    the first batch): DKD's non-target part needs a third class, and its target part one label per image."""
+    if loss != "dkd":
+        return
+    if classes <= 2:
+        raise KdcacheError(f"--loss dkd needs more than 2 classes (its non-target part is over the classes other than "
+                           f"the label's), and cache '{cache}' has {classes}; use --loss kd or --loss dist")
+    if mixed_labels:
+        raise KdcacheError(f"--loss dkd needs one label per image, and cache '{cache}' mixes images (mixup): each "
+                           "training image has two weighted labels; use --loss kd or --loss dist with this cache")
 
 
 def run_options(options: TrainingOptions, **resolved) -> dict:

@@ -35,10 +35,10 @@ from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, load_image_
 from kdcache.devices import OneDeviceArguments
 from kdcache.errors import KdcacheError, hub_error
 from kdcache.hub import push_folder
-from kdcache.loss import distillation_loss
+from kdcache.loss import LOSSES
 from kdcache.manifest import Manifest
 from kdcache.models import align_labels, count_parameters, load_classifier, weights_sha256
-from kdcache.options import TrainingOptions, check_resumable, record_options, run_options
+from kdcache.options import TrainingOptions, check_loss_for_cache, check_resumable, record_options, run_options
 from kdcache.outputs import (
     check_free_space,
     guards_output,
@@ -62,13 +62,15 @@ from kdcache.runtime import (
 log = logging.getLogger("kdcache")
 
 class DistillationTrainer(Trainer):
-    """Trainer whose loss is kdcache's distillation loss over the batch's `teacher_logits`."""
+    """Trainer whose loss is one of kdcache's distillation losses (kdcache.loss.LOSSES) over the batch's
+    `teacher_logits`."""
 
-    loss_is_scaled_for_ga = False  # distillation_loss is a per-batch mean
+    loss_is_scaled_for_ga = False  # every kdcache loss is a per-batch mean
 
-    def __init__(self, *args, temperature=5.0, alpha=0.5, teacher=None, **kwargs):
+    def __init__(self, *args, temperature=5.0, alpha=0.5, teacher=None, loss="kd", standardize=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.temperature, self.alpha, self.teacher = temperature, alpha, teacher
+        self.loss_function, self.standardize = LOSSES[loss], standardize
         self.loss_terms, self.loss_term_steps = {}, 0  # summed since the last log: what each term contributes
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -76,8 +78,8 @@ class DistillationTrainer(Trainer):
         if self.teacher is not None and self.alpha > 0:
             teacher_logits = self.teacher(inputs["pixel_values"])
         outputs = model(pixel_values=inputs["pixel_values"])
-        loss, terms = distillation_loss(outputs.logits, inputs["labels"], teacher_logits, self.temperature, self.alpha,
-                                        return_terms=True)
+        loss, terms = self.loss_function(outputs.logits, inputs["labels"], teacher_logits, self.temperature, self.alpha,
+                                         return_terms=True, standardize=self.standardize)
         if model.training:
             for name, value in terms.items():
                 self.loss_terms[name] = self.loss_terms.get(name, 0.0) + value
@@ -85,7 +87,8 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, start_time=None):
-        """Every training log line also gets the unweighted terms (loss_ce, loss_kl), averaged over its steps and
+        """Every training log line also gets the unweighted terms (loss_ce, loss_kl; loss_tckd, loss_nckd for dkd;
+        loss_inter, loss_intra for dist), averaged over its steps and
         processes, beside the weighted total: which term dominates is the first question when distillation fails."""
         if "loss" in logs and self.loss_term_steps:
             for name, total in self.loss_terms.items():
@@ -317,7 +320,31 @@ def _online_rows(split, image_column, label_column, pipeline):
 
 def build_student(student, names, pixel_shape, seed):
     """The student: a MobileNetV2Config() from scratch by default (the tutorial's), a config name (model type) from
-    scratch, or a hub id / local folder (pretrained weights, with a fresh head when its classes differ)."""
+    scratch, or a hub id / local folder (pretrained weights, with a fresh head when its classes differ); its BatchNorm
+    momentum in PyTorch's convention (`pytorch_batchnorm_momentum`)."""
+    return pytorch_batchnorm_momentum(_student_model(student, names, pixel_shape, seed))
+
+
+# transformers' MobileNetV2 (and other ports of TensorFlow models) pass TensorFlow's BatchNorm decay, 0.997, as
+# PyTorch's `momentum`, which is the weight of the *new* batch: the running statistics are then those of about the
+# last training batch alone, often the epoch's small remainder batch (10 images on beans). Every evaluation and the
+# saved student inherit them: the K=1 defaults' validation curve fell from 0.89 to 0.79 (mean of 3 seeds) over the
+# last 3 epochs of a cosine schedule whose learning rate was near zero. torchvision's MobileNetV2 uses PyTorch's
+# default 0.1 (about the last 10 batches); 1 - 0.997 = 0.003 would average over ~330 steps, half of a 660-step run
+# whose weights move throughout.
+BATCHNORM_MOMENTUM = 0.1
+
+
+def pytorch_batchnorm_momentum(model):
+    """Set BatchNorm layers whose momentum is in TensorFlow's convention (> 0.5: the old statistics' weight) to
+    BATCHNORM_MOMENTUM; sane values are left alone. Only training reads it: the saved weights and config are unchanged."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.momentum is not None and module.momentum > 0.5:
+            module.momentum = BATCHNORM_MOMENTUM
+    return model
+
+
+def _student_model(student, names, pixel_shape, seed):
     from transformers import AutoConfig, AutoModelForImageClassification, MobileNetV2Config
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -360,7 +387,9 @@ def train_student(cache: str | Path, output: str | Path | None = None, options: 
 
     The options are a TrainingOptions (kdcache.options: every option, its default and its checks), given whole as
     `options`, one by one as keywords (`train_student(cache, output=..., seed=1, alpha=0)`), or both (the keywords
-    win). `student_size` S trains (and saves) the student at S x S pixels: each view is the same crop as the
+    win). `loss` is a name in kdcache.loss.LOSSES (kd, dkd, dist); `temperature` None is that loss's paper's
+    (DEFAULT_TEMPERATURES); `alpha` weights the loss's distillation part against the labels' cross-entropy;
+    `standardize_logits` z-scores student and teacher logits before the softmax (kd and dkd). `student_size` S trains (and saves) the student at S x S pixels: each view is the same crop as the
     teacher's, resized to S. `ema_decay` (e.g. 0.998) keeps an exponential moving average of the weights, evaluated
     each epoch and saved as the student. `callbacks` are transformers TrainerCallbacks (or classes), passed to the
     Trainer as they are.
@@ -374,6 +403,7 @@ def train_student(cache: str | Path, output: str | Path | None = None, options: 
     processes = distributed(options.device)  # None on a plain run, which then goes exactly as it always has
     with agreed(processes):  # every process checks the same inputs; an error is printed once
         options.check(processes.count if processes else 1)
+        options = options.resolved()  # the loss's own temperature where none was given
         place = placement(options.device, options.precision, processes, training=True)
         cache_path, cached, manifest = _open_cache(cache, options)
         output, work = _claim_output(output, cache_path, manifest, options, place, processes)
@@ -478,6 +508,7 @@ def training_rows(cached, manifest: Manifest, cache_path: Path, options: Trainin
                            f"{views} views per image of split '{train_split}'")
     if eval_split and manifest.views_of(eval_split) > 1:
         raise KdcacheError(f"--eval-split '{eval_split}' is cached with views; evaluate on a split with one clean view")
+    check_loss_for_cache(options.loss, len(manifest.label_names), views > 1 and manifest.mixed_views, cache_path)
 
     def source_split(split):
         """The original rows the cache was made from, for the modes that need the images themselves."""
@@ -579,6 +610,8 @@ def _trainer(model, rows: TrainingRows, work: Path, options: TrainingOptions, pl
         temperature=options.temperature,
         alpha=options.alpha,
         teacher=rows.online_teacher,
+        loss=options.loss,
+        standardize=options.standardize_logits,
         callbacks=callbacks,
     )
     if not progress:  # Trainer prints every log line when its bar is off; quiet means quiet
@@ -599,17 +632,22 @@ def _summary(trainer, seconds, output, cache_path, manifest: Manifest, model, ro
              options: TrainingOptions, place, size) -> dict:
     history = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
     best = max(history, key=lambda entry: entry["eval_accuracy"]) if history else None
+    last = history[-1] if history else None
     args = trainer.args
     return {
         "output": str(output),
         "best_eval_accuracy": best["eval_accuracy"] if best else None,
         "best_epoch": best["epoch"] if best else None,
+        # the last epoch beside the best: a best epoch far from the last says the schedule overshot, or it was luck
+        "last_eval_accuracy": last["eval_accuracy"] if last else None,
+        "last_epoch": last["epoch"] if last else None,
+        "saved_epoch": (best if args.load_best_model_at_end else last)["epoch"] if history else None,
         "eval_split": options.eval_split,
         "epochs": trainer.state.epoch,
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
         "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-        "train_log": [{key: entry[key] for key in ("step", "loss", "loss_ce", "loss_kl") if key in entry}
+        "train_log": [{key: value for key, value in entry.items() if key in ("step", "loss") or key.startswith("loss_")}
                       for entry in trainer.state.log_history if "loss" in entry],
         "history": [{"epoch": e["epoch"], "eval_accuracy": e["eval_accuracy"], "eval_loss": e["eval_loss"]} for e in history],
         "recipe": {
@@ -674,8 +712,22 @@ def summary_line(summary: dict) -> str:
         quality = "no evaluation split"
     else:
         quality = (f"best {summary['eval_split']} accuracy {summary['best_eval_accuracy']:.4f} at epoch "
-                   f"{summary['best_epoch']:g} of {summary['epochs']:g}")
+                   f"{summary['best_epoch']:g}, last {summary['last_eval_accuracy']:.4f} at epoch "
+                   f"{summary['last_epoch']:g} of {summary['epochs']:g}")
     return f"{quality}; {summary['seconds']:.0f} s; student saved to {summary['output']}"
+
+
+def loss_formula(recipe: dict) -> str:
+    """The training loss as the model card states it (a summary written before --loss existed used kd)."""
+    loss, settings = recipe.get("loss", "kd"), f"T={recipe['temperature']}, alpha={recipe['alpha']}"
+    standardized = "z-scored " if recipe.get("standardize_logits") else ""
+    distillation = {
+        "kd": f"T^2 KL({standardized}teacher/T, {standardized}student/T)",
+        "dkd": f"T^2 (TCKD + 8 NCKD) of the {standardized}logits/T (decoupled KD, Zhao et al. 2022)",
+        "dist": "T^2 (inter + intra), one minus the Pearson correlations of softmax(logits/T) per image and per class "
+                "(DIST, Huang et al. 2022)",
+    }[loss]
+    return f"{loss}: (1-alpha) CE + alpha {distillation}, {settings}" + (", logits standardised" if standardized else "")
 
 
 def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None = None) -> str:
@@ -702,7 +754,7 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
         f"| teacher | `{recipe['teacher']}` (weights sha256 `{manifest['teacher']['weights_sha256'][:16]}...`) |",
         f"| logit cache | fingerprint `{recipe['cache_fingerprint']}`" + (" (teacher run online)" if recipe["online"] else "") + " |",
         f"| student | {recipe['student']}, {recipe['student_parameters']:,} parameters |",
-        f"| loss | (1-alpha) CE + alpha T^2 KL(teacher/T, student/T), T={recipe['temperature']}, alpha={recipe['alpha']} |",
+        f"| loss | {loss_formula(recipe)} |",
         f"| training | {summary['epochs']:g} epochs ({summary['steps']} steps), AdamW lr {recipe['learning_rate']}, "
         f"{recipe['scheduler']} schedule, batch {recipe['batch_size']}"
         + (f" ({recipe['processes']} processes of {recipe['batch_size'] // recipe['processes']})" if recipe.get("processes", 1) > 1 else "")
@@ -715,7 +767,9 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
                      + (f"; {views} {'mixed ' if recipe.get('mixed_views') else ''}views per image, each the teacher's own" if views > 1 else "")
                      + (f"; weights: EMA with decay {recipe['ema_decay']}" if recipe.get("ema_decay") else "") + " |")
     if accuracy is not None:
-        lines.append(f"| {summary['eval_split']} accuracy | {accuracy:.4f} (best epoch {summary['best_epoch']:g}, the weights kept) |")
+        saved = "best" if summary.get("saved_epoch", summary["best_epoch"]) == summary["best_epoch"] else "last"
+        lines.append(f"| {summary['eval_split']} accuracy | best {accuracy:.4f} (epoch {summary['best_epoch']:g}), last "
+                     f"{summary['last_eval_accuracy']:.4f} (epoch {summary['last_epoch']:g}); the {saved} epoch's weights are saved |")
     lines += [
         "",
         "```python",

@@ -14,6 +14,8 @@ from kdcache.evaluation import (
     COMPARISON_PNG,
     CONFUSION_PNG,
     METRICS,
+    RELIABILITY_PNG,
+    calibration,
     classification_metrics,
     describe,
     evaluate_models,
@@ -85,6 +87,35 @@ def test_teacher_agreement_equals_a_direct_computation():
     assert same["top1_agreement"] == 1.0 and same["kl_teacher_student"] == pytest.approx(0, abs=1e-12)
 
 
+def direct_ece(probabilities, references, bins=15):
+    """Guo et al. 2017, eq. (3), with a loop over the bins (lower, upper]."""
+    total, error = len(probabilities), 0.0
+    for b in range(bins):
+        lower, upper = b / bins, (b + 1) / bins
+        members = [i for i in range(total) if lower < max(probabilities[i]) <= upper]
+        if members:
+            accuracy = sum(int(np.argmax(probabilities[i]) == references[i]) for i in members) / len(members)
+            confidence = sum(max(probabilities[i]) for i in members) / len(members)
+            error += len(members) / total * abs(accuracy - confidence)
+    return error
+
+
+def test_expected_calibration_error_equals_a_direct_computation():
+    rng = np.random.default_rng(0)
+    for classes, scale in ((3, 1.0), (10, 4.0), (2, 0.3)):
+        logits = rng.normal(0, scale, (500, classes))
+        references = rng.integers(0, classes, 500)
+        result = calibration(logits, references)
+        probabilities = softmax(logits, -1)
+        assert result["expected_calibration_error"] == pytest.approx(direct_ece(probabilities, references), abs=1e-12)
+        assert result["expected_calibration_error"] > 0.01
+        assert sum(b["count"] for b in result["calibration_bins"]) == 500 and len(result["calibration_bins"]) == 15
+    # a model that is right exactly as often as it is sure: every row's confidence is 0.9 and 9 rows in 10 are right
+    sure = np.log(np.array([[0.9, 0.05, 0.05]] * 100))
+    assert calibration(sure, np.array([0] * 90 + [1] * 10))["expected_calibration_error"] == pytest.approx(0.0, abs=1e-9)
+    assert calibration(sure, np.array([0] * 50 + [1] * 50))["expected_calibration_error"] == pytest.approx(0.4, abs=1e-9)
+
+
 def test_one_model_with_its_cache(tmp_path, tiny_dataset, tiny_teacher, tiny_cache):
     report = evaluate_models([str(tiny_teacher)], cache=str(tiny_cache), split="test", batch_size=5,
                              output=tmp_path / "eval", progress=False)
@@ -108,6 +139,11 @@ def test_one_model_with_its_cache(tmp_path, tiny_dataset, tiny_teacher, tiny_cac
     with Image.open(tmp_path / "eval" / CONFUSION_PNG) as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 300
     assert "accuracy" in describe(report) and "top-1 agreement 1.0000" in describe(report)
+    logits = plain_logits(tiny_teacher, tiny_dataset)
+    assert result["expected_calibration_error"] == pytest.approx(direct_ece(softmax(logits.astype(np.float64), -1), references), abs=1e-9)
+    assert f"ECE {result['expected_calibration_error']:.4f} (15 bins)" in describe(report)
+    with Image.open(tmp_path / "eval" / RELIABILITY_PNG) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 300
     assert not (tmp_path / "eval.partial").exists()
 
 
@@ -130,10 +166,11 @@ def test_several_models_side_by_side(tmp_path, tiny_dataset, tiny_teacher, tiny_
     assert [m["model"] for m in combined["models"]] == models
     for name in ("teacher", "student", "permuted"):
         assert (tmp_path / "compare" / name / METRICS).exists() and (tmp_path / "compare" / name / CONFUSION_PNG).exists()
+        assert (tmp_path / "compare" / name / RELIABILITY_PNG).exists()
     with Image.open(tmp_path / "compare" / COMPARISON_PNG) as image:
         image.verify()
     table = describe(report)
-    assert all(name in table for name in ("teacher", "student", "permuted", "macro-F1", "agree"))
+    assert all(name in table for name in ("teacher", "student", "permuted", "macro-F1", "ECE", "agree"))
     # evaluating again replaces the earlier evaluation
     evaluate_models([str(tiny_teacher)], dataset=str(tiny_dataset), output=tmp_path / "compare", progress=False)
     assert not (tmp_path / "compare" / COMPARISON_PNG).exists()

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache import KdcacheError
-from kdcache.loss import distillation_loss
+from kdcache.loss import DEFAULT_TEMPERATURES, LOSSES, dist_loss, distillation_loss, dkd_loss
 
 
 def tutorial_loss(student_logits, labels, teacher_logits, temperature, alpha):
@@ -77,3 +77,155 @@ def test_mixed_labels_are_a_weighted_cross_entropy():
     expected = (weight[:, 0] * F.cross_entropy(student, first, reduction="none")
                 + (1 - weight[:, 0]) * F.cross_entropy(student, second, reduction="none")).mean()
     assert torch.allclose(distillation_loss(student, soft, None, alpha=0.0), expected, atol=1e-6)
+
+
+# DKD, DIST and logit standardisation, each against its paper's formula written out with plain probability math.
+
+def softmax_rows(logits, temperature):
+    """softmax(z/T) of each row, as exp / sum of exp, in float64."""
+    scaled = logits.double() / temperature
+    scaled = scaled - scaled.max(dim=-1, keepdim=True).values
+    return scaled.exp() / scaled.exp().sum(dim=-1, keepdim=True)
+
+
+def kl(p, q):
+    return sum(p[j] * torch.log(p[j] / q[j]) for j in range(len(p)))
+
+
+def paper_dkd(student, labels, teacher, temperature, alpha, tckd_weight=1.0, nckd_weight=8.0):
+    """Zhao et al. 2022, eq. (1)-(5): binary target/non-target probabilities and the renormalised non-target ones."""
+    p_student, p_teacher = softmax_rows(student, temperature), softmax_rows(teacher, temperature)
+    tckd = nckd = 0.0
+    for i, target in enumerate(labels.tolist()):
+        binary = [torch.stack([p[i, target], 1 - p[i, target]]) for p in (p_teacher, p_student)]
+        others = [j for j in range(student.shape[1]) if j != target]
+        renormalised = [p[i, others] / (1 - p[i, target]) for p in (p_teacher, p_student)]
+        tckd = tckd + kl(*binary)
+        nckd = nckd + kl(*renormalised)
+    count = len(labels)
+    distillation = temperature**2 * (tckd_weight * tckd / count + nckd_weight * nckd / count)
+    return (1 - alpha) * F.cross_entropy(student.double(), labels) + alpha * distillation
+
+
+def pearson(x, y):
+    x_mean, y_mean = sum(x) / len(x), sum(y) / len(y)
+    covariance = sum((a - x_mean) * (b - y_mean) for a, b in zip(x, y))
+    spread = torch.sqrt(sum((a - x_mean) ** 2 for a in x) * sum((b - y_mean) ** 2 for b in y))
+    return covariance / spread
+
+
+def paper_dist(student, labels, teacher, temperature, alpha, beta=1.0, gamma=1.0):
+    """Huang et al. 2022, eq. (6)-(8): 1 - Pearson per image (inter) and per class (intra), averaged."""
+    y_student, y_teacher = softmax_rows(student, temperature), softmax_rows(teacher, temperature)
+    rows, classes = y_student.shape
+    inter = 1 - sum(pearson(y_student[i], y_teacher[i]) for i in range(rows)) / rows
+    intra = 1 - sum(pearson(y_student[:, c], y_teacher[:, c]) for c in range(classes)) / classes
+    distillation = temperature**2 * (beta * inter + gamma * intra)
+    return (1 - alpha) * F.cross_entropy(student.double(), labels) + alpha * distillation
+
+
+def paper_standardized(logits):
+    """Sun et al. 2024, Algorithm 1's Z-score, with the authors' unbiased deviation."""
+    rows = []
+    for row in logits.double():
+        mean = sum(row) / len(row)
+        deviation = torch.sqrt(sum((value - mean) ** 2 for value in row) / (len(row) - 1))
+        rows.append((row - mean) / (deviation + 1e-7))
+    return torch.stack(rows)
+
+
+def assert_value_and_gradient_match(ours_fn, reference_fn, classes=7, rows=12):
+    generator = torch.Generator().manual_seed(classes)
+    for _ in range(3):
+        student = (torch.randn(rows, classes, generator=generator) * 3).requires_grad_(True)
+        teacher = torch.randn(rows, classes, generator=generator) * 4
+        labels = torch.randint(0, classes, (rows,), generator=generator)
+        ours = ours_fn(student, labels, teacher)
+        (ours_grad,) = torch.autograd.grad(ours, student)
+        reference = reference_fn(student, labels, teacher)
+        (reference_grad,) = torch.autograd.grad(reference, student)
+        assert ours.dtype == torch.float32
+        assert torch.allclose(ours.double(), reference, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(ours_grad.double(), reference_grad.double(), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature,alpha", [(4.0, 0.5), (1.0, 0.5), (2.0, 1.0), (0.5, 0.3), (8.0, 0.9)])
+def test_dkd_loss_and_gradient_equal_the_papers_formula(temperature, alpha):
+    assert_value_and_gradient_match(lambda s, y, t: dkd_loss(s, y, t, temperature, alpha),
+                                    lambda s, y, t: paper_dkd(s, y, t, temperature, alpha))
+    assert_value_and_gradient_match(lambda s, y, t: dkd_loss(s, y, t, temperature, alpha, tckd_weight=0.5, nckd_weight=2.0),
+                                    lambda s, y, t: paper_dkd(s, y, t, temperature, alpha, 0.5, 2.0), classes=3)
+
+
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (4.0, 0.5), (2.0, 1.0), (0.5, 0.3)])
+def test_dist_loss_and_gradient_equal_the_papers_formula(temperature, alpha):
+    assert_value_and_gradient_match(lambda s, y, t: dist_loss(s, y, t, temperature, alpha),
+                                    lambda s, y, t: paper_dist(s, y, t, temperature, alpha))
+    assert_value_and_gradient_match(lambda s, y, t: dist_loss(s, y, t, temperature, alpha, inter_weight=2.0, intra_weight=0.5),
+                                    lambda s, y, t: paper_dist(s, y, t, temperature, alpha, 2.0, 0.5), classes=4)
+
+
+@pytest.mark.parametrize("name", ["kd", "dkd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_standardized_losses_equal_the_papers_formula(name, temperature):
+    reference = {"kd": lambda s, y, t: tutorial_loss(paper_standardized(s), y, paper_standardized(t), temperature, 1.0),
+                 "dkd": lambda s, y, t: paper_dkd(paper_standardized(s), y, paper_standardized(t), temperature, 1.0)}[name]
+    assert_value_and_gradient_match(lambda s, y, t: LOSSES[name](s, y, t, temperature, 1.0, standardize=True), reference)
+
+
+@pytest.mark.parametrize("name", ["kd", "dkd"])
+def test_standardisation_ignores_each_images_shift_and_scale(name):
+    generator = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(10, 6, generator=generator) * 2, torch.randn(10, 6, generator=generator) * 5
+    labels = torch.randint(0, 6, (10,), generator=generator)
+    scale, shift = torch.rand(10, 1, generator=generator) * 4 + 0.25, torch.randn(10, 1, generator=generator) * 10
+    loss = LOSSES[name]
+    plain = loss(student, labels, teacher, 2.0, 1.0, standardize=True)
+    moved = loss(student * scale + shift, labels, teacher * scale.flip(0) - shift, 2.0, 1.0, standardize=True)
+    assert torch.allclose(plain, moved, atol=1e-5, rtol=1e-5)
+    # and without it the same change does matter, so the comparison above can fail
+    assert not torch.allclose(loss(student, labels, teacher, 2.0, 1.0),
+                              loss(student * scale + shift, labels, teacher * scale.flip(0) - shift, 2.0, 1.0), rtol=1e-3)
+
+
+def test_dkd_needs_more_than_two_classes_and_one_target_class():
+    with pytest.raises(KdcacheError, match="DKD needs more than 2 classes") as refused:
+        dkd_loss(torch.randn(4, 2), torch.tensor([0, 1, 1, 0]), torch.randn(4, 2))
+    assert "\n" not in str(refused.value)
+    mixed = F.one_hot(torch.tensor([0, 1, 2, 0]), 3) * 0.6 + F.one_hot(torch.tensor([1, 2, 0, 2]), 3) * 0.4
+    with pytest.raises(KdcacheError, match="DKD needs one target class"):
+        dkd_loss(torch.randn(4, 3), mixed, torch.randn(4, 3))
+    assert torch.isfinite(dkd_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.randn(4, 3)))
+
+
+def test_dist_takes_mixed_labels_and_refuses_standardisation():
+    generator = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(4, 3, generator=generator), torch.randn(4, 3, generator=generator)
+    mixed = F.one_hot(torch.tensor([0, 1, 2, 0]), 3) * 0.7 + F.one_hot(torch.tensor([1, 2, 0, 2]), 3) * 0.3
+    loss, terms = dist_loss(student, mixed, teacher, return_terms=True)
+    assert torch.allclose(terms["ce"], -(mixed * F.log_softmax(student, -1)).sum(-1).mean())
+    with pytest.raises(KdcacheError, match="--standardize-logits"):
+        dist_loss(student, mixed, teacher, standardize=True)
+
+
+@pytest.mark.parametrize("name,distillation_terms", [("kd", {"kl"}), ("dkd", {"tckd", "nckd"}), ("dist", {"inter", "intra"})])
+def test_every_loss_names_its_terms_and_is_cross_entropy_at_alpha_zero(name, distillation_terms):
+    generator = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(8, 5, generator=generator), torch.randn(8, 5, generator=generator)
+    labels = torch.randint(0, 5, (8,), generator=generator)
+    loss = LOSSES[name]
+    temperature = DEFAULT_TEMPERATURES[name]
+    assert set(loss(student, labels, teacher, temperature, 0.5, return_terms=True)[1]) == {"ce"} | distillation_terms
+    assert set(loss(student, labels, teacher, temperature, 1.0, return_terms=True)[1]) == distillation_terms
+    assert torch.equal(loss(student, labels, None, temperature, 0.0), F.cross_entropy(student, labels))
+    assert loss(student, labels, student.clone(), temperature, 1.0).abs() < 1e-5  # a student that is its teacher
+
+
+@pytest.mark.parametrize("name", ["dkd", "dist"])
+def test_half_precision_logits_are_upcast_in_every_loss(name):
+    generator = torch.Generator().manual_seed(6)
+    student, teacher = torch.randn(8, 4, generator=generator), torch.randn(8, 4, generator=generator)
+    labels = torch.randint(0, 4, (8,), generator=generator)
+    full = LOSSES[name](student, labels, teacher)
+    half = LOSSES[name](student.bfloat16(), labels, teacher.bfloat16())
+    assert half.dtype == torch.float32 and torch.allclose(full, half, atol=0.05)

@@ -12,7 +12,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Tr
 from kdcache import KdcacheError
 from kdcache.cache import LOGITS, MANIFEST, load_cache
 from kdcache.data import ImagePipeline, load_image_dataset
-from kdcache.loss import distillation_loss
+from kdcache.loss import LOSSES
 from kdcache.models import align_labels, load_classifier
 from kdcache.train import Collator, OnlineTeacher, _online_rows, train_student
 
@@ -43,9 +43,10 @@ def test_cached_loss_equals_online_loss_batch_by_batch(tiny_cache, tiny_dataset,
         assert (cached["teacher_logits"] - online_logits).abs().max() <= 1e-5
         with torch.no_grad():
             student_logits = student(pixel_values=cached["pixel_values"]).logits
-        cached_loss = distillation_loss(student_logits, cached["labels"], cached["teacher_logits"])
-        online_loss = distillation_loss(student_logits, online["labels"], online_logits)
-        assert abs(cached_loss.item() - online_loss.item()) <= 1e-6
+        for name, loss in LOSSES.items():
+            cached_loss = loss(student_logits, cached["labels"], cached["teacher_logits"])
+            online_loss = loss(student_logits, online["labels"], online_logits)
+            assert abs(cached_loss.item() - online_loss.item()) <= 1e-6, name
 
 
 def test_training_from_the_cache_equals_online_distillation(tmp_path, tiny_cache):
@@ -59,6 +60,14 @@ def test_training_from_the_cache_equals_online_distillation(tmp_path, tiny_cache
     # and the teacher mattered: a different alpha trains to different weights
     other = train_student(tiny_cache, output=tmp_path / "other", max_steps=6, alpha=0.9, **FAST)
     assert not np.allclose(other["train_losses"], cached["train_losses"])
+
+
+def test_training_from_the_cache_equals_online_distillation_with_dkd(tmp_path, tiny_cache):
+    options = dict(max_steps=4, loss="dkd", standardize_logits=True, **FAST)
+    cached = train_student(tiny_cache, output=tmp_path / "cached", **options)
+    online = train_student(tiny_cache, output=tmp_path / "online", online=True, **options)
+    assert np.allclose(cached["train_losses"], online["train_losses"], rtol=0, atol=1e-5)
+    assert [set(entry) for entry in online["train_log"]] == [{"step", "loss", "loss_ce", "loss_tckd", "loss_nckd"}] * 4
 
 
 def test_trained_student_is_a_pipeline_with_label_names_and_a_model_card(tmp_path, tiny_cache):
@@ -92,6 +101,23 @@ def test_best_epoch_is_the_one_kept(tmp_path, tiny_cache):
     with torch.no_grad():
         accuracy = (model(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).float().mean().item()
     assert accuracy == pytest.approx(best["eval_accuracy"])
+    last = summary["history"][-1]
+    assert (summary["last_eval_accuracy"], summary["last_epoch"]) == (last["eval_accuracy"], 3.0)
+    assert (summary["best_eval_accuracy"], summary["best_epoch"], summary["saved_epoch"]) == (best["eval_accuracy"], best["epoch"], best["epoch"])
+    recorded = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())
+    assert recorded["last_eval_accuracy"] == last["eval_accuracy"] and recorded["best_epoch"] == best["epoch"]
+    assert (f"| validation accuracy | best {best['eval_accuracy']:.4f} (epoch {best['epoch']:g}), last "
+            f"{last['eval_accuracy']:.4f} (epoch 3); the best epoch's weights are saved |") in (tmp_path / "s" / "README.md").read_text()
+    from kdcache.train import summary_line
+
+    assert f"at epoch {best['epoch']:g}, last {last['eval_accuracy']:.4f} at epoch 3 of 3" in summary_line(summary)
+
+
+def test_without_checkpoints_the_last_epoch_is_saved_and_said_so(tmp_path, tiny_cache):
+    summary = train_student(tiny_cache, output=tmp_path / "s", epochs=2, learning_rate=3e-3, save_checkpoints=False, **FAST)
+    assert summary["saved_epoch"] == summary["last_epoch"] == 2.0
+    card = (tmp_path / "s" / "README.md").read_text()
+    assert ("the last epoch's weights are saved" in card) == (summary["best_epoch"] != 2.0)
 
 
 def test_scratch_baseline_needs_no_teacher_logits(tmp_path, tiny_cache):
@@ -398,6 +424,43 @@ def test_loss_terms_are_logged_beside_the_total(tmp_path, tiny_cache):
     assert {"train/loss_ce", "train/loss_kl", "train/loss"} <= set(tags)
 
 
+@pytest.mark.parametrize("loss,temperature,distillation", [
+    ("dkd", 4.0, lambda entry: entry["loss_tckd"] + 8.0 * entry["loss_nckd"]),
+    ("dist", 1.0, lambda entry: entry["loss_inter"] + entry["loss_intra"]),
+])
+def test_each_loss_trains_and_logs_its_terms(tmp_path, tiny_cache, loss, temperature, distillation):
+    summary = train_student(tiny_cache, output=tmp_path / "s", max_steps=3, alpha=0.3, loss=loss, **FAST)
+    assert summary["recipe"]["loss"] == loss and summary["recipe"]["temperature"] == temperature
+    assert len(summary["train_log"]) == 3
+    for entry in summary["train_log"]:
+        assert entry["loss"] == pytest.approx(0.7 * entry["loss_ce"] + 0.3 * temperature**2 * distillation(entry), rel=1e-4)
+    assert f"| loss | {loss}: (1-alpha) CE + alpha T^2" in (tmp_path / "s" / "README.md").read_text()
+    events = list((tmp_path / "s" / "runs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set(EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"])
+    assert {f"train/loss_{name}" for name in {"dkd": ("tckd", "nckd"), "dist": ("inter", "intra")}[loss]} <= tags
+
+
+def test_dkd_is_refused_on_two_classes_before_training(tmp_path, tiny_teacher):
+    from helpers import make_images
+
+    from kdcache.cache import teacher_logits
+
+    images, labels = make_images(8, 0)
+    features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=LABELS[:2])})
+    two = datasets.Dataset.from_dict({"image": images, "labels": [label % 2 for label in labels]}, features=features)
+    datasets.DatasetDict({"train": two}).save_to_disk(str(tmp_path / "two"))
+    teacher = save_vit_teacher(tmp_path / "teacher", id2label=dict(enumerate(LABELS[:2])))
+    cache = teacher_logits(str(tmp_path / "two"), str(teacher), output=tmp_path / "cache", progress=False)
+    with pytest.raises(KdcacheError, match=r"--loss dkd needs more than 2 classes .* has 2; use --loss kd or --loss dist") as refused:
+        train_student(cache, output=tmp_path / "s", eval_split=None, max_steps=1, loss="dkd", **FAST)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.partial").exists()
+    summary = train_student(cache, output=tmp_path / "s", eval_split=None, max_steps=1, loss="dist", **FAST)
+    assert summary["recipe"]["loss"] == "dist"
+
+
 @pytest.fixture(scope="module")
 def mixed_train_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
     from kdcache.cache import teacher_logits
@@ -434,6 +497,13 @@ def test_training_on_mixed_views_with_and_without_labels(tmp_path, mixed_train_c
         assert summary["recipe"]["mixed_views"] is True and np.isfinite(summary["train_losses"]).all()
 
 
+def test_dkd_is_refused_on_mixed_views_and_dist_trains_on_them(tmp_path, mixed_train_cache):
+    with pytest.raises(KdcacheError, match=r"--loss dkd needs one label per image, and cache .* mixes images"):
+        train_student(mixed_train_cache, output=tmp_path / "dkd", max_steps=1, loss="dkd", **FAST)
+    summary = train_student(mixed_train_cache, output=tmp_path / "dist", max_steps=2, loss="dist", **FAST)
+    assert np.isfinite(summary["train_losses"]).all() and "loss_intra" in summary["train_log"][0]
+
+
 def test_same_seed_same_machine_same_student(tmp_path, view_cache):
     runs = [train_student(view_cache, output=tmp_path / f"run{i}", max_steps=4, student_size=24, **FAST) for i in range(2)]
     assert runs[0]["train_losses"] == runs[1]["train_losses"]
@@ -444,3 +514,21 @@ def test_same_seed_same_machine_same_student(tmp_path, view_cache):
 def test_online_needs_the_teachers_input_size(tmp_path, tiny_cache):
     with pytest.raises(KdcacheError, match="--online runs the teacher on the student's input"):
         train_student(tiny_cache, output=tmp_path / "x", max_steps=1, online=True, student_size=24, **FAST)
+
+
+def test_the_students_batchnorm_keeps_a_running_average_not_the_last_batch():
+    from kdcache.train import BATCHNORM_MOMENTUM, build_student
+
+    student = build_student(None, ["a", "b", "c"], (3, 32, 32), seed=0)
+    norms = [module for module in student.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert norms and all(norm.momentum == BATCHNORM_MOMENTUM for norm in norms)
+    batch_means = []
+    norms[0].register_forward_hook(lambda module, inputs, output: batch_means.append(inputs[0].mean((0, 2, 3))))
+    student.train()
+    with torch.no_grad():  # two batches with very different statistics: the running mean must remember the first
+        student(pixel_values=torch.zeros(4, 3, 32, 32))
+        student(pixel_values=torch.full((4, 3, 32, 32), 5.0))
+    assert not torch.allclose(norms[0].running_mean, batch_means[-1], atol=1e-3)
+    # from zeros: m * first, then (1 - m) * that + m * second
+    expected = (1 - BATCHNORM_MOMENTUM) * BATCHNORM_MOMENTUM * batch_means[0] + BATCHNORM_MOMENTUM * batch_means[1]
+    assert torch.allclose(norms[0].running_mean, expected, atol=1e-5)

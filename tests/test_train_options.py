@@ -38,6 +38,9 @@ FAST = dict(batch_size=8, progress=False, logging_steps=1)
         (dict(resume=True, save_checkpoints=False), r"--resume .* cannot go with save_checkpoints=False"),
         (dict(push_to_hub="not a repo!"), r"--push-to-hub 'not a repo!' is not a hub repository id"),
         (dict(device="cuda:0"), r"--device 'cuda:0' asked for CUDA but no CUDA GPU"),
+        (dict(loss="ce"), r"--loss 'ce' is not one of kd, dkd, dist"),
+        (dict(loss="dist", standardize_logits=True), r"--standardize-logits is an option of the KL-based losses .* not of --loss dist"),
+        (dict(loss="dkd", temperature=0), r"temperature must be > 0"),
     ],
 )
 def test_bad_options_are_refused_in_one_line_before_any_work(tmp_path, tiny_cache, options, message, monkeypatch):
@@ -100,6 +103,8 @@ def test_resume_refuses_other_options_and_continues_with_the_same(tmp_path, tiny
         "--learning-rate 0.001 (now 0.002); resume with the same options, or pass --overwrite to start over"
     )
     assert any(work.glob("checkpoint-*")), "a refused resume keeps the interrupted run"
+    with pytest.raises(KdcacheError, match=r'other options: --loss "kd" \(now "dist"\); --temperature 5.0 \(now 1.0\); resume'):
+        train_student(tiny_cache, output=output, epochs=2, loss="dist", resume=True, **FAST)
     # how fast and how loud may change: workers, logging
     summary = train_student(tiny_cache, output=output, epochs=2, resume=True, num_workers=0,
                             **{**FAST, "logging_steps": 2})

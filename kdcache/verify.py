@@ -1,0 +1,174 @@
+"""`kdcache verify`: recompute a sample of a cache's logits with its teacher and compare.
+
+The checksums in the manifest (checked whenever a cache is loaded) catch logits that changed after the cache was
+written. They cannot catch logits that were wrong when written, or altered with the checksums written again: only
+running the teacher once more on the cached inputs can. This module does that for N random (row, view) pairs per
+split: the teacher recorded in the manifest (its weights hash checked), on the input as stage one built it (a clean
+row's stored pixels; a view rebuilt from its source and box; a mixed view from both sources, both boxes and the
+weight), in the dataset's label order.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache.cache import (
+    IMAGE,
+    LOGITS,
+    MIX_PARTNERS,
+    MIX_VIEWS,
+    MIX_WEIGHTS,
+    PIXELS,
+    SOURCE,
+    SOURCE_SHAPE,
+    VIEWS,
+    load_cache,
+)
+from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, undecoded
+from kdcache.errors import KdcacheError
+from kdcache.models import load_classifier, weights_sha256
+from kdcache.runtime import pick_device
+
+# Absolute, in logit units, by the precision the cache was computed in. fp32: the teacher rerun on another device,
+# batch size or kernel (oneDNN, cuDNN with TF32 convolutions) differs by up to about 1e-4 on logits of order 10, and
+# an altered or mismatched cache by far more than 1e-3. bf16/fp16 autocast keeps 8 and 11 bits of mantissa: logits of
+# order 10 are only known to a few hundredths, and a rerun on another device may round the other way.
+DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1}
+
+
+def verify_teacher_logits(
+    cache: str | Path,
+    sample: int = 64,
+    tolerance: float | None = None,
+    seed: int = 0,
+    teacher: str | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict:
+    """Rerun the cache's teacher on `sample` random cached inputs of each split and compare with the stored logits.
+
+    Named apart from kdcache.cache.verify_cache, which checks the logits against their checksums (and runs here
+    first, through load_cache). `teacher` loads the teacher from elsewhere (a local copy of a hub teacher, offline);
+    its weights must hash as the manifest records. `tolerance` is the largest absolute logit difference that passes
+    (default by the cache's precision, DEFAULT_TOLERANCE). Returns per split and overall: the pairs checked, the
+    max |logit difference|, the top-1 mismatches, and `passed`.
+    """
+    if sample < 1:
+        raise KdcacheError(f"--sample {sample} must be at least 1")
+    if batch_size < 1:
+        raise KdcacheError(f"--batch-size {batch_size} must be at least 1")
+    cache_path = Path(cache)
+    cached, manifest = load_cache(cache_path)
+    recorded = manifest["teacher"]
+    precision = manifest.get("precision", "fp32")
+    if tolerance is None:
+        tolerance = DEFAULT_TOLERANCE.get(precision, DEFAULT_TOLERANCE["fp32"])
+    if not tolerance >= 0:
+        raise KdcacheError(f"--tolerance {tolerance} must be >= 0 (a largest absolute logit difference)")
+    model = load_classifier(teacher or recorded["name_or_path"], revision=None if teacher else recorded.get("revision"),
+                            trust_remote_code=recorded.get("trust_remote_code", False))
+    found = weights_sha256(model)
+    if found != recorded["weights_sha256"]:
+        source = f"--teacher '{teacher}'" if teacher else f"the cache's teacher '{recorded['name_or_path']}'"
+        raise KdcacheError(f"{source} has other weights than the teacher that made cache '{cache_path}' (weights sha256 "
+                           f"{found[:16]}..., the cache's {recorded['weights_sha256'][:16]}...); pass the teacher that "
+                           "made it with --teacher")
+    torch_device = pick_device(device)
+    model.to(torch_device)
+    index = torch.tensor(manifest["teacher_to_dataset"], device=torch_device)
+    from transformers import AutoImageProcessor
+
+    pipeline = ImagePipeline(AutoImageProcessor.from_pretrained(str(cache_path), backend="pil"))
+    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"]) if manifest.get("views") else None
+    rng = np.random.default_rng(seed)
+    plan = {}
+    for name in manifest["dataset"]["splits"]:
+        rows = cached[name]
+        views = rows.features[VIEWS].shape[0] if VIEWS in rows.column_names else 1
+        picked = np.sort(rng.choice(len(rows) * views, size=min(sample, len(rows) * views), replace=False))
+        plan[name] = [(int(k) // views, int(k) % views) for k in picked]
+
+    from tqdm.auto import tqdm
+
+    report = {"cache": str(cache_path), "teacher": teacher or recorded["name_or_path"], "precision": precision,
+              "device": str(torch_device), "tolerance": tolerance, "seed": seed, "splits": {}}
+    with tqdm(total=sum(map(len, plan.values())), unit="img", desc="verify: rerunning the teacher", disable=not progress) as bar:
+        for name, pairs in plan.items():
+            differences, mismatches = [], 0
+            for start in range(0, len(pairs), batch_size):
+                batch = pairs[start : start + batch_size]
+                inputs, stored = _rebuild(cached[name], batch, recipe, pipeline)
+                with torch.inference_mode(), _autocast(torch_device, precision):
+                    logits = model(pixel_values=inputs.to(torch_device)).logits
+                logits = logits.float()[:, index].cpu().numpy()
+                differences.append(np.abs(logits - stored).max(axis=-1))
+                mismatches += int((logits.argmax(-1) != stored.argmax(-1)).sum())
+                bar.update(len(batch))
+            difference = np.concatenate(differences)
+            report["splits"][name] = {"checked": len(pairs), "max_abs_difference": float(difference.max()),
+                                      "top1_mismatches": mismatches}
+    splits = report["splits"].values()
+    report["checked"] = sum(split["checked"] for split in splits)
+    report["max_abs_difference"] = max(split["max_abs_difference"] for split in splits)
+    report["top1_mismatches"] = sum(split["top1_mismatches"] for split in splits)
+    report["passed"] = report["max_abs_difference"] <= tolerance
+    return report
+
+
+def _rebuild(rows, pairs, recipe, pipeline):
+    """The teacher's inputs for (row, view) pairs of one split, normalised as stage one fed them, and the stored logits."""
+    if VIEWS not in rows.column_names:  # a clean split stores the teacher's input itself
+        data = rows.with_format("numpy", columns=[PIXELS, LOGITS])[[row for row, _ in pairs]]
+        return pipeline.normalize(torch.from_numpy(np.asarray(data[PIXELS]))), np.asarray(data[LOGITS], dtype=np.float32)
+    raw = SOURCE in rows.column_names  # format 3: the reduced source's raw pixels; format 2: the source image file
+    sources = rows if raw else undecoded(rows, IMAGE)
+
+    def source(row):
+        record = sources[row]
+        if raw:
+            return from_raw_source(record[SOURCE], record[SOURCE_SHAPE])
+        import datasets
+
+        return datasets.Image().decode_example(record[IMAGE]).convert("RGB")
+
+    parameters = rows.select_columns([c for c in (VIEWS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS) if c in rows.column_names])
+    own, partners, weights, stored = [], [], [], []
+    for row, k in pairs:
+        record = parameters[row]
+        own.append(recipe.render(source(row), np.asarray(record[VIEWS])[k]))
+        stored.append(np.asarray(record[LOGITS], dtype=np.float32)[k])
+        if MIX_WEIGHTS in record:
+            partners.append(recipe.render(source(int(record[MIX_PARTNERS][k])), np.asarray(record[MIX_VIEWS])[k]))
+            weights.append(float(record[MIX_WEIGHTS][k]))
+    own = torch.from_numpy(np.stack(own))
+    if partners:
+        inputs = pipeline.mix(own, torch.from_numpy(np.stack(partners)), torch.tensor(weights, dtype=torch.float32))
+    else:
+        inputs = pipeline.normalize(own)
+    return inputs, np.stack(stored)
+
+
+def _autocast(device, precision):
+    """The cache's autocast where it can be repeated (CUDA); elsewhere fp32, within the precision's tolerance."""
+    import contextlib
+
+    if precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def describe(report: dict) -> str:
+    """The human summary of a verification, ending with the verdict."""
+    lines = [f"kdcache verify: {report['cache']} (teacher {report['teacher']}, logits computed in {report['precision']}, "
+             f"rerun on {report['device']}, seed {report['seed']})"]
+    for name, split in report["splits"].items():
+        lines.append(f"  {name:<12} {split['checked']:>6} inputs  max |logit difference| {split['max_abs_difference']:.3g}  "
+                     f"top-1 mismatches {split['top1_mismatches']} ({split['top1_mismatches'] / split['checked']:.1%})")
+    verdict = "passed" if report["passed"] else "FAILED"
+    lines.append(f"  {verdict}: max |logit difference| {report['max_abs_difference']:.3g} "
+                 f"{'<=' if report['passed'] else '>'} tolerance {report['tolerance']:g} over {report['checked']} inputs"
+                 + ("" if report["passed"] else "; the cached logits are not the teacher's on the cached inputs: "
+                                                "recreate the cache with kdcache teacher-logits"))
+    return "\n".join(lines)
