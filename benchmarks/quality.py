@@ -118,12 +118,12 @@ def table(args):
             "stage_one_minutes": runs[0]["stage_one_minutes"], "stage_two_minutes": mean("stage_two_minutes"),
             "epochs": runs[0]["epochs"], "student_size": runs[0]["student_size"],
             "teacher_test_accuracy": runs[0]["teacher_test_accuracy"], "cache": runs[0]["cache"],
-            "training": runs[0]["training"],
+            "training": runs[0]["training"], "batchnorm_momentum": runs[0].get("batchnorm_momentum", 0.997),
         })
     TABLE.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"{'recipe':<14}{'test mean':>10}{'sd':>8}{'val mean':>10}{'agree':>8}{'stage 1 min':>13}{'stage 2 min':>13}{'epochs':>8}{'px':>5}")
+    print(f"{'recipe':<40}{'test mean':>10}{'sd':>8}{'val mean':>10}{'agree':>8}{'stage 1 min':>13}{'stage 2 min':>13}{'epochs':>8}{'px':>5}")
     for row in rows:
-        print(f"{row['recipe']:<14}{row['test_accuracy_mean']:>10.4f}{row['test_accuracy_sd'] or 0:>8.4f}"
+        print(f"{row['recipe']:<40}{row['test_accuracy_mean']:>10.4f}{row['test_accuracy_sd'] or 0:>8.4f}"
               f"{row['validation_accuracy_mean']:>10.4f}{row['teacher_agreement_mean']:>8.4f}{row['stage_one_minutes']:>13.1f}"
               f"{row['stage_two_minutes']:>13.1f}{row['epochs']:>8g}{row['student_size']:>5}")
     plot(final)
