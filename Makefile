@@ -24,6 +24,7 @@ test: install
 # The linter's settings are in pyproject.toml ([tool.ruff]).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) data/demo data/demo.lock

@@ -49,8 +49,9 @@ print(json.dumps({"tuned": tuned, "images_per_second": rate, "peak_rss_mb": reso
 
 def measure(kind, teacher, steps, tuned):
     env = dict(os.environ, KDCACHE_MALLOC_TUNING="1" if tuned else "0")
-    output = subprocess.run([sys.executable, "-c", CHILD, kind, teacher, str(steps)], env=env, check=True,
-                            capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, teacher, str(steps)], env=env, check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -70,9 +71,11 @@ def main():
                 rates[tuned].append(result["images_per_second"])
                 memory[tuned].append(result["peak_rss_mb"])
         ratio = statistics.median(t / u for t, u in zip(rates[True], rates[False]))
-        print(f"{kind}: untuned {statistics.median(rates[False]):.1f} img/s, peak {statistics.median(memory[False]):.0f} MB | "
-              f"tuned {statistics.median(rates[True]):.1f} img/s, peak {statistics.median(memory[True]):.0f} MB | "
-              f"speed-up {ratio:.2f}x (median of {args.rounds} paired rounds)")
+        print(
+            f"{kind}: untuned {statistics.median(rates[False]):.1f} img/s, peak {statistics.median(memory[False]):.0f} MB | "
+            f"tuned {statistics.median(rates[True]):.1f} img/s, peak {statistics.median(memory[True]):.0f} MB | "
+            f"speed-up {ratio:.2f}x (median of {args.rounds} paired rounds)"
+        )
 
 
 if __name__ == "__main__":

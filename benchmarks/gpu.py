@@ -63,7 +63,9 @@ def vit_b_teacher(folder: Path) -> str:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
     torch.manual_seed(0)
-    config = ViTConfig(num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    config = ViTConfig(
+        num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}
+    )
     ViTForImageClassification(config).save_pretrained(str(folder))
     ViTImageProcessorPil().save_pretrained(str(folder))
     return str(folder)
@@ -73,7 +75,10 @@ def loop_images_per_second(manifest: dict) -> float:
     """All splits' images over the time of the teacher's loops (the manifest records images/s per split)."""
     splits = manifest["dataset"]["splits"]
     images = sum(split["num_rows"] * split.get("views", 1) for split in splits.values())
-    seconds = sum(split["num_rows"] * split.get("views", 1) / manifest["images_per_second"][name] for name, split in splits.items())
+    seconds = sum(
+        split["num_rows"] * split.get("views", 1) / manifest["images_per_second"][name]
+        for name, split in splits.items()
+    )
     return images / seconds
 
 
@@ -94,18 +99,35 @@ def run(args, work: Path) -> dict:
     from kdcache.evaluation import evaluate_models
     from kdcache.train import train_student
 
-    dataset = args.dataset or generated_dataset(work / "dataset", {"train": args.train_images, "validation": 64, "test": 128})
+    dataset = args.dataset or generated_dataset(
+        work / "dataset", {"train": args.train_images, "validation": 64, "test": 128}
+    )
     teacher = args.teacher or vit_b_teacher(work / "teacher")
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-               "dataset": args.dataset or f"generated ({args.train_images} train images)",
-               "teacher": args.teacher or "ViTConfig() (ViT-B/16, random weights)", "stage_one": {}, "stage_two": {}}
+    results = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dataset": args.dataset or f"generated ({args.train_images} train images)",
+        "teacher": args.teacher or "ViTConfig() (ViT-B/16, random weights)",
+        "stage_one": {},
+        "stage_two": {},
+    }
 
     teacher_logits(dataset, teacher, output=work / "warm-up", splits=[args.split], device="cuda", progress=False)
     caches = {}
     for precision in PRECISIONS:
-        caches[precision] = teacher_logits(dataset, teacher, output=work / f"cache-{precision}", device="cuda",
-                                           precision=precision, batch_size=args.batch_size, progress=False)
-        results["stage_one"][precision] = {"images_per_second": round(loop_images_per_second(read_manifest(caches[precision])), 1)}
+        caches[precision] = teacher_logits(
+            dataset,
+            teacher,
+            output=work / f"cache-{precision}",
+            device="cuda",
+            precision=precision,
+            batch_size=args.batch_size,
+            progress=False,
+        )
+        results["stage_one"][precision] = {
+            "images_per_second": round(loop_images_per_second(read_manifest(caches[precision])), 1)
+        }
     reference = all_logits(caches["fp32"])
     for precision in PRECISIONS[1:]:
         logits = all_logits(caches[precision])
@@ -115,56 +137,96 @@ def run(args, work: Path) -> dict:
         )
 
     for mode, online in (("from_cache", False), ("online_teacher", True)):
-        summary = train_student(caches["fp32"], output=work / f"student-{mode}", device="cuda", precision="auto",
-                                max_steps=args.steps, batch_size=args.train_batch_size, eval_split=None,
-                                save_checkpoints=False, online=online, progress=False, logging_steps=args.steps)
+        summary = train_student(
+            caches["fp32"],
+            output=work / f"student-{mode}",
+            device="cuda",
+            precision="auto",
+            max_steps=args.steps,
+            batch_size=args.train_batch_size,
+            eval_split=None,
+            save_checkpoints=False,
+            online=online,
+            progress=False,
+            logging_steps=args.steps,
+        )
         results["stage_two"][mode] = {
             "images_per_second": round(summary["steps"] * summary["recipe"]["batch_size"] / summary["seconds"], 1),
-            "steps": summary["steps"], "batch_size": summary["recipe"]["batch_size"],
-            "precision": summary["recipe"]["precision"], "device": summary["recipe"]["device"],
+            "steps": summary["steps"],
+            "batch_size": summary["recipe"]["batch_size"],
+            "precision": summary["recipe"]["precision"],
+            "device": summary["recipe"]["device"],
         }
 
-    report = evaluate_models([str(work / "student-from_cache"), teacher], split=args.split, cache=caches["fp32"], batch_size=args.batch_size,
-                             device="cuda", output=work / "eval", progress=False)
+    report = evaluate_models(
+        [str(work / "student-from_cache"), teacher],
+        split=args.split,
+        cache=caches["fp32"],
+        batch_size=args.batch_size,
+        device="cuda",
+        output=work / "eval",
+        progress=False,
+    )
     results["evaluate"] = {
-        result["name"]: {"accuracy": result["accuracy"],
-                         "forward_images_per_second": result["speed"]["forward_images_per_second"],
-                         "top1_agreement_with_teacher": result["teacher_agreement"]["top1_agreement"]}
+        result["name"]: {
+            "accuracy": result["accuracy"],
+            "forward_images_per_second": result["speed"]["forward_images_per_second"],
+            "top1_agreement_with_teacher": result["teacher_agreement"]["top1_agreement"],
+        }
         for result in report["models"]
     }
     return results
 
 
 def table(results: dict) -> str:
-    lines = [f"{results['gpu']}: teacher {results['teacher']}, dataset {results['dataset']}", "",
-             "stage one       images/s   max |logit - fp32|   top-1 agreement with fp32"]
+    lines = [
+        f"{results['gpu']}: teacher {results['teacher']}, dataset {results['dataset']}",
+        "",
+        "stage one       images/s   max |logit - fp32|   top-1 agreement with fp32",
+    ]
     for precision, row in results["stage_one"].items():
-        lines.append(f"  {precision:<12} {row['images_per_second']:>9.1f}   "
-                     + (f"{row['max_abs_logit_difference_vs_fp32']:>18.4g}   {row['top1_agreement_with_fp32']:>27.4f}"
-                        if precision != "fp32" else f"{'-':>18}   {'-':>27}"))
+        lines.append(
+            f"  {precision:<12} {row['images_per_second']:>9.1f}   "
+            + (
+                f"{row['max_abs_logit_difference_vs_fp32']:>18.4g}   {row['top1_agreement_with_fp32']:>27.4f}"
+                if precision != "fp32"
+                else f"{'-':>18}   {'-':>27}"
+            )
+        )
     lines += ["", "stage two       images/s   (steps x batch, precision, device)"]
     for mode, row in results["stage_two"].items():
-        lines.append(f"  {mode:<14} {row['images_per_second']:>7.1f}   ({row['steps']} x {row['batch_size']}, "
-                     f"{row['precision']}, {row['device']})")
+        lines.append(
+            f"  {mode:<14} {row['images_per_second']:>7.1f}   ({row['steps']} x {row['batch_size']}, "
+            f"{row['precision']}, {row['device']})"
+        )
     cached, online = (results["stage_two"][mode]["images_per_second"] for mode in ("from_cache", "online_teacher"))
-    lines += [f"  from the cache: {cached / online:.2f}x the images/s of the online teacher", "",
-              "evaluate              accuracy   forward images/s   top-1 agreement with the teacher"]
+    lines += [
+        f"  from the cache: {cached / online:.2f}x the images/s of the online teacher",
+        "",
+        "evaluate              accuracy   forward images/s   top-1 agreement with the teacher",
+    ]
     for name, row in results["evaluate"].items():
-        lines.append(f"  {name[:20]:<20} {row['accuracy']:>8.4f}   {row['forward_images_per_second']:>16.1f}   "
-                     f"{row['top1_agreement_with_teacher']:>32.4f}")
+        lines.append(
+            f"  {name[:20]:<20} {row['accuracy']:>8.4f}   {row['forward_images_per_second']:>16.1f}   "
+            f"{row['top1_agreement_with_teacher']:>32.4f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", help="a dataset folder or hub id (default: generated images)")
-    parser.add_argument("--teacher", help="a teacher folder or hub id (default: ViT-B from ViTConfig(), random weights)")
+    parser.add_argument(
+        "--teacher", help="a teacher folder or hub id (default: ViT-B from ViTConfig(), random weights)"
+    )
     parser.add_argument("--split", default="test", help="the split to evaluate on (also the warm-up's)")
     parser.add_argument("--train-images", type=int, default=384, help="train images to generate")
     parser.add_argument("--batch-size", type=int, default=64, help="stage one's and evaluation's batch")
     parser.add_argument("--train-batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=300, help="stage two's steps, from the cache and online")
-    parser.add_argument("--work", type=Path, help="keep the datasets, caches and students here (default: a temporary folder)")
+    parser.add_argument(
+        "--work", type=Path, help="keep the datasets, caches and students here (default: a temporary folder)"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the results")
     args = parser.parse_args(argv)
 

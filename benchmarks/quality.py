@@ -66,23 +66,42 @@ def run(args):
             student = root / "students" / f"{name}{'-' + tag if tag else ''}-s{seed}"
             summary = train_student(cache, output=student, seed=seed, overwrite=True, logging_steps=50, **training)
             line = {
-                "recipe": name, "cache": cache_name, "seed": seed, "overrides": overrides, "training": training,
-                "cache_options": {key: list(value) if isinstance(value, tuple) else value for key, value in CACHES[cache_name].items()},
-                "validation_accuracy": summary["best_eval_accuracy"], "best_epoch": summary["best_epoch"],
-                "epochs": summary["epochs"], "curve": [round(entry["eval_accuracy"], 4) for entry in summary["history"]],
+                "recipe": name,
+                "cache": cache_name,
+                "seed": seed,
+                "overrides": overrides,
+                "training": training,
+                "cache_options": {
+                    key: list(value) if isinstance(value, tuple) else value
+                    for key, value in CACHES[cache_name].items()
+                },
+                "validation_accuracy": summary["best_eval_accuracy"],
+                "best_epoch": summary["best_epoch"],
+                "epochs": summary["epochs"],
+                "curve": [round(entry["eval_accuracy"], 4) for entry in summary["history"]],
                 "stage_one_minutes": round(manifest["seconds"] / 60, 2),
                 "stage_two_minutes": round(summary["seconds"] / 60, 2),
-                "student_size": summary["recipe"]["student_size"][0], "output": str(student),
+                "student_size": summary["recipe"]["student_size"][0],
+                "output": str(student),
                 "batchnorm_momentum": BATCHNORM_MOMENTUM,
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_minutes": round((time.time() - started) / 60, 2),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "wall_minutes": round((time.time() - started) / 60, 2),
             }
             if args.test:  # once per final student, after every choice was made on validation
-                report = evaluate_models([str(student)], dataset=args.dataset, split="test", cache=str(cache),
-                                         output=student / "eval-test", progress=False)
+                report = evaluate_models(
+                    [str(student)],
+                    dataset=args.dataset,
+                    split="test",
+                    cache=str(cache),
+                    output=student / "eval-test",
+                    progress=False,
+                )
                 result = report["models"][0]
-                line.update(test_accuracy=result["accuracy"],
-                            teacher_agreement=result["teacher_agreement"]["top1_agreement"],
-                            teacher_test_accuracy=result["teacher_agreement"]["teacher_accuracy"])
+                line.update(
+                    test_accuracy=result["accuracy"],
+                    teacher_agreement=result["teacher_agreement"]["top1_agreement"],
+                    teacher_test_accuracy=result["teacher_agreement"]["teacher_accuracy"],
+                )
             RESULTS.mkdir(parents=True, exist_ok=True)
             with open(RUNS, "a") as runs:
                 runs.write(json.dumps(line) + "\n")
@@ -110,22 +129,35 @@ def table(args):
         def sd(key, runs=runs):
             return round(statistics.stdev(line[key] for line in runs), 4) if len(runs) > 1 else None
 
-        rows.append({
-            "recipe": recipe, "seeds": [line["seed"] for line in runs],
-            "test_accuracy_mean": mean("test_accuracy"), "test_accuracy_sd": sd("test_accuracy"),
-            "validation_accuracy_mean": mean("validation_accuracy"), "validation_accuracy_sd": sd("validation_accuracy"),
-            "teacher_agreement_mean": mean("teacher_agreement"),
-            "stage_one_minutes": runs[0]["stage_one_minutes"], "stage_two_minutes": mean("stage_two_minutes"),
-            "epochs": runs[0]["epochs"], "student_size": runs[0]["student_size"],
-            "teacher_test_accuracy": runs[0]["teacher_test_accuracy"], "cache": runs[0]["cache"],
-            "training": runs[0]["training"], "batchnorm_momentum": runs[0].get("batchnorm_momentum", 0.997),
-        })
+        rows.append(
+            {
+                "recipe": recipe,
+                "seeds": [line["seed"] for line in runs],
+                "test_accuracy_mean": mean("test_accuracy"),
+                "test_accuracy_sd": sd("test_accuracy"),
+                "validation_accuracy_mean": mean("validation_accuracy"),
+                "validation_accuracy_sd": sd("validation_accuracy"),
+                "teacher_agreement_mean": mean("teacher_agreement"),
+                "stage_one_minutes": runs[0]["stage_one_minutes"],
+                "stage_two_minutes": mean("stage_two_minutes"),
+                "epochs": runs[0]["epochs"],
+                "student_size": runs[0]["student_size"],
+                "teacher_test_accuracy": runs[0]["teacher_test_accuracy"],
+                "cache": runs[0]["cache"],
+                "training": runs[0]["training"],
+                "batchnorm_momentum": runs[0].get("batchnorm_momentum", 0.997),
+            }
+        )
     TABLE.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"{'recipe':<40}{'test mean':>10}{'sd':>8}{'val mean':>10}{'agree':>8}{'stage 1 min':>13}{'stage 2 min':>13}{'epochs':>8}{'px':>5}")
+    print(
+        f"{'recipe':<40}{'test mean':>10}{'sd':>8}{'val mean':>10}{'agree':>8}{'stage 1 min':>13}{'stage 2 min':>13}{'epochs':>8}{'px':>5}"
+    )
     for row in rows:
-        print(f"{row['recipe']:<40}{row['test_accuracy_mean']:>10.4f}{row['test_accuracy_sd'] or 0:>8.4f}"
-              f"{row['validation_accuracy_mean']:>10.4f}{row['teacher_agreement_mean']:>8.4f}{row['stage_one_minutes']:>13.1f}"
-              f"{row['stage_two_minutes']:>13.1f}{row['epochs']:>8g}{row['student_size']:>5}")
+        print(
+            f"{row['recipe']:<40}{row['test_accuracy_mean']:>10.4f}{row['test_accuracy_sd'] or 0:>8.4f}"
+            f"{row['validation_accuracy_mean']:>10.4f}{row['teacher_agreement_mean']:>8.4f}{row['stage_one_minutes']:>13.1f}"
+            f"{row['stage_two_minutes']:>13.1f}{row['epochs']:>8g}{row['student_size']:>5}"
+        )
     plot(final)
 
 

@@ -31,12 +31,23 @@ def main():
         views = config.pop("views", 1)
         name = config.pop("name")
         started = time.time()
-        cache = teacher_logits(args.dataset, args.teacher, output=root / f"cache-k{views}", views=views, progress=False)
+        cache = teacher_logits(
+            args.dataset, args.teacher, output=root / f"cache-k{views}", views=views, progress=False
+        )
         stage_one = time.time() - started
-        result = train_student(cache, output=root / "students" / name, progress=False, overwrite=True, logging_steps=50, **config)
-        line = {"name": name, "views": views, **config, "best_val": result["best_eval_accuracy"],
-                "best_epoch": result["best_epoch"], "seconds": result["seconds"], "stage_one_seconds": round(stage_one, 1),
-                "history": [round(epoch["eval_accuracy"], 4) for epoch in result["history"]]}
+        result = train_student(
+            cache, output=root / "students" / name, progress=False, overwrite=True, logging_steps=50, **config
+        )
+        line = {
+            "name": name,
+            "views": views,
+            **config,
+            "best_val": result["best_eval_accuracy"],
+            "best_epoch": result["best_epoch"],
+            "seconds": result["seconds"],
+            "stage_one_seconds": round(stage_one, 1),
+            "history": [round(epoch["eval_accuracy"], 4) for epoch in result["history"]],
+        }
         with open(root / "results.jsonl", "a") as results:
             results.write(json.dumps(line) + "\n")
         print(json.dumps(line), flush=True)

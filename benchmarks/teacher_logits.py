@@ -35,7 +35,9 @@ from kdcache.runtime import tune_malloc
 def vit_b_teacher(folder: Path, names: list[str]) -> str:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
-    config = ViTConfig(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    config = ViTConfig(
+        num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+    )
     ViTForImageClassification(config).save_pretrained(str(folder))
     ViTImageProcessorPil().save_pretrained(str(folder))
     return str(folder)
@@ -44,7 +46,9 @@ def vit_b_teacher(folder: Path, names: list[str]) -> str:
 def raw_forward(model, tensors, batch_size, memory_format):
     """The teacher alone on batches already in memory, in the given memory format (stage one uses channels_last)."""
     model = model.to(memory_format=memory_format)
-    batches = [tensors[s : s + batch_size].contiguous(memory_format=memory_format) for s in range(0, len(tensors), batch_size)]
+    batches = [
+        tensors[s : s + batch_size].contiguous(memory_format=memory_format) for s in range(0, len(tensors), batch_size)
+    ]
     started = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
@@ -81,29 +85,43 @@ def main():
     images = decode_images(undecoded(split, image_column), image_column, list(range(len(split))), args.split)
     tensors = ImagePipeline(processor)(images)
     del images
-    print(f"teacher {args.teacher}, {len(split)} images of split '{args.split}', batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"teacher {args.teacher}, {len(split)} images of split '{args.split}', batch {args.batch_size}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     raw, loop, whole = [], [], []
     for round_index in range(args.rounds):
         contiguous = raw_forward(model, tensors, args.batch_size, torch.contiguous_format)
         channels_last = raw_forward(model, tensors, args.batch_size, torch.channels_last)
-        print(f"round {round_index + 1}: raw forward contiguous {contiguous:.1f} img/s, channels_last {channels_last:.1f} img/s")
+        print(
+            f"round {round_index + 1}: raw forward contiguous {contiguous:.1f} img/s, channels_last {channels_last:.1f} img/s"
+        )
         raw.append(max(contiguous, channels_last))  # the faster of the two is the baseline
         output = work / f"cache-{round_index}"
         started = time.perf_counter()
-        teacher_logits(str(work / "data"), teacher, output=output, batch_size=args.batch_size,
-                       num_workers=args.num_workers, progress=False)
+        teacher_logits(
+            str(work / "data"),
+            teacher,
+            output=output,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            progress=False,
+        )
         elapsed = time.perf_counter() - started
         manifest = json.loads((output / "kdcache.json").read_text())
         loop.append(manifest["images_per_second"][args.split])
         whole.append(len(split) / elapsed)
-        print(f"round {round_index + 1}: best raw forward {raw[-1]:.1f} img/s | stage one loop {loop[-1]:.1f} img/s "
-              f"({loop[-1] / raw[-1]:.3f} of raw) | stage one end to end {whole[-1]:.1f} img/s ({whole[-1] / raw[-1]:.3f})")
+        print(
+            f"round {round_index + 1}: best raw forward {raw[-1]:.1f} img/s | stage one loop {loop[-1]:.1f} img/s "
+            f"({loop[-1] / raw[-1]:.3f} of raw) | stage one end to end {whole[-1]:.1f} img/s ({whole[-1] / raw[-1]:.3f})"
+        )
     ratio_loop = statistics.median(done / r for done, r in zip(loop, raw))
     ratio_whole = statistics.median(w / r for w, r in zip(whole, raw))
-    print(f"median: raw {statistics.median(raw):.1f} img/s, stage one loop {statistics.median(loop):.1f} img/s, "
-          f"end to end {statistics.median(whole):.1f} img/s; ratio to raw: loop {ratio_loop:.3f}, end to end {ratio_whole:.3f}")
+    print(
+        f"median: raw {statistics.median(raw):.1f} img/s, stage one loop {statistics.median(loop):.1f} img/s, "
+        f"end to end {statistics.median(whole):.1f} img/s; ratio to raw: loop {ratio_loop:.3f}, end to end {ratio_whole:.3f}"
+    )
 
 
 if __name__ == "__main__":

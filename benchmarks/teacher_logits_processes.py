@@ -27,10 +27,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_one(data: Path, teacher: str, output: Path, processes: int, threads: int, args) -> dict:
-    command = [sys.executable, "-m", "kdcache", "teacher-logits", "--dataset", str(data), "--teacher", teacher,
-               "--output", str(output), "--batch-size", str(args.batch_size), "--num-processes", str(processes)]
-    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    command = [
+        sys.executable,
+        "-m",
+        "kdcache",
+        "teacher-logits",
+        "--dataset",
+        str(data),
+        "--teacher",
+        teacher,
+        "--output",
+        str(output),
+        "--batch-size",
+        str(args.batch_size),
+        "--num-processes",
+        str(processes),
+    ]
+    environment = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     started = time.perf_counter()
     subprocess.run(command, env=environment, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
@@ -40,7 +59,11 @@ def stage_one(data: Path, teacher: str, output: Path, processes: int, threads: i
     # Not the per-split images_per_second: with several processes, different splits are computed at the same time.
     work = images / manifest["seconds"]
     shutil.rmtree(output)
-    return {"work": work, "whole": images / seconds, "checksums": {name: split["logits_sha256"] for name, split in splits.items()}}
+    return {
+        "work": work,
+        "whole": images / seconds,
+        "checksums": {name: split["logits_sha256"] for name, split in splits.items()},
+    }
 
 
 def main():
@@ -62,23 +85,33 @@ def main():
         dataset = type(dataset)({name: dataset[name] for name in args.splits.split(",")})
         dataset.save_to_disk(str(work / "data"))  # both runs read the same rows from the same place
         rows = sum(len(split) for split in dataset.values())
-        print(f"teacher {args.teacher}, {rows} images of {args.splits}, batch {args.batch_size}, {cores} cores: "
-              f"1 process x {cores} threads vs {args.processes} processes x {max(1, cores // args.processes)} threads")
+        print(
+            f"teacher {args.teacher}, {rows} images of {args.splits}, batch {args.batch_size}, {cores} cores: "
+            f"1 process x {cores} threads vs {args.processes} processes x {max(1, cores // args.processes)} threads"
+        )
         one, many = [], []
         for round_index in range(args.rounds):
             one.append(stage_one(work / "data", args.teacher, work / "one", 1, cores, args))
-            many.append(stage_one(work / "data", args.teacher, work / "many", args.processes, max(1, cores // args.processes), args))
-            print(f"round {round_index + 1}: work {one[-1]['work']:.1f} -> {many[-1]['work']:.1f} img/s "
-                  f"({many[-1]['work'] / one[-1]['work']:.2f}x) | end to end {one[-1]['whole']:.1f} -> "
-                  f"{many[-1]['whole']:.1f} img/s ({many[-1]['whole'] / one[-1]['whole']:.2f}x)")
+            many.append(
+                stage_one(
+                    work / "data", args.teacher, work / "many", args.processes, max(1, cores // args.processes), args
+                )
+            )
+            print(
+                f"round {round_index + 1}: work {one[-1]['work']:.1f} -> {many[-1]['work']:.1f} img/s "
+                f"({many[-1]['work'] / one[-1]['work']:.2f}x) | end to end {one[-1]['whole']:.1f} -> "
+                f"{many[-1]['whole']:.1f} img/s ({many[-1]['whole'] / one[-1]['whole']:.2f}x)"
+            )
         ratio_work = statistics.median(m["work"] / o["work"] for o, m in zip(one, many))
         ratio_whole = statistics.median(m["whole"] / o["whole"] for o, m in zip(one, many))
         same = all(o["checksums"] == m["checksums"] for o, m in zip(one, many))
-        print(f"median: 1 process work {statistics.median(o['work'] for o in one):.1f} img/s, end to end "
-              f"{statistics.median(o['whole'] for o in one):.1f}; {args.processes} processes work "
-              f"{statistics.median(m['work'] for m in many):.1f}, end to end {statistics.median(m['whole'] for m in many):.1f}; "
-              f"ratio {args.processes}/1: work {ratio_work:.2f}, end to end {ratio_whole:.2f}; "
-              f"logits checksums {'equal' if same else 'DIFFER'} between the two")
+        print(
+            f"median: 1 process work {statistics.median(o['work'] for o in one):.1f} img/s, end to end "
+            f"{statistics.median(o['whole'] for o in one):.1f}; {args.processes} processes work "
+            f"{statistics.median(m['work'] for m in many):.1f}, end to end {statistics.median(m['whole'] for m in many):.1f}; "
+            f"ratio {args.processes}/1: work {ratio_work:.2f}, end to end {ratio_whole:.2f}; "
+            f"logits checksums {'equal' if same else 'DIFFER'} between the two"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -46,8 +46,18 @@ class StepTimer(TrainerCallback):
 
 def trainer_seconds_per_step(cache, work, warmup, steps, batch_size, **options):
     timer = StepTimer()
-    train_student(cache, output=work, max_steps=warmup + steps, batch_size=batch_size, eval_split=None,
-                  save_checkpoints=False, callbacks=[timer], progress=False, overwrite=True, **options)
+    train_student(
+        cache,
+        output=work,
+        max_steps=warmup + steps,
+        batch_size=batch_size,
+        eval_split=None,
+        save_checkpoints=False,
+        callbacks=[timer],
+        progress=False,
+        overwrite=True,
+        **options,
+    )
     return (timer.times[-1] - timer.times[warmup - 1]) / steps
 
 
@@ -57,7 +67,9 @@ def floor_seconds_per_step(cache, manifest, warmup, steps, batch_size, student_s
     size = (student_size, student_size) if student_size else None
     collate = Collator(ImagePipeline(AutoImageProcessor.from_pretrained(str(cache), backend="pil")), size)
     rows = cached["train"].with_format("numpy", columns=[PIXELS, "labels", LOGITS])
-    batches = [collate(rows.__getitems__(list(range(i, i + batch_size)))) for i in range(0, batch_size * 4, batch_size)]
+    batches = [
+        collate(rows.__getitems__(list(range(i, i + batch_size)))) for i in range(0, batch_size * 4, batch_size)
+    ]
     batches = [(batch["pixel_values"], batch["labels"], batch["teacher_logits"]) for batch in batches]
     shape = batches[0][0].shape[1:]
     model = build_student(None, manifest["label_names"], shape, seed=42).train().to(memory_format=torch.channels_last)
@@ -87,35 +99,66 @@ def main():
     args = parser.parse_args()
     tune_malloc()
     work = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
-    cache = args.cache or teacher_logits(args.dataset, args.teacher, output=work / "cache", splits=["train"], progress=False)
+    cache = args.cache or teacher_logits(
+        args.dataset, args.teacher, output=work / "cache", splits=["train"], progress=False
+    )
     cached, manifest = load_cache(cache)
     steps_per_epoch = math.ceil(len(cached["train"]) / args.batch_size)
-    print(f"teacher {manifest['teacher']['name_or_path']}, train split {len(cached['train'])} rows = "
-          f"{steps_per_epoch} steps of {args.batch_size}; {args.steps} timed steps after {args.warmup}, "
-          f"{args.rounds} rounds; torch threads {torch.get_num_threads()}; student input "
-          f"{args.student_size or manifest['columns']['pixel_values']['shape'][-1]} px")
+    print(
+        f"teacher {manifest['teacher']['name_or_path']}, train split {len(cached['train'])} rows = "
+        f"{steps_per_epoch} steps of {args.batch_size}; {args.steps} timed steps after {args.warmup}, "
+        f"{args.rounds} rounds; torch threads {torch.get_num_threads()}; student input "
+        f"{args.student_size or manifest['columns']['pixel_values']['shape'][-1]} px"
+    )
     size = {"student_size": args.student_size}
 
-    figures = {"a": [], "b": []} | ({} if args.student_size else {"c": []}) | {"floor": []} | ({"d": []} if args.views_cache else {})
+    figures = (
+        {"a": [], "b": []}
+        | ({} if args.student_size else {"c": []})
+        | {"floor": []}
+        | ({"d": []} if args.views_cache else {})
+    )
     for round_index in range(args.rounds):
-        figures["a"].append(trainer_seconds_per_step(cache, work / "a", args.warmup, args.steps, args.batch_size, alpha=0.0, **size))
-        figures["b"].append(trainer_seconds_per_step(cache, work / "b", args.warmup, args.steps, args.batch_size, **size))
+        figures["a"].append(
+            trainer_seconds_per_step(cache, work / "a", args.warmup, args.steps, args.batch_size, alpha=0.0, **size)
+        )
+        figures["b"].append(
+            trainer_seconds_per_step(cache, work / "b", args.warmup, args.steps, args.batch_size, **size)
+        )
         if not args.student_size:  # the online teacher needs its own input size
-            figures["c"].append(trainer_seconds_per_step(cache, work / "c", args.warmup, args.steps, args.batch_size,
-                                                         online=True, teacher=args.teacher))
+            figures["c"].append(
+                trainer_seconds_per_step(
+                    cache, work / "c", args.warmup, args.steps, args.batch_size, online=True, teacher=args.teacher
+                )
+            )
         if args.views_cache:
-            figures["d"].append(trainer_seconds_per_step(args.views_cache, work / "d", args.warmup, args.steps, args.batch_size, **size))
-        figures["floor"].append(floor_seconds_per_step(cache, manifest, args.warmup, args.steps, args.batch_size, args.student_size))
-        print(f"round {round_index + 1}: s/epoch " + "  ".join(f"({key}) {values[-1] * steps_per_epoch:.1f}" for key, values in figures.items()))
+            figures["d"].append(
+                trainer_seconds_per_step(
+                    args.views_cache, work / "d", args.warmup, args.steps, args.batch_size, **size
+                )
+            )
+        figures["floor"].append(
+            floor_seconds_per_step(cache, manifest, args.warmup, args.steps, args.batch_size, args.student_size)
+        )
+        print(
+            f"round {round_index + 1}: s/epoch "
+            + "  ".join(f"({key}) {values[-1] * steps_per_epoch:.1f}" for key, values in figures.items())
+        )
 
     def median_ratio(x, y):
         return statistics.median(a / b for a, b in zip(figures[x], figures[y]))
 
     medians = {key: statistics.median(values) * steps_per_epoch for key, values in figures.items()}
     print("median s/epoch: " + "  ".join(f"({key}) {value:.1f}" for key, value in medians.items()))
-    print(f"ratios: (b)/floor {median_ratio('b', 'floor'):.3f}  (b)/(a) {median_ratio('b', 'a'):.3f}"
-          + (f"  (c)/(b) {median_ratio('c', 'b'):.2f}" if "c" in figures else "")
-          + (f"  (d)/floor {median_ratio('d', 'floor'):.3f}  (d)/(b) {median_ratio('d', 'b'):.3f}" if args.views_cache else ""))
+    print(
+        f"ratios: (b)/floor {median_ratio('b', 'floor'):.3f}  (b)/(a) {median_ratio('b', 'a'):.3f}"
+        + (f"  (c)/(b) {median_ratio('c', 'b'):.2f}" if "c" in figures else "")
+        + (
+            f"  (d)/floor {median_ratio('d', 'floor'):.3f}  (d)/(b) {median_ratio('d', 'b'):.3f}"
+            if args.views_cache
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":

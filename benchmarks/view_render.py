@@ -42,27 +42,46 @@ def main():
     files = [value["bytes"] for value in split["image"]]
     images = [Image.open(io.BytesIO(data)).convert("RGB") for data in files]
     sides = sorted({min(image.size) for image in images})
-    print(f"{len(images)} images of {args.dataset} [{args.split}], shorter sides {sides[0]}-{sides[-1]} px; ms of one core per view")
+    print(
+        f"{len(images)} images of {args.dataset} [{args.split}], shorter sides {sides[0]}-{sides[-1]} px; ms of one core per view"
+    )
     rows = []
     for size in args.sizes:
         recipe = ViewRecipe((size, size), Image.BICUBIC, scale=(0.05, 1.0))
         boxes = [recipe.sample(*image.size, index, 1)[0] for index, image in enumerate(images)]
         decode = milliseconds(lambda i: Image.open(io.BytesIO(files[i])).convert("RGB"), len(files), args.rounds)
-        crop = milliseconds(lambda i, recipe=recipe, boxes=boxes: recipe.render(images[i], boxes[i]), len(images), args.rounds)
+        crop = milliseconds(
+            lambda i, recipe=recipe, boxes=boxes: recipe.render(images[i], boxes[i]), len(images), args.rounds
+        )
         rows.append((size, "jpeg (decode + crop + resize)", decode + crop))
         for source_size in args.sources:
             reduced = ViewRecipe((size, size), Image.BICUBIC, scale=(0.05, 1.0), source_size=source_size)
             sources = [raw_source(reduced.reduce(image)) for image in images]
             small = [from_raw_source(*source) for source in sources]
             small_boxes = [reduced.sample(*image.size, index, 1)[0] for index, image in enumerate(small)]
-            rows.append((size, f"raw {source_size} (crop + resize)", milliseconds(
-                lambda i, reduced=reduced, sources=sources, boxes=small_boxes: reduced.render(from_raw_source(*sources[i]), boxes[i]), len(sources), args.rounds)))
+            rows.append(
+                (
+                    size,
+                    f"raw {source_size} (crop + resize)",
+                    milliseconds(
+                        lambda i, reduced=reduced, sources=sources, boxes=small_boxes: reduced.render(
+                            from_raw_source(*sources[i]), boxes[i]
+                        ),
+                        len(sources),
+                        args.rounds,
+                    ),
+                )
+            )
     for size, source, cost in rows:
         print(f"  view at {size:>3} px from {source:<32} {cost:6.2f} ms")
-    bytes_per_image = {n: np.mean([len(raw_source(ViewRecipe((8, 8), 3, source_size=n).reduce(im))[0]) for im in images]) / 1e3
-                       for n in args.sources}
-    print(f"  stored per image: jpeg {np.mean([len(f) for f in files]) / 1e3:.0f} KB; "
-          + "; ".join(f"raw {n} {kb:.0f} KB" for n, kb in bytes_per_image.items()))
+    bytes_per_image = {
+        n: np.mean([len(raw_source(ViewRecipe((8, 8), 3, source_size=n).reduce(im))[0]) for im in images]) / 1e3
+        for n in args.sources
+    }
+    print(
+        f"  stored per image: jpeg {np.mean([len(f) for f in files]) / 1e3:.0f} KB; "
+        + "; ".join(f"raw {n} {kb:.0f} KB" for n, kb in bytes_per_image.items())
+    )
 
 
 if __name__ == "__main__":

@@ -132,10 +132,16 @@ def teacher_logits(
                 raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
             if len(dataset_dict[name]) == 0:
                 raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
-        view_splits = ([name for name in splits if name == "train"] if view_splits is None else list(view_splits)) if views > 1 else []
+        view_splits = (
+            ([name for name in splits if name == "train"] if view_splits is None else list(view_splits))
+            if views > 1
+            else []
+        )
         for name in view_splits:
             if name not in splits:
-                raise KdcacheError(f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})")
+                raise KdcacheError(
+                    f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})"
+                )
         image_column, label_column = find_columns(dataset_dict[splits[0]], image_column, label_column)
         for name in splits[1:]:
             find_columns(dataset_dict[name], image_column, label_column)
@@ -153,8 +159,18 @@ def teacher_logits(
             source_size = round(max(pixel_shape[1:]) * 8 / 7)
         if mix_alpha and not view_splits:
             raise KdcacheError("--mix-alpha mixes augmented views: give --views K (K > 1) as well")
-        view_recipe = ViewRecipe(pixel_shape[1:], getattr(processor, "resample", 3), scale=view_scale, seed=view_seed,
-                                 source_size=source_size or None, mix_alpha=mix_alpha) if view_splits else None
+        view_recipe = (
+            ViewRecipe(
+                pixel_shape[1:],
+                getattr(processor, "resample", 3),
+                scale=view_scale,
+                seed=view_seed,
+                source_size=source_size or None,
+                mix_alpha=mix_alpha,
+            )
+            if view_splits
+            else None
+        )
         format_version = FORMAT_VERSION if view_recipe else CLEAN_FORMAT_VERSION
 
     recipe = {
@@ -175,11 +191,23 @@ def teacher_logits(
     # The main process alone looks at the output and the partial work, and decides; the others follow its plan.
     work = output.with_name(output.name + ".partial")
     plan = None
-    space = stage_one_bytes(dataset_dict, splits, image_column, pixel_shape, len(names), views, view_splits, chunk_size,
-                            view_recipe.source_size if view_recipe else None, bool(view_recipe and view_recipe.mixed))
+    space = stage_one_bytes(
+        dataset_dict,
+        splits,
+        image_column,
+        pixel_shape,
+        len(names),
+        views,
+        view_splits,
+        chunk_size,
+        view_recipe.source_size if view_recipe else None,
+        bool(view_recipe and view_recipe.mixed),
+    )
     with agreed(processes):
         if is_main(processes):
-            plan = _plan_work(output, work, fingerprint, overwrite, chunk_size, {name: len(dataset_dict[name]) for name in splits})
+            plan = _plan_work(
+                output, work, fingerprint, overwrite, chunk_size, {name: len(dataset_dict[name]) for name in splits}
+            )
             if plan is not None:  # before the teacher runs
                 check_free_space(output, space, "the chunks and then the assembled cache", work)
     if processes:
@@ -190,17 +218,35 @@ def teacher_logits(
     # channels_last lets oneDNN (CPU) and cuDNN pick their faster convolution kernels: about 1.2x on a CNN
     # teacher on CPU (BENCHMARKS.md); a ViT only has its patch embedding as a convolution.
     model.to(torch_device, memory_format=torch.channels_last)
-    job = _Job(model=model, pipeline=pipeline, mapping=mapping, names=names, image_column=image_column,
-               label_column=label_column, device=torch_device, precision=precision, num_workers=num_workers,
-               batch_size=batch_size, chunk_size=plan["chunk_size"], progress=progress and is_main(processes),
-               cpus=cpus_per_process(processes), processes=processes.count if processes else 1)
+    job = _Job(
+        model=model,
+        pipeline=pipeline,
+        mapping=mapping,
+        names=names,
+        image_column=image_column,
+        label_column=label_column,
+        device=torch_device,
+        precision=precision,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        chunk_size=plan["chunk_size"],
+        progress=progress and is_main(processes),
+        cpus=cpus_per_process(processes),
+        processes=processes.count if processes else 1,
+    )
     # Chunks are independent and named by index, so any process can write any chunk: process r takes every
     # count-th of the chunks still to do (all splits in a row, so that small splits do not all land on process 0).
     mine = plan["todo"][processes.index :: processes.count] if processes else plan["todo"]
     # A full disk keeps the finished chunks; only this process's half-written ones (and the main one's half-assembled
     # copy) are removed.
-    report_disk_full(work, space, scratch=lambda: [work / name / f"{_chunk_name(k)}.tmp" for name, k in mine]
-                     + ([work / "cache"] if is_main(processes) else []))
+    report_disk_full(
+        work,
+        space,
+        scratch=lambda: (
+            [work / name / f"{_chunk_name(k)}.tmp" for name, k in mine]
+            + ([work / "cache"] if is_main(processes) else [])
+        ),
+    )
     started = time.perf_counter()
     timings = {}
     with _quiet_datasets():
@@ -216,16 +262,33 @@ def teacher_logits(
         if is_main(processes):
             cache = _assemble(work, splits)
             manifest = Manifest.build(
-                recipe=recipe, fingerprint=fingerprint, pixel_shape=pixel_shape,
-                teacher={"name_or_path": teacher, "revision": revision, "trust_remote_code": trust_remote_code,
-                         "id2label": {str(k): v for k, v in model.config.id2label.items()}},
+                recipe=recipe,
+                fingerprint=fingerprint,
+                pixel_shape=pixel_shape,
+                teacher={
+                    "name_or_path": teacher,
+                    "revision": revision,
+                    "trust_remote_code": trust_remote_code,
+                    "id2label": {str(k): v for k, v in model.config.id2label.items()},
+                },
                 dataset={"name_or_path": dataset, "revision": dataset_revision},
-                splits={name: {"fingerprint": recipe["split_fingerprints"][name], "num_rows": len(cache[name]),
-                               "views": views if name in view_splits else 1, "logits_sha256": logits_sha256(cache[name])}
-                        for name in splits},
-                run={"precision": precision, "device": str(torch_device), "processes": job.processes,
-                     "versions": _library_versions(), "seconds": round(time.perf_counter() - started, 1),
-                     "images_per_second": stats},
+                splits={
+                    name: {
+                        "fingerprint": recipe["split_fingerprints"][name],
+                        "num_rows": len(cache[name]),
+                        "views": views if name in view_splits else 1,
+                        "logits_sha256": logits_sha256(cache[name]),
+                    }
+                    for name in splits
+                },
+                run={
+                    "precision": precision,
+                    "device": str(torch_device),
+                    "processes": job.processes,
+                    "versions": _library_versions(),
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "images_per_second": stats,
+                },
             )
             manifest.write(work / "cache")
             processor.save_pretrained(str(work / "cache"))
@@ -236,7 +299,9 @@ def teacher_logits(
     return output
 
 
-def _plan_work(output: Path, work: Path, fingerprint: str, overwrite: bool, chunk_size: int, rows: dict) -> dict | None:
+def _plan_work(
+    output: Path, work: Path, fingerprint: str, overwrite: bool, chunk_size: int, rows: dict
+) -> dict | None:
     """Check the output, set up `work` (resuming a partial run of the same inputs) and list the chunks still to
     compute, as [split, chunk index] pairs; None when `output` already holds this cache."""
     if (output / MANIFEST).exists():
@@ -267,8 +332,12 @@ def _plan_work(output: Path, work: Path, fingerprint: str, overwrite: bool, chun
             (work / name).mkdir(exist_ok=True)
     except OSError as error:
         raise KdcacheError(f"cannot write under '{work.parent}' ({error.strerror}); choose another --output") from None
-    todo = [[name, k] for name, count in rows.items() for k in range(math.ceil(count / plan["chunk_size"]))
-            if not (work / name / _chunk_name(k)).exists()]
+    todo = [
+        [name, k]
+        for name, count in rows.items()
+        for k in range(math.ceil(count / plan["chunk_size"]))
+        if not (work / name / _chunk_name(k)).exists()
+    ]
     return {**plan, "todo": todo}
 
 
@@ -312,8 +381,10 @@ class _Batches(torch.utils.data.Dataset):
         rows = list(range(start, end))
         try:
             images = decode_images(self.split, self.image_column, rows, self.split_name)
-            batch = {"rows": np.asarray(rows, dtype=np.int64),
-                     "labels": np.asarray(self.split[start:end][self.label_column], dtype=np.int64)}
+            batch = {
+                "rows": np.asarray(rows, dtype=np.int64),
+                "labels": np.asarray(self.split[start:end][self.label_column], dtype=np.int64),
+            }
             if self.view_recipe is None:
                 batch["pixels"] = self.pipeline.pixels(images)
                 return batch
@@ -321,20 +392,39 @@ class _Batches(torch.utils.data.Dataset):
             images = [recipe.reduce(image) for image in images]
             views = np.stack([recipe.sample(*image.size, row, self.views) for image, row in zip(images, rows)])
             batch["views"] = views
-            batch["pixels"] = np.stack([recipe.render(image, view) for image, row_views in zip(images, views)
-                                        for view in row_views])
+            batch["pixels"] = np.stack(
+                [recipe.render(image, view) for image, row_views in zip(images, views) for view in row_views]
+            )
             batch["sources"] = [raw_source(image) for image in images]
             if recipe.mixed:
                 drawn = [recipe.sample_partners(row, len(self.split), self.views) for row in rows]
                 partners = np.stack([partner_rows for partner_rows, _ in drawn])
                 wanted = sorted(set(partners.ravel().tolist()))
-                partner_images = dict(zip(wanted, (recipe.reduce(image) for image in
-                                                   decode_images(self.split, self.image_column, wanted, self.split_name))))
-                mix_views = np.stack([[recipe.sample_partner_view(*partner_images[int(b)].size, row, k)
-                                       for k, b in enumerate(row_partners)] for row, row_partners in zip(rows, partners)])
-                batch["partner_pixels"] = np.stack([recipe.render(partner_images[int(b)], view)
-                                                    for row_partners, row_views in zip(partners, mix_views)
-                                                    for b, view in zip(row_partners, row_views)])
+                partner_images = dict(
+                    zip(
+                        wanted,
+                        (
+                            recipe.reduce(image)
+                            for image in decode_images(self.split, self.image_column, wanted, self.split_name)
+                        ),
+                    )
+                )
+                mix_views = np.stack(
+                    [
+                        [
+                            recipe.sample_partner_view(*partner_images[int(b)].size, row, k)
+                            for k, b in enumerate(row_partners)
+                        ]
+                        for row, row_partners in zip(rows, partners)
+                    ]
+                )
+                batch["partner_pixels"] = np.stack(
+                    [
+                        recipe.render(partner_images[int(b)], view)
+                        for row_partners, row_views in zip(partners, mix_views)
+                        for b, view in zip(row_partners, row_views)
+                    ]
+                )
                 batch["mix_partners"], batch["mix_views"] = partners, mix_views
                 batch["mix_weights"] = np.stack([weights for _, weights in drawn])
             return batch
@@ -377,8 +467,11 @@ def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
             if "error" in batch:
                 raise KdcacheError(batch["error"])
             if "partner_pixels" in batch:  # mixed on CPU, by the same function that mixes the student's input
-                pixel_values = job.pipeline.mix(torch.as_tensor(batch["pixels"]), torch.as_tensor(batch["partner_pixels"]),
-                                                torch.as_tensor(batch["mix_weights"]).reshape(-1))
+                pixel_values = job.pipeline.mix(
+                    torch.as_tensor(batch["pixels"]),
+                    torch.as_tensor(batch["partner_pixels"]),
+                    torch.as_tensor(batch["mix_weights"]).reshape(-1),
+                )
             else:
                 pixel_values = job.pipeline.normalize(torch.as_tensor(batch["pixels"]))
             pixel_values = pixel_values.to(job.device, non_blocking=True)
@@ -459,7 +552,9 @@ def _assemble(work: Path, splits: list[str]):
         parts[name] = datasets.concatenate_datasets([datasets.load_from_disk(str(c)) for c in chunks])
         rows = np.asarray(parts[name][ROW])
         if not np.array_equal(rows, np.arange(len(rows))):
-            raise KdcacheError(f"the partial cache in '{work}' is inconsistent for split '{name}'; delete it and rerun")
+            raise KdcacheError(
+                f"the partial cache in '{work}' is inconsistent for split '{name}'; delete it and rerun"
+            )
     cache = datasets.DatasetDict(parts)
     target = work / "cache"
     shutil.rmtree(target, ignore_errors=True)
@@ -485,7 +580,9 @@ def load_cache(path: str | Path, verify: bool = True):
         with _quiet_datasets():
             cache = datasets.load_from_disk(str(path))
     except Exception as error:
-        raise KdcacheError(f"cache '{path}' cannot be read ({first_line(error)}); recreate it with kdcache teacher-logits") from None
+        raise KdcacheError(
+            f"cache '{path}' cannot be read ({first_line(error)}); recreate it with kdcache teacher-logits"
+        ) from None
     if verify:
         manifest.verify(cache, path)
     return cache, manifest
@@ -504,23 +601,28 @@ def describe(path: str | Path) -> str:
         f"  format version  {manifest['format_version']} (kdcache {manifest['kdcache_version']}), "
         f"created {manifest['created']}",
         f"  fingerprint     {manifest['fingerprint']}",
-        f"  teacher         {teacher['name_or_path']}" + (f" @ {teacher['revision']}" if teacher.get("revision") else ""),
+        f"  teacher         {teacher['name_or_path']}"
+        + (f" @ {teacher['revision']}" if teacher.get("revision") else ""),
         f"                  {teacher['class']}, weights sha256 {teacher['weights_sha256'][:16]}...",
         f"  dataset         {data['name_or_path']} (image column '{data['image_column']}', "
         f"label column '{data['label_column']}')",
         f"  labels          {', '.join(manifest['label_names'])}",
         f"  teacher->data   {manifest['teacher_to_dataset']} (teacher output index for each dataset label)",
         f"  logits          {manifest['columns']['teacher_logits']['dtype']}, computed in {manifest['precision']} "
-        f"on {manifest['device']}" + (f" ({manifest['processes']} processes)" if manifest.get("processes", 1) > 1 else ""),
+        f"on {manifest['device']}"
+        + (f" ({manifest['processes']} processes)" if manifest.get("processes", 1) > 1 else ""),
         f"  student input   {manifest['columns']['pixel_values']['dtype']} {manifest['columns']['pixel_values']['shape']}",
         "  splits:",
     ]
     if manifest.get("views"):
         views, recipe = manifest["views"], manifest["views"]["recipe"]
-        lines.insert(-1, f"  views           {views['count']} per image of {', '.join(views['splits'])}: crops of "
-                         f"{recipe['scale'][0]:g}-{recipe['scale'][1]:g} of the area + flip, seed {recipe['seed']}"
-                         + (f", mixed (mixup alpha {recipe['mix_alpha']:g})" if recipe.get("mix_alpha") else "")
-                         + (f", sources reduced to {recipe['source_size']} px" if recipe.get("source_size") else ""))
+        lines.insert(
+            -1,
+            f"  views           {views['count']} per image of {', '.join(views['splits'])}: crops of "
+            f"{recipe['scale'][0]:g}-{recipe['scale'][1]:g} of the area + flip, seed {recipe['seed']}"
+            + (f", mixed (mixup alpha {recipe['mix_alpha']:g})" if recipe.get("mix_alpha") else "")
+            + (f", sources reduced to {recipe['source_size']} px" if recipe.get("source_size") else ""),
+        )
     for name, split in data["splits"].items():
         lines.append(
             f"    {name:<12} {split['num_rows']:>8} rows  fingerprint {split['fingerprint']}  "

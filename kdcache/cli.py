@@ -51,8 +51,10 @@ def friendly(command):
     return wrapper
 
 
-NUM_PROCESSES_HELP = ("Start this command as N processes through accelerate's launcher, on this machine (one per GPU, "
-                     "or N CPU processes); for several machines use accelerate launch (README).")
+NUM_PROCESSES_HELP = (
+    "Start this command as N processes through accelerate's launcher, on this machine (one per GPU, "
+    "or N CPU processes); for several machines use accelerate launch (README)."
+)
 
 
 def relaunch(num_processes: Optional[int], device: str) -> None:
@@ -83,11 +85,27 @@ def relaunch(num_processes: Optional[int], device: str) -> None:
 
     gpus = torch.cuda.device_count() if device != "cpu" else 0
     if 0 < gpus < num_processes:
-        raise KdcacheError(f"--num-processes {num_processes} needs one GPU each, and this machine has {gpus}; "
-                           f"use --num-processes {gpus}, or --device cpu for CPU processes")
+        raise KdcacheError(
+            f"--num-processes {num_processes} needs one GPU each, and this machine has {gpus}; "
+            f"use --num-processes {gpus}, or --device cpu for CPU processes"
+        )
     launch = launch_command_parser().parse_args(
-        ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", "0", "-m", "kdcache", *arguments]
+        [
+            "--multi_gpu",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+            "-m",
+            "kdcache",
+            *arguments,
+        ]
     )
     # A process that fails prints its own one-line error; the launcher's report of it would be a page of noise.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -96,7 +114,9 @@ def relaunch(num_processes: Optional[int], device: str) -> None:
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         if failure.exitcode not in (1, 130):  # not one of kdcache's own exits, which have said why
-            typer.echo(f"kdcache: error: process {rank} of {num_processes} ended with exit code {failure.exitcode}", err=True)
+            typer.echo(
+                f"kdcache: error: process {rank} of {num_processes} ended with exit code {failure.exitcode}", err=True
+            )
         raise typer.Exit(failure.exitcode if failure.exitcode > 0 else 1) from None
     raise typer.Exit(0)
 
@@ -108,9 +128,16 @@ def _split_list(value: Optional[str]) -> Optional[list[str]]:
 @app.command("teacher-logits")
 @friendly
 def teacher_logits_command(
-    dataset: str = typer.Option("beans", help="Hub dataset id, or a local folder: save_to_disk output, parquet files with a card, or an image folder."),
-    teacher: str = typer.Option("merve/beans-vit-224", help="Hub model id or local folder of a fine-tuned image classifier."),
-    output: Optional[Path] = typer.Option(None, show_default="data/<dataset>--<teacher>", help="Cache folder to write."),
+    dataset: str = typer.Option(
+        "beans",
+        help="Hub dataset id, or a local folder: save_to_disk output, parquet files with a card, or an image folder.",
+    ),
+    teacher: str = typer.Option(
+        "merve/beans-vit-224", help="Hub model id or local folder of a fine-tuned image classifier."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, show_default="data/<dataset>--<teacher>", help="Cache folder to write."
+    ),
     splits: Optional[str] = typer.Option(None, show_default="all", help="Comma-separated splits to cache."),
     batch_size: int = typer.Option(32, help="Images per teacher forward pass."),
     device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
@@ -118,19 +145,47 @@ def teacher_logits_command(
     revision: Optional[str] = typer.Option(None, help="Teacher revision (branch, tag or commit) on the hub."),
     dataset_revision: Optional[str] = typer.Option(None, help="Dataset revision on the hub."),
     image_column: Optional[str] = typer.Option(None, show_default="image or img", help="Image column."),
-    label_column: Optional[str] = typer.Option(None, show_default="labels or label", help="Label column, a ClassLabel."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a teacher whose repository ships its own model code."),
-    match_labels_by_index: bool = typer.Option(False, "--match-labels-by-index", help="Trust that the teacher's outputs follow the dataset's label order even though the names differ."),
-    views: int = typer.Option(1, help="Augmented views per training image (random resized crop + flip), each with the teacher's logits on exactly that view; 1 = the one clean view. Costs K teacher passes per image."),
-    view_splits: Optional[str] = typer.Option(None, show_default="train", help="Comma-separated splits that get --views; the others keep one clean view."),
-    view_scale: float = typer.Option(0.25, help="Smallest crop area of a view, as a fraction of the image (the largest is 1)."),
+    label_column: Optional[str] = typer.Option(
+        None, show_default="labels or label", help="Label column, a ClassLabel."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow a teacher whose repository ships its own model code."
+    ),
+    match_labels_by_index: bool = typer.Option(
+        False,
+        "--match-labels-by-index",
+        help="Trust that the teacher's outputs follow the dataset's label order even though the names differ.",
+    ),
+    views: int = typer.Option(
+        1,
+        help="Augmented views per training image (random resized crop + flip), each with the teacher's logits on exactly that view; 1 = the one clean view. Costs K teacher passes per image.",
+    ),
+    view_splits: Optional[str] = typer.Option(
+        None, show_default="train", help="Comma-separated splits that get --views; the others keep one clean view."
+    ),
+    view_scale: float = typer.Option(
+        0.25, help="Smallest crop area of a view, as a fraction of the image (the largest is 1)."
+    ),
     view_seed: int = typer.Option(0, help="Seed of the views (a row's views depend on it and the row alone)."),
-    mix_alpha: float = typer.Option(0.0, help="Mix every view with a view of another image (mixup, weight ~ Beta(a, a) folded to >= 0.5) and store the teacher's logits on the mixed image: 'function matching'. 0 = no mixing; 1 = uniform weights."),
-    source_size: Optional[int] = typer.Option(None, show_default="8/7 of the teacher's input (256 for 224)", help="With --views: the shorter side the source image is reduced to once, stored as raw pixels that both stages render views from; 0 keeps it whole."),
+    mix_alpha: float = typer.Option(
+        0.0,
+        help="Mix every view with a view of another image (mixup, weight ~ Beta(a, a) folded to >= 0.5) and store the teacher's logits on the mixed image: 'function matching'. 0 = no mixing; 1 = uniform weights.",
+    ),
+    source_size: Optional[int] = typer.Option(
+        None,
+        show_default="8/7 of the teacher's input (256 for 224)",
+        help="With --views: the shorter side the source image is reduced to once, stored as raw pixels that both stages render views from; 0 keeps it whole.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache made from other inputs."),
-    num_workers: Optional[int] = typer.Option(None, show_default="1 on CPU (0 when a process has 1 core), up to 8 on CUDA", help="Processes decoding images ahead of the teacher (per process)."),
+    num_workers: Optional[int] = typer.Option(
+        None,
+        show_default="1 on CPU (0 when a process has 1 core), up to 8 on CUDA",
+        help="Processes decoding images ahead of the teacher (per process).",
+    ),
     chunk_size: int = typer.Option(512, help="Rows per resumable chunk."),
-    num_processes: Optional[int] = typer.Option(None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP),
+    num_processes: Optional[int] = typer.Option(
+        None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP
+    ),
 ):
     """Run the teacher once over the dataset and store its logits as an Arrow column, with a manifest.
 
@@ -158,11 +213,27 @@ def teacher_logits_command(
     from kdcache.runtime import is_main_process
 
     path = teacher_logits(
-        dataset=dataset, teacher=teacher, output=output, splits=_split_list(splits), batch_size=batch_size,
-        device=device, precision=precision, revision=revision, dataset_revision=dataset_revision,
-        image_column=image_column, label_column=label_column, trust_remote_code=trust_remote_code,
-        match_labels_by_index=match_labels_by_index, views=views, view_splits=_split_list(view_splits),
-        view_scale=(view_scale, 1.0), view_seed=view_seed, mix_alpha=mix_alpha, source_size=source_size, overwrite=overwrite, num_workers=num_workers,
+        dataset=dataset,
+        teacher=teacher,
+        output=output,
+        splits=_split_list(splits),
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        revision=revision,
+        dataset_revision=dataset_revision,
+        image_column=image_column,
+        label_column=label_column,
+        trust_remote_code=trust_remote_code,
+        match_labels_by_index=match_labels_by_index,
+        views=views,
+        view_splits=_split_list(view_splits),
+        view_scale=(view_scale, 1.0),
+        view_seed=view_seed,
+        mix_alpha=mix_alpha,
+        source_size=source_size,
+        overwrite=overwrite,
+        num_workers=num_workers,
         chunk_size=chunk_size,
     )
     if is_main_process():
@@ -172,16 +243,38 @@ def teacher_logits_command(
 @app.command("evaluate")
 @friendly
 def evaluate_command(
-    models: list[str] = typer.Argument(..., metavar="MODEL", help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher).", show_default=False),
-    dataset: Optional[str] = typer.Option(None, help="Hub dataset id or local folder.", show_default="the one --cache was made from, else beans"),
+    models: list[str] = typer.Argument(
+        ...,
+        metavar="MODEL",
+        help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher).",
+        show_default=False,
+    ),
+    dataset: Optional[str] = typer.Option(
+        None, help="Hub dataset id or local folder.", show_default="the one --cache was made from, else beans"
+    ),
     split: str = typer.Option("test", help="Split to evaluate on."),
-    cache: Optional[Path] = typer.Option(None, help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher."),
+    cache: Optional[Path] = typer.Option(
+        None,
+        help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher.",
+    ),
     batch_size: int = typer.Option(32, help="Images per forward pass (the throughput is measured at this size)."),
     device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
-    output: Optional[Path] = typer.Option(None, help="Folder to write.", show_default="MODEL/eval-SPLIT for a local model, data/eval/NAME-SPLIT for a hub id, data/eval/compare-SPLIT for several models"),
-    image_column: Optional[str] = typer.Option(None, help="Image column.", show_default="the cache's, else image or img"),
-    label_column: Optional[str] = typer.Option(None, help="Label column, a ClassLabel.", show_default="the cache's, else labels or label"),
-    match_labels_by_index: bool = typer.Option(False, "--match-labels-by-index", help="Trust that a model's outputs follow the dataset's label order even though the names differ."),
+    output: Optional[Path] = typer.Option(
+        None,
+        help="Folder to write.",
+        show_default="MODEL/eval-SPLIT for a local model, data/eval/NAME-SPLIT for a hub id, data/eval/compare-SPLIT for several models",
+    ),
+    image_column: Optional[str] = typer.Option(
+        None, help="Image column.", show_default="the cache's, else image or img"
+    ),
+    label_column: Optional[str] = typer.Option(
+        None, help="Label column, a ClassLabel.", show_default="the cache's, else labels or label"
+    ),
+    match_labels_by_index: bool = typer.Option(
+        False,
+        "--match-labels-by-index",
+        help="Trust that a model's outputs follow the dataset's label order even though the names differ.",
+    ),
 ):
     """Measure models on a split: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix,
     expected calibration error (15 bins), parameters, size on disk and images/s; with --cache, how close each is
@@ -202,15 +295,25 @@ def evaluate_command(
     from kdcache.evaluation import describe, evaluate_models
 
     report = evaluate_models(
-        models, dataset=dataset, split=split, cache=cache, batch_size=batch_size, device=device, output=output,
-        image_column=image_column, label_column=label_column, match_labels_by_index=match_labels_by_index,
+        models,
+        dataset=dataset,
+        split=split,
+        cache=cache,
+        batch_size=batch_size,
+        device=device,
+        output=output,
+        image_column=image_column,
+        label_column=label_column,
+        match_labels_by_index=match_labels_by_index,
     )
     typer.echo(describe(report))
 
 
 @app.command("info")
 @friendly
-def info_command(cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits.")):
+def info_command(
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
+):
     """Print a cache's manifest: what produced it, its splits, and their checksums."""
     from kdcache.cache import describe
 
@@ -222,9 +325,17 @@ def info_command(cache: Path = typer.Argument(..., metavar="CACHE", help="A cach
 def verify_command(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
     sample: int = typer.Option(64, help="Random (row, view) pairs rechecked per split."),
-    tolerance: Optional[float] = typer.Option(None, show_default="1e-3 for an fp32 cache, 2e-2 fp16, 1e-1 bf16", help="Largest |logit difference| that passes; above it the command exits with status 1."),
+    tolerance: Optional[float] = typer.Option(
+        None,
+        show_default="1e-3 for an fp32 cache, 2e-2 fp16, 1e-1 bf16",
+        help="Largest |logit difference| that passes; above it the command exits with status 1.",
+    ),
     seed: int = typer.Option(0, help="Seed of the sample."),
-    teacher: Optional[str] = typer.Option(None, show_default="the one recorded in the cache", help="Load the cache's teacher from here instead (a local copy of a hub teacher, offline); its weights must match the cache's."),
+    teacher: Optional[str] = typer.Option(
+        None,
+        show_default="the one recorded in the cache",
+        help="Load the cache's teacher from here instead (a local copy of a hub teacher, offline); its weights must match the cache's.",
+    ),
     device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
     batch_size: int = typer.Option(32, help="Inputs per teacher forward pass."),
 ):
@@ -241,8 +352,9 @@ def verify_command(
     """
     from kdcache.verify import describe, verify_teacher_logits
 
-    report = verify_teacher_logits(cache, sample=sample, tolerance=tolerance, seed=seed, teacher=teacher, device=device,
-                                   batch_size=batch_size)
+    report = verify_teacher_logits(
+        cache, sample=sample, tolerance=tolerance, seed=seed, teacher=teacher, device=device, batch_size=batch_size
+    )
     typer.echo(describe(report))
     if not report["passed"]:
         raise typer.Exit(1)
@@ -252,32 +364,106 @@ def verify_command(
 @friendly
 def train_student_command(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
-    output: Optional[Path] = typer.Option(None, show_default="data/students/<cache>-distilled", help="Folder for the trained student."),
-    student: Optional[str] = typer.Option(None, show_default="MobileNetV2Config() from scratch", help="Student: a model type from scratch (e.g. mobilenet_v2), a config-only folder, or a hub id / folder with weights."),
-    loss: str = typer.Option(DEFAULT("loss"), help="Distillation loss. kd: KL to the teacher's softened outputs (Hinton). dkd: decoupled KD, the target class and the other classes weighted apart (1:8), for 3+ classes and unmixed caches. dist: matches the correlations of student and teacher probabilities, not their values, for a much stronger teacher."),
-    temperature: Optional[float] = typer.Option(DEFAULT("temperature"), "--temperature", "-T", show_default="5 for kd, 4 for dkd, 1 for dist", help="Softmax temperature T of the distillation term."),
-    alpha: float = typer.Option(DEFAULT("alpha"), "--alpha", "--lambda", help="Weight of the distillation part against the labels' cross-entropy, for every --loss: 0 = labels only (a from-scratch baseline), 1 = teacher only; 0.5 is the DKD and DIST papers' 1:1."),
-    standardize_logits: bool = typer.Option(DEFAULT("standardize_logits"), "--standardize-logits", help="z-score each image's logits, student's and teacher's, before the softmax: the student matches the teacher's ranking of the classes, not the range of its logits, and T becomes a base temperature (Sun et al. 2024 use 2). kd and dkd."),
+    output: Optional[Path] = typer.Option(
+        None, show_default="data/students/<cache>-distilled", help="Folder for the trained student."
+    ),
+    student: Optional[str] = typer.Option(
+        None,
+        show_default="MobileNetV2Config() from scratch",
+        help="Student: a model type from scratch (e.g. mobilenet_v2), a config-only folder, or a hub id / folder with weights.",
+    ),
+    loss: str = typer.Option(
+        DEFAULT("loss"),
+        help="Distillation loss. kd: KL to the teacher's softened outputs (Hinton). dkd: decoupled KD, the target class and the other classes weighted apart (1:8), for 3+ classes and unmixed caches. dist: matches the correlations of student and teacher probabilities, not their values, for a much stronger teacher.",
+    ),
+    temperature: Optional[float] = typer.Option(
+        DEFAULT("temperature"),
+        "--temperature",
+        "-T",
+        show_default="5 for kd, 4 for dkd, 1 for dist",
+        help="Softmax temperature T of the distillation term.",
+    ),
+    alpha: float = typer.Option(
+        DEFAULT("alpha"),
+        "--alpha",
+        "--lambda",
+        help="Weight of the distillation part against the labels' cross-entropy, for every --loss: 0 = labels only (a from-scratch baseline), 1 = teacher only; 0.5 is the DKD and DIST papers' 1:1.",
+    ),
+    standardize_logits: bool = typer.Option(
+        DEFAULT("standardize_logits"),
+        "--standardize-logits",
+        help="z-score each image's logits, student's and teacher's, before the softmax: the student matches the teacher's ranking of the classes, not the range of its logits, and T becomes a base temperature (Sun et al. 2024 use 2). kd and dkd.",
+    ),
     epochs: float = typer.Option(DEFAULT("epochs"), help="Training epochs."),
     learning_rate: float = typer.Option(DEFAULT("learning_rate"), help="Peak AdamW learning rate."),
-    batch_size: int = typer.Option(DEFAULT("batch_size"), help="Images per training step: the global batch, of all processes together when there are several (each takes its share)."),
+    batch_size: int = typer.Option(
+        DEFAULT("batch_size"),
+        help="Images per training step: the global batch, of all processes together when there are several (each takes its share).",
+    ),
     weight_decay: float = typer.Option(DEFAULT("weight_decay"), help="AdamW weight decay."),
-    warmup_ratio: float = typer.Option(DEFAULT("warmup_ratio"), help="Fraction of steps spent warming the learning rate up (>= 0 and < 1)."),
-    scheduler: str = typer.Option(DEFAULT("scheduler"), help="Learning-rate schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt."),
+    warmup_ratio: float = typer.Option(
+        DEFAULT("warmup_ratio"), help="Fraction of steps spent warming the learning rate up (>= 0 and < 1)."
+    ),
+    scheduler: str = typer.Option(
+        DEFAULT("scheduler"),
+        help="Learning-rate schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt.",
+    ),
     seed: int = typer.Option(DEFAULT("seed"), help="Seed for the student's initial weights and the data order."),
-    eval_split: str = typer.Option("validation", help="Split evaluated after each epoch; the best epoch is kept. 'none' to skip."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint; refused if it was started with other options (workers, device and logging may change)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder (or discard an interrupted run)."),
-    online: bool = typer.Option(False, "--online", help="Reference mode: run the teacher on every batch, as the tutorial does (for tests and benchmarks)."),
-    teacher: Optional[str] = typer.Option(None, show_default="the one recorded in the cache", help="With --online: where to load the teacher from (the cache's teacher elsewhere; its weights must match the cache's)."),
-    student_only_augment: bool = typer.Option(False, "--student-only-augment", help="Baseline for experiments: random views for the student, paired with the teacher's logits of the clean view (inconsistent teaching)."),
-    student_size: Optional[int] = typer.Option(None, show_default="the teacher's input size", help="Train the student at S x S pixels: each view is the teacher's crop, resized to S (cheaper steps; saved with a processor that feeds S)."),
-    ema_decay: Optional[float] = typer.Option(None, show_default="no EMA", help="Keep an exponential moving average of the student's weights with this decay per step (e.g. 0.998); it is evaluated each epoch and saved as the student."),
-    num_workers: Optional[int] = typer.Option(None, show_default="1 for caches with views, else 0", help="DataLoader worker processes."),
-    device: str = typer.Option(DEFAULT("device"), help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps: one device, also on a machine with several GPUs (use them all with --num-processes)."),
-    precision: str = typer.Option(DEFAULT("precision"), help="auto (bf16 on CUDA GPUs that compute in it natively, Ampere or newer; else fp32), fp32, bf16, fp16."),
-    push_to_hub: Optional[str] = typer.Option(None, metavar="REPO", help="Once the student is saved, upload its folder (weights, image processor, model card) to this hub repository, created if needed (needs a login: hf auth login)."),
-    num_processes: Optional[int] = typer.Option(None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP),
+    eval_split: str = typer.Option(
+        "validation", help="Split evaluated after each epoch; the best epoch is kept. 'none' to skip."
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue an interrupted run from its last checkpoint; refused if it was started with other options (workers, device and logging may change).",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing output folder (or discard an interrupted run)."
+    ),
+    online: bool = typer.Option(
+        False,
+        "--online",
+        help="Reference mode: run the teacher on every batch, as the tutorial does (for tests and benchmarks).",
+    ),
+    teacher: Optional[str] = typer.Option(
+        None,
+        show_default="the one recorded in the cache",
+        help="With --online: where to load the teacher from (the cache's teacher elsewhere; its weights must match the cache's).",
+    ),
+    student_only_augment: bool = typer.Option(
+        False,
+        "--student-only-augment",
+        help="Baseline for experiments: random views for the student, paired with the teacher's logits of the clean view (inconsistent teaching).",
+    ),
+    student_size: Optional[int] = typer.Option(
+        None,
+        show_default="the teacher's input size",
+        help="Train the student at S x S pixels: each view is the teacher's crop, resized to S (cheaper steps; saved with a processor that feeds S).",
+    ),
+    ema_decay: Optional[float] = typer.Option(
+        None,
+        show_default="no EMA",
+        help="Keep an exponential moving average of the student's weights with this decay per step (e.g. 0.998); it is evaluated each epoch and saved as the student.",
+    ),
+    num_workers: Optional[int] = typer.Option(
+        None, show_default="1 for caches with views, else 0", help="DataLoader worker processes."
+    ),
+    device: str = typer.Option(
+        DEFAULT("device"),
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps: one device, also on a machine with several GPUs (use them all with --num-processes).",
+    ),
+    precision: str = typer.Option(
+        DEFAULT("precision"),
+        help="auto (bf16 on CUDA GPUs that compute in it natively, Ampere or newer; else fp32), fp32, bf16, fp16.",
+    ),
+    push_to_hub: Optional[str] = typer.Option(
+        None,
+        metavar="REPO",
+        help="Once the student is saved, upload its folder (weights, image processor, model card) to this hub repository, created if needed (needs a login: hf auth login).",
+    ),
+    num_processes: Optional[int] = typer.Option(
+        None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP
+    ),
 ):
     """Train a student from the cached soft targets and save it for pipeline("image-classification").
 
@@ -308,12 +494,30 @@ def train_student_command(
     from kdcache.train import train_student
 
     options = TrainingOptions(
-        student=student, loss=loss, temperature=temperature, alpha=alpha,
-        standardize_logits=standardize_logits, epochs=epochs, learning_rate=learning_rate,
-        batch_size=batch_size, weight_decay=weight_decay, warmup_ratio=warmup_ratio, scheduler=scheduler, seed=seed,
-        eval_split=None if eval_split.lower() == "none" else eval_split, resume=resume, overwrite=overwrite,
-        online=online, teacher=teacher, student_only_augment=student_only_augment, student_size=student_size,
-        ema_decay=ema_decay, num_workers=num_workers, device=device, precision=precision, push_to_hub=push_to_hub,
+        student=student,
+        loss=loss,
+        temperature=temperature,
+        alpha=alpha,
+        standardize_logits=standardize_logits,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        scheduler=scheduler,
+        seed=seed,
+        eval_split=None if eval_split.lower() == "none" else eval_split,
+        resume=resume,
+        overwrite=overwrite,
+        online=online,
+        teacher=teacher,
+        student_only_augment=student_only_augment,
+        student_size=student_size,
+        ema_decay=ema_decay,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        push_to_hub=push_to_hub,
     )
     train_student(cache, output=output, options=options, progress=True)
 
@@ -321,8 +525,13 @@ def train_student_command(
 @app.command("demo")
 @friendly
 def demo_command(
-    output: Path = typer.Option(Path("data/demo"), help="Folder for the demo's dataset, models, cache and report: a new or empty folder, or one an earlier demo wrote (replaced)."),
-    quick: bool = typer.Option(False, "--quick", help="A reduced run that still exercises every stage (about a minute; used by CI)."),
+    output: Path = typer.Option(
+        Path("data/demo"),
+        help="Folder for the demo's dataset, models, cache and report: a new or empty folder, or one an earlier demo wrote (replaced).",
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="A reduced run that still exercises every stage (about a minute; used by CI)."
+    ),
     seed: int = typer.Option(0, help="Seed for the teacher and the students."),
 ):
     """Run the whole pipeline offline on scikit-learn's digits: fit a small ViT teacher, cache its logits once,

@@ -88,9 +88,13 @@ def find_columns(split, image_column: str | None = None, label_column: str | Non
     label_column = label_column or _find(features, LABEL_COLUMNS, datasets.ClassLabel)
     columns = ", ".join(features)
     if image_column is None:
-        raise KdcacheError(f"no image column found (looked for {'/'.join(IMAGE_COLUMNS)}; columns: {columns}); pass --image-column")
+        raise KdcacheError(
+            f"no image column found (looked for {'/'.join(IMAGE_COLUMNS)}; columns: {columns}); pass --image-column"
+        )
     if label_column is None:
-        raise KdcacheError(f"no label column found (looked for {'/'.join(LABEL_COLUMNS)}; columns: {columns}); pass --label-column")
+        raise KdcacheError(
+            f"no label column found (looked for {'/'.join(LABEL_COLUMNS)}; columns: {columns}); pass --label-column"
+        )
     for name, flag in ((image_column, "--image-column"), (label_column, "--label-column")):
         if name not in features:
             raise KdcacheError(f"{flag} '{name}' is not a column of the dataset (columns: {columns})")
@@ -207,35 +211,63 @@ class ViewRecipe:
     8-bit pixels of that size costs a fraction of decoding and resizing the original every epoch (BENCHMARKS.md).
     """
 
-    def __init__(self, size, resample, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, seed=0,
-                 source_size=None, mix_alpha=0.0):
+    def __init__(
+        self,
+        size,
+        resample,
+        scale=(0.25, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        flip=0.5,
+        seed=0,
+        source_size=None,
+        mix_alpha=0.0,
+    ):
         self.size = (int(size[0]), int(size[1]))  # (height, width)
         self.resample = int(resample)
         self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
         self.flip, self.seed = float(flip), int(seed)
         self.source_size = int(source_size) if source_size else None
         self.mix_alpha = float(mix_alpha)
-        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1] and 0 <= self.flip <= 1):
+        if not (
+            0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1] and 0 <= self.flip <= 1
+        ):
             raise KdcacheError(f"view settings out of range: scale {self.scale}, ratio {self.ratio}, flip {self.flip}")
         if self.mix_alpha < 0 or (self.source_size is not None and self.source_size < 8):
-            raise KdcacheError(f"view settings out of range: mix alpha {self.mix_alpha} (>= 0), source size "
-                               f"{self.source_size} (at least 8, or 0 to keep the source as it is)")
+            raise KdcacheError(
+                f"view settings out of range: mix alpha {self.mix_alpha} (>= 0), source size "
+                f"{self.source_size} (at least 8, or 0 to keep the source as it is)"
+            )
 
     @property
     def mixed(self) -> bool:
         return self.mix_alpha > 0
 
     def to_dict(self) -> dict:
-        recipe = {"kind": "random-resized-crop+hflip", "size": list(self.size), "resample": self.resample,
-                  "scale": list(self.scale), "ratio": list(self.ratio), "flip": self.flip, "seed": self.seed}
+        recipe = {
+            "kind": "random-resized-crop+hflip",
+            "size": list(self.size),
+            "resample": self.resample,
+            "scale": list(self.scale),
+            "ratio": list(self.ratio),
+            "flip": self.flip,
+            "seed": self.seed,
+        }
         if self.source_size or self.mixed:  # format 3's fields; a format 2 recipe reads back without them
             recipe.update(source_size=self.source_size, mix_alpha=self.mix_alpha)
         return recipe
 
     @classmethod
     def from_dict(cls, recipe: dict) -> "ViewRecipe":
-        return cls(recipe["size"], recipe["resample"], recipe["scale"], recipe["ratio"], recipe["flip"], recipe["seed"],
-                   recipe.get("source_size"), recipe.get("mix_alpha", 0.0))
+        return cls(
+            recipe["size"],
+            recipe["resample"],
+            recipe["scale"],
+            recipe["ratio"],
+            recipe["flip"],
+            recipe["seed"],
+            recipe.get("source_size"),
+            recipe.get("mix_alpha", 0.0),
+        )
 
     def reduce(self, image):
         """The source image as both stages render from it: its shorter side brought down to source_size."""
@@ -261,7 +293,11 @@ class ViewRecipe:
                     break
             else:  # as torchvision: fall back to the largest centred crop within the allowed ratios
                 aspect = min(max(width / height, self.ratio[0]), self.ratio[1])
-                w, h = (width, int(round(width / aspect))) if width / height < aspect else (int(round(height * aspect)), height)
+                w, h = (
+                    (width, int(round(width / aspect)))
+                    if width / height < aspect
+                    else (int(round(height * aspect)), height)
+                )
                 w, h = min(w, width), min(h, height)
                 x0, y0 = (width - w) // 2, (height - h) // 2
             views[index] = (x0, y0, x0 + w, y0 + h, int(rng.random() < self.flip))

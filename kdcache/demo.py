@@ -49,8 +49,13 @@ def build_digits_dataset(path: str | Path, seed: int = 0, image_size: int = 32, 
     splits = {}
     for name, rows in parts.items():
         rows = sorted(rows)
-        images = [Image.fromarray(pixels[i], "L").resize((image_size, image_size), Image.BILINEAR).convert("RGB") for i in rows]
-        splits[name] = datasets.Dataset.from_dict({"image": images, "label": digits.target[rows].tolist()}, features=features)
+        images = [
+            Image.fromarray(pixels[i], "L").resize((image_size, image_size), Image.BILINEAR).convert("RGB")
+            for i in rows
+        ]
+        splits[name] = datasets.Dataset.from_dict(
+            {"image": images, "label": digits.target[rows].tolist()}, features=features
+        )
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -72,8 +77,14 @@ def fit_teacher(dataset_path: Path, output: Path, seed: int, epochs: int, progre
     inputs = ImagePipeline(processor)([image.convert("RGB") for image in train["image"]])
     labels = torch.tensor(train["label"][:])
     config = ViTConfig(
-        image_size=32, patch_size=8, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=256, num_labels=10, id2label=dict(enumerate(DIGIT_NAMES)),
+        image_size=32,
+        patch_size=8,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        num_labels=10,
+        id2label=dict(enumerate(DIGIT_NAMES)),
         label2id={name: index for index, name in enumerate(DIGIT_NAMES)},
     )
     torch.manual_seed(seed)
@@ -110,8 +121,10 @@ def check_demo_folder(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise KdcacheError(f"--output '{root}' is a file; the demo writes a folder: choose another --output")
     if root.exists() and any(root.iterdir()) and not (root / DEMO_MARKER).is_file():
-        raise KdcacheError(f"--output '{root}' holds files that kdcache demo did not write (it has no {DEMO_MARKER}), "
-                           "and the demo replaces its folder: choose a new or empty --output")
+        raise KdcacheError(
+            f"--output '{root}' holds files that kdcache demo did not write (it has no {DEMO_MARKER}), "
+            "and the demo replaces its folder: choose a new or empty --output"
+        )
 
 
 def claim_demo_folder(root: Path) -> None:
@@ -128,7 +141,9 @@ def claim_demo_folder(root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         (root / DEMO_MARKER).write_text("written by kdcache demo, which replaces this folder on its next run\n")
     except OSError as error:
-        raise KdcacheError(f"--output '{root}' cannot be written ({error.strerror}); choose another --output") from None
+        raise KdcacheError(
+            f"--output '{root}' cannot be written ({error.strerror}); choose another --output"
+        ) from None
 
 
 @guards_output
@@ -145,7 +160,11 @@ def run_demo(output: str | Path = "data/demo", quick: bool = False, seed: int = 
     tune_malloc()
     started = time.perf_counter()
     say = log.info if progress else (lambda *args, **kwargs: None)
-    settings = dict(teacher_epochs=3, student_epochs=2, limit=300) if quick else dict(teacher_epochs=60, student_epochs=15, limit=None)
+    settings = (
+        dict(teacher_epochs=3, student_epochs=2, limit=300)
+        if quick
+        else dict(teacher_epochs=60, student_epochs=15, limit=None)
+    )
 
     say("[1/5] building the digits dataset (scikit-learn's load_digits, upscaled to 32x32 RGB)")
     dataset = build_digits_dataset(root / "digits", seed=0, limit=settings["limit"])
@@ -159,7 +178,14 @@ def run_demo(output: str | Path = "data/demo", quick: bool = False, seed: int = 
     recipe = dict(student=student, epochs=settings["student_epochs"], learning_rate=2e-3, seed=seed, progress=progress)
     distilled = train_student(cache, output=root / "student-distilled", **recipe)
     scratch = train_student(cache, output=root / "student-scratch", alpha=0.0, **recipe)
-    timing = dict(student=student, max_steps=8 if quick else 20, eval_split=None, save_checkpoints=False, seed=seed, progress=False)
+    timing = dict(
+        student=student,
+        max_steps=8 if quick else 20,
+        eval_split=None,
+        save_checkpoints=False,
+        seed=seed,
+        progress=False,
+    )
     cached_steps = train_student(cache, output=root / "timing-cached", **timing)
     online_steps = train_student(cache, output=root / "timing-online", online=True, **timing)
     steps_per_epoch = distilled["steps"] / distilled["epochs"]
@@ -170,13 +196,24 @@ def run_demo(output: str | Path = "data/demo", quick: bool = False, seed: int = 
     say("[5/5] kdcache evaluate on the test split")
     report = evaluate_models(
         [str(teacher), str(root / "student-scratch"), str(root / "student-distilled")],
-        dataset=str(dataset), split="test", cache=str(cache), output=root / "eval", progress=progress,
+        dataset=str(dataset),
+        split="test",
+        cache=str(cache),
+        output=root / "eval",
+        progress=progress,
     )
     results = {
-        "accuracy": {name: report["models"][i]["accuracy"] for i, name in enumerate(("teacher", "scratch", "distilled"))},
-        "parameters": {name: report["models"][i]["parameters"] for i, name in enumerate(("teacher", "scratch", "distilled"))},
+        "accuracy": {
+            name: report["models"][i]["accuracy"] for i, name in enumerate(("teacher", "scratch", "distilled"))
+        },
+        "parameters": {
+            name: report["models"][i]["parameters"] for i, name in enumerate(("teacher", "scratch", "distilled"))
+        },
         "seconds_per_epoch": {"cached": round(cached_epoch, 2), "online": round(online_epoch, 2)},
-        "validation_accuracy": {"scratch": scratch["best_eval_accuracy"], "distilled": distilled["best_eval_accuracy"]},
+        "validation_accuracy": {
+            "scratch": scratch["best_eval_accuracy"],
+            "distilled": distilled["best_eval_accuracy"],
+        },
         "seed": seed,
         "quick": quick,
         "seconds": round(time.perf_counter() - started, 1),
@@ -188,8 +225,11 @@ def run_demo(output: str | Path = "data/demo", quick: bool = False, seed: int = 
 
 def demo_table(results: dict) -> str:
     accuracy, parameters, epoch = results["accuracy"], results["parameters"], results["seconds_per_epoch"]
-    rows = [("teacher (ViT, run once)", "teacher"), ("student from scratch (alpha=0)", "scratch"),
-            ("student distilled from the cache", "distilled")]
+    rows = [
+        ("teacher (ViT, run once)", "teacher"),
+        ("student from scratch (alpha=0)", "scratch"),
+        ("student distilled from the cache", "distilled"),
+    ]
     lines = ["", f"{'model':<34}{'test accuracy':>14}{'parameters':>13}"]
     lines += [f"{label:<34}{accuracy[key]:>14.4f}{parameters[key]:>13,}" for label, key in rows]
     lines.append(

@@ -67,5 +67,7 @@ def training_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
     if precision != "fp32" and device.type != "cuda":
-        raise KdcacheError(f"--precision {precision} needs a CUDA device (bf16 on CPU is several times slower); use fp32")
+        raise KdcacheError(
+            f"--precision {precision} needs a CUDA device (bf16 on CPU is several times slower); use fp32"
+        )
     return precision

@@ -26,8 +26,10 @@ METRICS, CONFUSION_PNG, COMPARISON_PNG = "metrics.json", "confusion_matrix.png",
 RELIABILITY_PNG = "reliability_diagram.png"
 CALIBRATION_BINS = 15  # Guo et al. (2017), "On Calibration of Modern Neural Networks": the usual 15
 WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")  # not training_args.bin, which Trainer saves beside them
-TIMED = ("forward: model(pixel_values) under torch.inference_mode, after one untimed warm-up batch; "
-         "end_to_end: decoding, the model's image processor and the forward")
+TIMED = (
+    "forward: model(pixel_values) under torch.inference_mode, after one untimed warm-up batch; "
+    "end_to_end: decoding, the model's image processor and the forward"
+)
 
 
 def classification_metrics(predictions, references, names: list[str]) -> dict:
@@ -37,14 +39,25 @@ def classification_metrics(predictions, references, names: list[str]) -> dict:
 
     predictions, references = np.asarray(predictions).reshape(-1), np.asarray(references).reshape(-1)
     if len(predictions) != len(references) or len(references) == 0:
-        raise KdcacheError(f"{len(predictions)} predictions for {len(references)} references; need as many, at least one")
+        raise KdcacheError(
+            f"{len(predictions)} predictions for {len(references)} references; need as many, at least one"
+        )
     raw = compute_classification(predictions, references, len(names))
     per_class = {
-        name: {"precision": raw["precision"][i], "recall": raw["recall"][i], "f1": raw["f1"][i], "support": int(raw["support"][i])}
+        name: {
+            "precision": raw["precision"][i],
+            "recall": raw["recall"][i],
+            "f1": raw["f1"][i],
+            "support": int(raw["support"][i]),
+        }
         for i, name in enumerate(names)
     }
-    return {"accuracy": raw["accuracy"], "macro_f1": raw["macro_f1"], "per_class": per_class,
-            "confusion_matrix": raw["confusion_matrix"]}
+    return {
+        "accuracy": raw["accuracy"],
+        "macro_f1": raw["macro_f1"],
+        "per_class": per_class,
+        "confusion_matrix": raw["confusion_matrix"],
+    }
 
 
 def calibration(logits, references, bins: int = CALIBRATION_BINS) -> dict:
@@ -64,8 +77,15 @@ def calibration(logits, references, bins: int = CALIBRATION_BINS) -> dict:
         mean_confidence = float(confidence[members].mean()) if count else None
         if count:
             error += count / len(confidence) * abs(accuracy - mean_confidence)
-        table.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": count, "accuracy": accuracy,
-                      "confidence": mean_confidence})
+        table.append(
+            {
+                "lower": float(edges[b]),
+                "upper": float(edges[b + 1]),
+                "count": count,
+                "accuracy": accuracy,
+                "confidence": mean_confidence,
+            }
+        )
     return {"expected_calibration_error": error, "calibration_bins": table}
 
 
@@ -77,8 +97,10 @@ def teacher_agreement(student_logits, teacher_logits, labels) -> dict:
     teacher = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float64)
     labels = torch.as_tensor(np.asarray(labels))
     if student.shape != teacher.shape or student.ndim != 2 or len(labels) != len(teacher):
-        raise KdcacheError(f"model logits {tuple(student.shape)}, teacher logits {tuple(teacher.shape)} and "
-                           f"{len(labels)} labels do not line up")
+        raise KdcacheError(
+            f"model logits {tuple(student.shape)}, teacher logits {tuple(teacher.shape)} and "
+            f"{len(labels)} labels do not line up"
+        )
     log_teacher, log_student = teacher.log_softmax(-1), student.log_softmax(-1)
     kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
     return {
@@ -121,8 +143,10 @@ def evaluate_models(
         cached, manifest = load_cache(cache)
         made_from = manifest.dataset
         if split not in made_from["splits"]:
-            raise KdcacheError(f"cache '{cache}' has no split '{split}' (splits: {', '.join(made_from['splits'])}); "
-                               f"pick one with --split, or cache it with kdcache teacher-logits --splits {split}")
+            raise KdcacheError(
+                f"cache '{cache}' has no split '{split}' (splits: {', '.join(made_from['splits'])}); "
+                f"pick one with --split, or cache it with kdcache teacher-logits --splits {split}"
+            )
         if dataset is None or dataset == made_from["name_or_path"]:
             dataset, dataset_revision = made_from["name_or_path"], made_from.get("revision")
         image_column = image_column or made_from["image_column"]
@@ -131,8 +155,10 @@ def evaluate_models(
 
     dataset_dict = load_image_dataset(dataset, revision=dataset_revision)
     if split not in dataset_dict:
-        raise KdcacheError(f"split '{split}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)}); "
-                           "pass one of them with --split")
+        raise KdcacheError(
+            f"split '{split}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)}); "
+            "pass one of them with --split"
+        )
     rows = dataset_dict[split]
     if len(rows) == 0:
         raise KdcacheError(f"split '{split}' of dataset '{dataset}' is empty; evaluate on another --split")
@@ -154,7 +180,9 @@ def evaluate_models(
     results = []
     for (name, processor, mapping), short_name, folder in zip(prepared, short_names, folders):
         model = load_classifier(name, what="model", flag="MODELS").to(torch_device)
-        logits, speed = predict(model, processor, rows, image_column, mapping, batch_size, torch_device, split, progress)
+        logits, speed = predict(
+            model, processor, rows, image_column, mapping, batch_size, torch_device, split, progress
+        )
         result = {
             "model": name,
             "name": short_name,
@@ -175,9 +203,12 @@ def evaluate_models(
             "output": str(output / folder) if folder else str(output),
         }
         if teacher is not None:
-            result["teacher_agreement"] = {"cache": str(cache), "cache_fingerprint": manifest.fingerprint,
-                                           "teacher": manifest.teacher["name_or_path"],
-                                           **teacher_agreement(logits, teacher, references)}
+            result["teacher_agreement"] = {
+                "cache": str(cache),
+                "cache_fingerprint": manifest.fingerprint,
+                "teacher": manifest.teacher["name_or_path"],
+                **teacher_agreement(logits, teacher, references),
+            }
         results.append(result)
         del model
 
@@ -224,8 +255,10 @@ def _cached_teacher(cached, manifest, cache, rows, dataset, split, names, refere
             f"rows); pass the dataset it was made from ({manifest.dataset['name_or_path']}) or rebuild the cache"
         )
     if manifest.label_names != names:
-        raise KdcacheError(f"cache '{cache}' has labels {', '.join(manifest.label_names)} but dataset '{dataset}' "
-                           f"has {', '.join(names)}; rebuild the cache from this dataset")
+        raise KdcacheError(
+            f"cache '{cache}' has labels {', '.join(manifest.label_names)} but dataset '{dataset}' "
+            f"has {', '.join(names)}; rebuild the cache from this dataset"
+        )
     part = cached[split].with_format("numpy")[:]
     if not np.array_equal(np.asarray(part[LABELS], dtype=np.int64), references):
         raise KdcacheError(f"cache '{cache}' split '{split}' holds other labels than the dataset's; rebuild the cache")
@@ -238,8 +271,10 @@ def _prepare(name: str, names: list[str], by_index: bool):
 
     folder = Path(name).expanduser()
     if folder.is_dir() and (folder / "config.json").exists() and not (folder / "preprocessor_config.json").exists():
-        raise KdcacheError(f"model folder '{name}' has no preprocessor_config.json; save its image processor beside it "
-                           "(processor.save_pretrained(folder)), as kdcache train-student does")
+        raise KdcacheError(
+            f"model folder '{name}' has no preprocessor_config.json; save its image processor beside it "
+            "(processor.save_pretrained(folder)), as kdcache train-student does"
+        )
     try:
         config = AutoConfig.from_pretrained(name)
     except Exception as error:
@@ -260,7 +295,9 @@ def predict(model, processor, split, image_column, mapping, batch_size, device, 
     bar = tqdm(total=len(split), unit="img", desc=f"evaluate {slug(model.name_or_path)}", disable=not progress)
     for start in range(0, len(split), batch_size):
         started = time.perf_counter()
-        images = decode_images(split, image_column, list(range(start, min(len(split), start + batch_size))), split_name)
+        images = decode_images(
+            split, image_column, list(range(start, min(len(split), start + batch_size))), split_name
+        )
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(device)
         prepared = time.perf_counter()
         preprocess_seconds += prepared - started
@@ -346,30 +383,48 @@ def describe(report: dict) -> str:
         ]
         if "teacher_agreement" in result:
             agreement = result["teacher_agreement"]
-            lines.append(f"  teacher     top-1 agreement {agreement['top1_agreement']:.4f}, KL(teacher||model) "
-                         f"{agreement['kl_teacher_student']:.4f} nats at T=1, teacher accuracy "
-                         f"{agreement['teacher_accuracy']:.4f} (cache {agreement['cache']})")
+            lines.append(
+                f"  teacher     top-1 agreement {agreement['top1_agreement']:.4f}, KL(teacher||model) "
+                f"{agreement['kl_teacher_student']:.4f} nats at T=1, teacher accuracy "
+                f"{agreement['teacher_accuracy']:.4f} (cache {agreement['cache']})"
+            )
         width = max(len(name) for name in result["per_class"])
         lines.append(f"  {'class':<{width}}  precision  recall      f1  support")
         for name, figures in result["per_class"].items():
-            lines.append(f"  {name:<{width}}  {figures['precision']:9.4f}  {figures['recall']:6.4f}  "
-                         f"{figures['f1']:6.4f}  {figures['support']:7d}")
+            lines.append(
+                f"  {name:<{width}}  {figures['precision']:9.4f}  {figures['recall']:6.4f}  "
+                f"{figures['f1']:6.4f}  {figures['support']:7d}"
+            )
         lines.append(f"  written to {report['output']}/ ({METRICS}, {CONFUSION_PNG}, {RELIABILITY_PNG})")
         return "\n".join(lines)
     agreement = all("teacher_agreement" in result for result in results)
-    header = ["model", "params", "MB", "accuracy", "macro-F1", "ECE", "img/s fwd", "img/s e2e"] + (["agree", "KL"] if agreement else [])
+    header = ["model", "params", "MB", "accuracy", "macro-F1", "ECE", "img/s fwd", "img/s e2e"] + (
+        ["agree", "KL"] if agreement else []
+    )
     table = [header]
     for result in results:
-        row = [result["name"], f"{result['parameters'] / 1e6:.2f}M", _megabytes(result), f"{result['accuracy']:.4f}",
-               f"{result['macro_f1']:.4f}", f"{result['expected_calibration_error']:.4f}",
-               f"{result['speed']['forward_images_per_second']:.1f}",
-               f"{result['speed']['end_to_end_images_per_second']:.1f}"]
+        row = [
+            result["name"],
+            f"{result['parameters'] / 1e6:.2f}M",
+            _megabytes(result),
+            f"{result['accuracy']:.4f}",
+            f"{result['macro_f1']:.4f}",
+            f"{result['expected_calibration_error']:.4f}",
+            f"{result['speed']['forward_images_per_second']:.1f}",
+            f"{result['speed']['end_to_end_images_per_second']:.1f}",
+        ]
         if agreement:
-            row += [f"{result['teacher_agreement']['top1_agreement']:.4f}", f"{result['teacher_agreement']['kl_teacher_student']:.4f}"]
+            row += [
+                f"{result['teacher_agreement']['top1_agreement']:.4f}",
+                f"{result['teacher_agreement']['kl_teacher_student']:.4f}",
+            ]
         table.append(row)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  "
+            + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        )
     if agreement:
         lines.append("  agree: top-1 agreement with the cached teacher, KL: KL(teacher||model) at T=1 in nats")
     lines.append(f"  written to {report['output']}/ ({METRICS}, {COMPARISON_PNG}, one folder per model)")
@@ -391,12 +446,21 @@ def plot_confusion(result: dict, path: Path) -> None:
         axes.set_yticks(range(len(names)), [f"{name} ({total})" for name, total in zip(names, counts.sum(axis=1))])
     if len(names) <= 30:
         for (row, column), count in np.ndenumerate(counts):
-            axes.text(column, row, f"{count}", ha="center", va="center",
-                      color="white" if share[row, column] > 0.6 else "black")
+            axes.text(
+                column,
+                row,
+                f"{count}",
+                ha="center",
+                va="center",
+                color="white" if share[row, column] > 0.6 else "black",
+            )
     axes.set_xlabel("predicted label")
     axes.set_ylabel("true label (rows)")
-    axes.set_title(f"{result['name']} on {slug(result['dataset'])} {result['split']}\n"
-                   f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}", fontsize=10)
+    axes.set_title(
+        f"{result['name']} on {slug(result['dataset'])} {result['split']}\n"
+        f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}",
+        fontsize=10,
+    )
     figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true label's rows")
     figure.savefig(path)
 
@@ -419,8 +483,11 @@ def plot_reliability(result: dict, path: Path) -> None:
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     top.legend(fontsize=8, loc="upper left", frameon=False)
-    top.set_title(f"{result['name']} on {slug(result['dataset'])} {result['split']}\n"
-                  f"ECE {result['expected_calibration_error']:.4f} ({len(table)} bins)", fontsize=10)
+    top.set_title(
+        f"{result['name']} on {slug(result['dataset'])} {result['split']}\n"
+        f"ECE {result['expected_calibration_error']:.4f} ({len(table)} bins)",
+        fontsize=10,
+    )
     bottom.bar(lower, share, width, align="edge", color="tab:gray")
     bottom.set_xlim(0, 1)
     bottom.set_xlabel("confidence (max softmax)")
@@ -446,10 +513,15 @@ def plot_comparison(results: list[dict], path: Path, title: str) -> None:
     left.set_yticks(np.linspace(0, 1, 6))
     left.set_title("quality (higher is better)", fontsize=10)
     left.legend(fontsize=8, loc="upper center", ncols=len(quality), frameon=False)
-    panels = [(middle, [r["parameters"] / 1e6 for r in results], "parameters (millions)", "{:.2f}".format),
-              (right, [r["speed"]["forward_images_per_second"] for r in results],
-               f"images/s, forward (batch {results[0]['speed']['batch_size']}, {results[0]['speed']['device']})",
-               lambda value: f"{value:.0f}" if value >= 100 else f"{value:.1f}")]
+    panels = [
+        (middle, [r["parameters"] / 1e6 for r in results], "parameters (millions)", "{:.2f}".format),
+        (
+            right,
+            [r["speed"]["forward_images_per_second"] for r in results],
+            f"images/s, forward (batch {results[0]['speed']['batch_size']}, {results[0]['speed']['device']})",
+            lambda value: f"{value:.0f}" if value >= 100 else f"{value:.1f}",
+        ),
+    ]
     for axes, values, label, fmt in panels:
         bars = axes.bar(positions, values, 0.6, color="tab:gray")
         axes.bar_label(bars, fmt=fmt, fontsize=8, padding=1)

@@ -82,11 +82,15 @@ def dkd_loss(
     student_logits = student_logits.float()
     classes = student_logits.shape[-1]
     if classes <= 2:
-        raise KdcacheError(f"DKD needs more than 2 classes (its non-target part is over the classes other than the "
-                           f"label's), and these logits have {classes}; use --loss kd or --loss dist")
+        raise KdcacheError(
+            f"DKD needs more than 2 classes (its non-target part is over the classes other than the "
+            f"label's), and these logits have {classes}; use --loss kd or --loss dist"
+        )
     if labels.is_floating_point():
-        raise KdcacheError("DKD needs one target class per image, and these labels are mixed (mixup's two classes, "
-                           "weighted); use --loss kd or --loss dist with a cache of mixed views")
+        raise KdcacheError(
+            "DKD needs one target class per image, and these labels are mixed (mixup's two classes, "
+            "weighted); use --loss kd or --loss dist with a cache of mixed views"
+        )
     loss, terms = _cross_entropy_part(student_logits, labels, alpha)
     if alpha > 0.0:
         student, teacher = _distilled_logits(student_logits, teacher_logits, standardize)
@@ -133,13 +137,18 @@ def dist_loss(
     """
     check_loss_settings(temperature, alpha)
     if standardize:
-        raise KdcacheError("logit standardisation is an option of the KL-based losses (kd, dkd), which its paper "
-                           "defines it for, not of dist; leave out --standardize-logits or use --loss kd or dkd")
+        raise KdcacheError(
+            "logit standardisation is an option of the KL-based losses (kd, dkd), which its paper "
+            "defines it for, not of dist; leave out --standardize-logits or use --loss kd or dkd"
+        )
     student_logits = student_logits.float()
     loss, terms = _cross_entropy_part(student_logits, labels, alpha)
     if alpha > 0.0:
         student, teacher = _distilled_logits(student_logits, teacher_logits, False)
-        student_probs, teacher_probs = F.softmax(student / temperature, dim=-1), F.softmax(teacher / temperature, dim=-1)
+        student_probs, teacher_probs = (
+            F.softmax(student / temperature, dim=-1),
+            F.softmax(teacher / temperature, dim=-1),
+        )
         inter = 1.0 - _pearson(student_probs, teacher_probs).mean()
         intra = 1.0 - _pearson(student_probs.T, teacher_probs.T).mean()
         loss = loss + alpha * temperature**2 * (inter_weight * inter + intra_weight * intra)

@@ -31,16 +31,29 @@ MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS = "mix_partners", "mix_views", "mix_weights
 
 COLUMNS = {
     "labels": LABELS,
-    "teacher_logits": {"name": LOGITS, "dtype": "float32", "length": None, "order": "dataset labels",
-                       "per_view_shape": "(views, classes) in view splits"},
+    "teacher_logits": {
+        "name": LOGITS,
+        "dtype": "float32",
+        "length": None,
+        "order": "dataset labels",
+        "per_view_shape": "(views, classes) in view splits",
+    },
     "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": None, "splits": "without views"},
     "row_index": ROW,
     "views": {"name": VIEWS, "dtype": "int32", "fields": ["x0", "y0", "x1", "y1", "flip"], "splits": "with views"},
-    "source": {"name": SOURCE, "dtype": "binary", "shape_column": SOURCE_SHAPE,
-               "splits": "with views: the source image's raw RGB bytes (height, width, 3), reduced to the "
-                         "recipe's source_size, to rebuild each view"},
-    "mix": {"partners": MIX_PARTNERS, "views": MIX_VIEWS, "weights": MIX_WEIGHTS,
-            "splits": "with mixed views: the partner row, its view, and the weight of the row's own view"},
+    "source": {
+        "name": SOURCE,
+        "dtype": "binary",
+        "shape_column": SOURCE_SHAPE,
+        "splits": "with views: the source image's raw RGB bytes (height, width, 3), reduced to the "
+        "recipe's source_size, to rebuild each view",
+    },
+    "mix": {
+        "partners": MIX_PARTNERS,
+        "views": MIX_VIEWS,
+        "weights": MIX_WEIGHTS,
+        "splits": "with mixed views: the partner row, its view, and the weight of the row's own view",
+    },
 }
 
 
@@ -57,10 +70,13 @@ class Manifest(dict):
         try:
             data = json.loads(file.read_text())
         except FileNotFoundError:
-            raise KdcacheError(f"'{path}' is not a kdcache cache ({MANIFEST} is missing); create one with kdcache "
-                               "teacher-logits") from None
+            raise KdcacheError(
+                f"'{path}' is not a kdcache cache ({MANIFEST} is missing); create one with kdcache teacher-logits"
+            ) from None
         except (OSError, json.JSONDecodeError) as error:
-            raise KdcacheError(f"the manifest '{file}' cannot be read ({first_line(error)}); recreate the cache") from None
+            raise KdcacheError(
+                f"the manifest '{file}' cannot be read ({first_line(error)}); recreate the cache"
+            ) from None
         return cls(_upgrade(data))
 
     def check_format(self, path) -> None:
@@ -79,8 +95,9 @@ class Manifest(dict):
         partial.replace(folder / MANIFEST)
 
     @classmethod
-    def build(cls, *, recipe: dict, fingerprint: str, teacher: dict, dataset: dict, splits: dict, pixel_shape,
-              run: dict) -> "Manifest":
+    def build(
+        cls, *, recipe: dict, fingerprint: str, teacher: dict, dataset: dict, splits: dict, pixel_shape, run: dict
+    ) -> "Manifest":
         """Stage one's manifest. `recipe` is what the fingerprint was taken of (see cache.teacher_logits); `teacher`
         and `dataset` name them (name_or_path, revision, ...); `splits` gives each split's fingerprint, num_rows,
         views and logits_sha256; `run` says how the logits were made (precision, device, processes, versions,
@@ -89,39 +106,43 @@ class Manifest(dict):
         columns = json.loads(json.dumps(COLUMNS))
         columns["teacher_logits"]["length"] = len(names)
         columns["pixel_values"]["shape"] = list(pixel_shape)
-        return cls({
-            "format": "kdcache",
-            "format_version": recipe["format_version"],
-            "fingerprint": fingerprint,
-            "kdcache_version": kdcache.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "teacher": {
-                "name_or_path": teacher["name_or_path"],
-                "revision": teacher["revision"],
-                "class": recipe["teacher_class"],
-                "weights_sha256": recipe["teacher_weights_sha256"],
-                "id2label": teacher["id2label"],
-                "trust_remote_code": teacher["trust_remote_code"],
-            },
-            "image_processor": recipe["image_processor"],
-            "dataset": {
-                "name_or_path": dataset["name_or_path"],
-                "revision": dataset["revision"],
-                "image_column": recipe["image_column"],
-                "label_column": recipe["label_column"],
-                "splits": splits,
-            },
-            "label_names": names,
-            "teacher_to_dataset": recipe["teacher_to_dataset"],
-            "columns": columns,
-            "views": recipe["views"],
-            "precision": run["precision"],
-            "device": run["device"],
-            "processes": run["processes"],
-            "versions": run["versions"],
-            "seconds": run["seconds"],
-            "images_per_second": run["images_per_second"],  # of all processes together, over the time of the slowest
-        })
+        return cls(
+            {
+                "format": "kdcache",
+                "format_version": recipe["format_version"],
+                "fingerprint": fingerprint,
+                "kdcache_version": kdcache.__version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "teacher": {
+                    "name_or_path": teacher["name_or_path"],
+                    "revision": teacher["revision"],
+                    "class": recipe["teacher_class"],
+                    "weights_sha256": recipe["teacher_weights_sha256"],
+                    "id2label": teacher["id2label"],
+                    "trust_remote_code": teacher["trust_remote_code"],
+                },
+                "image_processor": recipe["image_processor"],
+                "dataset": {
+                    "name_or_path": dataset["name_or_path"],
+                    "revision": dataset["revision"],
+                    "image_column": recipe["image_column"],
+                    "label_column": recipe["label_column"],
+                    "splits": splits,
+                },
+                "label_names": names,
+                "teacher_to_dataset": recipe["teacher_to_dataset"],
+                "columns": columns,
+                "views": recipe["views"],
+                "precision": run["precision"],
+                "device": run["device"],
+                "processes": run["processes"],
+                "versions": run["versions"],
+                "seconds": run["seconds"],
+                "images_per_second": run[
+                    "images_per_second"
+                ],  # of all processes together, over the time of the slowest
+            }
+        )
 
     # verifying
 
@@ -137,10 +158,14 @@ class Manifest(dict):
                     f"{expected['num_rows']}; the cache is damaged: recreate it"
                 )
             if logits_sha256(cache[name]) != expected["logits_sha256"]:
-                raise KdcacheError(f"cache '{path}' split '{name}': teacher logits do not match their checksum; the "
-                                   "cache is damaged: recreate it")
+                raise KdcacheError(
+                    f"cache '{path}' split '{name}': teacher logits do not match their checksum; the "
+                    "cache is damaged: recreate it"
+                )
             if list(cache[name].features[LABELS].names) != self.label_names:
-                raise KdcacheError(f"cache '{path}' split '{name}': label names differ from the manifest's; recreate it")
+                raise KdcacheError(
+                    f"cache '{path}' split '{name}': label names differ from the manifest's; recreate it"
+                )
 
     # accessors
 

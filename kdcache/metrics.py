@@ -37,8 +37,13 @@ class PerClass(evaluate.Metric):
         precision, recall, f1, support = skm.precision_recall_fscore_support(
             references, predictions, labels=list(range(num_labels)), zero_division=ZERO_DIVISION
         )
-        return {"macro_f1": float(np.mean(f1)), "precision": precision.tolist(), "recall": recall.tolist(),
-                "f1": f1.tolist(), "support": support.tolist()}
+        return {
+            "macro_f1": float(np.mean(f1)),
+            "precision": precision.tolist(),
+            "recall": recall.tolist(),
+            "f1": f1.tolist(),
+            "support": support.tolist(),
+        }
 
 
 class ConfusionMatrix(evaluate.Metric):
@@ -46,12 +51,16 @@ class ConfusionMatrix(evaluate.Metric):
         return _info("Counts of (true label, predicted label) pairs: rows are true labels, columns predictions.")
 
     def _compute(self, predictions, references, num_labels):
-        return {"confusion_matrix": skm.confusion_matrix(references, predictions, labels=list(range(num_labels))).tolist()}
+        return {
+            "confusion_matrix": skm.confusion_matrix(references, predictions, labels=list(range(num_labels))).tolist()
+        }
 
 
 def compute_classification(predictions, references, num_labels: int) -> dict:
     """accuracy, macro_f1, per-class precision/recall/f1/support lists and the confusion matrix, by class index."""
-    combined = evaluate.combine([Accuracy(keep_in_memory=True), PerClass(keep_in_memory=True),
-                                 ConfusionMatrix(keep_in_memory=True)])
-    return combined.compute(predictions=[int(p) for p in predictions], references=[int(r) for r in references],
-                            num_labels=num_labels)
+    combined = evaluate.combine(
+        [Accuracy(keep_in_memory=True), PerClass(keep_in_memory=True), ConfusionMatrix(keep_in_memory=True)]
+    )
+    return combined.compute(
+        predictions=[int(p) for p in predictions], references=[int(r) for r in references], num_labels=num_labels
+    )

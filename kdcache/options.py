@@ -11,13 +11,31 @@ from kdcache.errors import KdcacheError
 # transformers schedules that need nothing beyond warmup and the step count. The others need settings kdcache does
 # not pass (cosine_with_min_lr, warmup_stable_decay) or step on a metric assumed to be a loss (reduce_lr_on_plateau,
 # greedy), while kdcache keeps the best accuracy.
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 OPTIONS_FILE = "kdcache_options.json"
 # Options that change how fast, how loud or where a run goes, not what it trains: --resume may change them.
-NOT_COMPARED = ("cache", "output", "resume", "overwrite", "num_workers", "device", "logging_steps", "push_to_hub",
-                "callbacks", "progress")
+NOT_COMPARED = (
+    "cache",
+    "output",
+    "resume",
+    "overwrite",
+    "num_workers",
+    "device",
+    "logging_steps",
+    "push_to_hub",
+    "callbacks",
+    "progress",
+)
 
 
 @dataclass
@@ -74,25 +92,53 @@ class TrainingOptions:
         """These options with what a default of None stands for filled in (the loss's temperature)."""
         from kdcache.loss import DEFAULT_TEMPERATURES
 
-        return replace(self, temperature=DEFAULT_TEMPERATURES[self.loss] if self.temperature is None else self.temperature)
+        return replace(
+            self, temperature=DEFAULT_TEMPERATURES[self.loss] if self.temperature is None else self.temperature
+        )
 
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def check_training_options(*, temperature, alpha, epochs, max_steps, learning_rate, batch_size, processes,
-                           weight_decay, warmup_ratio, scheduler, seed, num_workers, logging_steps, precision, online,
-                           teacher, student_only_augment, resume, save_checkpoints, push_to_hub, student_size=None,
-                           ema_decay=None, loss="kd", standardize_logits=False, **unchecked) -> None:
+def check_training_options(
+    *,
+    temperature,
+    alpha,
+    epochs,
+    max_steps,
+    learning_rate,
+    batch_size,
+    processes,
+    weight_decay,
+    warmup_ratio,
+    scheduler,
+    seed,
+    num_workers,
+    logging_steps,
+    precision,
+    online,
+    teacher,
+    student_only_augment,
+    resume,
+    save_checkpoints,
+    push_to_hub,
+    student_size=None,
+    ema_decay=None,
+    loss="kd",
+    standardize_logits=False,
+    **unchecked,
+) -> None:
     """Every option of train_student that can be wrong on its own, each refused with one line naming the fix."""
     from kdcache.loss import DEFAULT_TEMPERATURES, LOSSES, check_loss_settings
 
     if loss not in LOSSES:
         raise KdcacheError(f"--loss '{loss}' is not one of {', '.join(LOSSES)}")
     if standardize_logits and loss == "dist":
-        raise KdcacheError("--standardize-logits is an option of the KL-based losses (kd, dkd), which its paper "
-                           "defines it for, not of --loss dist; leave it out or use --loss kd or dkd")
+        raise KdcacheError(
+            "--standardize-logits is an option of the KL-based losses (kd, dkd), which its paper "
+            "defines it for, not of --loss dist; leave it out or use --loss kd or dkd"
+        )
     check_loss_settings(DEFAULT_TEMPERATURES[loss] if temperature is None else temperature, alpha)
     if max_steps != -1 and max_steps < 1:
         raise KdcacheError(f"max_steps={max_steps} must be at least 1 (or -1, the default, to train for --epochs)")
@@ -103,14 +149,17 @@ def check_training_options(*, temperature, alpha, epochs, max_steps, learning_ra
     if batch_size < 1:
         raise KdcacheError(f"--batch-size {batch_size} must be at least 1")
     if batch_size % processes:
-        raise KdcacheError(f"--batch-size {batch_size} is the batch of all {processes} processes together; "
-                           f"make it a multiple of {processes}")
+        raise KdcacheError(
+            f"--batch-size {batch_size} is the batch of all {processes} processes together; "
+            f"make it a multiple of {processes}"
+        )
     if not (_finite(weight_decay) and weight_decay >= 0):
         raise KdcacheError(f"--weight-decay {weight_decay} must be >= 0")
     # transformers reads warmup_steps < 1 as a fraction of the steps and >= 1 as a number of steps.
     if not (_finite(warmup_ratio) and 0 <= warmup_ratio < 1):
-        raise KdcacheError(f"--warmup-ratio {warmup_ratio} is the fraction of the steps spent warming up: "
-                           "it must be >= 0 and < 1")
+        raise KdcacheError(
+            f"--warmup-ratio {warmup_ratio} is the fraction of the steps spent warming up: it must be >= 0 and < 1"
+        )
     if scheduler not in SCHEDULERS:
         raise KdcacheError(f"--scheduler '{scheduler}' is not one of {', '.join(SCHEDULERS)}")
     if not 0 <= seed < 2**32:
@@ -120,28 +169,37 @@ def check_training_options(*, temperature, alpha, epochs, max_steps, learning_ra
     if logging_steps < 1:
         raise KdcacheError(f"logging_steps={logging_steps} must be at least 1")
     if student_size is not None and student_size < 16:
-        raise KdcacheError(f"--student-size {student_size} is too small; give the student's input side in pixels (e.g. 128)")
+        raise KdcacheError(
+            f"--student-size {student_size} is too small; give the student's input side in pixels (e.g. 128)"
+        )
     if ema_decay is not None and not (_finite(ema_decay) and 0 < ema_decay < 1):
         raise KdcacheError(f"--ema-decay {ema_decay} must be between 0 and 1 (e.g. 0.99); leave it out for no EMA")
     if precision not in PRECISIONS:
         raise KdcacheError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
     if teacher is not None and not online:
-        raise KdcacheError("--teacher is used with --online only: without it the student learns from the cache's "
-                           "logits, made by the cache's teacher")
+        raise KdcacheError(
+            "--teacher is used with --online only: without it the student learns from the cache's "
+            "logits, made by the cache's teacher"
+        )
     if online and student_only_augment:
-        raise KdcacheError("--online and --student-only-augment are two different runs: the online teacher sees "
-                           "the student's own input; pass one of them")
+        raise KdcacheError(
+            "--online and --student-only-augment are two different runs: the online teacher sees "
+            "the student's own input; pass one of them"
+        )
     if resume and not save_checkpoints:
-        raise KdcacheError("--resume continues from the checkpoints of an interrupted run; it cannot go with "
-                           "save_checkpoints=False")
+        raise KdcacheError(
+            "--resume continues from the checkpoints of an interrupted run; it cannot go with save_checkpoints=False"
+        )
     if push_to_hub is not None:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
         try:
             validate_repo_id(push_to_hub)
         except HFValidationError:
-            raise KdcacheError(f"--push-to-hub '{push_to_hub}' is not a hub repository id; use NAME or OWNER/NAME "
-                               "(letters, digits, '-', '_', '.')") from None
+            raise KdcacheError(
+                f"--push-to-hub '{push_to_hub}' is not a hub repository id; use NAME or OWNER/NAME "
+                "(letters, digits, '-', '_', '.')"
+            ) from None
 
 
 def check_loss_for_cache(loss: str, classes: int, mixed_labels: bool, cache) -> None:
@@ -150,11 +208,15 @@ def check_loss_for_cache(loss: str, classes: int, mixed_labels: bool, cache) -> 
     if loss != "dkd":
         return
     if classes <= 2:
-        raise KdcacheError(f"--loss dkd needs more than 2 classes (its non-target part is over the classes other than "
-                           f"the label's), and cache '{cache}' has {classes}; use --loss kd or --loss dist")
+        raise KdcacheError(
+            f"--loss dkd needs more than 2 classes (its non-target part is over the classes other than "
+            f"the label's), and cache '{cache}' has {classes}; use --loss kd or --loss dist"
+        )
     if mixed_labels:
-        raise KdcacheError(f"--loss dkd needs one label per image, and cache '{cache}' mixes images (mixup): each "
-                           "training image has two weighted labels; use --loss kd or --loss dist with this cache")
+        raise KdcacheError(
+            f"--loss dkd needs one label per image, and cache '{cache}' mixes images (mixup): each "
+            "training image has two weighted labels; use --loss kd or --loss dist with this cache"
+        )
 
 
 def run_options(options: TrainingOptions, **resolved) -> dict:
@@ -176,21 +238,32 @@ def record_options(work: Path, options: dict) -> None:
 def check_resumable(work: Path, options: dict) -> None:
     """--resume: refuse unless `work` holds a checkpoint of a run started with the same options."""
     if not work.is_dir():
-        raise KdcacheError(f"--resume: there is no interrupted run to continue ('{work}' does not exist); "
-                           "run without --resume to start one")
+        raise KdcacheError(
+            f"--resume: there is no interrupted run to continue ('{work}' does not exist); "
+            "run without --resume to start one"
+        )
     if not any(work.glob("checkpoint-*")):
-        raise KdcacheError(f"--resume: the interrupted run in '{work}' stopped before its first checkpoint, so there "
-                           "is nothing to continue; pass --overwrite instead to start over")
+        raise KdcacheError(
+            f"--resume: the interrupted run in '{work}' stopped before its first checkpoint, so there "
+            "is nothing to continue; pass --overwrite instead to start over"
+        )
     try:
         recorded = json.loads((work / OPTIONS_FILE).read_text())
     except (OSError, ValueError):
-        raise KdcacheError(f"--resume: the interrupted run in '{work}' has no readable record of its options "
-                           f"({OPTIONS_FILE}), so it cannot be checked; pass --overwrite instead to start over") from None
-    changed = [f"{_label(name)} {json.dumps(recorded.get(name))} (now {json.dumps(options.get(name))})"
-               for name in sorted(set(recorded) | set(options)) if recorded.get(name) != options.get(name)]
+        raise KdcacheError(
+            f"--resume: the interrupted run in '{work}' has no readable record of its options "
+            f"({OPTIONS_FILE}), so it cannot be checked; pass --overwrite instead to start over"
+        ) from None
+    changed = [
+        f"{_label(name)} {json.dumps(recorded.get(name))} (now {json.dumps(options.get(name))})"
+        for name in sorted(set(recorded) | set(options))
+        if recorded.get(name) != options.get(name)
+    ]
     if changed:
-        raise KdcacheError(f"--resume: the interrupted run in '{work}' was started with other options: "
-                           f"{'; '.join(changed)}; resume with the same options, or pass --overwrite to start over")
+        raise KdcacheError(
+            f"--resume: the interrupted run in '{work}' was started with other options: "
+            f"{'; '.join(changed)}; resume with the same options, or pass --overwrite to start over"
+        )
 
 
 def _label(name: str) -> str:

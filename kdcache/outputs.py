@@ -58,7 +58,9 @@ def output_lock(output: str | Path, flag: str = "--output"):
             f"choose another {flag} (lock file {path})"
         ) from None
     except OSError as error:
-        raise KdcacheError(f"{flag} '{output}' cannot be locked ({error.strerror or error}: {path}); choose another {flag}") from None
+        raise KdcacheError(
+            f"{flag} '{output}' cannot be locked ({error.strerror or error}: {path}); choose another {flag}"
+        ) from None
     try:
         _write_holder(path, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         yield path
@@ -137,7 +139,9 @@ def lock_output(output: str | Path, flag: str = "--output") -> Path:
     return _current().locks.enter_context(output_lock(output, flag))
 
 
-def report_disk_full(folder: Path, needed: int, then: str | None = None, scratch: Callable[[], Iterable[Path]] | None = None) -> None:
+def report_disk_full(
+    folder: Path, needed: int, then: str | None = None, scratch: Callable[[], Iterable[Path]] | None = None
+) -> None:
     """Should the disk fill up during the rest of the stage: name `folder` and the `needed` bytes, remove the paths
     `scratch()` lists (half-written files; the finished work stays for resuming), and tell the user `then`."""
     guard = _current()
@@ -259,8 +263,18 @@ def average_source_bytes(split, image_column: str, source_size: int | None, samp
     return sum(sizes) / len(sizes) if sizes else 0.0
 
 
-def stage_one_bytes(dataset_dict, splits, image_column: str, pixel_shape, classes: int, views: int, view_splits,
-                    chunk_size: int, source_size: int | None = None, mixed: bool = False) -> int:
+def stage_one_bytes(
+    dataset_dict,
+    splits,
+    image_column: str,
+    pixel_shape,
+    classes: int,
+    views: int,
+    view_splits,
+    chunk_size: int,
+    source_size: int | None = None,
+    mixed: bool = False,
+) -> int:
     """The disk stage one needs at its peak: the chunks, and then the assembled copy of them, written before the
     chunks are removed; so about twice the cache.
 
@@ -273,7 +287,9 @@ def stage_one_bytes(dataset_dict, splits, image_column: str, pixel_shape, classe
         rows = len(dataset_dict[name])
         if name in view_splits:
             row = 16 + 4 * views * classes + _list_offsets((views, classes)) + 20 * views + _list_offsets((views, 5))
-            row += average_source_bytes(dataset_dict[name], image_column, source_size) + 8 + 12  # bytes, offsets, shape
+            row += (
+                average_source_bytes(dataset_dict[name], image_column, source_size) + 8 + 12
+            )  # bytes, offsets, shape
             if mixed:
                 row += 28 * views + 2 * _list_offsets((views,)) + _list_offsets((views, 5))
         else:
@@ -292,4 +308,8 @@ def training_bytes(model, checkpoints: int) -> int:
 
 def unfinished_checkpoints(work: Path) -> list[Path]:
     """Trainer checkpoints that a failure cut short: the Trainer writes trainer_state.json into a checkpoint last."""
-    return [folder for folder in work.glob("checkpoint-*") if folder.is_dir() and not (folder / "trainer_state.json").exists()]
+    return [
+        folder
+        for folder in work.glob("checkpoint-*")
+        if folder.is_dir() and not (folder / "trainer_state.json").exists()
+    ]

@@ -59,8 +59,10 @@ def pick_device(device: str = "auto"):
         raise KdcacheError(f"--device '{device}' asked for CUDA but no CUDA GPU is available; use --device cpu")
     if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
-        raise KdcacheError(f"--device '{device}': this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
-                           f"(cuda:0 to cuda:{count - 1}); pick one of them")
+        raise KdcacheError(
+            f"--device '{device}': this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+            f"(cuda:0 to cuda:{count - 1}); pick one of them"
+        )
     return chosen
 
 
@@ -75,8 +77,10 @@ class Placement:
     def describe(self, per_process_batch: int) -> str:
         """The effective contract in one line, e.g. 'global batch 32 = 1 process x 32 on cuda:0, bf16'."""
         plural = "es" if self.processes > 1 else ""
-        return (f"global batch {per_process_batch * self.processes} = {self.processes} process{plural} x "
-                f"{per_process_batch} on {self.device}, {self.precision}")
+        return (
+            f"global batch {per_process_batch * self.processes} = {self.processes} process{plural} x "
+            f"{per_process_batch} on {self.device}, {self.precision}"
+        )
 
 
 def placement(device: str, precision: str, processes: "Processes | None", training: bool) -> Placement:
@@ -117,8 +121,10 @@ def output_path(output, flag: str = "--output") -> Path:
     path = Path(output).expanduser()
     resolved = path.resolve()
     if path.name in ("", ".", "..") or resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
-        raise KdcacheError(f"{flag} '{output}' is the current folder or one of its parents; name a folder of its own "
-                           f"(e.g. {flag} data/NAME)")
+        raise KdcacheError(
+            f"{flag} '{output}' is the current folder or one of its parents; name a folder of its own "
+            f"(e.g. {flag} data/NAME)"
+        )
     return path
 
 
@@ -197,7 +203,9 @@ class Processes:
         try:
             torch.distributed.all_gather_object(values, value)
         except RuntimeError as error:  # a peer died: its own message (printed by it) says why
-            failure = KdcacheError(f"another process stopped ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+            failure = KdcacheError(
+                f"another process stopped ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+            )
             failure.reported_elsewhere = True
             raise failure from None
         return values
@@ -237,11 +245,16 @@ def distributed(device: str = "auto") -> Processes | None:
         atexit.register(_end_process_group)  # see end_process
     state = PartialState(cpu=cpu, timeout=COLLECTIVE_TIMEOUT)
     if state.num_processes != count:
-        raise KdcacheError(f"the launcher started {count} processes but --device {device} cannot be shared among them "
-                           "(a process group needs CPUs or CUDA GPUs); use --device cpu or cuda")
-    return Processes(count=state.num_processes, index=state.process_index,
-                     local_count=_first_int(_LOCAL_WORLD_SIZE, state.num_processes),
-                     device=torch.device("cpu") if cpu else state.device)
+        raise KdcacheError(
+            f"the launcher started {count} processes but --device {device} cannot be shared among them "
+            "(a process group needs CPUs or CUDA GPUs); use --device cpu or cuda"
+        )
+    return Processes(
+        count=state.num_processes,
+        index=state.process_index,
+        local_count=_first_int(_LOCAL_WORLD_SIZE, state.num_processes),
+        device=torch.device("cpu") if cpu else state.device,
+    )
 
 
 def _end_process_group() -> None:

@@ -61,6 +61,7 @@ from kdcache.runtime import (
 
 log = logging.getLogger("kdcache")
 
+
 class DistillationTrainer(Trainer):
     """Trainer whose loss is one of kdcache's distillation losses (kdcache.loss.LOSSES) over the batch's
     `teacher_logits`."""
@@ -78,8 +79,15 @@ class DistillationTrainer(Trainer):
         if self.teacher is not None and self.alpha > 0:
             teacher_logits = self.teacher(inputs["pixel_values"])
         outputs = model(pixel_values=inputs["pixel_values"])
-        loss, terms = self.loss_function(outputs.logits, inputs["labels"], teacher_logits, self.temperature, self.alpha,
-                                         return_terms=True, standardize=self.standardize)
+        loss, terms = self.loss_function(
+            outputs.logits,
+            inputs["labels"],
+            teacher_logits,
+            self.temperature,
+            self.alpha,
+            return_terms=True,
+            standardize=self.standardize,
+        )
         if model.training:
             for name, value in terms.items():
                 self.loss_terms[name] = self.loss_terms.get(name, 0.0) + value
@@ -92,7 +100,9 @@ class DistillationTrainer(Trainer):
         processes, beside the weighted total: which term dominates is the first question when distillation fails."""
         if "loss" in logs and self.loss_term_steps:
             for name, total in self.loss_terms.items():
-                mean = self.accelerator.reduce(torch.as_tensor(total, device=self.args.device) / self.loss_term_steps, "mean")
+                mean = self.accelerator.reduce(
+                    torch.as_tensor(total, device=self.args.device) / self.loss_term_steps, "mean"
+                )
                 logs[f"loss_{name}"] = round(float(mean), 6)
             self.loss_terms, self.loss_term_steps = {}, 0
         super().log(logs, start_time)
@@ -131,7 +141,9 @@ class Collator:
     def resized(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.student_size is None or tuple(pixels.shape[-2:]) == self.student_size:
             return pixels
-        return torch.stack([torch.from_numpy(resize_pixels(image.numpy(), self.student_size, self.resample)) for image in pixels])
+        return torch.stack(
+            [torch.from_numpy(resize_pixels(image.numpy(), self.student_size, self.resample)) for image in pixels]
+        )
 
     def __call__(self, rows):
         pixels = self.resized(stack_pixels(row[PIXELS] for row in rows))
@@ -141,8 +153,9 @@ class Collator:
             partner_pixels = self.resized(stack_pixels(row["partner_pixels"] for row in rows))
             pixel_values = self.pipeline.mix(pixels, partner_pixels, weights)
             partner_labels = torch.as_tensor([int(row["partner_labels"]) for row in rows])
-            labels = (weights[:, None] * F.one_hot(labels, self.num_classes)
-                      + (1 - weights[:, None]) * F.one_hot(partner_labels, self.num_classes))
+            labels = weights[:, None] * F.one_hot(labels, self.num_classes) + (1 - weights[:, None]) * F.one_hot(
+                partner_labels, self.num_classes
+            )
         else:
             pixel_values = self.pipeline.normalize(pixels)
         # channels_last: oneDNN's and cuDNN's faster convolutions for the student's forward and backward (BENCHMARKS.md)
@@ -216,12 +229,20 @@ class ViewRows(torch.utils.data.Dataset):
                 view = self.recipe.sample(*image.size, (row, self.epoch), 1)[0]
             else:
                 view, logits = batch[VIEWS][position][k], logits[k]
-            item = {PIXELS: torch.from_numpy(self.recipe.render(image, view, self.size)), LABELS: batch[LABELS][position],
-                    LOGITS: logits}
+            item = {
+                PIXELS: torch.from_numpy(self.recipe.render(image, view, self.size)),
+                LABELS: batch[LABELS][position],
+                LOGITS: logits,
+            }
             if self.mixed:
                 partner, partner_label = partners[int(batch[MIX_PARTNERS][position][k])]
-                item.update(partner_pixels=torch.from_numpy(self.recipe.render(partner, batch[MIX_VIEWS][position][k], self.size)),
-                            partner_labels=partner_label, **{MIX_WEIGHTS: batch[MIX_WEIGHTS][position][k]})
+                item.update(
+                    partner_pixels=torch.from_numpy(
+                        self.recipe.render(partner, batch[MIX_VIEWS][position][k], self.size)
+                    ),
+                    partner_labels=partner_label,
+                    **{MIX_WEIGHTS: batch[MIX_WEIGHTS][position][k]},
+                )
             items.append(item)
         return items
 
@@ -277,7 +298,10 @@ class StudentEMA(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if args.should_save and folder.exists():
-            torch.save({"training": self.training_weights or model.state_dict(), "ema": self.ema.state_dict()}, folder / self.FILE)
+            torch.save(
+                {"training": self.training_weights or model.state_dict(), "ema": self.ema.state_dict()},
+                folder / self.FILE,
+            )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not args.load_best_model_at_end:  # otherwise the best checkpoint, already an EMA, was loaded
@@ -300,8 +324,11 @@ def student_processor(processor, teacher_size, student_size):
     for key in ("size", "crop_size"):
         if isinstance(settings.get(key), dict):
             exact = {"height": student_size[0], "width": student_size[1]}
-            settings[key] = {name: exact.get(name, round(value * factor)) if isinstance(value, int) else value
-                             for name, value in settings[key].items() if value is not None}
+            settings[key] = {
+                name: exact.get(name, round(value * factor)) if isinstance(value, int) else value
+                for name, value in settings[key].items()
+                if value is not None
+            }
     return type(processor).from_dict(settings)
 
 
@@ -339,7 +366,11 @@ def pytorch_batchnorm_momentum(model):
     """Set BatchNorm layers whose momentum is in TensorFlow's convention (> 0.5: the old statistics' weight) to
     BATCHNORM_MOMENTUM; sane values are left alone. Only training reads it: the saved weights and config are unchanged."""
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.momentum is not None and module.momentum > 0.5:
+        if (
+            isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            and module.momentum is not None
+            and module.momentum > 0.5
+        ):
             module.momentum = BATCHNORM_MOMENTUM
     return model
 
@@ -381,8 +412,15 @@ def accuracy_metric(prediction):
 
 
 @guards_output
-def train_student(cache: str | Path, output: str | Path | None = None, options: TrainingOptions | None = None, *,
-                  callbacks: list | None = None, progress: bool = True, **overrides) -> dict:
+def train_student(
+    cache: str | Path,
+    output: str | Path | None = None,
+    options: TrainingOptions | None = None,
+    *,
+    callbacks: list | None = None,
+    progress: bool = True,
+    **overrides,
+) -> dict:
     """Train a student from the cache at `cache` and save it (model, image processor, model card) to `output`.
 
     The options are a TrainingOptions (kdcache.options: every option, its default and its checks), given whole as
@@ -415,10 +453,25 @@ def train_student(cache: str | Path, output: str | Path | None = None, options: 
         _check_space(model, output, work, options, processes)
         rows = training_rows(cached, manifest, cache_path, options, ImagePipeline(processor), processor, size, place)
         callbacks = _callbacks(callbacks, rows, options)
-        if is_main(processes) and not options.resume:  # once every check has passed: a refused run leaves no work folder
-            record_options(work, run_options(options, cache_fingerprint=manifest.fingerprint, precision=place.precision))
-    trainer = _trainer(model, rows, work, options, place, ImagePipeline(processor), size, len(manifest.label_names),
-                       callbacks, progress, processes)
+        if (
+            is_main(processes) and not options.resume
+        ):  # once every check has passed: a refused run leaves no work folder
+            record_options(
+                work, run_options(options, cache_fingerprint=manifest.fingerprint, precision=place.precision)
+            )
+    trainer = _trainer(
+        model,
+        rows,
+        work,
+        options,
+        place,
+        ImagePipeline(processor),
+        size,
+        len(manifest.label_names),
+        callbacks,
+        progress,
+        processes,
+    )
     if progress and is_main(processes):
         log.info(place.describe(trainer.args.train_batch_size))
     seconds = _train(trainer, options)
@@ -450,7 +503,9 @@ def _claim_output(output, cache_path: Path, manifest: Manifest, options: Trainin
     if is_main(processes):
         lock_output(output)  # held until this function returns: a second run on this output is refused
         if output.exists() and not options.overwrite:
-            raise KdcacheError(f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output")
+            raise KdcacheError(
+                f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output"
+            )
         check_writable_parent(output, "--output")
         if work.exists() and not options.resume:
             if not options.overwrite:
@@ -459,7 +514,9 @@ def _claim_output(output, cache_path: Path, manifest: Manifest, options: Trainin
                 )
             shutil.rmtree(work)
         if options.resume:
-            check_resumable(work, run_options(options, cache_fingerprint=manifest.fingerprint, precision=place.precision))
+            check_resumable(
+                work, run_options(options, cache_fingerprint=manifest.fingerprint, precision=place.precision)
+            )
     return output, work
 
 
@@ -471,8 +528,10 @@ def _student_input(cache_path: Path, manifest: Manifest, options: TrainingOption
     teacher_size = manifest.pixel_shape[1:]
     size = (options.student_size, options.student_size) if options.student_size else teacher_size
     if options.online and size != teacher_size:
-        raise KdcacheError(f"--online runs the teacher on the student's input, which must then be the teacher's "
-                           f"{teacher_size[0]}x{teacher_size[1]} pixels; leave out --student-size or train from the cache")
+        raise KdcacheError(
+            f"--online runs the teacher on the student's input, which must then be the teacher's "
+            f"{teacher_size[0]}x{teacher_size[1]} pixels; leave out --student-size or train from the cache"
+        )
     return processor, size
 
 
@@ -480,8 +539,12 @@ def _check_space(model, output: Path, work: Path, options: TrainingOptions, proc
     space = training_bytes(model, checkpoints=2 if options.save_checkpoints else 0)  # save_total_limit in _trainer
     if is_main(processes):
         check_free_space(output, space, "its checkpoints and the student", work)
-    report_disk_full(work, space, then="run the same command with --resume to continue from the last checkpoint",
-                     scratch=lambda: [work / "final", *unfinished_checkpoints(work)] if is_main(processes) else [])
+    report_disk_full(
+        work,
+        space,
+        then="run the same command with --resume to continue from the last checkpoint",
+        scratch=lambda: [work / "final", *unfinished_checkpoints(work)] if is_main(processes) else [],
+    )
 
 
 @dataclass
@@ -496,26 +559,33 @@ class TrainingRows:
     online_teacher: torch.nn.Module | None = None
 
 
-def training_rows(cached, manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, processor, size,
-                  place) -> TrainingRows:
+def training_rows(
+    cached, manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, processor, size, place
+) -> TrainingRows:
     """The one place that picks the training rows: cached (one clean view), views or mixed views (K consistent views
     per image), online (the teacher run on every batch) or student-only (random views for the student, the clean
     view's logits); contradictory modes are refused."""
     data, train_split, eval_split = manifest.dataset, options.train_split, options.eval_split
     views = manifest.views_of(train_split)
     if views > 1 and (options.online or options.student_only_augment):
-        raise KdcacheError(f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
-                           f"{views} views per image of split '{train_split}'")
+        raise KdcacheError(
+            f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
+            f"{views} views per image of split '{train_split}'"
+        )
     if eval_split and manifest.views_of(eval_split) > 1:
-        raise KdcacheError(f"--eval-split '{eval_split}' is cached with views; evaluate on a split with one clean view")
+        raise KdcacheError(
+            f"--eval-split '{eval_split}' is cached with views; evaluate on a split with one clean view"
+        )
     check_loss_for_cache(options.loss, len(manifest.label_names), views > 1 and manifest.mixed_views, cache_path)
 
     def source_split(split):
         """The original rows the cache was made from, for the modes that need the images themselves."""
         rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
         if rows._fingerprint != manifest.split(split)["fingerprint"]:
-            raise KdcacheError(f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
-                               "this mode must see the same rows")
+            raise KdcacheError(
+                f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
+                "this mode must see the same rows"
+            )
         return rows
 
     columns = [PIXELS, LABELS] + ([LOGITS] if options.alpha > 0 else [])
@@ -524,10 +594,15 @@ def training_rows(cached, manifest: Manifest, cache_path: Path, options: Trainin
     teacher_run = manifest.teacher["name_or_path"]
     if options.online:
         teacher_run = options.teacher or teacher_run
-        teacher_model = load_classifier(teacher_run, revision=None if options.teacher else manifest.teacher.get("revision"),
-                                        trust_remote_code=manifest.teacher.get("trust_remote_code", False))
+        teacher_model = load_classifier(
+            teacher_run,
+            revision=None if options.teacher else manifest.teacher.get("revision"),
+            trust_remote_code=manifest.teacher.get("trust_remote_code", False),
+        )
         check_same_teacher(teacher_model, options.teacher, manifest, cache_path)
-        online_teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, manifest.label_names))
+        online_teacher = OnlineTeacher(
+            teacher_model, align_labels(teacher_model.config.id2label, manifest.label_names)
+        )
         train_rows, eval_rows = (
             _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
             for split in (train_split, eval_split)
@@ -535,7 +610,9 @@ def training_rows(cached, manifest: Manifest, cache_path: Path, options: Trainin
         return TrainingRows("online", train_rows, eval_rows, teacher_run, views, online_teacher.to(place.device))
     if views > 1:
         train_rows = ViewRows(cached[train_split], manifest.view_recipe, options.seed, student_size=size)
-        return TrainingRows("mixed views" if manifest.mixed_views else "views", train_rows, eval_rows, teacher_run, views)
+        return TrainingRows(
+            "mixed views" if manifest.mixed_views else "views", train_rows, eval_rows, teacher_run, views
+        )
     if options.student_only_augment:
         import datasets
 
@@ -550,7 +627,9 @@ def training_rows(cached, manifest: Manifest, cache_path: Path, options: Trainin
             student_size=size,
         )
         return TrainingRows("student-only", train_rows, eval_rows, teacher_run, views)
-    return TrainingRows("cached", cached[train_split].with_format("numpy", columns=columns), eval_rows, teacher_run, views)
+    return TrainingRows(
+        "cached", cached[train_split].with_format("numpy", columns=columns), eval_rows, teacher_run, views
+    )
 
 
 def _callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
@@ -562,8 +641,19 @@ def _callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
     return callbacks
 
 
-def _trainer(model, rows: TrainingRows, work: Path, options: TrainingOptions, place, pipeline, size, classes: int,
-             callbacks: list, progress: bool, processes) -> "DistillationTrainer":
+def _trainer(
+    model,
+    rows: TrainingRows,
+    work: Path,
+    options: TrainingOptions,
+    place,
+    pipeline,
+    size,
+    classes: int,
+    callbacks: list,
+    progress: bool,
+    processes,
+) -> "DistillationTrainer":
     import importlib.util
 
     num_workers = options.num_workers
@@ -628,8 +718,18 @@ def _train(trainer, options: TrainingOptions) -> float:
     return time.perf_counter() - started
 
 
-def _summary(trainer, seconds, output, cache_path, manifest: Manifest, model, rows: TrainingRows,
-             options: TrainingOptions, place, size) -> dict:
+def _summary(
+    trainer,
+    seconds,
+    output,
+    cache_path,
+    manifest: Manifest,
+    model,
+    rows: TrainingRows,
+    options: TrainingOptions,
+    place,
+    size,
+) -> dict:
     history = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
     best = max(history, key=lambda entry: entry["eval_accuracy"]) if history else None
     last = history[-1] if history else None
@@ -647,28 +747,52 @@ def _summary(trainer, seconds, output, cache_path, manifest: Manifest, model, ro
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
         "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-        "train_log": [{key: value for key, value in entry.items() if key in ("step", "loss") or key.startswith("loss_")}
-                      for entry in trainer.state.log_history if "loss" in entry],
-        "history": [{"epoch": e["epoch"], "eval_accuracy": e["eval_accuracy"], "eval_loss": e["eval_loss"]} for e in history],
+        "train_log": [
+            {key: value for key, value in entry.items() if key in ("step", "loss") or key.startswith("loss_")}
+            for entry in trainer.state.log_history
+            if "loss" in entry
+        ],
+        "history": [
+            {"epoch": e["epoch"], "eval_accuracy": e["eval_accuracy"], "eval_loss": e["eval_loss"]} for e in history
+        ],
         "recipe": {
             # the options as given (those that say what is trained), then what they resolved to
             **{name: value for name, value in asdict(options).items() if name not in NOT_RECORDED},
-            "teacher": rows.teacher_run, "cache": str(cache_path), "cache_fingerprint": manifest.fingerprint,
-            "student": options.student or "MobileNetV2Config() from scratch", "student_parameters": count_parameters(model),
+            "teacher": rows.teacher_run,
+            "cache": str(cache_path),
+            "cache_fingerprint": manifest.fingerprint,
+            "student": options.student or "MobileNetV2Config() from scratch",
+            "student_parameters": count_parameters(model),
             # the batch and processes as the Trainer ran them (one device per process: kdcache.devices)
             "batch_size": args.train_batch_size * args.world_size,
-            "views": rows.views, "mixed_views": manifest.mixed_views, "student_size": list(size),
-            "precision": place.precision, "device": str(args.device), "processes": args.world_size,
+            "views": rows.views,
+            "mixed_views": manifest.mixed_views,
+            "student_size": list(size),
+            "precision": place.precision,
+            "device": str(args.device),
+            "processes": args.world_size,
         },
     }
 
 
 # Options that say how a run goes, not what it trains, or that the recipe gives resolved (teacher: the run's teacher)
-NOT_RECORDED = ("resume", "overwrite", "num_workers", "device", "logging_steps", "push_to_hub", "save_checkpoints",
-                "train_split", "eval_split", "teacher")
+NOT_RECORDED = (
+    "resume",
+    "overwrite",
+    "num_workers",
+    "device",
+    "logging_steps",
+    "push_to_hub",
+    "save_checkpoints",
+    "train_split",
+    "eval_split",
+    "teacher",
+)
 
 
-def _save(trainer, summary: dict, work: Path, output: Path, manifest: Manifest, processor, size, options, processes) -> None:
+def _save(
+    trainer, summary: dict, work: Path, output: Path, manifest: Manifest, processor, size, options, processes
+) -> None:
     """The final student (the best epoch's, or the EMA's) with its processor and model card, moved into place."""
     final = work / "final"
     if is_main(processes):
@@ -699,21 +823,27 @@ def check_same_teacher(model, teacher: str | None, manifest: dict, cache_path: P
     if found == expected:
         return
     if teacher:
-        raise KdcacheError(f"--teacher '{teacher}' is not the teacher that made cache '{cache_path}' (weights sha256 "
-                           f"{found[:16]}..., the cache's {expected[:16]}...); leave out --teacher to run the cache's "
-                           "teacher, or make a cache with this one (kdcache teacher-logits --teacher ...)")
-    raise KdcacheError(f"the cache's teacher '{manifest['teacher']['name_or_path']}' no longer has the weights that made "
-                       f"cache '{cache_path}' (weights sha256 {found[:16]}..., the cache's {expected[:16]}...); pass "
-                       "the teacher that made it with --teacher, or make the cache again")
+        raise KdcacheError(
+            f"--teacher '{teacher}' is not the teacher that made cache '{cache_path}' (weights sha256 "
+            f"{found[:16]}..., the cache's {expected[:16]}...); leave out --teacher to run the cache's "
+            "teacher, or make a cache with this one (kdcache teacher-logits --teacher ...)"
+        )
+    raise KdcacheError(
+        f"the cache's teacher '{manifest['teacher']['name_or_path']}' no longer has the weights that made "
+        f"cache '{cache_path}' (weights sha256 {found[:16]}..., the cache's {expected[:16]}...); pass "
+        "the teacher that made it with --teacher, or make the cache again"
+    )
 
 
 def summary_line(summary: dict) -> str:
     if summary["best_eval_accuracy"] is None:
         quality = "no evaluation split"
     else:
-        quality = (f"best {summary['eval_split']} accuracy {summary['best_eval_accuracy']:.4f} at epoch "
-                   f"{summary['best_epoch']:g}, last {summary['last_eval_accuracy']:.4f} at epoch "
-                   f"{summary['last_epoch']:g} of {summary['epochs']:g}")
+        quality = (
+            f"best {summary['eval_split']} accuracy {summary['best_eval_accuracy']:.4f} at epoch "
+            f"{summary['best_epoch']:g}, last {summary['last_eval_accuracy']:.4f} at epoch "
+            f"{summary['last_epoch']:g} of {summary['epochs']:g}"
+        )
     return f"{quality}; {summary['seconds']:.0f} s; student saved to {summary['output']}"
 
 
@@ -725,9 +855,11 @@ def loss_formula(recipe: dict) -> str:
         "kd": f"T^2 KL({standardized}teacher/T, {standardized}student/T)",
         "dkd": f"T^2 (TCKD + 8 NCKD) of the {standardized}logits/T (decoupled KD, Zhao et al. 2022)",
         "dist": "T^2 (inter + intra), one minus the Pearson correlations of softmax(logits/T) per image and per class "
-                "(DIST, Huang et al. 2022)",
+        "(DIST, Huang et al. 2022)",
     }[loss]
-    return f"{loss}: (1-alpha) CE + alpha {distillation}, {settings}" + (", logits standardised" if standardized else "")
+    return f"{loss}: (1-alpha) CE + alpha {distillation}, {settings}" + (
+        ", logits standardised" if standardized else ""
+    )
 
 
 def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None = None) -> str:
@@ -745,31 +877,49 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
         "",
         f"# {Path(summary['output']).name}",
         "",
-        (f"A student distilled by kdcache from the teacher `{recipe['teacher']}`"
-         if recipe["alpha"] > 0 else "A student trained from labels alone (alpha=0) by kdcache, as a baseline")
+        (
+            f"A student distilled by kdcache from the teacher `{recipe['teacher']}`"
+            if recipe["alpha"] > 0
+            else "A student trained from labels alone (alpha=0) by kdcache, as a baseline"
+        )
         + f", on `{manifest['dataset']['name_or_path']}` ({', '.join(names)}).",
         "",
         "| | |",
         "|---|---|",
         f"| teacher | `{recipe['teacher']}` (weights sha256 `{manifest['teacher']['weights_sha256'][:16]}...`) |",
-        f"| logit cache | fingerprint `{recipe['cache_fingerprint']}`" + (" (teacher run online)" if recipe["online"] else "") + " |",
+        f"| logit cache | fingerprint `{recipe['cache_fingerprint']}`"
+        + (" (teacher run online)" if recipe["online"] else "")
+        + " |",
         f"| student | {recipe['student']}, {recipe['student_parameters']:,} parameters |",
         f"| loss | {loss_formula(recipe)} |",
         f"| training | {summary['epochs']:g} epochs ({summary['steps']} steps), AdamW lr {recipe['learning_rate']}, "
         f"{recipe['scheduler']} schedule, batch {recipe['batch_size']}"
-        + (f" ({recipe['processes']} processes of {recipe['batch_size'] // recipe['processes']})" if recipe.get("processes", 1) > 1 else "")
+        + (
+            f" ({recipe['processes']} processes of {recipe['batch_size'] // recipe['processes']})"
+            if recipe.get("processes", 1) > 1
+            else ""
+        )
         + f", weight decay {recipe['weight_decay']}, seed {recipe['seed']} |",
     ]
     size = recipe.get("student_size")
     if size:
         views = recipe.get("views", 1)
-        lines.append(f"| input | {size[0]}x{size[1]} pixels"
-                     + (f"; {views} {'mixed ' if recipe.get('mixed_views') else ''}views per image, each the teacher's own" if views > 1 else "")
-                     + (f"; weights: EMA with decay {recipe['ema_decay']}" if recipe.get("ema_decay") else "") + " |")
+        lines.append(
+            f"| input | {size[0]}x{size[1]} pixels"
+            + (
+                f"; {views} {'mixed ' if recipe.get('mixed_views') else ''}views per image, each the teacher's own"
+                if views > 1
+                else ""
+            )
+            + (f"; weights: EMA with decay {recipe['ema_decay']}" if recipe.get("ema_decay") else "")
+            + " |"
+        )
     if accuracy is not None:
         saved = "best" if summary.get("saved_epoch", summary["best_epoch"]) == summary["best_epoch"] else "last"
-        lines.append(f"| {summary['eval_split']} accuracy | best {accuracy:.4f} (epoch {summary['best_epoch']:g}), last "
-                     f"{summary['last_eval_accuracy']:.4f} (epoch {summary['last_epoch']:g}); the {saved} epoch's weights are saved |")
+        lines.append(
+            f"| {summary['eval_split']} accuracy | best {accuracy:.4f} (epoch {summary['best_epoch']:g}), last "
+            f"{summary['last_eval_accuracy']:.4f} (epoch {summary['last_epoch']:g}); the {saved} epoch's weights are saved |"
+        )
     lines += [
         "",
         "```python",

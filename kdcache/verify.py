@@ -67,14 +67,19 @@ def verify_teacher_logits(
         tolerance = DEFAULT_TOLERANCE.get(precision, DEFAULT_TOLERANCE["fp32"])
     if not tolerance >= 0:
         raise KdcacheError(f"--tolerance {tolerance} must be >= 0 (a largest absolute logit difference)")
-    model = load_classifier(teacher or recorded["name_or_path"], revision=None if teacher else recorded.get("revision"),
-                            trust_remote_code=recorded.get("trust_remote_code", False))
+    model = load_classifier(
+        teacher or recorded["name_or_path"],
+        revision=None if teacher else recorded.get("revision"),
+        trust_remote_code=recorded.get("trust_remote_code", False),
+    )
     found = weights_sha256(model)
     if found != recorded["weights_sha256"]:
         source = f"--teacher '{teacher}'" if teacher else f"the cache's teacher '{recorded['name_or_path']}'"
-        raise KdcacheError(f"{source} has other weights than the teacher that made cache '{cache_path}' (weights sha256 "
-                           f"{found[:16]}..., the cache's {recorded['weights_sha256'][:16]}...); pass the teacher that "
-                           "made it with --teacher")
+        raise KdcacheError(
+            f"{source} has other weights than the teacher that made cache '{cache_path}' (weights sha256 "
+            f"{found[:16]}..., the cache's {recorded['weights_sha256'][:16]}...); pass the teacher that "
+            "made it with --teacher"
+        )
     torch_device = pick_device(device)
     model.to(torch_device)
     index = torch.tensor(manifest["teacher_to_dataset"], device=torch_device)
@@ -92,9 +97,18 @@ def verify_teacher_logits(
 
     from tqdm.auto import tqdm
 
-    report = {"cache": str(cache_path), "teacher": teacher or recorded["name_or_path"], "precision": precision,
-              "device": str(torch_device), "tolerance": tolerance, "seed": seed, "splits": {}}
-    with tqdm(total=sum(map(len, plan.values())), unit="img", desc="verify: rerunning the teacher", disable=not progress) as bar:
+    report = {
+        "cache": str(cache_path),
+        "teacher": teacher or recorded["name_or_path"],
+        "precision": precision,
+        "device": str(torch_device),
+        "tolerance": tolerance,
+        "seed": seed,
+        "splits": {},
+    }
+    with tqdm(
+        total=sum(map(len, plan.values())), unit="img", desc="verify: rerunning the teacher", disable=not progress
+    ) as bar:
         for name, pairs in plan.items():
             differences, mismatches = [], 0
             for start in range(0, len(pairs), batch_size):
@@ -107,8 +121,11 @@ def verify_teacher_logits(
                 mismatches += int((logits.argmax(-1) != stored.argmax(-1)).sum())
                 bar.update(len(batch))
             difference = np.concatenate(differences)
-            report["splits"][name] = {"checked": len(pairs), "max_abs_difference": float(difference.max()),
-                                      "top1_mismatches": mismatches}
+            report["splits"][name] = {
+                "checked": len(pairs),
+                "max_abs_difference": float(difference.max()),
+                "top1_mismatches": mismatches,
+            }
     splits = report["splits"].values()
     report["checked"] = sum(split["checked"] for split in splits)
     report["max_abs_difference"] = max(split["max_abs_difference"] for split in splits)
@@ -121,7 +138,9 @@ def _rebuild(rows, pairs, recipe, pipeline):
     """The teacher's inputs for (row, view) pairs of one split, normalised as stage one fed them, and the stored logits."""
     if VIEWS not in rows.column_names:  # a clean split stores the teacher's input itself
         data = rows.with_format("numpy", columns=[PIXELS, LOGITS])[[row for row, _ in pairs]]
-        return pipeline.normalize(torch.from_numpy(np.asarray(data[PIXELS]))), np.asarray(data[LOGITS], dtype=np.float32)
+        return pipeline.normalize(torch.from_numpy(np.asarray(data[PIXELS]))), np.asarray(
+            data[LOGITS], dtype=np.float32
+        )
     raw = SOURCE in rows.column_names  # format 3: the reduced source's raw pixels; format 2: the source image file
     sources = rows if raw else undecoded(rows, IMAGE)
 
@@ -133,7 +152,9 @@ def _rebuild(rows, pairs, recipe, pipeline):
 
         return datasets.Image().decode_example(record[IMAGE]).convert("RGB")
 
-    parameters = rows.select_columns([c for c in (VIEWS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS) if c in rows.column_names])
+    parameters = rows.select_columns(
+        [c for c in (VIEWS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS) if c in rows.column_names]
+    )
     own, partners, weights, stored = [], [], [], []
     for row, k in pairs:
         record = parameters[row]
@@ -161,14 +182,24 @@ def _autocast(device, precision):
 
 def describe(report: dict) -> str:
     """The human summary of a verification, ending with the verdict."""
-    lines = [f"kdcache verify: {report['cache']} (teacher {report['teacher']}, logits computed in {report['precision']}, "
-             f"rerun on {report['device']}, seed {report['seed']})"]
+    lines = [
+        f"kdcache verify: {report['cache']} (teacher {report['teacher']}, logits computed in {report['precision']}, "
+        f"rerun on {report['device']}, seed {report['seed']})"
+    ]
     for name, split in report["splits"].items():
-        lines.append(f"  {name:<12} {split['checked']:>6} inputs  max |logit difference| {split['max_abs_difference']:.3g}  "
-                     f"top-1 mismatches {split['top1_mismatches']} ({split['top1_mismatches'] / split['checked']:.1%})")
+        lines.append(
+            f"  {name:<12} {split['checked']:>6} inputs  max |logit difference| {split['max_abs_difference']:.3g}  "
+            f"top-1 mismatches {split['top1_mismatches']} ({split['top1_mismatches'] / split['checked']:.1%})"
+        )
     verdict = "passed" if report["passed"] else "FAILED"
-    lines.append(f"  {verdict}: max |logit difference| {report['max_abs_difference']:.3g} "
-                 f"{'<=' if report['passed'] else '>'} tolerance {report['tolerance']:g} over {report['checked']} inputs"
-                 + ("" if report["passed"] else "; the cached logits are not the teacher's on the cached inputs: "
-                                                "recreate the cache with kdcache teacher-logits"))
+    lines.append(
+        f"  {verdict}: max |logit difference| {report['max_abs_difference']:.3g} "
+        f"{'<=' if report['passed'] else '>'} tolerance {report['tolerance']:g} over {report['checked']} inputs"
+        + (
+            ""
+            if report["passed"]
+            else "; the cached logits are not the teacher's on the cached inputs: "
+            "recreate the cache with kdcache teacher-logits"
+        )
+    )
     return "\n".join(lines)

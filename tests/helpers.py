@@ -42,8 +42,14 @@ def save_vit_teacher(path, id2label=None, seed=0, image_size=32):
 
     id2label = id2label or dict(enumerate(LABELS))
     config = ViTConfig(
-        image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=len(id2label), id2label=id2label,
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=len(id2label),
+        id2label=id2label,
         label2id={name: index for index, name in id2label.items()},
     )
     torch.manual_seed(seed)

@@ -72,7 +72,9 @@ def test_permuted_teacher_labels_give_permuted_logits(tmp_path, tiny_dataset, ti
     # Same weights, but the config names the outputs in another order: output i now means permuted[i].
     permuted = {0: LABELS[2], 1: LABELS[0], 2: LABELS[1]}
     teacher = save_vit_teacher(tmp_path / "permuted", id2label=permuted)
-    out = teacher_logits(str(tiny_dataset), str(teacher), output=tmp_path / "cache", splits=["validation"], progress=False)
+    out = teacher_logits(
+        str(tiny_dataset), str(teacher), output=tmp_path / "cache", splits=["validation"], progress=False
+    )
     raw, _ = reference_logits(tiny_dataset, teacher, "validation")
     got = cached_logits(out, "validation")
     # dataset label j (LABELS[j]) is the teacher output whose name is LABELS[j]
@@ -94,15 +96,22 @@ def test_generic_label_names_need_an_explicit_by_index(tmp_path, tiny_dataset):
     generic = save_vit_teacher(tmp_path / "generic", id2label={i: f"LABEL_{i}" for i in range(3)})
     with pytest.raises(KdcacheError, match="--match-labels-by-index"):
         teacher_logits(str(tiny_dataset), str(generic), output=tmp_path / "c", progress=False)
-    out = teacher_logits(str(tiny_dataset), str(generic), output=tmp_path / "c", splits=["test"],
-                         match_labels_by_index=True, progress=False)
+    out = teacher_logits(
+        str(tiny_dataset),
+        str(generic),
+        output=tmp_path / "c",
+        splits=["test"],
+        match_labels_by_index=True,
+        progress=False,
+    )
     raw, _ = reference_logits(tiny_dataset, generic, "test")
     assert np.abs(cached_logits(out, "test") - raw).max() <= 1e-5
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_dataset, tiny_teacher, monkeypatch):
-    whole = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "whole", batch_size=4,
-                           chunk_size=8, progress=False)
+    whole = teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=tmp_path / "whole", batch_size=4, chunk_size=8, progress=False
+    )
     real_write = cache_module._write_chunk
     written = []
 
@@ -114,15 +123,29 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_dataset
 
     monkeypatch.setattr(cache_module, "_write_chunk", crash_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
-        teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "resumed", batch_size=4,
-                       chunk_size=8, progress=False)
+        teacher_logits(
+            str(tiny_dataset),
+            str(tiny_teacher),
+            output=tmp_path / "resumed",
+            batch_size=4,
+            chunk_size=8,
+            progress=False,
+        )
     assert not (tmp_path / "resumed").exists(), "the final folder must appear only when complete"
     assert (tmp_path / "resumed.partial").exists()
 
     recomputed = []
-    monkeypatch.setattr(cache_module, "_write_chunk", lambda path, columns, names: (recomputed.append(f"{path.parent.name}/{path.name}"), real_write(path, columns, names)))
-    resumed = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "resumed", batch_size=4,
-                             chunk_size=8, progress=False)
+    monkeypatch.setattr(
+        cache_module,
+        "_write_chunk",
+        lambda path, columns, names: (
+            recomputed.append(f"{path.parent.name}/{path.name}"),
+            real_write(path, columns, names),
+        ),
+    )
+    resumed = teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=tmp_path / "resumed", batch_size=4, chunk_size=8, progress=False
+    )
     assert not set(written) & set(recomputed), "finished chunks must not be recomputed"
     assert len(written) + len(recomputed) == 3 + 2 + 2  # train 24 rows, validation 12, test 12, 8 per chunk
     assert not (tmp_path / "resumed.partial").exists()
@@ -168,8 +191,14 @@ def test_damaged_cache_is_refused(tmp_path, tiny_cache):
 
 def test_input_errors_are_one_clear_line(tmp_path, tiny_dataset, tiny_teacher):
     cases = [
-        (dict(dataset="no-such-org/no-such-dataset"), "could not load dataset 'no-such-org/no-such-dataset'.*pass a local path with --dataset"),
-        (dict(teacher="no-such-org/no-such-model"), "could not load the image processor 'no-such-org/no-such-model'.*--teacher"),
+        (
+            dict(dataset="no-such-org/no-such-dataset"),
+            "could not load dataset 'no-such-org/no-such-dataset'.*pass a local path with --dataset",
+        ),
+        (
+            dict(teacher="no-such-org/no-such-model"),
+            "could not load the image processor 'no-such-org/no-such-model'.*--teacher",
+        ),
         (dict(teacher=str(tmp_path)), "could not load the image processor from the folder"),
         (dict(splits=["nope"]), "split 'nope' is not in dataset"),
         (dict(label_column="nope"), "--label-column 'nope' is not a column"),
@@ -201,7 +230,9 @@ def test_dataset_problems(tmp_path, tiny_teacher):
     broken = make_dataset_dict({"train": 6}).cast_column("image", datasets.Image(decode=False))
     rows = broken["train"].to_dict()
     rows["image"][4] = {"bytes": b"not an image at all", "path": None}
-    broken["train"] = datasets.Dataset.from_dict(rows, features=broken["train"].features).cast_column("image", datasets.Image())
+    broken["train"] = datasets.Dataset.from_dict(rows, features=broken["train"].features).cast_column(
+        "image", datasets.Image()
+    )
     broken.save_to_disk(str(tmp_path / "broken"))
     with pytest.raises(KdcacheError, match="unreadable image in split 'train', row 4"):
         teacher_logits(str(tmp_path / "broken"), str(tiny_teacher), output=tmp_path / "o3", progress=False)
@@ -227,8 +258,9 @@ def test_output_that_is_not_a_cache_is_never_replaced(tmp_path, tiny_dataset, ti
 @pytest.fixture(scope="module")
 def view_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
     output = tmp_path_factory.mktemp("views") / "cache"
-    return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, views=3, batch_size=8,
-                          chunk_size=8, progress=False)
+    return teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=output, views=3, batch_size=8, chunk_size=8, progress=False
+    )
 
 
 def test_view_replay_is_exact(view_cache, tiny_teacher):
@@ -258,8 +290,16 @@ def test_view_replay_is_exact(view_cache, tiny_teacher):
 
 
 def test_views_do_not_depend_on_chunking_or_batching(tmp_path, view_cache, tiny_dataset, tiny_teacher):
-    other = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "other", views=3, batch_size=5,
-                           chunk_size=16, splits=["train"], progress=False)
+    other = teacher_logits(
+        str(tiny_dataset),
+        str(tiny_teacher),
+        output=tmp_path / "other",
+        views=3,
+        batch_size=5,
+        chunk_size=16,
+        splits=["train"],
+        progress=False,
+    )
     a = datasets.load_from_disk(str(view_cache))["train"].with_format("numpy")[:]
     b = datasets.load_from_disk(str(other))["train"].with_format("numpy")[:]
     assert np.array_equal(a["views"], b["views"])
@@ -285,8 +325,16 @@ def test_caches_of_format_version_1_still_load(tmp_path, tiny_cache):
 @pytest.fixture(scope="module")
 def mixed_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
     output = tmp_path_factory.mktemp("mixed") / "cache"
-    return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, views=3, mix_alpha=1.0, batch_size=8,
-                          chunk_size=8, progress=False)
+    return teacher_logits(
+        str(tiny_dataset),
+        str(tiny_teacher),
+        output=output,
+        views=3,
+        mix_alpha=1.0,
+        batch_size=8,
+        chunk_size=8,
+        progress=False,
+    )
 
 
 def rebuild_mixed_views(train, recipe, row):
@@ -298,7 +346,9 @@ def rebuild_mixed_views(train, recipe, row):
 
     record = train[row]
     own = np.stack([recipe.render(source(row), view) for view in record["views"]])
-    partners = np.stack([recipe.render(source(int(b)), view) for b, view in zip(record["mix_partners"], record["mix_views"])])
+    partners = np.stack(
+        [recipe.render(source(int(b)), view) for b, view in zip(record["mix_partners"], record["mix_views"])]
+    )
     return torch.from_numpy(own), torch.from_numpy(partners), torch.tensor(record["mix_weights"])
 
 
@@ -325,15 +375,32 @@ def test_mixed_view_replay_is_exact(mixed_cache, tiny_teacher):
 
 
 def test_mixed_views_depend_on_seed_and_row_alone(tmp_path, mixed_cache, tiny_dataset, tiny_teacher):
-    other = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "other", views=3, mix_alpha=1.0,
-                           batch_size=5, chunk_size=16, splits=["train"], progress=False)
+    other = teacher_logits(
+        str(tiny_dataset),
+        str(tiny_teacher),
+        output=tmp_path / "other",
+        views=3,
+        mix_alpha=1.0,
+        batch_size=5,
+        chunk_size=16,
+        splits=["train"],
+        progress=False,
+    )
     a = datasets.load_from_disk(str(mixed_cache))["train"].with_format("numpy")[:]
     b = datasets.load_from_disk(str(other))["train"].with_format("numpy")[:]
     for column in ("views", "mix_partners", "mix_views", "mix_weights", "source_shape"):
         assert np.array_equal(a[column], b[column]), column
     assert np.abs(a[LOGITS] - b[LOGITS]).max() <= 1e-5
-    reseeded = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "reseeded", views=3, mix_alpha=1.0,
-                              view_seed=1, splits=["train"], progress=False)
+    reseeded = teacher_logits(
+        str(tiny_dataset),
+        str(tiny_teacher),
+        output=tmp_path / "reseeded",
+        views=3,
+        mix_alpha=1.0,
+        view_seed=1,
+        splits=["train"],
+        progress=False,
+    )
     c = datasets.load_from_disk(str(reseeded))["train"].with_format("numpy")[:]
     assert not np.array_equal(a["mix_partners"], c["mix_partners"])
 
@@ -357,9 +424,16 @@ def test_view_caches_of_format_version_2_still_load_and_train(tmp_path, view_cac
 
     old = tmp_path / "v2"
     cache = datasets.load_from_disk(str(view_cache))
-    train = cache["train"].map(as_png, remove_columns=["source", "source_shape"],
-                               features=datasets.Features({**{k: v for k, v in cache["train"].features.items()
-                                                              if k not in ("source", "source_shape")}, "image": datasets.Image()}))
+    train = cache["train"].map(
+        as_png,
+        remove_columns=["source", "source_shape"],
+        features=datasets.Features(
+            {
+                **{k: v for k, v in cache["train"].features.items() if k not in ("source", "source_shape")},
+                "image": datasets.Image(),
+            }
+        ),
+    )
     datasets.DatasetDict({**cache, "train": train}).save_to_disk(str(old))
     manifest = json.loads((view_cache / MANIFEST).read_text())
     manifest["format_version"] = 2
@@ -373,16 +447,24 @@ def test_view_caches_of_format_version_2_still_load_and_train(tmp_path, view_cac
     for new_item, old_item in zip(new_rows.__getitems__([0, 9]), old_rows.__getitems__([0, 9])):
         assert torch.equal(new_item[PIXELS], old_item[PIXELS])
     train_student(old, output=tmp_path / "student", max_steps=2, batch_size=8, progress=False)
+
+
 def test_an_empty_split_saved_with_save_to_disk_is_named(tmp_path, tiny_teacher):
     source = make_dataset_dict({"train": 6, "validation": 3, "test": 3})
     source["test"] = source["test"].select([])
     source.save_to_disk(str(tmp_path / "with-empty-test"))
     with pytest.raises(KdcacheError) as refused:
         teacher_logits(str(tmp_path / "with-empty-test"), str(tiny_teacher), output=tmp_path / "o", progress=False)
-    assert str(refused.value) == (f"split 'test' of dataset '{tmp_path / 'with-empty-test'}' is empty; "
-                                  "leave it out with --splits")
-    out = teacher_logits(str(tmp_path / "with-empty-test"), str(tiny_teacher), output=tmp_path / "o",
-                         splits=["train", "validation"], progress=False)
+    assert str(refused.value) == (
+        f"split 'test' of dataset '{tmp_path / 'with-empty-test'}' is empty; leave it out with --splits"
+    )
+    out = teacher_logits(
+        str(tmp_path / "with-empty-test"),
+        str(tiny_teacher),
+        output=tmp_path / "o",
+        splits=["train", "validation"],
+        progress=False,
+    )
     assert json.loads((out / MANIFEST).read_text())["dataset"]["splits"]["validation"]["num_rows"] == 3
 
 
@@ -416,10 +498,18 @@ def start_paused_run(dataset, teacher, output, go):
 
     repo = Path(__file__).resolve().parents[1]
     # as many torch threads as this process, which made the reference: the logits are then the same bit for bit
-    environment = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
-    run = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(dataset), str(teacher), str(output), str(go)],
-                           env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    environment = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_RUN, str(dataset), str(teacher), str(output), str(go)],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = run.stdout.readline().strip()
     if line != "paused":
         run.kill()
@@ -434,7 +524,9 @@ def assert_same_cache(path, reference):
     load_cache(path)
 
 
-def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path, tiny_dataset, tiny_teacher, tiny_cache):
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(
+    tmp_path, tiny_dataset, tiny_teacher, tiny_cache
+):
     from typer.testing import CliRunner
 
     from kdcache.cli import app
@@ -442,12 +534,27 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
     output = tmp_path / "cache"
     first = start_paused_run(tiny_dataset, tiny_teacher, output, tmp_path / "go")
     try:
-        second = CliRunner().invoke(app, ["teacher-logits", "--dataset", str(tiny_dataset), "--teacher", str(tiny_teacher),
-                                          "--output", str(output), "--batch-size", "8", "--chunk-size", "8"])
+        second = CliRunner().invoke(
+            app,
+            [
+                "teacher-logits",
+                "--dataset",
+                str(tiny_dataset),
+                "--teacher",
+                str(tiny_teacher),
+                "--output",
+                str(output),
+                "--batch-size",
+                "8",
+                "--chunk-size",
+                "8",
+            ],
+        )
         assert second.exit_code == 1
         assert second.stderr.count("\n") == 1, second.stderr
-        assert second.stderr.startswith(f"kdcache: error: --output '{output}' is being written by another kdcache run "
-                                        f"(pid {first.pid} on ")
+        assert second.stderr.startswith(
+            f"kdcache: error: --output '{output}' is being written by another kdcache run (pid {first.pid} on "
+        )
         assert str(tmp_path / "cache.lock") in second.stderr
         (tmp_path / "go").touch()
         out, err = first.communicate(timeout=300)
@@ -458,8 +565,9 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
     assert_same_cache(output, tiny_cache)
 
 
-def test_a_run_killed_while_it_holds_the_lock_does_not_block_the_next(tmp_path, tiny_dataset, tiny_teacher, tiny_cache,
-                                                                       monkeypatch):
+def test_a_run_killed_while_it_holds_the_lock_does_not_block_the_next(
+    tmp_path, tiny_dataset, tiny_teacher, tiny_cache, monkeypatch
+):
     import os
     import signal
 
@@ -469,7 +577,9 @@ def test_a_run_killed_while_it_holds_the_lock_does_not_block_the_next(tmp_path, 
     first.communicate(timeout=60)
     real_write = cache_module._write_chunk
     recomputed = []
-    monkeypatch.setattr(cache_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args)))
+    monkeypatch.setattr(
+        cache_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args))
+    )
     teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, batch_size=8, chunk_size=8, progress=False)
     assert len(recomputed) == 3 + 2 + 2 - 1, "the killed run's chunk is kept"
     assert_same_cache(output, tiny_cache)
@@ -486,13 +596,18 @@ def test_too_small_a_disk_is_refused_before_the_teacher_runs(tmp_path, tiny_data
         teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, progress=False)
     message = str(refused.value)
     assert "\n" not in message and not ran
-    assert re.fullmatch(rf"--output '{re.escape(str(output))}' needs about [\d.]+ KB free for the chunks and then the "
-                        r"assembled cache, but its file system has 100\.0 KB free; free some space or choose another "
-                        r"--output", message), message
+    assert re.fullmatch(
+        rf"--output '{re.escape(str(output))}' needs about [\d.]+ KB free for the chunks and then the "
+        r"assembled cache, but its file system has 100\.0 KB free; free some space or choose another "
+        r"--output",
+        message,
+    ), message
     assert not output.exists()
 
 
-def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path, tiny_dataset, tiny_teacher, tiny_cache, monkeypatch):
+def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(
+    tmp_path, tiny_dataset, tiny_teacher, tiny_cache, monkeypatch
+):
     output, work = tmp_path / "cache", tmp_path / "cache.partial"
     real_write, real_assemble = cache_module._write_chunk, cache_module._assemble
     written = []
@@ -520,7 +635,9 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path, tiny_data
     assert written[0].is_dir() and not list(work.glob("*/*.tmp")) and not output.exists()
 
     recomputed = []
-    monkeypatch.setattr(cache_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args)))
+    monkeypatch.setattr(
+        cache_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args))
+    )
     monkeypatch.setattr(cache_module, "_assemble", disk_fills_while_assembling)
     with pytest.raises(KdcacheError, match="is full"):
         teacher_logits(str(tiny_dataset), str(tiny_teacher), **options)
@@ -533,12 +650,18 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path, tiny_data
 
 
 @pytest.mark.parametrize("views,mix_alpha", [(1, 0.0), (3, 0.0), (3, 1.0)])
-def test_disk_estimate_is_close_to_the_peak_of_a_run(tmp_path, tiny_dataset, tiny_teacher, monkeypatch, views, mix_alpha):
+def test_disk_estimate_is_close_to_the_peak_of_a_run(
+    tmp_path, tiny_dataset, tiny_teacher, monkeypatch, views, mix_alpha
+):
     from kdcache import outputs
 
     estimates, peaks = [], []
     real_check, real_assemble = cache_module.check_free_space, cache_module._assemble
-    monkeypatch.setattr(cache_module, "check_free_space", lambda output, needed, *args: (estimates.append(needed), real_check(output, needed, *args)))
+    monkeypatch.setattr(
+        cache_module,
+        "check_free_space",
+        lambda output, needed, *args: (estimates.append(needed), real_check(output, needed, *args)),
+    )
 
     def measured(work, splits):
         cache = real_assemble(work, splits)
@@ -546,6 +669,14 @@ def test_disk_estimate_is_close_to_the_peak_of_a_run(tmp_path, tiny_dataset, tin
         return cache
 
     monkeypatch.setattr(cache_module, "_assemble", measured)
-    teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "c", views=views, mix_alpha=mix_alpha,
-                   batch_size=8, chunk_size=8, progress=False)
+    teacher_logits(
+        str(tiny_dataset),
+        str(tiny_teacher),
+        output=tmp_path / "c",
+        views=views,
+        mix_alpha=mix_alpha,
+        batch_size=8,
+        chunk_size=8,
+        progress=False,
+    )
     assert peaks[0] <= estimates[0] <= 1.3 * peaks[0], (estimates, peaks)

@@ -105,8 +105,9 @@ def test_mix_partners_and_weights_depend_on_seed_and_row_alone():
     assert not np.array_equal(partners, recipe.sample_partners(row=5, rows=10, count=400)[0])
     other_seed = ViewRecipe((32, 32), 2, seed=4, mix_alpha=1.0).sample_partners(row=4, rows=10, count=400)
     assert not np.array_equal(partners, other_seed[0])
-    assert not np.array_equal(recipe.sample(50, 40, 4, 1)[0], recipe.sample_partner_view(50, 40, row=4, index=0)), \
+    assert not np.array_equal(recipe.sample(50, 40, 4, 1)[0], recipe.sample_partner_view(50, 40, row=4, index=0)), (
         "the partner's view is drawn apart from the row's own views"
+    )
     assert np.array_equal(recipe.sample_partner_view(50, 40, 4, 2), recipe.sample_partner_view(50, 40, 4, 2))
 
 
@@ -116,13 +117,17 @@ def test_sources_are_reduced_never_enlarged_and_round_trip_as_raw_pixels():
     recipe = ViewRecipe((16, 16), Image.BICUBIC, source_size=20)
     image = make_images(1, seed=0, size=(60, 40))[0][0]
     reduced = recipe.reduce(image)
-    assert reduced.size == (30, 20) and np.array_equal(np.asarray(reduced), np.asarray(image.resize((30, 20), Image.BICUBIC)))
+    assert reduced.size == (30, 20) and np.array_equal(
+        np.asarray(reduced), np.asarray(image.resize((30, 20), Image.BICUBIC))
+    )
     small = make_images(1, seed=1, size=(18, 30))[0][0]
     assert recipe.reduce(small) is small
     data, shape = raw_source(reduced)
     assert shape == [20, 30, 3] and np.array_equal(np.asarray(from_raw_source(data, shape)), np.asarray(reduced))
     assert ViewRecipe.from_dict(recipe.to_dict()).to_dict() == recipe.to_dict()
-    assert "mix_alpha" not in ViewRecipe((16, 16), 2).to_dict(), "a recipe without format 3's fields reads as format 2's"
+    assert "mix_alpha" not in ViewRecipe((16, 16), 2).to_dict(), (
+        "a recipe without format 3's fields reads as format 2's"
+    )
 
 
 def test_mixed_input_is_the_weighted_sum_of_the_two_inputs():
@@ -132,7 +137,9 @@ def test_mixed_input_is_the_weighted_sum_of_the_two_inputs():
     weights = torch.tensor([1.0, 0.5, 0.75, 0.6])
     mixed = pipeline.mix(a, b, weights)
     assert torch.equal(mixed[0], pipeline.normalize(a)[0])
-    expected = weights.view(-1, 1, 1, 1) * pipeline.normalize(a) + (1 - weights.view(-1, 1, 1, 1)) * pipeline.normalize(b)
+    expected = weights.view(-1, 1, 1, 1) * pipeline.normalize(a) + (
+        1 - weights.view(-1, 1, 1, 1)
+    ) * pipeline.normalize(b)
     assert torch.allclose(mixed, expected, atol=1e-6)
 
 

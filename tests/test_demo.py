@@ -10,11 +10,16 @@ from kdcache.demo import DIGIT_NAMES, build_digits_dataset, run_demo
 
 def rows(path):
     loaded = datasets.load_from_disk(str(path))
-    return {name: (np.stack([np.asarray(image) for image in split["image"]]), list(split["label"])) for name, split in loaded.items()}
+    return {
+        name: (np.stack([np.asarray(image) for image in split["image"]]), list(split["label"]))
+        for name, split in loaded.items()
+    }
 
 
 def test_digits_dataset_is_deterministic_and_stratified(tmp_path):
-    first, again, other = (build_digits_dataset(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    first, again, other = (
+        build_digits_dataset(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    )
     a, b, c = rows(first), rows(again), rows(other)
     for name in ("train", "validation", "test"):
         assert np.array_equal(a[name][0], b[name][0]) and a[name][1] == b[name][1]
@@ -62,7 +67,9 @@ def test_a_folder_the_demo_did_not_write_is_refused_and_left_intact(tmp_path, mo
         run_demo(photos, quick=True, progress=False)
     assert time.perf_counter() - started < 5 and not built, "refused before any work"
     message = str(refused.value)
-    assert "\n" not in message and message.startswith(f"--output '{photos}' holds files that kdcache demo did not write")
+    assert "\n" not in message and message.startswith(
+        f"--output '{photos}' holds files that kdcache demo did not write"
+    )
     assert sorted(path.name for path in photos.iterdir()) == ["holiday.jpg"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"], "no lock file left beside it either"
     assert (photos / "holiday.jpg").read_bytes() == b"a photo"

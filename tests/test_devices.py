@@ -43,8 +43,13 @@ def test_the_trainer_kdcache_builds_uses_cuda_1_alone_on_a_two_gpu_host(tmp_path
     seen = {}
 
     def no_training(self, *args, **kwargs):  # nothing can run on a fake GPU; what matters is how it is set up
-        seen.update(device=self.args.device, n_gpu=self.args.n_gpu, batch=self.args.train_batch_size,
-                    accelerator=self.accelerator.device, wrapped=self._wrap_model(self.model))
+        seen.update(
+            device=self.args.device,
+            n_gpu=self.args.n_gpu,
+            batch=self.args.train_batch_size,
+            accelerator=self.accelerator.device,
+            wrapped=self._wrap_model(self.model),
+        )
         self.state.epoch = 0.0
 
     monkeypatch.setattr(Trainer, "_move_model_to_device", lambda self, model, device: None)
@@ -123,8 +128,9 @@ def test_cached_and_online_training_on_a_gpu(tmp_path, tiny_cache):
 def test_both_stages_on_the_second_gpu(tmp_path, tiny_dataset, tiny_teacher):
     from kdcache.cache import MANIFEST, teacher_logits
 
-    cache = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "cache", device="cuda:1",
-                           batch_size=8, progress=False)
+    cache = teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=tmp_path / "cache", device="cuda:1", batch_size=8, progress=False
+    )
     assert json.loads((cache / MANIFEST).read_text())["device"] == "cuda:1"
     summary = train_student(cache, output=tmp_path / "s", device="cuda:1", online=True, max_steps=3, **FAST)
     assert (summary["recipe"]["device"], summary["recipe"]["processes"], summary["steps"]) == ("cuda:1", 1, 3)

@@ -21,8 +21,22 @@ from kdcache.cache import LABELS, LOGITS, MANIFEST, PIXELS, ROW, SOURCE, VIEWS, 
 
 REPO = Path(__file__).resolve().parents[1]
 # accelerate's torchrun-based launcher (--multi_gpu) also starts CPU processes; its --cpu one starts a single process
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
 STAGE_ONE = dict(batch_size=4, chunk_size=8)  # 7 chunks: train 3, validation 2, test 2
 
 
@@ -37,15 +51,25 @@ def gloo_problem():
     return None
 
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(gloo_problem() is not None, reason=f"cannot start a gloo process group: {gloo_problem()}")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(gloo_problem() is not None, reason=f"cannot start a gloo process group: {gloo_problem()}"),
+]
 
 
 def run(command, **env):
     """A command with this worktree's kdcache, one torch thread per process (2 processes share 2 cores)."""
-    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **env)
-    return subprocess.run([str(part) for part in command], env=environment, capture_output=True, text=True, timeout=300)
+    environment = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **env,
+    )
+    return subprocess.run(
+        [str(part) for part in command], env=environment, capture_output=True, text=True, timeout=300
+    )
 
 
 def kdcache(*arguments, **env):
@@ -89,8 +113,21 @@ def views_reference(tmp_path_factory, tiny_dataset, tiny_teacher):
 
 
 def test_two_processes_make_the_same_cache_as_one(tmp_path, tiny_dataset, tiny_teacher, clean_reference):
-    arguments = ["teacher-logits", "--dataset", tiny_dataset, "--teacher", tiny_teacher, "--output", tmp_path / "two",
-                 "--batch-size", STAGE_ONE["batch_size"], "--chunk-size", STAGE_ONE["chunk_size"], "--num-processes", "2"]
+    arguments = [
+        "teacher-logits",
+        "--dataset",
+        tiny_dataset,
+        "--teacher",
+        tiny_teacher,
+        "--output",
+        tmp_path / "two",
+        "--batch-size",
+        STAGE_ONE["batch_size"],
+        "--chunk-size",
+        STAGE_ONE["chunk_size"],
+        "--num-processes",
+        "2",
+    ]
     done = kdcache(*arguments)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("kdcache cache:") == 1, "the summary is printed once, by the main process"
@@ -107,7 +144,8 @@ def test_two_processes_make_the_same_cache_as_one(tmp_path, tiny_dataset, tiny_t
 
 # teacher_logits (2 views per train image) with _write_chunk wrapped: every process logs the chunks it writes,
 # and process CRASH_RANK stops as at a Ctrl-C after writing CRASH_AFTER chunks.
-CHUNK_LOGGING_STAGE_ONE = """
+CHUNK_LOGGING_STAGE_ONE = (
+    """
 import os, sys
 from kdcache import cache
 from kdcache.runtime import end_process
@@ -126,17 +164,24 @@ cache._write_chunk = write_chunk
 dataset, teacher, output = sys.argv[1:4]
 cache.teacher_logits(dataset, teacher, output=output, views=2, progress=False, **%r)
 end_process(0)  # as kdcache's command line does under a launch
-""" % STAGE_ONE  # noqa: UP031 (a script template: %r keeps its dict braces as they are)
+"""
+    % STAGE_ONE
+)
 
 
 def test_a_stopped_process_resumes_by_chunk_and_a_bad_image_ends_all_with_one_line(
-        tmp_path, tiny_dataset, tiny_teacher, views_reference):
+    tmp_path, tiny_dataset, tiny_teacher, views_reference
+):
     script = tmp_path / "chunk_logging_stage_one.py"
     script.write_text(CHUNK_LOGGING_STAGE_ONE)
     output, work = tmp_path / "resumed", tmp_path / "resumed.partial"
     # Process 1 takes chunks 1, 3, 5 of the 7 (train 1, validation 0, test 0) and stops before its second.
-    crashed = run([*LAUNCH, script, tiny_dataset, tiny_teacher, output], CRASH_RANK="1", CRASH_AFTER="1",
-                  CHUNK_LOG=tmp_path / "first.log")
+    crashed = run(
+        [*LAUNCH, script, tiny_dataset, tiny_teacher, output],
+        CRASH_RANK="1",
+        CRASH_AFTER="1",
+        CHUNK_LOG=tmp_path / "first.log",
+    )
     assert crashed.returncode != 0 and "KeyboardInterrupt" in crashed.stderr
     assert not output.exists() and (work / "train" / "chunk-000001").exists()
     assert not (work / "validation" / "chunk-000000").exists()
@@ -155,10 +200,23 @@ def test_a_stopped_process_resumes_by_chunk_and_a_bad_image_ends_all_with_one_li
     broken = make_dataset_dict().cast_column("image", datasets.Image(decode=False))
     rows = broken["train"].to_dict()
     rows["image"][12] = {"bytes": b"not an image at all", "path": None}
-    broken["train"] = datasets.Dataset.from_dict(rows, features=broken["train"].features).cast_column("image", datasets.Image())
+    broken["train"] = datasets.Dataset.from_dict(rows, features=broken["train"].features).cast_column(
+        "image", datasets.Image()
+    )
     broken.save_to_disk(str(tmp_path / "broken"))
-    failed = kdcache("teacher-logits", "--dataset", tmp_path / "broken", "--teacher", tiny_teacher, "--output",
-                     tmp_path / "never", "--chunk-size", "8", "--num-processes", "2")
+    failed = kdcache(
+        "teacher-logits",
+        "--dataset",
+        tmp_path / "broken",
+        "--teacher",
+        tiny_teacher,
+        "--output",
+        tmp_path / "never",
+        "--chunk-size",
+        "8",
+        "--num-processes",
+        "2",
+    )
     assert failed.returncode == 1
     assert failed.stderr.count("kdcache: error:") == 1, failed.stderr
     assert "unreadable image in split 'train', row 12" in failed.stderr and "Traceback" not in failed.stderr
@@ -215,14 +273,20 @@ def test_two_processes_train_a_student_like_one_at_the_same_global_batch(tmp_pat
     assert two["best_eval_accuracy"] == one["best_eval_accuracy"]
 
     out = tmp_path / "two"
-    a, b = (AutoModelForImageClassification.from_pretrained(str(path)).state_dict() for path in (tmp_path / "one", out))
+    a, b = (
+        AutoModelForImageClassification.from_pretrained(str(path)).state_dict() for path in (tmp_path / "one", out)
+    )
     assert all(torch.allclose(a[name], b[name], atol=1e-4) for name in a)
     predictions = pipeline("image-classification", model=str(out))(Image.new("RGB", (40, 36), COLOURS[0]))
     assert {p["label"] for p in predictions} == set(LABELS)
     assert "batch 8 (2 processes of 4)" in (out / "README.md").read_text()
     assert json.loads((out / "kdcache_training.json").read_text())["recipe"]["processes"] == 2
-    assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == ["one", "student", "two", "two-views"], \
-        "one output folder per run, no work folder left"
+    assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == [
+        "one",
+        "student",
+        "two",
+        "two-views",
+    ], "one output folder per run, no work folder left"
 
     # The default student (MobileNetV2) on a cache with 2 views per image: each process replays its rows' views
     views = results[0]["views"]

@@ -112,13 +112,23 @@ def test_expected_calibration_error_equals_a_direct_computation():
         assert sum(b["count"] for b in result["calibration_bins"]) == 500 and len(result["calibration_bins"]) == 15
     # a model that is right exactly as often as it is sure: every row's confidence is 0.9 and 9 rows in 10 are right
     sure = np.log(np.array([[0.9, 0.05, 0.05]] * 100))
-    assert calibration(sure, np.array([0] * 90 + [1] * 10))["expected_calibration_error"] == pytest.approx(0.0, abs=1e-9)
-    assert calibration(sure, np.array([0] * 50 + [1] * 50))["expected_calibration_error"] == pytest.approx(0.4, abs=1e-9)
+    assert calibration(sure, np.array([0] * 90 + [1] * 10))["expected_calibration_error"] == pytest.approx(
+        0.0, abs=1e-9
+    )
+    assert calibration(sure, np.array([0] * 50 + [1] * 50))["expected_calibration_error"] == pytest.approx(
+        0.4, abs=1e-9
+    )
 
 
 def test_one_model_with_its_cache(tmp_path, tiny_dataset, tiny_teacher, tiny_cache):
-    report = evaluate_models([str(tiny_teacher)], cache=str(tiny_cache), split="test", batch_size=5,
-                             output=tmp_path / "eval", progress=False)
+    report = evaluate_models(
+        [str(tiny_teacher)],
+        cache=str(tiny_cache),
+        split="test",
+        batch_size=5,
+        output=tmp_path / "eval",
+        progress=False,
+    )
     assert report["dataset"] == str(tiny_dataset), "the dataset defaults to the one the cache was made from"
     saved = json.loads((tmp_path / "eval" / METRICS).read_text())
     result = report["models"][0]
@@ -127,7 +137,9 @@ def test_one_model_with_its_cache(tmp_path, tiny_dataset, tiny_teacher, tiny_cac
     expected = classification_metrics(plain_logits(tiny_teacher, tiny_dataset).argmax(1), references, LABELS)
     for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix"):
         assert result[key] == expected[key]
-    assert result["parameters"] == sum(p.numel() for p in AutoModelForImageClassification.from_pretrained(str(tiny_teacher)).parameters())
+    assert result["parameters"] == sum(
+        p.numel() for p in AutoModelForImageClassification.from_pretrained(str(tiny_teacher)).parameters()
+    )
     assert result["weights_bytes"] == (tiny_teacher / "model.safetensors").stat().st_size
     assert result["speed"]["forward_images_per_second"] > 0 and result["speed"]["end_to_end_images_per_second"] > 0
     # the teacher against its own cached logits: the same predictions, up to float noise from batching
@@ -140,7 +152,9 @@ def test_one_model_with_its_cache(tmp_path, tiny_dataset, tiny_teacher, tiny_cac
         assert image.format == "PNG" and image.width > 300 and image.height > 300
     assert "accuracy" in describe(report) and "top-1 agreement 1.0000" in describe(report)
     logits = plain_logits(tiny_teacher, tiny_dataset)
-    assert result["expected_calibration_error"] == pytest.approx(direct_ece(softmax(logits.astype(np.float64), -1), references), abs=1e-9)
+    assert result["expected_calibration_error"] == pytest.approx(
+        direct_ece(softmax(logits.astype(np.float64), -1), references), abs=1e-9
+    )
     assert f"ECE {result['expected_calibration_error']:.4f} (15 bins)" in describe(report)
     with Image.open(tmp_path / "eval" / RELIABILITY_PNG) as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 300
@@ -152,8 +166,14 @@ def test_several_models_side_by_side(tmp_path, tiny_dataset, tiny_teacher, tiny_
     # the teacher's weights with its outputs named in another order: output i now means permuted[i]
     permuted = save_vit_teacher(tmp_path / "permuted", id2label={0: LABELS[2], 1: LABELS[0], 2: LABELS[1]})
     models = [str(tiny_teacher), str(student), str(permuted)]
-    report = evaluate_models(models, dataset=str(tiny_dataset), cache=str(tiny_cache), batch_size=8,
-                             output=tmp_path / "compare", progress=False)
+    report = evaluate_models(
+        models,
+        dataset=str(tiny_dataset),
+        cache=str(tiny_cache),
+        batch_size=8,
+        output=tmp_path / "compare",
+        progress=False,
+    )
     teacher_raw, student_raw = plain_logits(tiny_teacher, tiny_dataset), plain_logits(student, tiny_dataset)
     cached = datasets.load_from_disk(str(tiny_cache))["test"].with_format("numpy")[:]["teacher_logits"]
     references = datasets.load_from_disk(str(tiny_dataset))["test"]["labels"][:]
@@ -165,7 +185,9 @@ def test_several_models_side_by_side(tmp_path, tiny_dataset, tiny_teacher, tiny_
     combined = json.loads((tmp_path / "compare" / METRICS).read_text())
     assert [m["model"] for m in combined["models"]] == models
     for name in ("teacher", "student", "permuted"):
-        assert (tmp_path / "compare" / name / METRICS).exists() and (tmp_path / "compare" / name / CONFUSION_PNG).exists()
+        assert (tmp_path / "compare" / name / METRICS).exists() and (
+            tmp_path / "compare" / name / CONFUSION_PNG
+        ).exists()
         assert (tmp_path / "compare" / name / RELIABILITY_PNG).exists()
     with Image.open(tmp_path / "compare" / COMPARISON_PNG) as image:
         image.verify()
@@ -195,8 +217,14 @@ def test_input_errors_are_one_clear_line(tmp_path, tiny_dataset, tiny_teacher, t
     empty_test["test"] = empty_test["test"].select([])
     empty_test.save_to_disk(str(tmp_path / "empty-test"))
     cases = [
-        (dict(dataset=str(tmp_path / "empty-test")), f"^split 'test' of dataset '{tmp_path / 'empty-test'}' is empty; evaluate on another --split$"),
-        (dict(models=[str(tiny_teacher), str(other_names)]), "labels .*cat, dog, healthy.* do not match the dataset's.*no match for angular_leaf_spot, bean_rust"),
+        (
+            dict(dataset=str(tmp_path / "empty-test")),
+            f"^split 'test' of dataset '{tmp_path / 'empty-test'}' is empty; evaluate on another --split$",
+        ),
+        (
+            dict(models=[str(tiny_teacher), str(other_names)]),
+            "labels .*cat, dog, healthy.* do not match the dataset's.*no match for angular_leaf_spot, bean_rust",
+        ),
         (dict(split="nope"), "split 'nope' is not in dataset .*pass one of them with --split"),
         (dict(cache=str(tiny_cache), dataset=str(other_data)), "cache .* was made from other data than split 'test'"),
         (dict(cache=str(tiny_cache), split="nope"), "cache .* has no split 'nope'"),
@@ -205,7 +233,9 @@ def test_input_errors_are_one_clear_line(tmp_path, tiny_dataset, tiny_teacher, t
         (dict(output=precious), "not a kdcache evaluation"),
     ]
     for overrides, message in cases:
-        arguments = dict(models=[str(tiny_teacher)], dataset=str(tiny_dataset), output=tmp_path / "out", progress=False)
+        arguments = dict(
+            models=[str(tiny_teacher)], dataset=str(tiny_dataset), output=tmp_path / "out", progress=False
+        )
         arguments.update(overrides)
         with pytest.raises(KdcacheError, match=message) as error:
             evaluate_models(**arguments)
@@ -220,8 +250,21 @@ def test_cli(tmp_path, tiny_dataset, tiny_teacher):
     from kdcache.cli import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["evaluate", str(tiny_teacher), "--dataset", str(tiny_dataset), "--split", "validation",
-                                 "--batch-size", "4", "--output", str(tmp_path / "eval")])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(tiny_teacher),
+            "--dataset",
+            str(tiny_dataset),
+            "--split",
+            "validation",
+            "--batch-size",
+            "4",
+            "--output",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "accuracy" in result.stdout and "macro-F1" in result.stdout and "img/s" in result.stdout
     assert (tmp_path / "eval" / METRICS).exists()

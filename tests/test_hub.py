@@ -52,7 +52,9 @@ def test_a_failed_push_is_one_line_and_keeps_the_student(tmp_path, tiny_cache):
     message = str(failed.value)
     assert "\n" not in message
     assert message.startswith("could not push to hub repository 'me/beans-student' (OfflineModeIsEnabled: ")
-    assert message.endswith(f"the student is saved at '{output}': push it later with 'hf auth login' then "
-                            f"'hf upload me/beans-student {output} .'")
+    assert message.endswith(
+        f"the student is saved at '{output}': push it later with 'hf auth login' then "
+        f"'hf upload me/beans-student {output} .'"
+    )
     assert (output / "model.safetensors").exists() and (output / "preprocessor_config.json").exists()
     assert not (tmp_path / "student.partial").exists()

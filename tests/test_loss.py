@@ -74,12 +74,15 @@ def test_mixed_labels_are_a_weighted_cross_entropy():
     first, second = torch.randint(0, 4, (6,), generator=generator), torch.randint(0, 4, (6,), generator=generator)
     weight = torch.rand(6, 1, generator=generator)
     soft = weight * F.one_hot(first, 4) + (1 - weight) * F.one_hot(second, 4)
-    expected = (weight[:, 0] * F.cross_entropy(student, first, reduction="none")
-                + (1 - weight[:, 0]) * F.cross_entropy(student, second, reduction="none")).mean()
+    expected = (
+        weight[:, 0] * F.cross_entropy(student, first, reduction="none")
+        + (1 - weight[:, 0]) * F.cross_entropy(student, second, reduction="none")
+    ).mean()
     assert torch.allclose(distillation_loss(student, soft, None, alpha=0.0), expected, atol=1e-6)
 
 
 # DKD, DIST and logit standardisation, each against its paper's formula written out with plain probability math.
+
 
 def softmax_rows(logits, temperature):
     """softmax(z/T) of each row, as exp / sum of exp, in float64."""
@@ -151,26 +154,38 @@ def assert_value_and_gradient_match(ours_fn, reference_fn, classes=7, rows=12):
 
 @pytest.mark.parametrize("temperature,alpha", [(4.0, 0.5), (1.0, 0.5), (2.0, 1.0), (0.5, 0.3), (8.0, 0.9)])
 def test_dkd_loss_and_gradient_equal_the_papers_formula(temperature, alpha):
-    assert_value_and_gradient_match(lambda s, y, t: dkd_loss(s, y, t, temperature, alpha),
-                                    lambda s, y, t: paper_dkd(s, y, t, temperature, alpha))
-    assert_value_and_gradient_match(lambda s, y, t: dkd_loss(s, y, t, temperature, alpha, tckd_weight=0.5, nckd_weight=2.0),
-                                    lambda s, y, t: paper_dkd(s, y, t, temperature, alpha, 0.5, 2.0), classes=3)
+    assert_value_and_gradient_match(
+        lambda s, y, t: dkd_loss(s, y, t, temperature, alpha), lambda s, y, t: paper_dkd(s, y, t, temperature, alpha)
+    )
+    assert_value_and_gradient_match(
+        lambda s, y, t: dkd_loss(s, y, t, temperature, alpha, tckd_weight=0.5, nckd_weight=2.0),
+        lambda s, y, t: paper_dkd(s, y, t, temperature, alpha, 0.5, 2.0),
+        classes=3,
+    )
 
 
 @pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (4.0, 0.5), (2.0, 1.0), (0.5, 0.3)])
 def test_dist_loss_and_gradient_equal_the_papers_formula(temperature, alpha):
-    assert_value_and_gradient_match(lambda s, y, t: dist_loss(s, y, t, temperature, alpha),
-                                    lambda s, y, t: paper_dist(s, y, t, temperature, alpha))
-    assert_value_and_gradient_match(lambda s, y, t: dist_loss(s, y, t, temperature, alpha, inter_weight=2.0, intra_weight=0.5),
-                                    lambda s, y, t: paper_dist(s, y, t, temperature, alpha, 2.0, 0.5), classes=4)
+    assert_value_and_gradient_match(
+        lambda s, y, t: dist_loss(s, y, t, temperature, alpha), lambda s, y, t: paper_dist(s, y, t, temperature, alpha)
+    )
+    assert_value_and_gradient_match(
+        lambda s, y, t: dist_loss(s, y, t, temperature, alpha, inter_weight=2.0, intra_weight=0.5),
+        lambda s, y, t: paper_dist(s, y, t, temperature, alpha, 2.0, 0.5),
+        classes=4,
+    )
 
 
 @pytest.mark.parametrize("name", ["kd", "dkd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 def test_standardized_losses_equal_the_papers_formula(name, temperature):
-    reference = {"kd": lambda s, y, t: tutorial_loss(paper_standardized(s), y, paper_standardized(t), temperature, 1.0),
-                 "dkd": lambda s, y, t: paper_dkd(paper_standardized(s), y, paper_standardized(t), temperature, 1.0)}[name]
-    assert_value_and_gradient_match(lambda s, y, t: LOSSES[name](s, y, t, temperature, 1.0, standardize=True), reference)
+    reference = {
+        "kd": lambda s, y, t: tutorial_loss(paper_standardized(s), y, paper_standardized(t), temperature, 1.0),
+        "dkd": lambda s, y, t: paper_dkd(paper_standardized(s), y, paper_standardized(t), temperature, 1.0),
+    }[name]
+    assert_value_and_gradient_match(
+        lambda s, y, t: LOSSES[name](s, y, t, temperature, 1.0, standardize=True), reference
+    )
 
 
 @pytest.mark.parametrize("name", ["kd", "dkd"])
@@ -184,8 +199,11 @@ def test_standardisation_ignores_each_images_shift_and_scale(name):
     moved = loss(student * scale + shift, labels, teacher * scale.flip(0) - shift, 2.0, 1.0, standardize=True)
     assert torch.allclose(plain, moved, atol=1e-5, rtol=1e-5)
     # and without it the same change does matter, so the comparison above can fail
-    assert not torch.allclose(loss(student, labels, teacher, 2.0, 1.0),
-                              loss(student * scale + shift, labels, teacher * scale.flip(0) - shift, 2.0, 1.0), rtol=1e-3)
+    assert not torch.allclose(
+        loss(student, labels, teacher, 2.0, 1.0),
+        loss(student * scale + shift, labels, teacher * scale.flip(0) - shift, 2.0, 1.0),
+        rtol=1e-3,
+    )
 
 
 def test_dkd_needs_more_than_two_classes_and_one_target_class():
@@ -208,7 +226,9 @@ def test_dist_takes_mixed_labels_and_refuses_standardisation():
         dist_loss(student, mixed, teacher, standardize=True)
 
 
-@pytest.mark.parametrize("name,distillation_terms", [("kd", {"kl"}), ("dkd", {"tckd", "nckd"}), ("dist", {"inter", "intra"})])
+@pytest.mark.parametrize(
+    "name,distillation_terms", [("kd", {"kl"}), ("dkd", {"tckd", "nckd"}), ("dist", {"inter", "intra"})]
+)
 def test_every_loss_names_its_terms_and_is_cross_entropy_at_alpha_zero(name, distillation_terms):
     generator = torch.Generator().manual_seed(5)
     student, teacher = torch.randn(8, 5, generator=generator), torch.randn(8, 5, generator=generator)

@@ -47,7 +47,9 @@ def test_a_second_writer_is_refused_with_one_line_naming_the_holder(tmp_path):
 def test_a_lock_held_by_a_killed_process_does_not_block(tmp_path):
     output = tmp_path / "out"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(output)], env=environment, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(output)], env=environment, stdout=subprocess.PIPE, text=True
+    )
     pid, child = (int(value) for value in holder.stdout.readline().split())
     try:
         with pytest.raises(KdcacheError, match=f"pid {pid} on "):
@@ -99,7 +101,12 @@ def test_a_full_disk_is_one_line_and_only_the_scratch_is_removed(tmp_path, monke
     with pytest.raises(KdcacheError) as full:
         stage()
     message = str(full.value)
-    assert "\n" not in message and str(work) in message and "3.5 MB" in message and "run the same command again" in message
+    assert (
+        "\n" not in message
+        and str(work) in message
+        and "3.5 MB" in message
+        and "run the same command again" in message
+    )
     assert (work / "done" / "data").read_text() == "finished" and not (work / "half.tmp").exists()
     with output_lock(tmp_path / "out"):  # released on the way out
         pass
@@ -118,7 +125,9 @@ def test_what_counts_as_a_full_disk(tmp_path, monkeypatch):
     assert outputs.is_disk_full(Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"))
     assert not outputs.is_disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not outputs.is_disk_full(ValueError("no such column"))
-    torch_writer = RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0")
+    torch_writer = RuntimeError(
+        "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0"
+    )
     monkeypatch.setattr(outputs, "free_bytes", lambda folder: 10**12)
     assert not outputs.is_disk_full(torch_writer, tmp_path), "with room to spare it is some other write error"
     monkeypatch.setattr(outputs, "free_bytes", lambda folder: 4096)
@@ -133,8 +142,10 @@ def test_free_space_check_counts_the_work_already_done(tmp_path, monkeypatch):
     outputs.check_free_space(tmp_path / "out", 10_000, "the cache", work)  # 7000 free + 4000 written
     with pytest.raises(KdcacheError) as refused:
         outputs.check_free_space(tmp_path / "out", 10_000, "the cache")
-    assert str(refused.value) == (f"--output '{tmp_path / 'out'}' needs about 10.0 KB free for the cache, but its file "
-                                  "system has 7.0 KB free; free some space or choose another --output")
+    assert str(refused.value) == (
+        f"--output '{tmp_path / 'out'}' needs about 10.0 KB free for the cache, but its file "
+        "system has 7.0 KB free; free some space or choose another --output"
+    )
 
 
 def test_training_estimate_counts_the_checkpoints_kept():

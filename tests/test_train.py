@@ -32,7 +32,9 @@ def test_cached_loss_equals_online_loss_batch_by_batch(tiny_cache, tiny_dataset,
     online_rows = _online_rows(load_image_dataset(str(tiny_dataset))["train"], "image", "labels", pipeline_)
     cached_rows = cache["train"].with_format("torch", columns=["pixel_values", "labels", LOGITS])
     torch.manual_seed(0)
-    student = AutoModelForImageClassification.from_pretrained(str(save_mobilenet_student(tiny_cache.parent / "s0"))).eval()
+    student = AutoModelForImageClassification.from_pretrained(
+        str(save_mobilenet_student(tiny_cache.parent / "s0"))
+    ).eval()
     for start in range(0, 24, 8):
         rows = list(range(start, start + 8))
         cached = collate(cached_rows.__getitems__(rows))
@@ -81,8 +83,14 @@ def test_trained_student_is_a_pipeline_with_label_names_and_a_model_card(tmp_pat
     assert {p["label"] for p in predictions} == set(LABELS)
     card = (out / "README.md").read_text()
     manifest = json.loads((tiny_cache / MANIFEST).read_text())
-    for fact in (manifest["fingerprint"], "T=5.0", "alpha=0.5", "2 epochs", f"{summary['best_eval_accuracy']:.4f}",
-                 str(manifest["teacher"]["name_or_path"])):
+    for fact in (
+        manifest["fingerprint"],
+        "T=5.0",
+        "alpha=0.5",
+        "2 epochs",
+        f"{summary['best_eval_accuracy']:.4f}",
+        str(manifest["teacher"]["name_or_path"]),
+    ):
         assert fact in card
     recorded = json.loads((out / "kdcache_training.json").read_text())
     assert recorded["recipe"]["cache_fingerprint"] == manifest["fingerprint"]
@@ -97,24 +105,35 @@ def test_best_epoch_is_the_one_kept(tmp_path, tiny_cache):
     cache, _ = load_cache(tiny_cache)
     rows = cache["validation"].with_format("torch", columns=["pixel_values", "labels"])
     batch = Collator(ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_cache), backend="pil")))(
-        rows.__getitems__(list(range(len(rows)))))
+        rows.__getitems__(list(range(len(rows))))
+    )
     with torch.no_grad():
-        accuracy = (model(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).float().mean().item()
+        accuracy = (
+            (model(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).float().mean().item()
+        )
     assert accuracy == pytest.approx(best["eval_accuracy"])
     last = summary["history"][-1]
     assert (summary["last_eval_accuracy"], summary["last_epoch"]) == (last["eval_accuracy"], 3.0)
-    assert (summary["best_eval_accuracy"], summary["best_epoch"], summary["saved_epoch"]) == (best["eval_accuracy"], best["epoch"], best["epoch"])
+    assert (summary["best_eval_accuracy"], summary["best_epoch"], summary["saved_epoch"]) == (
+        best["eval_accuracy"],
+        best["epoch"],
+        best["epoch"],
+    )
     recorded = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())
     assert recorded["last_eval_accuracy"] == last["eval_accuracy"] and recorded["best_epoch"] == best["epoch"]
-    assert (f"| validation accuracy | best {best['eval_accuracy']:.4f} (epoch {best['epoch']:g}), last "
-            f"{last['eval_accuracy']:.4f} (epoch 3); the best epoch's weights are saved |") in (tmp_path / "s" / "README.md").read_text()
+    assert (
+        f"| validation accuracy | best {best['eval_accuracy']:.4f} (epoch {best['epoch']:g}), last "
+        f"{last['eval_accuracy']:.4f} (epoch 3); the best epoch's weights are saved |"
+    ) in (tmp_path / "s" / "README.md").read_text()
     from kdcache.train import summary_line
 
     assert f"at epoch {best['epoch']:g}, last {last['eval_accuracy']:.4f} at epoch 3 of 3" in summary_line(summary)
 
 
 def test_without_checkpoints_the_last_epoch_is_saved_and_said_so(tmp_path, tiny_cache):
-    summary = train_student(tiny_cache, output=tmp_path / "s", epochs=2, learning_rate=3e-3, save_checkpoints=False, **FAST)
+    summary = train_student(
+        tiny_cache, output=tmp_path / "s", epochs=2, learning_rate=3e-3, save_checkpoints=False, **FAST
+    )
     assert summary["saved_epoch"] == summary["last_epoch"] == 2.0
     card = (tmp_path / "s" / "README.md").read_text()
     assert ("the last epoch's weights are saved" in card) == (summary["best_epoch"] != 2.0)
@@ -168,8 +187,9 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, tiny_cache):
         with pytest.raises(KdcacheError) as refused:
             train_student(tiny_cache, output=tmp_path / "student", max_steps=1, **FAST)
     message = str(refused.value)
-    assert "\n" not in message and message.startswith(f"--output '{tmp_path / 'student'}' is being written by another "
-                                                      f"kdcache run (pid {os.getpid()} on ")
+    assert "\n" not in message and message.startswith(
+        f"--output '{tmp_path / 'student'}' is being written by another kdcache run (pid {os.getpid()} on "
+    )
     assert not (tmp_path / "student").exists() and not (tmp_path / "student.partial").exists()
 
 
@@ -185,8 +205,11 @@ def test_too_small_a_disk_is_refused_before_training(tmp_path, tiny_cache, monke
     with pytest.raises(KdcacheError) as refused:
         train_student(tiny_cache, output=tmp_path / "student", epochs=2, **FAST)
     assert not trained
-    assert re.fullmatch(r"--output '.*student' needs about [\d.]+ MB free for its checkpoints and the student, but its "
-                        r"file system has 1\.0 MB free; free some space or choose another --output", str(refused.value))
+    assert re.fullmatch(
+        r"--output '.*student' needs about [\d.]+ MB free for its checkpoints and the student, but its "
+        r"file system has 1\.0 MB free; free some space or choose another --output",
+        str(refused.value),
+    )
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumable(tmp_path, tiny_cache, monkeypatch):
@@ -239,7 +262,10 @@ def damaged_copy(tiny_cache, tmp_path, change):
     "change,message",
     [
         (lambda split: split.select(range(len(split) - 2)), "has 22 rows, its manifest says 24"),
-        (lambda split: split.map(lambda row: {LOGITS: [v * 1.01 for v in row[LOGITS]]}), "do not match their checksum"),
+        (
+            lambda split: split.map(lambda row: {LOGITS: [v * 1.01 for v in row[LOGITS]]}),
+            "do not match their checksum",
+        ),
     ],
 )
 def test_damaged_cache_is_refused(tmp_path, tiny_cache, change, message):
@@ -363,12 +389,21 @@ def test_student_size_is_the_same_box_resized(tmp_path, view_cache, tiny_cache):
     stored = clean["validation"][0]["pixel_values"]
     assert batch["pixel_values"].shape == (2, 3, 20, 20)
     assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(batch["pixel_values"][0], collate.pipeline.normalize(
-        torch.from_numpy(resize_pixels(np.asarray(stored, dtype=np.uint8), (20, 20), collate.pipeline.processor.resample))[None])[0])
+    assert torch.equal(
+        batch["pixel_values"][0],
+        collate.pipeline.normalize(
+            torch.from_numpy(
+                resize_pixels(np.asarray(stored, dtype=np.uint8), (20, 20), collate.pipeline.processor.resample)
+            )[None]
+        )[0],
+    )
     # trained and saved at that size: the saved processor feeds the student 20x20 pixels
     train_student(view_cache, output=tmp_path / "small", max_steps=2, student_size=20, **FAST)
     classifier = pipeline("image-classification", model=str(tmp_path / "small"))
-    assert classifier.image_processor(Image.new("RGB", (50, 40)), return_tensors="pt")["pixel_values"].shape[-2:] == (20, 20)
+    assert classifier.image_processor(Image.new("RGB", (50, 40)), return_tensors="pt")["pixel_values"].shape[-2:] == (
+        20,
+        20,
+    )
     assert len(classifier(Image.new("RGB", (50, 40)))) == 3
 
 
@@ -385,17 +420,23 @@ def test_ema_is_what_is_saved_and_both_load_as_pipelines(tmp_path, tiny_cache, m
             kept.append(self)
 
     monkeypatch.setattr(train_module, "StudentEMA", Recorded)
-    train_student(tiny_cache, output=tmp_path / "ema", epochs=2, ema_decay=0.5, eval_split=None, save_checkpoints=False, **FAST)
+    train_student(
+        tiny_cache, output=tmp_path / "ema", epochs=2, ema_decay=0.5, eval_split=None, save_checkpoints=False, **FAST
+    )
     train_student(tiny_cache, output=tmp_path / "plain", epochs=2, eval_split=None, save_checkpoints=False, **FAST)
     averaged = kept[0].ema.module.state_dict()
     saved, plain = weights(tmp_path / "ema"), weights(tmp_path / "plain")
     for name, value in saved.items():
         assert torch.allclose(value.float(), averaged[name].float()), name
-    assert any(not torch.allclose(saved[name].float(), plain[name].float()) for name in saved), "the EMA is not the last step"
+    assert any(not torch.allclose(saved[name].float(), plain[name].float()) for name in saved), (
+        "the EMA is not the last step"
+    )
     for folder in ("ema", "plain"):
         assert len(pipeline("image-classification", model=str(tmp_path / folder))(Image.new("RGB", (40, 36)))) == 3
     recorded = json.loads((tmp_path / "ema" / "kdcache_training.json").read_text())
-    assert recorded["recipe"]["ema_decay"] == 0.5 and "EMA with decay 0.5" in (tmp_path / "ema" / "README.md").read_text()
+    assert (
+        recorded["recipe"]["ema_decay"] == 0.5 and "EMA with decay 0.5" in (tmp_path / "ema" / "README.md").read_text()
+    )
 
 
 def test_ema_with_evaluation_and_resume(tmp_path, tiny_cache, monkeypatch):
@@ -416,7 +457,10 @@ def test_loss_terms_are_logged_beside_the_total(tmp_path, tiny_cache):
     for entry in logs:
         assert entry["loss"] == pytest.approx(0.7 * entry["loss_ce"] + 0.3 * 4.0 * entry["loss_kl"], rel=1e-4)
     scratch = train_student(tiny_cache, output=tmp_path / "scratch", max_steps=2, alpha=0.0, **FAST)
-    assert all("loss_kl" not in entry and entry["loss"] == pytest.approx(entry["loss_ce"], rel=1e-5) for entry in scratch["train_log"])
+    assert all(
+        "loss_kl" not in entry and entry["loss"] == pytest.approx(entry["loss_ce"], rel=1e-5)
+        for entry in scratch["train_log"]
+    )
     events = list((tmp_path / "s" / "runs").rglob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -424,16 +468,21 @@ def test_loss_terms_are_logged_beside_the_total(tmp_path, tiny_cache):
     assert {"train/loss_ce", "train/loss_kl", "train/loss"} <= set(tags)
 
 
-@pytest.mark.parametrize("loss,temperature,distillation", [
-    ("dkd", 4.0, lambda entry: entry["loss_tckd"] + 8.0 * entry["loss_nckd"]),
-    ("dist", 1.0, lambda entry: entry["loss_inter"] + entry["loss_intra"]),
-])
+@pytest.mark.parametrize(
+    "loss,temperature,distillation",
+    [
+        ("dkd", 4.0, lambda entry: entry["loss_tckd"] + 8.0 * entry["loss_nckd"]),
+        ("dist", 1.0, lambda entry: entry["loss_inter"] + entry["loss_intra"]),
+    ],
+)
 def test_each_loss_trains_and_logs_its_terms(tmp_path, tiny_cache, loss, temperature, distillation):
     summary = train_student(tiny_cache, output=tmp_path / "s", max_steps=3, alpha=0.3, loss=loss, **FAST)
     assert summary["recipe"]["loss"] == loss and summary["recipe"]["temperature"] == temperature
     assert len(summary["train_log"]) == 3
     for entry in summary["train_log"]:
-        assert entry["loss"] == pytest.approx(0.7 * entry["loss_ce"] + 0.3 * temperature**2 * distillation(entry), rel=1e-4)
+        assert entry["loss"] == pytest.approx(
+            0.7 * entry["loss_ce"] + 0.3 * temperature**2 * distillation(entry), rel=1e-4
+        )
     assert f"| loss | {loss}: (1-alpha) CE + alpha T^2" in (tmp_path / "s" / "README.md").read_text()
     events = list((tmp_path / "s" / "runs").rglob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -453,7 +502,9 @@ def test_dkd_is_refused_on_two_classes_before_training(tmp_path, tiny_teacher):
     datasets.DatasetDict({"train": two}).save_to_disk(str(tmp_path / "two"))
     teacher = save_vit_teacher(tmp_path / "teacher", id2label=dict(enumerate(LABELS[:2])))
     cache = teacher_logits(str(tmp_path / "two"), str(teacher), output=tmp_path / "cache", progress=False)
-    with pytest.raises(KdcacheError, match=r"--loss dkd needs more than 2 classes .* has 2; use --loss kd or --loss dist") as refused:
+    with pytest.raises(
+        KdcacheError, match=r"--loss dkd needs more than 2 classes .* has 2; use --loss kd or --loss dist"
+    ) as refused:
         train_student(cache, output=tmp_path / "s", eval_split=None, max_steps=1, loss="dkd", **FAST)
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "s").exists() and not (tmp_path / "s.partial").exists()
@@ -466,7 +517,9 @@ def mixed_train_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
     from kdcache.cache import teacher_logits
 
     output = tmp_path_factory.mktemp("train-mixed") / "cache"
-    return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, views=2, mix_alpha=1.0, batch_size=8, progress=False)
+    return teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=output, views=2, mix_alpha=1.0, batch_size=8, progress=False
+    )
 
 
 def test_mixed_rows_rebuild_the_teachers_input_and_mix_the_labels(mixed_train_cache, tiny_teacher):
@@ -476,14 +529,18 @@ def test_mixed_rows_rebuild_the_teachers_input_and_mix_the_labels(mixed_train_ca
     cache, manifest = load_cache(mixed_train_cache)
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
     rows = ViewRows(cache["train"], recipe, seed=1)
-    collate = Collator(ImagePipeline(AutoImageProcessor.from_pretrained(str(mixed_train_cache), backend="pil")), None, 3)
+    collate = Collator(
+        ImagePipeline(AutoImageProcessor.from_pretrained(str(mixed_train_cache), backend="pil")), None, 3
+    )
     teacher_model = load_classifier(str(tiny_teacher))
     teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, LABELS))
     for epoch in (0, 1):
         rows.epoch = epoch
         items = rows.__getitems__(list(range(8)))
         batch = collate(items)
-        assert (batch["teacher_logits"] - teacher(batch["pixel_values"])).abs().max() <= 1e-5, "the teacher's own input"
+        assert (batch["teacher_logits"] - teacher(batch["pixel_values"])).abs().max() <= 1e-5, (
+            "the teacher's own input"
+        )
         for item, labels in zip(items, batch["labels"]):
             expected = torch.zeros(3)
             expected[int(item["labels"])] += float(item["mix_weights"])
@@ -505,7 +562,9 @@ def test_dkd_is_refused_on_mixed_views_and_dist_trains_on_them(tmp_path, mixed_t
 
 
 def test_same_seed_same_machine_same_student(tmp_path, view_cache):
-    runs = [train_student(view_cache, output=tmp_path / f"run{i}", max_steps=4, student_size=24, **FAST) for i in range(2)]
+    runs = [
+        train_student(view_cache, output=tmp_path / f"run{i}", max_steps=4, student_size=24, **FAST) for i in range(2)
+    ]
     assert runs[0]["train_losses"] == runs[1]["train_losses"]
     a, b = weights(tmp_path / "run0"), weights(tmp_path / "run1")
     assert all(torch.equal(a[name], b[name]) for name in a)

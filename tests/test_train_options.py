@@ -39,7 +39,10 @@ FAST = dict(batch_size=8, progress=False, logging_steps=1)
         (dict(push_to_hub="not a repo!"), r"--push-to-hub 'not a repo!' is not a hub repository id"),
         (dict(device="cuda:0"), r"--device 'cuda:0' asked for CUDA but no CUDA GPU"),
         (dict(loss="ce"), r"--loss 'ce' is not one of kd, dkd, dist"),
-        (dict(loss="dist", standardize_logits=True), r"--standardize-logits is an option of the KL-based losses .* not of --loss dist"),
+        (
+            dict(loss="dist", standardize_logits=True),
+            r"--standardize-logits is an option of the KL-based losses .* not of --loss dist",
+        ),
         (dict(loss="dkd", temperature=0), r"temperature must be > 0"),
     ],
 )
@@ -58,8 +61,9 @@ def test_the_command_line_prints_a_bad_option_as_one_line(tmp_path, tiny_cache):
 
     from kdcache.cli import app
 
-    result = CliRunner().invoke(app, ["train-student", str(tiny_cache), "--output", str(tmp_path / "s"),
-                                      "--warmup-ratio", "1"])
+    result = CliRunner().invoke(
+        app, ["train-student", str(tiny_cache), "--output", str(tmp_path / "s"), "--warmup-ratio", "1"]
+    )
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         "kdcache: error: --warmup-ratio 1.0 is the fraction of the steps spent warming up: it must be >= 0 and < 1"
@@ -91,7 +95,9 @@ def interrupted(tiny_cache, output, event="save", **options):
 
 def test_resume_refuses_other_options_and_continues_with_the_same(tmp_path, tiny_cache):
     output = tmp_path / "s"
-    with pytest.raises(KdcacheError, match=r"--resume: there is no interrupted run to continue .*s.partial' does not exist"):
+    with pytest.raises(
+        KdcacheError, match=r"--resume: there is no interrupted run to continue .*s.partial' does not exist"
+    ):
         train_student(tiny_cache, output=output, epochs=2, resume=True, **FAST)
     work = interrupted(tiny_cache, output)
     recorded = json.loads((work / OPTIONS_FILE).read_text())
@@ -103,19 +109,25 @@ def test_resume_refuses_other_options_and_continues_with_the_same(tmp_path, tiny
         "--learning-rate 0.001 (now 0.002); resume with the same options, or pass --overwrite to start over"
     )
     assert any(work.glob("checkpoint-*")), "a refused resume keeps the interrupted run"
-    with pytest.raises(KdcacheError, match=r'other options: --loss "kd" \(now "dist"\); --temperature 5.0 \(now 1.0\); resume'):
+    with pytest.raises(
+        KdcacheError, match=r'other options: --loss "kd" \(now "dist"\); --temperature 5.0 \(now 1.0\); resume'
+    ):
         train_student(tiny_cache, output=output, epochs=2, loss="dist", resume=True, **FAST)
     # how fast and how loud may change: workers, logging
-    summary = train_student(tiny_cache, output=output, epochs=2, resume=True, num_workers=0,
-                            **{**FAST, "logging_steps": 2})
+    summary = train_student(
+        tiny_cache, output=output, epochs=2, resume=True, num_workers=0, **{**FAST, "logging_steps": 2}
+    )
     assert summary["epochs"] == 2 and output.is_dir() and not work.exists()
 
 
 def test_resume_with_nothing_to_resume_is_refused(tmp_path, tiny_cache):
     output = tmp_path / "s"
     work = interrupted(tiny_cache, output, event="begin")
-    with pytest.raises(KdcacheError, match=r"stopped before its first checkpoint, so there is nothing to continue; "
-                                           r"pass --overwrite instead"):
+    with pytest.raises(
+        KdcacheError,
+        match=r"stopped before its first checkpoint, so there is nothing to continue; "
+        r"pass --overwrite instead",
+    ):
         train_student(tiny_cache, output=output, epochs=2, resume=True, **FAST)
     shutil.rmtree(work)
     work = interrupted(tiny_cache, output)
@@ -143,5 +155,7 @@ def test_online_runs_only_the_teacher_that_made_the_cache(tmp_path, tiny_cache, 
     cache = teacher_logits(str(tiny_dataset), str(moved), output=tmp_path / "cache", splits=["train"], progress=False)
     shutil.rmtree(moved)
     save_vit_teacher(moved, seed=1)
-    with pytest.raises(KdcacheError, match=r"the cache's teacher '.*teacher' no longer has the weights that made cache"):
+    with pytest.raises(
+        KdcacheError, match=r"the cache's teacher '.*teacher' no longer has the weights that made cache"
+    ):
         train_student(cache, output=tmp_path / "t", online=True, eval_split=None, max_steps=1, **FAST)

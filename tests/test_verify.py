@@ -20,10 +20,25 @@ from kdcache.verify import describe, verify_teacher_logits
 def view_caches(tmp_path_factory, tiny_dataset, tiny_teacher):
     """A cache with views of train and a clean validation split, and one of mixed views."""
     folder = tmp_path_factory.mktemp("verify")
-    views = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=folder / "views", views=2, batch_size=8,
-                           splits=["train", "validation"], progress=False)
-    mixed = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=folder / "mixed", views=2, mix_alpha=1.0,
-                           batch_size=8, splits=["train"], progress=False)
+    views = teacher_logits(
+        str(tiny_dataset),
+        str(tiny_teacher),
+        output=folder / "views",
+        views=2,
+        batch_size=8,
+        splits=["train", "validation"],
+        progress=False,
+    )
+    mixed = teacher_logits(
+        str(tiny_dataset),
+        str(tiny_teacher),
+        output=folder / "mixed",
+        views=2,
+        mix_alpha=1.0,
+        batch_size=8,
+        splits=["train"],
+        progress=False,
+    )
     return views, mixed
 
 
@@ -87,7 +102,9 @@ def test_the_command_exits_non_zero_on_a_bad_cache(tmp_path, tiny_cache):
 
 def test_another_teacher_is_refused_and_a_local_copy_is_accepted(tmp_path, tiny_cache, tiny_teacher):
     other = save_vit_teacher(tmp_path / "other", seed=1)
-    with pytest.raises(KdcacheError, match=r"--teacher '.*other' has other weights than the teacher that made cache") as refused:
+    with pytest.raises(
+        KdcacheError, match=r"--teacher '.*other' has other weights than the teacher that made cache"
+    ) as refused:
         verify_teacher_logits(tiny_cache, teacher=str(other), progress=False)
     assert "\n" not in str(refused.value)
 
@@ -96,13 +113,20 @@ def test_another_teacher_is_refused_and_a_local_copy_is_accepted(tmp_path, tiny_
     manifest = json.loads((offline / MANIFEST).read_text())
     manifest["teacher"]["name_or_path"] = "kdcache-tests/no-such-teacher"
     (offline / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(KdcacheError, match=r"could not load the teacher 'kdcache-tests/no-such-teacher' .* pass a local folder with --teacher"):
+    with pytest.raises(
+        KdcacheError,
+        match=r"could not load the teacher 'kdcache-tests/no-such-teacher' .* pass a local folder with --teacher",
+    ):
         verify_teacher_logits(offline, progress=False)
     assert verify_teacher_logits(offline, teacher=str(tiny_teacher), sample=4, progress=False)["passed"]
 
     result = CliRunner().invoke(app, ["verify", str(tiny_cache), "--teacher", str(other)])
     # transformers' own "Loading weights" progress bar may come first; kdcache's message is one line
-    lines = [line for line in result.output.replace("\r", "\n").splitlines() if line.strip() and not line.startswith("Loading weights")]
+    lines = [
+        line
+        for line in result.output.replace("\r", "\n").splitlines()
+        if line.strip() and not line.startswith("Loading weights")
+    ]
     assert result.exit_code == 1 and len(lines) == 1 and "other weights" in lines[0]
 
 
