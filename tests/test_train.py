@@ -439,6 +439,25 @@ def test_ema_is_what_is_saved_and_both_load_as_pipelines(tmp_path, tiny_cache, m
     )
 
 
+def test_the_ema_forgets_the_random_initial_weights_within_a_few_steps():
+    from torch.optim.swa_utils import AveragedModel
+
+    from kdcache.train import ema_decay_at, warmed_up_ema
+
+    assert ema_decay_at(0.99, 0) == 0.1 and ema_decay_at(0.99, 1000) == 0.99
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    averaged = AveragedModel(model, multi_avg_fn=warmed_up_ema(0.999), use_buffers=True)
+    averaged.update_parameters(model)  # the first update copies the weights as they are: the random ones
+    with torch.no_grad():
+        for step in range(30):
+            model[0].weight.fill_(1.0)
+            model[1].num_batches_tracked.fill_(step + 1)
+            averaged.update_parameters(model)
+    # the random weights' share is the product of the warmed-up decays (2/11 * 3/12 * ... < 1e-4), not 0.999**30
+    assert torch.allclose(averaged.module[0].weight, torch.ones(3, 4), atol=1e-3)
+    assert averaged.module[1].num_batches_tracked.item() == 30, "integer buffers follow the model"
+
+
 def test_ema_with_evaluation_and_resume(tmp_path, tiny_cache, monkeypatch):
     whole = train_student(tiny_cache, output=tmp_path / "whole", epochs=2, ema_decay=0.8, **FAST)
     with crash_after_first_save(monkeypatch), pytest.raises(KeyboardInterrupt):
