@@ -84,6 +84,7 @@ def run(args):
                 "student_size": summary["recipe"]["student_size"][0],
                 "output": str(student),
                 "batchnorm_momentum": BATCHNORM_MOMENTUM,
+                "ema_warmup": True,  # kdcache.train.ema_decay_at; runs before it had an EMA that stayed at chance
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "wall_minutes": round((time.time() - started) / 60, 2),
             }
@@ -119,6 +120,8 @@ def table(args):
     for line in final:  # runs before the BatchNorm fix (kdcache.train.BATCHNORM_MOMENTUM) are their own rows
         if line.get("batchnorm_momentum", 0.997) != 0.1:
             line["recipe"] += f" (BatchNorm momentum {line.get('batchnorm_momentum', 0.997)})"
+        if line["training"].get("ema_decay") and not line.get("ema_warmup"):
+            line["recipe"] += " (EMA without warm-up)"
     rows = []
     for recipe in dict.fromkeys(line["recipe"] for line in final):
         runs = [line for line in final if line["recipe"] == recipe]
