@@ -271,10 +271,11 @@ def evaluate_command(
         None, help="Hub dataset id or local folder.", show_default="the one --cache was made from, else beans"
     ),
     split: str = typer.Option("test", help="Split to evaluate on."),
-    cache: Optional[Path] = typer.Option(
+    cache: Optional[list[Path]] = typer.Option(
         None,
-        help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher.",
+        help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher. Repeat it for a teacher ensemble: agreement with each teacher and with the ensemble (probabilities averaged at T=1).",
     ),
+    teacher_weights: Optional[str] = typer.Option(None, show_default="equal", help=TEACHER_WEIGHTS_HELP),
     batch_size: int = typer.Option(32, help="Images per forward pass (the throughput is measured at this size)."),
     device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
     output: Optional[Path] = typer.Option(
@@ -316,13 +317,14 @@ def evaluate_command(
         models,
         dataset=dataset,
         split=split,
-        cache=cache,
+        cache=list(cache or []),
         batch_size=batch_size,
         device=device,
         output=output,
         image_column=image_column,
         label_column=label_column,
         match_labels_by_index=match_labels_by_index,
+        teacher_weights=_weights(teacher_weights),
     )
     typer.echo(describe(report))
 
