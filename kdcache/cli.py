@@ -125,6 +125,24 @@ def _split_list(value: Optional[str]) -> Optional[list[str]]:
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
 
 
+def _weights(value: Optional[str]) -> Optional[list[float]]:
+    """--teacher-weights 0.5,0.5: one number per cache (checked by kdcache.options.check_teacher_weights)."""
+    if value is None:
+        return None
+    try:
+        return [float(part) for part in _split_list(value) or [""]]
+    except ValueError:
+        raise KdcacheError(
+            f"--teacher-weights '{value}' is not a comma-separated list of numbers, one per cache (e.g. 0.5,0.5)"
+        ) from None
+
+
+TEACHER_WEIGHTS_HELP = (
+    "With several caches: the weight of each cache's teacher in the ensemble, comma-separated in the caches' order "
+    "(e.g. 0.7,0.3); normalised to sum 1."
+)
+
+
 @app.command("teacher-logits")
 @friendly
 def teacher_logits_command(
@@ -253,10 +271,11 @@ def evaluate_command(
         None, help="Hub dataset id or local folder.", show_default="the one --cache was made from, else beans"
     ),
     split: str = typer.Option("test", help="Split to evaluate on."),
-    cache: Optional[Path] = typer.Option(
+    cache: Optional[list[Path]] = typer.Option(
         None,
-        help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher.",
+        help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher. Repeat it for a teacher ensemble: agreement with each teacher and with the ensemble (probabilities averaged at T=1).",
     ),
+    teacher_weights: Optional[str] = typer.Option(None, show_default="equal", help=TEACHER_WEIGHTS_HELP),
     batch_size: int = typer.Option(32, help="Images per forward pass (the throughput is measured at this size)."),
     device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
     output: Optional[Path] = typer.Option(
@@ -298,13 +317,14 @@ def evaluate_command(
         models,
         dataset=dataset,
         split=split,
-        cache=cache,
+        cache=list(cache or []),
         batch_size=batch_size,
         device=device,
         output=output,
         image_column=image_column,
         label_column=label_column,
         match_labels_by_index=match_labels_by_index,
+        teacher_weights=_weights(teacher_weights),
     )
     typer.echo(describe(report))
 
@@ -363,7 +383,12 @@ def verify_command(
 @app.command("train-student")
 @friendly
 def train_student_command(
-    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
+    cache: list[Path] = typer.Argument(
+        ...,
+        metavar="CACHE",
+        help="A cache folder written by kdcache teacher-logits; several caches of the same rows and views: a teacher ensemble, their probabilities averaged at T.",
+        show_default=False,
+    ),
     output: Optional[Path] = typer.Option(
         None, show_default="data/students/<cache>-distilled", help="Folder for the trained student."
     ),
@@ -394,6 +419,7 @@ def train_student_command(
         "--standardize-logits",
         help="z-score each image's logits, student's and teacher's, before the softmax: the student matches the teacher's ranking of the classes, not the range of its logits, and T becomes a base temperature (Sun et al. 2024 use 2). kd and dkd.",
     ),
+    teacher_weights: Optional[str] = typer.Option(None, show_default="equal", help=TEACHER_WEIGHTS_HELP),
     epochs: float = typer.Option(DEFAULT("epochs"), help="Training epochs."),
     learning_rate: float = typer.Option(DEFAULT("learning_rate"), help="Peak AdamW learning rate."),
     batch_size: int = typer.Option(
@@ -479,6 +505,11 @@ def train_student_command(
       kdcache train-student data/beans--effl0-beans
       kdcache train-student data/beans--effl0-beans --alpha 0 --output data/students/beans-scratch
 
+    A teacher ensemble: two caches of the same data and views, by two teachers, their probabilities averaged at T:
+
+    \b
+      kdcache train-student data/beans--teacher-a data/beans--teacher-b --teacher-weights 0.6,0.4
+
     From a cache of (mixed) views, patient and consistent: the teacher alone, at 128 px, with an EMA:
 
     \b
@@ -499,6 +530,7 @@ def train_student_command(
         temperature=temperature,
         alpha=alpha,
         standardize_logits=standardize_logits,
+        teacher_weights=_weights(teacher_weights),
         epochs=epochs,
         learning_rate=learning_rate,
         batch_size=batch_size,
@@ -519,7 +551,7 @@ def train_student_command(
         precision=precision,
         push_to_hub=push_to_hub,
     )
-    train_student(cache, output=output, options=options, progress=True)
+    train_student(cache[0] if len(cache) == 1 else cache, output=output, options=options, progress=True)
 
 
 @app.command("demo")

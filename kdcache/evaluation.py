@@ -20,6 +20,7 @@ from kdcache.cache import LABELS, LOGITS, load_cache
 from kdcache.data import decode_images, find_columns, label_names, load_image_dataset, load_image_processor, undecoded
 from kdcache.errors import KdcacheError, hub_error
 from kdcache.models import align_labels, count_parameters, load_classifier
+from kdcache.options import check_teacher_weights
 from kdcache.runtime import check_writable_parent, move_into_place, output_path, pick_device, slug, tune_malloc
 
 METRICS, CONFUSION_PNG, COMPARISON_PNG = "metrics.json", "confusion_matrix.png", "comparison.png"
@@ -114,7 +115,7 @@ def evaluate_models(
     models: list[str] | str,
     dataset: str | None = None,
     split: str = "test",
-    cache: str | Path | None = None,
+    cache: str | Path | list | None = None,
     batch_size: int = 32,
     device: str = "auto",
     output: str | Path | None = None,
@@ -122,18 +123,24 @@ def evaluate_models(
     label_column: str | None = None,
     match_labels_by_index: bool = False,
     progress: bool = True,
+    teacher_weights: list[float] | None = None,
 ) -> dict:
     """Evaluate each model (hub id or local folder) on `split` of `dataset` and write metrics.json and plots.
 
     `dataset` defaults to the one the cache was made from, else "beans". With `cache`, each model is also compared
-    with the cached teacher logits of the same rows. Returns {"output", "dataset", "split", "rows", "models": [one
-    dict per model, as in its metrics.json]}.
+    with the cached teacher logits of the same rows. `cache` may be a list of caches of the same rows, a teacher
+    ensemble: each model is then compared with each teacher ("teacher_agreements") and with the ensemble
+    ("teacher_agreement": its probabilities at T=1, averaged with `teacher_weights`, normalised; equal by default).
+    Returns {"output", "dataset", "split", "rows", "models": [one dict per model, as in its metrics.json]}.
     """
     models = [models] if isinstance(models, str) else list(models)
     if not models:
         raise KdcacheError("name at least one model to evaluate (a hub id or a folder written by save_pretrained)")
     if batch_size < 1:
         raise KdcacheError("--batch-size must be at least 1")
+    caches = [cache] if isinstance(cache, (str, Path)) else list(cache or [])
+    check_teacher_weights(teacher_weights, len(caches))
+    cache = caches[0] if caches else None  # the first cache says which dataset and columns, as a lone one does
     tune_malloc()
     torch_device = pick_device(device)
 
@@ -168,6 +175,9 @@ def evaluate_models(
     teacher = None
     if manifest is not None:
         teacher = _cached_teacher(cached, manifest, cache, rows, dataset, split, names, references)
+    members = [(cache, manifest, teacher)] if manifest is not None else []  # an ensemble's caches, in order
+    for other in caches[1:]:
+        members.append(_other_teacher(other, rows, dataset, split, names, references))
 
     # Every model's labels and image processor are checked before any is run: a mistake in the third model
     # should not cost the time of the first two.
@@ -202,13 +212,15 @@ def evaluate_models(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "output": str(output / folder) if folder else str(output),
         }
-        if teacher is not None:
+        if teacher is not None and len(members) == 1:
             result["teacher_agreement"] = {
                 "cache": str(cache),
                 "cache_fingerprint": manifest.fingerprint,
                 "teacher": manifest.teacher["name_or_path"],
                 **teacher_agreement(logits, teacher, references),
             }
+        elif members:
+            result.update(ensemble_agreement(logits, members, references, teacher_weights))
         results.append(result)
         del model
 
@@ -263,6 +275,49 @@ def _cached_teacher(cached, manifest, cache, rows, dataset, split, names, refere
     if not np.array_equal(np.asarray(part[LABELS], dtype=np.int64), references):
         raise KdcacheError(f"cache '{cache}' split '{split}' holds other labels than the dataset's; rebuild the cache")
     return np.asarray(part[LOGITS], dtype=np.float32)
+
+
+def _other_teacher(cache, rows, dataset, split, names, references):
+    """(cache, manifest, teacher logits) of an ensemble's second or later cache, checked as the first one is."""
+    cached, manifest = load_cache(cache)
+    if split not in manifest.splits:
+        raise KdcacheError(
+            f"cache '{cache}' has no split '{split}' (splits: {', '.join(manifest.splits)}); pick one that every "
+            f"cache has with --split, or cache it with kdcache teacher-logits --splits {split}"
+        )
+    return cache, manifest, _cached_teacher(cached, manifest, cache, rows, dataset, split, names, references)
+
+
+def ensemble_agreement(logits, members, references, weights=None) -> dict:
+    """A model against several cached teachers of the same rows (`members`: (cache, manifest, teacher logits)):
+    "teacher_agreements", one dict per teacher as a lone cache gives, and "teacher_agreement", the same figures
+    against the ensemble, whose probabilities are the teachers' softmax at T=1 averaged with the normalised
+    `weights` (kdcache.loss.ensemble_teacher_logits, as train-student averages them at its T)."""
+    from kdcache.ensemble import normalised_weights
+    from kdcache.loss import ensemble_teacher_logits
+
+    weights = normalised_weights(weights, len(members))
+    ensemble = ensemble_teacher_logits([teacher for _, _, teacher in members], weights, 1.0).numpy()
+    each = [
+        {
+            "cache": str(cache),
+            "cache_fingerprint": manifest.fingerprint,
+            "teacher": manifest.teacher["name_or_path"],
+            **teacher_agreement(logits, teacher, references),
+        }
+        for cache, manifest, teacher in members
+    ]
+    return {
+        "teacher_agreement": {
+            "cache": [entry["cache"] for entry in each],
+            "cache_fingerprint": [entry["cache_fingerprint"] for entry in each],
+            "teacher": [entry["teacher"] for entry in each],
+            "teacher_weights": weights,
+            "ensemble": "the teachers' probabilities at T=1, averaged with teacher_weights",
+            **teacher_agreement(logits, ensemble, references),
+        },
+        "teacher_agreements": each,
+    }
 
 
 def _prepare(name: str, names: list[str], by_index: bool):
@@ -383,11 +438,11 @@ def describe(report: dict) -> str:
         ]
         if "teacher_agreement" in result:
             agreement = result["teacher_agreement"]
-            lines.append(
+            lines += _ensemble_lines(result) or [
                 f"  teacher     top-1 agreement {agreement['top1_agreement']:.4f}, KL(teacher||model) "
                 f"{agreement['kl_teacher_student']:.4f} nats at T=1, teacher accuracy "
                 f"{agreement['teacher_accuracy']:.4f} (cache {agreement['cache']})"
-            )
+            ]
         width = max(len(name) for name in result["per_class"])
         lines.append(f"  {'class':<{width}}  precision  recall      f1  support")
         for name, figures in result["per_class"].items():
@@ -427,8 +482,26 @@ def describe(report: dict) -> str:
         )
     if agreement:
         lines.append("  agree: top-1 agreement with the cached teacher, KL: KL(teacher||model) at T=1 in nats")
+        if all("teacher_agreements" in result for result in results):
+            lines.append("  (the teacher is the ensemble of the caches; with each teacher alone:)")
+            lines += [line for result in results for line in _ensemble_lines(result, result["name"] + ": ")]
     lines.append(f"  written to {report['output']}/ ({METRICS}, {COMPARISON_PNG}, one folder per model)")
     return "\n".join(lines)
+
+
+def _ensemble_lines(result: dict, prefix: str = "") -> list[str]:
+    """One line per teacher of an ensemble, then the ensemble's; none for a lone cache."""
+    if "teacher_agreements" not in result:
+        return []
+    ensemble = result["teacher_agreement"]
+    entries = [(f"teacher {i + 1}", entry, entry["cache"]) for i, entry in enumerate(result["teacher_agreements"])]
+    weights = ", ".join(f"{weight:.3g}" for weight in ensemble["teacher_weights"])
+    entries.append(("ensemble", ensemble, f"probabilities averaged at T=1, weights {weights}"))
+    return [
+        f"  {prefix}{label:<10}  top-1 agreement {entry['top1_agreement']:.4f}, KL(teacher||model) "
+        f"{entry['kl_teacher_student']:.4f} nats at T=1, teacher accuracy {entry['teacher_accuracy']:.4f} ({where})"
+        for label, entry, where in entries
+    ]
 
 
 def plot_confusion(result: dict, path: Path) -> None:

@@ -156,6 +156,36 @@ def dist_loss(
     return (loss, terms) if return_terms else loss
 
 
+def ensemble_teacher_logits(member_logits, weights=None, temperature: float = 1.0) -> torch.Tensor:
+    """The logits of a teacher ensemble whose probabilities at T are the members' probabilities at T, averaged:
+
+        z = T * log(sum_i w_i softmax(z_i / T)) + sum_i w_i * T * logsumexp(z_i / T)
+
+    so that softmax(z / T) = sum_i w_i softmax(z_i / T). The second term is a constant per row, which no softmax
+    sees: it keeps z on the members' scale and makes an ensemble of identical members give back their logits.
+    `member_logits`: one (..., classes) tensor or array per teacher, on the same rows; `weights`: one per teacher,
+    normalised to sum 1 (None: equal). Computed in float64 (log-sum-exp throughout: no probability underflows to
+    log 0), returned in float64.
+
+    The probabilities are averaged, not the logits: a mean of logits is the normalised geometric mean of the
+    probabilities, which puts almost no mass on a class that any one teacher rules out, while the members' mean
+    keeps what each teacher knows. Every loss in LOSSES reads the teacher only through softmax(teacher / T) (kd's
+    KL, dkd's target and non-target distributions, dist's correlations), so each then distils from the average
+    exactly; logit standardisation z-scores the logits themselves, which an average of probabilities does not
+    have, so train-student refuses it for ensembles.
+    """
+    members = torch.stack([torch.as_tensor(logits).double() for logits in member_logits]) / temperature
+    weights = (
+        torch.ones(len(members), dtype=torch.float64)
+        if weights is None
+        else torch.tensor(weights, dtype=torch.float64)
+    )
+    weights = (weights / weights.sum()).reshape(-1, *([1] * (members.ndim - 1)))
+    mean_log_probs = torch.logsumexp(members.log_softmax(dim=-1) + weights.log(), dim=0)
+    shift = (weights * torch.logsumexp(members, dim=-1, keepdim=True)).sum(dim=0)
+    return temperature * (mean_log_probs + shift)
+
+
 def standardized(logits: torch.Tensor) -> torch.Tensor:
     """Each row's logits minus their mean, over their standard deviation (Sun et al., "Logit Standardization in
     Knowledge Distillation", CVPR 2024): the softmax of z-scores at a base temperature T matches the teacher's

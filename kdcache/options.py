@@ -54,6 +54,7 @@ class TrainingOptions:
     temperature: float | None = None  # None: the loss's paper's (kdcache.loss.DEFAULT_TEMPERATURES)
     alpha: float = 0.5
     standardize_logits: bool = False
+    teacher_weights: list[float] | None = None  # one per cache of an ensemble, normalised; None: equal
     epochs: float = 20
     learning_rate: float = 1e-3
     batch_size: int = 32
@@ -83,10 +84,10 @@ class TrainingOptions:
         """The default of option `name` (for the command line's options)."""
         return next(field.default for field in fields(cls) if field.name == name)
 
-    def check(self, processes: int = 1) -> None:
+    def check(self, processes: int = 1, caches: int = 1) -> None:
         """Every option that can be wrong on its own, each refused with one line naming the fix. `processes`: how
-        many processes share the batch."""
-        check_training_options(processes=processes, **asdict(self))
+        many processes share the batch; `caches`: how many caches the teachers' targets come from (an ensemble)."""
+        check_training_options(processes=processes, caches=caches, **asdict(self))
 
     def resolved(self) -> "TrainingOptions":
         """These options with what a default of None stands for filled in (the loss's temperature)."""
@@ -127,6 +128,8 @@ def check_training_options(
     ema_decay=None,
     loss="kd",
     standardize_logits=False,
+    teacher_weights=None,
+    caches=1,
     **unchecked,
 ) -> None:
     """Every option of train_student that can be wrong on its own, each refused with one line naming the fix."""
@@ -140,6 +143,9 @@ def check_training_options(
             "defines it for, not of --loss dist; leave it out or use --loss kd or dkd"
         )
     check_loss_settings(DEFAULT_TEMPERATURES[loss] if temperature is None else temperature, alpha)
+    check_teacher_weights(teacher_weights, caches)
+    if caches > 1:
+        check_ensemble_options(alpha=alpha, standardize_logits=standardize_logits, online=online)
     if max_steps != -1 and max_steps < 1:
         raise KdcacheError(f"max_steps={max_steps} must be at least 1 (or -1, the default, to train for --epochs)")
     if max_steps == -1 and not (_finite(epochs) and epochs > 0):
@@ -200,6 +206,47 @@ def check_training_options(
                 f"--push-to-hub '{push_to_hub}' is not a hub repository id; use NAME or OWNER/NAME "
                 "(letters, digits, '-', '_', '.')"
             ) from None
+
+
+def check_teacher_weights(weights, caches: int) -> None:
+    """--teacher-weights: one finite weight > 0 per cache of an ensemble (train-student and evaluate)."""
+    if weights is None:
+        return
+    given = ",".join(f"{weight:g}" if _finite(weight) else str(weight) for weight in weights)
+    if caches < 2:
+        raise KdcacheError(
+            f"--teacher-weights {given} weighs the teachers of several caches against each other, and "
+            f"{caches} cache was given; leave it out, or give more caches"
+        )
+    if len(weights) != caches:
+        raise KdcacheError(
+            f"--teacher-weights {given} gives {len(weights)} weights for {caches} caches; give one per cache, "
+            "in the caches' order"
+        )
+    if not all(_finite(weight) and weight > 0 for weight in weights):
+        raise KdcacheError(
+            f"--teacher-weights {given}: every weight must be a number > 0 (they are normalised to sum 1); "
+            "leave a teacher out by leaving out its cache"
+        )
+
+
+def check_ensemble_options(*, alpha, standardize_logits, online) -> None:
+    """What a teacher ensemble (several caches) cannot go with: its targets are the teachers' probabilities at T,
+    averaged (kdcache.loss.ensemble_teacher_logits), which kd, dkd and dist read exactly; see each refusal's why."""
+    if alpha == 0:
+        raise KdcacheError(
+            "--alpha 0 trains from the labels alone, so several caches would make no difference; pass one cache"
+        )
+    if standardize_logits:
+        raise KdcacheError(
+            "--standardize-logits z-scores each teacher's logits, and an ensemble's targets are its teachers' "
+            "probabilities averaged at T, which have no logits of their own to z-score; leave it out, or pass one cache"
+        )
+    if online:
+        raise KdcacheError(
+            "--online runs the one teacher of a cache on every batch; an ensemble is trained from its caches: "
+            "leave out --online, or pass one cache"
+        )
 
 
 def check_loss_for_cache(loss: str, classes: int, mixed_labels: bool, cache) -> None:

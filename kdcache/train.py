@@ -33,6 +33,7 @@ from kdcache.cache import (
 )
 from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, load_image_dataset, undecoded
 from kdcache.devices import OneDeviceArguments
+from kdcache.ensemble import open_ensemble
 from kdcache.errors import KdcacheError, hub_error
 from kdcache.hub import push_folder
 from kdcache.loss import LOSSES
@@ -440,7 +441,7 @@ def accuracy_metric(prediction):
 
 @guards_output
 def train_student(
-    cache: str | Path,
+    cache: str | Path | list,
     output: str | Path | None = None,
     options: TrainingOptions | None = None,
     *,
@@ -449,6 +450,9 @@ def train_student(
     **overrides,
 ) -> dict:
     """Train a student from the cache at `cache` and save it (model, image processor, model card) to `output`.
+    `cache` may also be a list of caches of the same rows and views: a teacher ensemble, whose teachers'
+    probabilities at the temperature are averaged (weighted by `teacher_weights`, normalised; equal by default) into
+    the targets every loss reads (kdcache.ensemble; kdcache.loss.ensemble_teacher_logits).
 
     The options are a TrainingOptions (kdcache.options: every option, its default and its checks), given whole as
     `options`, one by one as keywords (`train_student(cache, output=..., seed=1, alpha=0)`), or both (the keywords
@@ -465,13 +469,23 @@ def train_student(
     the summary, the same on all (the Trainer gathers losses and metrics) except for its own wall time.
     """
     options = replace(options or TrainingOptions(), **overrides)
+    caches = [cache] if isinstance(cache, (str, Path)) else list(cache)
+    if not caches:
+        raise KdcacheError("name at least one cache to train from (a folder written by kdcache teacher-logits)")
     processes = distributed(options.device)  # None on a plain run, which then goes exactly as it always has
     with agreed(processes):  # every process checks the same inputs; an error is printed once
-        options.check(processes.count if processes else 1)
+        options.check(processes.count if processes else 1, caches=len(caches))
         options = options.resolved()  # the loss's own temperature where none was given
         place = placement(options.device, options.precision, processes, training=True)
-        cache_path, cached, manifest = _open_cache(cache, options)
-        output, work = _claim_output(output, cache_path, manifest, options, place, processes)
+        cache_path, cached, manifest = _open_cache(caches[0], options)
+        ensemble = None
+        if len(caches) > 1:  # from here on the first cache's splits carry the ensemble's teacher logits
+            splits = [split for split in (options.train_split, options.eval_split) if split is not None]
+            cached, ensemble = open_ensemble(
+                caches, cached, manifest, splits, options.teacher_weights, options.temperature
+            )
+        fingerprint = ensemble.fingerprints if ensemble else manifest.fingerprint
+        output, work = _claim_output(output, cache_path, fingerprint, options, place, processes)
         processor, size = _student_input(cache_path, manifest, options)
         model = build_student(options.student, manifest.label_names, (3, *size), options.seed)
         # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's .to(device)
@@ -483,9 +497,7 @@ def train_student(
         if (
             is_main(processes) and not options.resume
         ):  # once every check has passed: a refused run leaves no work folder
-            record_options(
-                work, run_options(options, cache_fingerprint=manifest.fingerprint, precision=place.precision)
-            )
+            record_options(work, run_options(options, cache_fingerprint=fingerprint, precision=place.precision))
     trainer = _trainer(
         model,
         rows,
@@ -502,7 +514,7 @@ def train_student(
     if progress and is_main(processes):
         log.info(place.describe(trainer.args.train_batch_size))
     seconds = _train(trainer, options)
-    summary = _summary(trainer, seconds, output, cache_path, manifest, model, rows, options, place, size)
+    summary = _summary(trainer, seconds, output, cache_path, manifest, model, rows, options, place, size, ensemble)
     _save(trainer, summary, work, output, manifest, processor, size, options, processes)
     if progress and is_main(processes):
         log.info(summary_line(summary))
@@ -522,9 +534,12 @@ def _open_cache(cache, options: TrainingOptions):
     return cache_path, cached, manifest
 
 
-def _claim_output(output, cache_path: Path, manifest: Manifest, options: TrainingOptions, place, processes):
-    """The output folder and its work folder (OUTPUT.partial), locked; the main process alone decides about them."""
+def _claim_output(output, cache_path: Path, fingerprint, options: TrainingOptions, place, processes):
+    """The output folder and its work folder (OUTPUT.partial), locked; the main process alone decides about them.
+    `fingerprint`: the cache's, or the list of an ensemble's caches'."""
     kind = "online" if options.online else "distilled" if options.alpha > 0 else "scratch"
+    if isinstance(fingerprint, list):
+        kind = f"ensemble{len(fingerprint)}-{kind}"
     output = output_path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{kind}"
     work = output.with_name(output.name + ".partial")
     if is_main(processes):
@@ -541,9 +556,7 @@ def _claim_output(output, cache_path: Path, manifest: Manifest, options: Trainin
                 )
             shutil.rmtree(work)
         if options.resume:
-            check_resumable(
-                work, run_options(options, cache_fingerprint=manifest.fingerprint, precision=place.precision)
-            )
+            check_resumable(work, run_options(options, cache_fingerprint=fingerprint, precision=place.precision))
     return output, work
 
 
@@ -756,6 +769,7 @@ def _summary(
     options: TrainingOptions,
     place,
     size,
+    ensemble=None,
 ) -> dict:
     history = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
     best = max(history, key=lambda entry: entry["eval_accuracy"]) if history else None
@@ -798,6 +812,8 @@ def _summary(
             "precision": place.precision,
             "device": str(args.device),
             "processes": args.world_size,
+            # an ensemble: its teachers, their normalised weights and their caches, as lists in the caches' order
+            **(ensemble.recipe() if ensemble else {}),
         },
     }
 
@@ -892,6 +908,26 @@ def loss_formula(recipe: dict) -> str:
 def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None = None) -> str:
     recipe = summary["recipe"]
     accuracy = summary["best_eval_accuracy"]
+    ensemble = isinstance(recipe["teacher"], list)  # several caches: their teachers, weights and caches are lists
+    if ensemble:
+        teacher_intro = (
+            f"an ensemble of {len(recipe['teacher'])} teachers ("
+            + ", ".join(f"`{teacher}`" for teacher in recipe["teacher"])
+            + f"), their probabilities at T={recipe['temperature']} averaged"
+        )
+        teacher_row = "| teachers (weight) | " + ", ".join(
+            f"`{teacher}` ({weight:g}, weights sha256 `{sha[:16]}...`)"
+            for teacher, weight, sha in zip(
+                recipe["teacher"], recipe["teacher_weights"], recipe["teacher_weights_sha256"]
+            )
+        )
+        cache_row = "| logit caches | fingerprints " + ", ".join(f"`{f}`" for f in recipe["cache_fingerprint"])
+    else:
+        teacher_intro = f"the teacher `{recipe['teacher']}`"
+        teacher_row = (
+            f"| teacher | `{recipe['teacher']}` (weights sha256 `{manifest['teacher']['weights_sha256'][:16]}...`)"
+        )
+        cache_row = f"| logit cache | fingerprint `{recipe['cache_fingerprint']}`"
     lines = [
         "---",
         "library_name: transformers",
@@ -905,7 +941,7 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
         f"# {Path(summary['output']).name}",
         "",
         (
-            f"A student distilled by kdcache from the teacher `{recipe['teacher']}`"
+            f"A student distilled by kdcache from {teacher_intro}"
             if recipe["alpha"] > 0
             else "A student trained from labels alone (alpha=0) by kdcache, as a baseline"
         )
@@ -913,10 +949,8 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
         "",
         "| | |",
         "|---|---|",
-        f"| teacher | `{recipe['teacher']}` (weights sha256 `{manifest['teacher']['weights_sha256'][:16]}...`) |",
-        f"| logit cache | fingerprint `{recipe['cache_fingerprint']}`"
-        + (" (teacher run online)" if recipe["online"] else "")
-        + " |",
+        teacher_row + " |",
+        cache_row + (" (teacher run online)" if recipe["online"] else "") + " |",
         f"| student | {recipe['student']}, {recipe['student_parameters']:,} parameters |",
         f"| loss | {loss_formula(recipe)} |",
         f"| training | {summary['epochs']:g} epochs ({summary['steps']} steps), AdamW lr {recipe['learning_rate']}, "

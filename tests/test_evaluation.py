@@ -271,3 +271,62 @@ def test_cli(tmp_path, tiny_dataset, tiny_teacher):
     result = runner.invoke(app, ["evaluate", str(tiny_teacher), "--dataset", str(tiny_dataset), "--split", "nope"])
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("kdcache: error: split 'nope'")
+
+
+def test_agreement_with_each_teacher_and_with_the_ensemble(tmp_path, tiny_dataset, tiny_teacher, tiny_cache):
+    from typer.testing import CliRunner
+
+    from kdcache.cache import teacher_logits
+    from kdcache.cli import app
+
+    second_teacher = save_vit_teacher(tmp_path / "second-teacher", seed=1)  # another tiny teacher, other weights
+    second = teacher_logits(
+        str(tiny_dataset), str(second_teacher), output=tmp_path / "second", splits=["test"], progress=False
+    )
+    student = save_student(tmp_path / "student", tiny_teacher)
+    models = [str(student), str(tiny_teacher)]
+    report = evaluate_models(
+        models, cache=[tiny_cache, second], teacher_weights=[1, 3], output=tmp_path / "eval", progress=False
+    )
+    references = np.asarray(datasets.load_from_disk(str(tiny_dataset))["test"]["labels"][:])
+    cached = [
+        datasets.load_from_disk(str(cache))["test"].with_format("numpy")[:]["teacher_logits"].astype(np.float64)
+        for cache in (tiny_cache, second)
+    ]
+    averaged = 0.25 * softmax(cached[0], -1) + 0.75 * softmax(cached[1], -1)  # by hand, at T=1
+    assert not np.allclose(cached[0], cached[1], atol=0.1), "two different teachers"
+    for result, model in zip(report["models"], models):
+        logits = plain_logits(model, tiny_dataset).astype(np.float64)
+        for each, teacher, cache in zip(result["teacher_agreements"], cached, (tiny_cache, second)):
+            assert each["cache"] == str(cache)
+            for key, value in teacher_agreement(logits, teacher, references).items():
+                assert each[key] == pytest.approx(value, abs=1e-6)
+        ensemble = result["teacher_agreement"]
+        assert ensemble["cache"] == [str(tiny_cache), str(second)] and ensemble["teacher_weights"] == [0.25, 0.75]
+        assert ensemble["top1_agreement"] == pytest.approx((logits.argmax(1) == averaged.argmax(1)).mean())
+        assert ensemble["teacher_accuracy"] == pytest.approx((averaged.argmax(1) == references).mean())
+        kl = rel_entr(averaged, softmax(logits, -1)).sum(-1).mean()
+        assert ensemble["kl_teacher_student"] == pytest.approx(kl, abs=1e-6)
+    table = describe(report)
+    assert all(f"{name}: {label}" in table for name in ("student", "teacher") for label in ("teacher 1", "teacher 2"))
+    assert "teacher: ensemble    top-1 agreement" in table and "weights 0.25, 0.75" in table
+    one = evaluate_models(str(student), cache=[tiny_cache, second], output=tmp_path / "one", progress=False)
+    assert one["models"][0]["teacher_agreement"]["teacher_weights"] == [0.5, 0.5]
+    assert "  ensemble    top-1 agreement" in describe(one) and "  teacher 2   top-1 agreement" in describe(one)
+    with pytest.raises(KdcacheError, match=f"cache '{second}' has no split 'validation'.*every cache has"):
+        evaluate_models(str(student), cache=[tiny_cache, second], split="validation", progress=False)
+    with pytest.raises(KdcacheError, match="--teacher-weights 1 gives 1 weights for 2 caches"):
+        evaluate_models(str(student), cache=[tiny_cache, second], teacher_weights=[1], progress=False)
+    command = [
+        "evaluate",
+        str(student),
+        "--cache",
+        str(tiny_cache),
+        "--cache",
+        str(second),
+        "--teacher-weights",
+        "1,3",
+    ]
+    result = CliRunner().invoke(app, command + ["--output", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert "ensemble" in result.stdout and "weights 0.25, 0.75" in result.stdout

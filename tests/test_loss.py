@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache import KdcacheError
-from kdcache.loss import DEFAULT_TEMPERATURES, LOSSES, dist_loss, distillation_loss, dkd_loss
+from kdcache.loss import DEFAULT_TEMPERATURES, LOSSES, dist_loss, distillation_loss, dkd_loss, ensemble_teacher_logits
 
 
 def tutorial_loss(student_logits, labels, teacher_logits, temperature, alpha):
@@ -95,9 +95,11 @@ def kl(p, q):
     return sum(p[j] * torch.log(p[j] / q[j]) for j in range(len(p)))
 
 
-def paper_dkd(student, labels, teacher, temperature, alpha, tckd_weight=1.0, nckd_weight=8.0):
-    """Zhao et al. 2022, eq. (1)-(5): binary target/non-target probabilities and the renormalised non-target ones."""
-    p_student, p_teacher = softmax_rows(student, temperature), softmax_rows(teacher, temperature)
+def paper_dkd(student, labels, teacher, temperature, alpha, tckd_weight=1.0, nckd_weight=8.0, teacher_probs=None):
+    """Zhao et al. 2022, eq. (1)-(5): binary target/non-target probabilities and the renormalised non-target ones.
+    teacher_probs: the teacher's probabilities at T given directly (an ensemble's), instead of softmax(teacher/T)."""
+    p_student = softmax_rows(student, temperature)
+    p_teacher = softmax_rows(teacher, temperature) if teacher_probs is None else teacher_probs
     tckd = nckd = 0.0
     for i, target in enumerate(labels.tolist()):
         binary = [torch.stack([p[i, target], 1 - p[i, target]]) for p in (p_teacher, p_student)]
@@ -117,9 +119,11 @@ def pearson(x, y):
     return covariance / spread
 
 
-def paper_dist(student, labels, teacher, temperature, alpha, beta=1.0, gamma=1.0):
-    """Huang et al. 2022, eq. (6)-(8): 1 - Pearson per image (inter) and per class (intra), averaged."""
-    y_student, y_teacher = softmax_rows(student, temperature), softmax_rows(teacher, temperature)
+def paper_dist(student, labels, teacher, temperature, alpha, beta=1.0, gamma=1.0, teacher_probs=None):
+    """Huang et al. 2022, eq. (6)-(8): 1 - Pearson per image (inter) and per class (intra), averaged.
+    teacher_probs: the teacher's probabilities at T given directly (an ensemble's), instead of softmax(teacher/T)."""
+    y_student = softmax_rows(student, temperature)
+    y_teacher = softmax_rows(teacher, temperature) if teacher_probs is None else teacher_probs
     rows, classes = y_student.shape
     inter = 1 - sum(pearson(y_student[i], y_teacher[i]) for i in range(rows)) / rows
     intra = 1 - sum(pearson(y_student[:, c], y_teacher[:, c]) for c in range(classes)) / classes
@@ -249,3 +253,66 @@ def test_half_precision_logits_are_upcast_in_every_loss(name):
     full = LOSSES[name](student, labels, teacher)
     half = LOSSES[name](student.bfloat16(), labels, teacher.bfloat16())
     assert half.dtype == torch.float32 and torch.allclose(full, half, atol=0.05)
+
+
+# Teacher ensembles: the teachers' probabilities at T, averaged by hand, against what the losses are given.
+
+
+def hand_kd(student, labels, teacher_probs, temperature, alpha):
+    """Hinton's KD against given teacher probabilities: (1-alpha) CE + alpha T^2 mean_i sum_j p log(p / q)."""
+    q = softmax_rows(student, temperature)
+    kl_rows = (teacher_probs * (teacher_probs.log() - q.log())).sum(-1)
+    return (1 - alpha) * F.cross_entropy(student.double(), labels) + alpha * temperature**2 * kl_rows.mean()
+
+
+def hand_averaged_probabilities(weights, members, temperature):
+    """sum_i w_i softmax(z_i / T), the weights normalised, in float64."""
+    total = sum(weights)
+    return sum(weight / total * softmax_rows(logits, temperature) for weight, logits in zip(weights, members))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 5.0, 0.5])
+@pytest.mark.parametrize("weights", [None, [1.0, 3.0], [0.2, 0.3, 0.5]])
+def test_an_ensembles_targets_are_its_teachers_probabilities_averaged_at_t(temperature, weights):
+    generator = torch.Generator().manual_seed(7)
+    members = [torch.randn(12, 5, generator=generator) * scale for scale in (3.0, 6.0, 1.0)][: len(weights or [0, 0])]
+    by_hand = hand_averaged_probabilities(weights or [1.0] * len(members), members, temperature)
+    logits = ensemble_teacher_logits(members, weights, temperature)
+    assert torch.allclose(softmax_rows(logits, temperature), by_hand, rtol=0, atol=1e-12)
+    # and not the probabilities of the averaged logits, which this average is not
+    averaged_logits = sum(members) / len(members)
+    assert not torch.allclose(softmax_rows(averaged_logits, temperature), by_hand, atol=1e-3)
+
+
+def test_an_ensemble_of_identical_teachers_gives_back_their_logits_bit_for_bit():
+    logits = torch.randn(64, 4, 10, generator=torch.Generator().manual_seed(8)) * 7  # rows, views, classes
+    for temperature in (1.0, 2.0, 4.0, 5.0, 0.3):
+        for count in (2, 3):
+            assert torch.equal(ensemble_teacher_logits([logits] * count, None, temperature).float(), logits)
+
+
+@pytest.mark.parametrize(
+    "name,reference",
+    [
+        ("kd", hand_kd),
+        ("dkd", lambda s, y, p, t, a: paper_dkd(s, y, None, t, a, teacher_probs=p)),
+        ("dist", lambda s, y, p, t, a: paper_dist(s, y, None, t, a, teacher_probs=p)),
+    ],
+)
+@pytest.mark.parametrize("temperature,alpha", [(4.0, 0.5), (1.0, 0.9), (2.0, 1.0)])
+def test_every_loss_distils_from_the_averaged_probabilities(name, reference, temperature, alpha):
+    """Each loss, given the ensemble's logits, equals its formula (value and gradient) with the teacher's
+    probabilities replaced by the teachers' average at T, computed by hand."""
+    generator = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        student = (torch.randn(12, 6, generator=generator) * 3).requires_grad_(True)
+        members = [torch.randn(12, 6, generator=generator) * 4 for _ in range(2)]
+        labels = torch.randint(0, 6, (12,), generator=generator)
+        teacher = ensemble_teacher_logits(members, [0.3, 0.7], temperature).float()  # float32, as a cache holds it
+        ours = LOSSES[name](student, labels, teacher, temperature, alpha)
+        (ours_grad,) = torch.autograd.grad(ours, student)
+        by_hand = hand_averaged_probabilities([0.3, 0.7], members, temperature)
+        expected = reference(student, labels, by_hand, temperature, alpha)
+        (expected_grad,) = torch.autograd.grad(expected, student)
+        assert torch.allclose(ours.double(), expected, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(ours_grad.double(), expected_grad.double(), atol=1e-6, rtol=1e-4)

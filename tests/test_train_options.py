@@ -56,6 +56,25 @@ def test_bad_options_are_refused_in_one_line_before_any_work(tmp_path, tiny_cach
     assert list(tmp_path.iterdir()) == [], "a refused run writes nothing"
 
 
+@pytest.mark.parametrize(
+    "caches,options,message",
+    [
+        (2, dict(teacher_weights=[1.0]), r"--teacher-weights 1 gives 1 weights for 2 caches; give one per cache"),
+        (2, dict(teacher_weights=[1.0, 0.0]), r"--teacher-weights 1,0: every weight must be a number > 0"),
+        (2, dict(teacher_weights=[1.0, float("nan")]), r"--teacher-weights 1,nan: every weight must be a number > 0"),
+        (1, dict(teacher_weights=[1.0]), r"--teacher-weights 1 weighs the teachers of several caches .* 1 cache was"),
+        (2, dict(alpha=0.0), r"--alpha 0 trains from the labels alone, so several caches would make no difference"),
+        (2, dict(standardize_logits=True), r"--standardize-logits z-scores each teacher's logits, and an ensemble's"),
+        (2, dict(online=True), r"--online runs the one teacher of a cache on every batch; an ensemble is trained"),
+    ],
+)
+def test_what_an_ensemble_cannot_go_with_is_refused_in_one_line(tmp_path, tiny_cache, caches, options, message):
+    with pytest.raises(KdcacheError, match=message) as refused:
+        train_student([tiny_cache] * caches, output=tmp_path / "s", **{**FAST, "max_steps": 1, **options})
+    assert "\n" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == [], "a refused run writes nothing"
+
+
 def test_the_command_line_prints_a_bad_option_as_one_line(tmp_path, tiny_cache):
     from typer.testing import CliRunner
 

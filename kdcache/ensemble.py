@@ -1,0 +1,158 @@
+"""Teacher ensembles: several caches of the same rows and views, trained from as one teacher whose probabilities at
+the temperature T are the teachers' probabilities at T, averaged (kdcache.loss.ensemble_teacher_logits says why
+probabilities and not logits, and why every loss then distils from that average exactly).
+
+`open_ensemble` checks that the caches can be joined (the same rows of the same splits, the same views, the same
+pixels for the student, the same classes), each refusal one line naming the cache and what differs, and gives the
+first cache's splits with their teacher logits replaced by the ensemble's: everything downstream (clean rows, views,
+mixed views, the collator, the losses) then runs unchanged. The student's pixels, image processor and view recipe
+are the first cache's, which the checks make the same as every other's.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kdcache.cache import LABELS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, PIXELS, VIEWS, load_cache
+from kdcache.errors import KdcacheError
+from kdcache.manifest import Manifest
+
+ROWS_PER_COMPARISON = 256  # pixel rows compared at a time: a few MB read, whatever the split's size
+
+
+@dataclass
+class Ensemble:
+    """The caches of a teacher ensemble, in the order given, and the normalised weights of their teachers."""
+
+    paths: list[Path]
+    manifests: list[Manifest]
+    weights: list[float]
+
+    @property
+    def fingerprints(self) -> list[str]:
+        return [manifest.fingerprint for manifest in self.manifests]
+
+    @property
+    def teachers(self) -> list[str]:
+        return [manifest.teacher["name_or_path"] for manifest in self.manifests]
+
+    def recipe(self) -> dict:
+        """What the summary and model card record of the ensemble, in the caches' order."""
+        return {
+            "teacher": self.teachers,
+            "teacher_weights": self.weights,
+            "teacher_weights_sha256": [manifest.teacher["weights_sha256"] for manifest in self.manifests],
+            "cache": [str(path) for path in self.paths],
+            "cache_fingerprint": self.fingerprints,
+        }
+
+
+def normalised_weights(weights, count: int) -> list[float]:
+    """The teachers' weights summing to 1 (equal when None); kdcache.options.check_teacher_weights checked them."""
+    weights = [1.0] * count if weights is None else [float(weight) for weight in weights]
+    return [weight / sum(weights) for weight in weights]
+
+
+def open_ensemble(paths, first_cached, first_manifest: Manifest, splits, weights, temperature: float):
+    """The ensemble of the caches at `paths` (the first already loaded as `first_cached`, `first_manifest`), checked
+    on `splits` (those the run reads), and the first cache's DatasetDict with those splits' teacher logits replaced
+    by the ensemble's at `temperature`."""
+    from kdcache.loss import ensemble_teacher_logits
+
+    paths = [Path(path) for path in paths]
+    caches, manifests = [first_cached], [first_manifest]
+    for path in paths[1:]:
+        cached, manifest = load_cache(path)
+        check_same_inputs(paths[0], first_cached, first_manifest, path, cached, manifest, splits)
+        caches.append(cached)
+        manifests.append(manifest)
+    ensemble = Ensemble(paths, manifests, normalised_weights(weights, len(paths)))
+    import datasets
+
+    joined = datasets.DatasetDict(first_cached)  # a new dict of the same splits: the caches on disk are only read
+    for split in splits:
+        member_logits = [np.asarray(cached[split].with_format("numpy")[LOGITS], dtype=np.float32) for cached in caches]
+        logits = ensemble_teacher_logits(member_logits, ensemble.weights, temperature).float().numpy()
+        joined[split] = with_teacher_logits(first_cached[split], logits)
+    return joined, ensemble
+
+
+def with_teacher_logits(split, logits: np.ndarray):
+    """`split` with its teacher logits column replaced by `logits` (same shape and feature), held in memory beside
+    the other columns, which stay memory-mapped on disk."""
+    import datasets
+
+    features = datasets.Features({LOGITS: split.features[LOGITS]})
+    column = datasets.Dataset.from_dict({LOGITS: logits}, features=features)
+    return datasets.concatenate_datasets([split.remove_columns(LOGITS), column], axis=1)
+
+
+def check_same_inputs(first_path, first_cached, first: Manifest, path, cached, manifest: Manifest, splits) -> None:
+    """Refuse a cache whose teacher did not see what the first cache's did, on the splits the run reads: other
+    classes, other rows, other views (count, recipe, boxes, mixing), or other pixels (another resize or crop)."""
+    same_as = f"cache '{first_path}'"
+    if manifest.label_names != first.label_names:
+        raise KdcacheError(
+            f"cache '{path}' scores the classes {', '.join(manifest.label_names)} and {same_as} "
+            f"{', '.join(first.label_names)}; an ensemble's caches must be made from the same dataset"
+        )
+    for split in splits:
+        if split not in cached:
+            raise KdcacheError(
+                f"cache '{path}' has no split '{split}', which {same_as} has and this run reads; "
+                f"cache it (kdcache teacher-logits --splits ...) or pass one cache"
+            )
+        mine, theirs = manifest.split(split), first.split(split)
+        if (mine["fingerprint"], mine["num_rows"]) != (theirs["fingerprint"], theirs["num_rows"]):
+            raise KdcacheError(
+                f"cache '{path}' split '{split}' was made from other rows than {same_as} (fingerprint "
+                f"{mine['fingerprint']}, {mine['num_rows']} rows; the first's {theirs['fingerprint']}, "
+                f"{theirs['num_rows']} rows); make every cache of an ensemble from the same dataset"
+            )
+        if mine["views"] != theirs["views"]:
+            raise KdcacheError(
+                f"cache '{path}' has {mine['views']} views per image of split '{split}' and {same_as} "
+                f"{theirs['views']}; make every cache of an ensemble with the same --views and --view-splits"
+            )
+        if mine["views"] > 1 and manifest["views"]["recipe"] != first["views"]["recipe"]:
+            recipe, first_recipe = manifest["views"]["recipe"], first["views"]["recipe"]
+            differences = [
+                f"{name} {recipe.get(name)} vs {first_recipe.get(name)}"
+                for name in sorted(set(recipe) | set(first_recipe))
+                if recipe.get(name) != first_recipe.get(name)
+            ]
+            raise KdcacheError(
+                f"cache '{path}' draws the views of split '{split}' otherwise than {same_as} "
+                f"({'; '.join(differences)}); make every cache of an ensemble with the same --views, "
+                "--view-scale, --view-seed, --mix-alpha and --source-size, and teachers of the same input size"
+            )
+        _check_same_columns(first_path, first_cached[split], path, cached[split], split, mine["views"] > 1)
+
+
+def _check_same_columns(first_path, first_split, path, split, split_name: str, with_views: bool) -> None:
+    """The stored inputs themselves, beyond what the manifests say: the labels, and the student's pixels (clean
+    rows) or the views' boxes and mixing (view rows), read a slice at a time."""
+    columns = [LABELS] + ([VIEWS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS] if with_views else [PIXELS])
+    columns = [column for column in columns if column in first_split.column_names]
+    what = {LABELS: "labels", PIXELS: "pixels"}
+    mine, theirs = split.with_format("numpy"), first_split.with_format("numpy")
+    for column in columns:
+        if column not in split.column_names:
+            raise KdcacheError(
+                f"cache '{path}' split '{split_name}' has no {column} column, which cache '{first_path}' has: "
+                "its views are not mixed the same way; make every cache of an ensemble with the same --mix-alpha"
+            )
+        for start in range(0, len(split), ROWS_PER_COMPARISON):
+            stop = min(len(split), start + ROWS_PER_COMPARISON)
+            if not np.array_equal(mine[start:stop][column], theirs[start:stop][column]):
+                fix = (
+                    "its teacher's image processor resizes or crops otherwise: ensemble teachers of the same input "
+                    "geometry"
+                    if column == PIXELS
+                    else "make every cache of an ensemble from the same dataset, with the same view settings"
+                )
+                raise KdcacheError(
+                    f"cache '{path}' split '{split_name}' holds other {what.get(column, column)} than cache "
+                    f"'{first_path}' (rows {start} to {stop - 1}); {fix}"
+                )
