@@ -19,10 +19,13 @@ import os, sys, time
 from kdcache.outputs import output_lock
 held = output_lock(sys.argv[1])
 held.__enter__()
+forked, ready = os.pipe()
 child = os.fork()
-if child == 0:
+if child == 0:  # fork's child handlers (filelock's among them) have run once fork returns here
+    os.write(ready, b"x")
     time.sleep(120)
     os._exit(0)
+os.read(forked, 1)  # under load the child may not have run at all yet: wait until it has
 print(os.getpid(), child, flush=True)
 time.sleep(120)
 """
