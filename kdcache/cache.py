@@ -18,7 +18,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,25 +57,27 @@ from kdcache.manifest import (  # noqa: F401 (the format's names, importable fro
     logits_sha256,
 )
 from kdcache.models import align_labels, load_classifier, weights_sha256
-from kdcache.outputs import check_free_space, guards_output, lock_output, report_disk_full, stage_one_bytes
-from kdcache.runtime import (
-    agreed,
-    check_writable_parent,
-    cpus_per_process,
-    distributed,
-    is_main,
-    move_into_place,
-    output_path,
-    placement,
-    slug,
+from kdcache.options import CacheOptions
+from kdcache.outputs import (
+    OutputFolder,
+    OutputKind,
+    check_free_space,
+    guards_output,
+    report_disk_full,
+    safe_output,
+    stage_one_bytes,
 )
+from kdcache.runtime import agreed, cpus_per_process, distributed, is_main, output_path, placement, slug
 
 log = logging.getLogger("kdcache")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def default_cache_path(dataset: str, teacher: str) -> Path:
     return Path("data") / f"{slug(dataset)}--{slug(teacher)}"
+
+
+# The cache is assembled in CACHE.partial/cache, beside the finished chunks that a killed run resumes from.
+CACHE_OUTPUT = OutputKind("a kdcache cache", "kdcache teacher-logits", MANIFEST, finished="cache", resumable=True)
 
 
 @guards_output
@@ -83,160 +85,205 @@ def teacher_logits(
     dataset: str = "beans",
     teacher: str = "merve/beans-vit-224",
     output: str | Path | None = None,
-    splits: list[str] | None = None,
-    batch_size: int = 32,
-    device: str = "auto",
-    precision: str = "fp32",
-    revision: str | None = None,
-    dataset_revision: str | None = None,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    trust_remote_code: bool = False,
-    match_labels_by_index: bool = False,
-    views: int = 1,
-    view_splits: list[str] | None = None,
-    view_scale: tuple[float, float] = (0.25, 1.0),
-    view_seed: int = 0,
-    source_size: int | None = None,
-    mix_alpha: float = 0.0,
-    overwrite: bool = False,
-    num_workers: int | None = None,
-    chunk_size: int = 512,
+    options: CacheOptions | None = None,
+    *,
     progress: bool = True,
+    **overrides,
 ) -> Path:
     """Run `teacher` over `dataset` once and write the logit cache to `output`; returns the cache's path.
 
-    With views=K > 1, each image of the `view_splits` (default: train) gets K augmented views (random resized crop
-    and flip, ViewRecipe), each stored as its five parameters with the teacher's logits on exactly that view; the
-    other splits keep the one clean view of the teacher's processor. The source image is stored beside the views,
-    its shorter side reduced to `source_size` (default 8/7 of the teacher's input, 256 for 224; 0 keeps it whole),
-    as raw pixels. mix_alpha > 0 mixes every view with a view of another image of the split (mixup, weight from
-    Beta(mix_alpha, mix_alpha) folded to >= 0.5) and stores the teacher's logits on the mixed image. Re-running with the same inputs is a no-op;
-    a killed run resumes from its finished chunks.
+    The options are a CacheOptions (kdcache.options: every option, its default and its checks), given whole as
+    `options`, one by one as keywords (`teacher_logits(dataset, teacher, output=..., views=8)`), or both (the
+    keywords win). With views=K > 1, each image of the `view_splits` (default: train) gets K augmented views (random
+    resized crop and flip, ViewRecipe), each stored as its five parameters with the teacher's logits on exactly that
+    view; the other splits keep the one clean view of the teacher's processor. The source image is stored beside the
+    views, its shorter side reduced to `source_size` (default 8/7 of the teacher's input, 256 for 224; 0 keeps it
+    whole), as raw pixels. mix_alpha > 0 mixes every view with a view of another image of the split (mixup, weight
+    from Beta(mix_alpha, mix_alpha) folded to >= 0.5) and stores the teacher's logits on the mixed image. Re-running
+    with the same inputs is a no-op; a killed run resumes from its finished chunks.
     """
-    processes = distributed(device)  # None on a plain run, which then goes exactly as it always has
-    with agreed(processes):  # every process checks and loads the same inputs; an error is printed once
-        if batch_size < 1 or chunk_size < 1 or views < 1:
-            raise KdcacheError("--batch-size, --chunk-size and --views must be at least 1")
-        if precision not in PRECISIONS:
-            raise KdcacheError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
-        torch_device = placement(device, precision, processes, training=False).device
-        output = output_path(output) if output is not None else default_cache_path(dataset, teacher)
-        if is_main(processes):
-            lock_output(output)  # held until this function returns: a second run on this output is refused
+    options = replace(options or CacheOptions(), **overrides)
+    processes = distributed(options.device)  # None on a plain run, which then goes exactly as it always has
+    with agreed(processes):  # every process checks the same inputs; an error is printed once
+        options.check()
+        place = placement(options.device, options.precision, processes, training=False)
+    output = output_path(output) if output is not None else default_cache_path(dataset, teacher)
+    with safe_output(output, CACHE_OUTPUT, processes) as folder:
+        with agreed(processes):
+            inputs = _load_inputs(dataset, teacher, options)
+        recipe, fingerprint = _recipe(inputs, options)
+        space = _needed_bytes(inputs, options)
+        plan = _plan(folder, fingerprint, space, inputs, options, processes)
+        if plan is None:
+            return output  # up to date
+        started = time.perf_counter()
+        speed = _compute_chunks(inputs, plan, folder, space, options, place, processes, progress)
+        with agreed(processes), _quiet_datasets():
+            if is_main(processes):
+                _write_cache(folder, inputs, recipe, fingerprint, dataset, teacher, options, place, speed, started)
+    return output
 
-        dataset_dict = load_image_dataset(dataset, revision=dataset_revision)
-        splits = list(dataset_dict) if not splits else list(splits)
-        for name in splits:
-            if name not in dataset_dict:
-                raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
-            if len(dataset_dict[name]) == 0:
-                raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
-        view_splits = (
-            ([name for name in splits if name == "train"] if view_splits is None else list(view_splits))
-            if views > 1
-            else []
-        )
-        for name in view_splits:
-            if name not in splits:
-                raise KdcacheError(
-                    f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})"
-                )
-        image_column, label_column = find_columns(dataset_dict[splits[0]], image_column, label_column)
-        for name in splits[1:]:
-            find_columns(dataset_dict[name], image_column, label_column)
-        names = label_names(dataset_dict[splits[0]], label_column)
-        for name in splits[1:]:
-            if label_names(dataset_dict[name], label_column) != names:
-                raise KdcacheError(f"split '{name}' has other label names than split '{splits[0]}'")
 
-        processor = load_image_processor(teacher, revision=revision, trust_remote_code=trust_remote_code)
-        model = load_classifier(teacher, revision=revision, trust_remote_code=trust_remote_code)
-        mapping = align_labels(model.config.id2label, names, "teacher", by_index=match_labels_by_index)
-        pipeline = ImagePipeline(processor)
-        pixel_shape = tuple(pipeline.pixels([Image.new("RGB", (333, 257))]).shape[1:])
-        if source_size is None:
-            source_size = round(max(pixel_shape[1:]) * 8 / 7)
-        if mix_alpha and not view_splits:
-            raise KdcacheError("--mix-alpha mixes augmented views: give --views K (K > 1) as well")
-        view_recipe = (
-            ViewRecipe(
-                pixel_shape[1:],
-                getattr(processor, "resample", 3),
-                scale=view_scale,
-                seed=view_seed,
-                source_size=source_size or None,
-                mix_alpha=mix_alpha,
-            )
-            if view_splits
-            else None
-        )
-        format_version = FORMAT_VERSION if view_recipe else CLEAN_FORMAT_VERSION
+@dataclass
+class _Inputs:
+    """What stage one reads, checked: the dataset's splits and columns, the teacher, its processor and the views."""
 
-    recipe = {
-        "format_version": format_version,
-        "teacher_weights_sha256": weights_sha256(model),
-        "teacher_class": type(model).__name__,
-        "image_processor": json.loads(processor.to_json_string()),
-        "split_fingerprints": {name: dataset_dict[name]._fingerprint for name in splits},
-        "image_column": image_column,
-        "label_column": label_column,
-        "label_names": names,
-        "teacher_to_dataset": mapping,
-        "precision": precision,
-        "views": {"count": views, "splits": view_splits, "recipe": view_recipe.to_dict()} if view_recipe else None,
-    }
-    fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    dataset_dict: object  # a datasets.DatasetDict
+    splits: list[str]
+    view_splits: list[str]
+    image_column: str
+    label_column: str
+    names: list[str]
+    processor: object
+    model: torch.nn.Module
+    mapping: list[int]  # the teacher's output index of each dataset label
+    pipeline: ImagePipeline
+    pixel_shape: tuple[int, int, int]
+    view_recipe: ViewRecipe | None
 
-    # The main process alone looks at the output and the partial work, and decides; the others follow its plan.
-    work = output.with_name(output.name + ".partial")
-    plan = None
-    space = stage_one_bytes(
-        dataset_dict,
-        splits,
-        image_column,
-        pixel_shape,
-        len(names),
-        views,
-        view_splits,
-        chunk_size,
-        view_recipe.source_size if view_recipe else None,
-        bool(view_recipe and view_recipe.mixed),
+
+def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
+    """The dataset and the teacher, refused in one line when they do not fit together or with the options."""
+    dataset_dict = load_image_dataset(dataset, revision=options.dataset_revision)
+    splits = list(dataset_dict) if not options.splits else list(options.splits)
+    for name in splits:
+        if name not in dataset_dict:
+            raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
+        if len(dataset_dict[name]) == 0:
+            raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
+    view_splits = (
+        ([name for name in splits if name == "train"] if options.view_splits is None else list(options.view_splits))
+        if options.views > 1
+        else []
     )
-    with agreed(processes):
-        if is_main(processes):
-            plan = _plan_work(
-                output, work, fingerprint, overwrite, chunk_size, {name: len(dataset_dict[name]) for name in splits}
+    for name in view_splits:
+        if name not in splits:
+            raise KdcacheError(
+                f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})"
             )
-            if plan is not None:  # before the teacher runs
-                check_free_space(output, space, "the chunks and then the assembled cache", work)
-    if processes:
-        plan = processes.share(plan)
-    if plan is None:
-        return output  # up to date
+    image_column, label_column = find_columns(dataset_dict[splits[0]], options.image_column, options.label_column)
+    for name in splits[1:]:
+        find_columns(dataset_dict[name], image_column, label_column)
+    names = label_names(dataset_dict[splits[0]], label_column)
+    for name in splits[1:]:
+        if label_names(dataset_dict[name], label_column) != names:
+            raise KdcacheError(f"split '{name}' has other label names than split '{splits[0]}'")
 
-    # channels_last lets oneDNN (CPU) and cuDNN pick their faster convolution kernels: about 1.2x on a CNN
-    # teacher on CPU (BENCHMARKS.md); a ViT only has its patch embedding as a convolution.
-    model.to(torch_device, memory_format=torch.channels_last)
-    job = _Job(
-        model=model,
-        pipeline=pipeline,
-        mapping=mapping,
-        names=names,
+    loading = dict(revision=options.revision, trust_remote_code=options.trust_remote_code)
+    processor = load_image_processor(teacher, **loading)
+    model = load_classifier(teacher, **loading)
+    mapping = align_labels(model.config.id2label, names, "teacher", by_index=options.match_labels_by_index)
+    pipeline = ImagePipeline(processor)
+    pixel_shape = tuple(pipeline.pixels([Image.new("RGB", (333, 257))]).shape[1:])
+    source_size = round(max(pixel_shape[1:]) * 8 / 7) if options.source_size is None else options.source_size
+    if options.mix_alpha and not view_splits:
+        raise KdcacheError("--mix-alpha mixes augmented views: give --views K (K > 1) as well")
+    view_recipe = (
+        ViewRecipe(
+            pixel_shape[1:],
+            getattr(processor, "resample", 3),
+            scale=options.view_scale,
+            seed=options.view_seed,
+            source_size=source_size or None,
+            mix_alpha=options.mix_alpha,
+        )
+        if view_splits
+        else None
+    )
+    return _Inputs(
+        dataset_dict=dataset_dict,
+        splits=splits,
+        view_splits=view_splits,
         image_column=image_column,
         label_column=label_column,
-        device=torch_device,
-        precision=precision,
-        num_workers=num_workers,
-        batch_size=batch_size,
+        names=names,
+        processor=processor,
+        model=model,
+        mapping=mapping,
+        pipeline=pipeline,
+        pixel_shape=pixel_shape,
+        view_recipe=view_recipe,
+    )
+
+
+def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
+    """What the logits depend on, and its fingerprint: a cache with the same fingerprint need not be made again."""
+    recipe = {
+        "format_version": FORMAT_VERSION if inputs.view_recipe else CLEAN_FORMAT_VERSION,
+        "teacher_weights_sha256": weights_sha256(inputs.model),
+        "teacher_class": type(inputs.model).__name__,
+        "image_processor": json.loads(inputs.processor.to_json_string()),
+        "split_fingerprints": {name: inputs.dataset_dict[name]._fingerprint for name in inputs.splits},
+        "image_column": inputs.image_column,
+        "label_column": inputs.label_column,
+        "label_names": inputs.names,
+        "teacher_to_dataset": inputs.mapping,
+        "precision": options.precision,
+        "views": (
+            {"count": options.views, "splits": inputs.view_splits, "recipe": inputs.view_recipe.to_dict()}
+            if inputs.view_recipe
+            else None
+        ),
+    }
+    return recipe, hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _needed_bytes(inputs: _Inputs, options: CacheOptions) -> int:
+    return stage_one_bytes(
+        inputs.dataset_dict,
+        inputs.splits,
+        inputs.image_column,
+        inputs.pixel_shape,
+        len(inputs.names),
+        options.views,
+        inputs.view_splits,
+        options.chunk_size,
+        inputs.view_recipe.source_size if inputs.view_recipe else None,
+        bool(inputs.view_recipe and inputs.view_recipe.mixed),
+    )
+
+
+def _plan(folder: OutputFolder, fingerprint: str, space: int, inputs: _Inputs, options: CacheOptions, processes):
+    """The chunks still to compute, as the main process alone decides them (see _plan_work) for every process; None
+    when the output already holds this cache."""
+    plan = None
+    with agreed(processes):
+        if is_main(processes):
+            rows = {name: len(inputs.dataset_dict[name]) for name in inputs.splits}
+            plan = _plan_work(folder.path, folder.work, fingerprint, options.overwrite, options.chunk_size, rows)
+            if plan is not None:  # before the teacher runs
+                check_free_space(folder.path, space, "the chunks and then the assembled cache", folder.work)
+    return processes.share(plan) if processes else plan
+
+
+def _compute_chunks(
+    inputs: _Inputs, plan: dict, folder: OutputFolder, space: int, options, place, processes, progress
+):
+    """Run the teacher over this process's share of the chunks still to do, writing each into the work folder;
+    returns the images per second of each split, of all processes together."""
+    # channels_last lets oneDNN (CPU) and cuDNN pick their faster convolution kernels: about 1.2x on a CNN
+    # teacher on CPU (BENCHMARKS.md); a ViT only has its patch embedding as a convolution.
+    inputs.model.to(place.device, memory_format=torch.channels_last)
+    job = _Job(
+        model=inputs.model,
+        pipeline=inputs.pipeline,
+        mapping=inputs.mapping,
+        names=inputs.names,
+        image_column=inputs.image_column,
+        label_column=inputs.label_column,
+        device=place.device,
+        precision=options.precision,
+        num_workers=options.num_workers,
+        batch_size=options.batch_size,
         chunk_size=plan["chunk_size"],
         progress=progress and is_main(processes),
         cpus=cpus_per_process(processes),
-        processes=processes.count if processes else 1,
+        processes=place.processes,
     )
     # Chunks are independent and named by index, so any process can write any chunk: process r takes every
     # count-th of the chunks still to do (all splits in a row, so that small splits do not all land on process 0).
     mine = plan["todo"][processes.index :: processes.count] if processes else plan["todo"]
+    work = folder.work
     # A full disk keeps the finished chunks; only this process's half-written ones (and the main one's half-assembled
     # copy) are removed.
     report_disk_full(
@@ -244,66 +291,68 @@ def teacher_logits(
         space,
         scratch=lambda: (
             [work / name / f"{_chunk_name(k)}.tmp" for name, k in mine]
-            + ([work / "cache"] if is_main(processes) else [])
+            + ([folder.finished] if is_main(processes) else [])
         ),
     )
-    started = time.perf_counter()
     timings = {}
     with _quiet_datasets():
-        for name in splits:
-            job.views, job.view_recipe = (views, view_recipe) if name in view_splits else (1, None)
-            timings[name] = _run_split(job, dataset_dict[name], name, work, [k for split, k in mine if split == name])
+        for name in inputs.splits:
+            if name in inputs.view_splits:
+                job.views, job.view_recipe = options.views, inputs.view_recipe
+            else:
+                job.views, job.view_recipe = 1, None
+            split = inputs.dataset_dict[name]
+            timings[name] = _run_split(job, split, name, work, [k for part, k in mine if part == name])
     # A failure above (an unreadable image) ends this process at once, with its message; the launcher then ends the
     # others, and a process waiting here learns that its peer is gone. Nothing is lost: finished chunks are kept.
     everyone = processes.gather(timings) if processes else [timings]  # also: every chunk is written
-    stats = {name: _images_per_second([timings[name] for timings in everyone]) for name in splits}
+    return {name: _images_per_second([timings[name] for timings in everyone]) for name in inputs.splits}
 
-    with agreed(processes), _quiet_datasets():
-        if is_main(processes):
-            cache = _assemble(work, splits)
-            manifest = Manifest.build(
-                recipe=recipe,
-                fingerprint=fingerprint,
-                pixel_shape=pixel_shape,
-                teacher={
-                    "name_or_path": teacher,
-                    "revision": revision,
-                    "trust_remote_code": trust_remote_code,
-                    "id2label": {str(k): v for k, v in model.config.id2label.items()},
-                },
-                dataset={"name_or_path": dataset, "revision": dataset_revision},
-                splits={
-                    name: {
-                        "fingerprint": recipe["split_fingerprints"][name],
-                        "num_rows": len(cache[name]),
-                        "views": views if name in view_splits else 1,
-                        "logits_sha256": logits_sha256(cache[name]),
-                    }
-                    for name in splits
-                },
-                run={
-                    "precision": precision,
-                    "device": str(torch_device),
-                    "processes": job.processes,
-                    "versions": _library_versions(),
-                    "seconds": round(time.perf_counter() - started, 1),
-                    "images_per_second": stats,
-                },
-            )
-            manifest.write(work / "cache")
-            processor.save_pretrained(str(work / "cache"))
-            move_into_place(work / "cache", output)
-            shutil.rmtree(work, ignore_errors=True)
-    if processes:
-        processes.wait()  # the others return once the cache is in place
-    return output
+
+def _write_cache(
+    folder: OutputFolder, inputs: _Inputs, recipe, fingerprint, dataset, teacher, options, place, speed, started
+) -> None:
+    """Assemble the chunks into the finished cache with its manifest and the teacher's image processor."""
+    cache = _assemble(folder.work, inputs.splits)
+    manifest = Manifest.build(
+        recipe=recipe,
+        fingerprint=fingerprint,
+        pixel_shape=inputs.pixel_shape,
+        teacher={
+            "name_or_path": teacher,
+            "revision": options.revision,
+            "trust_remote_code": options.trust_remote_code,
+            "id2label": {str(k): v for k, v in inputs.model.config.id2label.items()},
+        },
+        dataset={"name_or_path": dataset, "revision": options.dataset_revision},
+        splits={
+            name: {
+                "fingerprint": recipe["split_fingerprints"][name],
+                "num_rows": len(cache[name]),
+                "views": options.views if name in inputs.view_splits else 1,
+                "logits_sha256": logits_sha256(cache[name]),
+            }
+            for name in inputs.splits
+        },
+        run={
+            "precision": options.precision,
+            "device": str(place.device),
+            "processes": place.processes,
+            "versions": _library_versions(),
+            "seconds": round(time.perf_counter() - started, 1),
+            "images_per_second": speed,
+        },
+    )
+    manifest.write(folder.finished)
+    inputs.processor.save_pretrained(str(folder.finished))
 
 
 def _plan_work(
     output: Path, work: Path, fingerprint: str, overwrite: bool, chunk_size: int, rows: dict
 ) -> dict | None:
     """Check the output, set up `work` (resuming a partial run of the same inputs) and list the chunks still to
-    compute, as [split, chunk index] pairs; None when `output` already holds this cache."""
+    compute, as [split, chunk index] pairs; None when `output` already holds this cache (safe_output has refused a
+    folder that is not a cache)."""
     if (output / MANIFEST).exists():
         existing = read_manifest(output)
         if existing.get("fingerprint") == fingerprint:
@@ -314,9 +363,6 @@ def _plan_work(
                 f"'{output}' holds a cache made from other inputs (fingerprint {existing.get('fingerprint')}, "
                 f"now {fingerprint}); pass --overwrite to replace it, or choose another --output"
             )
-    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise KdcacheError(f"--output '{output}' exists and is not a kdcache cache; choose another --output")
-    check_writable_parent(output, "--output")
 
     plan = {"fingerprint": fingerprint, "chunk_size": chunk_size}
     if (work / "plan.json").exists():
@@ -544,6 +590,8 @@ def _write_chunk(path: Path, batches: list[dict], job: _Job) -> None:
 
 
 def _assemble(work: Path, splits: list[str]):
+    """The chunks of every split joined into one DatasetDict, saved as the finished cache in `work` (and read back
+    from there)."""
     import datasets
 
     parts = {}
@@ -556,7 +604,7 @@ def _assemble(work: Path, splits: list[str]):
                 f"the partial cache in '{work}' is inconsistent for split '{name}'; delete it and rerun"
             )
     cache = datasets.DatasetDict(parts)
-    target = work / "cache"
+    target = work / CACHE_OUTPUT.finished
     shutil.rmtree(target, ignore_errors=True)
     cache.save_to_disk(str(target))
     return datasets.load_from_disk(str(target))

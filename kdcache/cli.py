@@ -9,9 +9,10 @@ from typing import Optional
 import typer
 
 from kdcache.errors import KdcacheError
-from kdcache.options import TrainingOptions
+from kdcache.options import CacheOptions, EvaluationOptions, TrainingOptions
 
-DEFAULT = TrainingOptions.default  # stage two's defaults are declared once, in kdcache.options
+DEFAULT = TrainingOptions.default  # each stage's defaults are declared once, in kdcache.options
+CACHE_DEFAULT, EVALUATION_DEFAULT = CacheOptions.default, EvaluationOptions.default
 
 app = typer.Typer(
     help=(
@@ -157,9 +158,13 @@ def teacher_logits_command(
         None, show_default="data/<dataset>--<teacher>", help="Cache folder to write."
     ),
     splits: Optional[str] = typer.Option(None, show_default="all", help="Comma-separated splits to cache."),
-    batch_size: int = typer.Option(32, help="Images per teacher forward pass."),
-    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
-    precision: str = typer.Option("fp32", help="fp32, or on CUDA bf16/fp16 autocast (recorded in the manifest)."),
+    batch_size: int = typer.Option(CACHE_DEFAULT("batch_size"), help="Images per teacher forward pass."),
+    device: str = typer.Option(
+        CACHE_DEFAULT("device"), help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
+    ),
+    precision: str = typer.Option(
+        CACHE_DEFAULT("precision"), help="fp32, or on CUDA bf16/fp16 autocast (recorded in the manifest)."
+    ),
     revision: Optional[str] = typer.Option(None, help="Teacher revision (branch, tag or commit) on the hub."),
     dataset_revision: Optional[str] = typer.Option(None, help="Dataset revision on the hub."),
     image_column: Optional[str] = typer.Option(None, show_default="image or img", help="Image column."),
@@ -175,18 +180,21 @@ def teacher_logits_command(
         help="Trust that the teacher's outputs follow the dataset's label order even though the names differ.",
     ),
     views: int = typer.Option(
-        1,
+        CACHE_DEFAULT("views"),
         help="Augmented views per training image (random resized crop + flip), each with the teacher's logits on exactly that view; 1 = the one clean view. Costs K teacher passes per image.",
     ),
     view_splits: Optional[str] = typer.Option(
         None, show_default="train", help="Comma-separated splits that get --views; the others keep one clean view."
     ),
     view_scale: float = typer.Option(
-        0.25, help="Smallest crop area of a view, as a fraction of the image (the largest is 1)."
+        CACHE_DEFAULT("view_scale")[0],
+        help="Smallest crop area of a view, as a fraction of the image (the largest is 1).",
     ),
-    view_seed: int = typer.Option(0, help="Seed of the views (a row's views depend on it and the row alone)."),
+    view_seed: int = typer.Option(
+        CACHE_DEFAULT("view_seed"), help="Seed of the views (a row's views depend on it and the row alone)."
+    ),
     mix_alpha: float = typer.Option(
-        0.0,
+        CACHE_DEFAULT("mix_alpha"),
         help="Mix every view with a view of another image (mixup, weight ~ Beta(a, a) folded to >= 0.5) and store the teacher's logits on the mixed image: 'function matching'. 0 = no mixing; 1 = uniform weights.",
     ),
     source_size: Optional[int] = typer.Option(
@@ -200,7 +208,7 @@ def teacher_logits_command(
         show_default="1 on CPU (0 when a process has 1 core), up to 8 on CUDA",
         help="Processes decoding images ahead of the teacher (per process).",
     ),
-    chunk_size: int = typer.Option(512, help="Rows per resumable chunk."),
+    chunk_size: int = typer.Option(CACHE_DEFAULT("chunk_size"), help="Rows per resumable chunk."),
     num_processes: Optional[int] = typer.Option(
         None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP
     ),
@@ -230,10 +238,7 @@ def teacher_logits_command(
     from kdcache.cache import describe, teacher_logits
     from kdcache.runtime import is_main_process
 
-    path = teacher_logits(
-        dataset=dataset,
-        teacher=teacher,
-        output=output,
+    options = CacheOptions(
         splits=_split_list(splits),
         batch_size=batch_size,
         device=device,
@@ -254,6 +259,7 @@ def teacher_logits_command(
         num_workers=num_workers,
         chunk_size=chunk_size,
     )
+    path = teacher_logits(dataset=dataset, teacher=teacher, output=output, options=options)
     if is_main_process():
         typer.echo(describe(path))
 
@@ -270,14 +276,18 @@ def evaluate_command(
     dataset: Optional[str] = typer.Option(
         None, help="Hub dataset id or local folder.", show_default="the one --cache was made from, else beans"
     ),
-    split: str = typer.Option("test", help="Split to evaluate on."),
+    split: str = typer.Option(EVALUATION_DEFAULT("split"), help="Split to evaluate on."),
     cache: Optional[list[Path]] = typer.Option(
         None,
         help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher. Repeat it for a teacher ensemble: agreement with each teacher and with the ensemble (probabilities averaged at T=1).",
     ),
     teacher_weights: Optional[str] = typer.Option(None, show_default="equal", help=TEACHER_WEIGHTS_HELP),
-    batch_size: int = typer.Option(32, help="Images per forward pass (the throughput is measured at this size)."),
-    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
+    batch_size: int = typer.Option(
+        EVALUATION_DEFAULT("batch_size"), help="Images per forward pass (the throughput is measured at this size)."
+    ),
+    device: str = typer.Option(
+        EVALUATION_DEFAULT("device"), help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
+    ),
     output: Optional[Path] = typer.Option(
         None,
         help="Folder to write.",
@@ -313,19 +323,18 @@ def evaluate_command(
     """
     from kdcache.evaluation import describe, evaluate_models
 
-    report = evaluate_models(
-        models,
+    options = EvaluationOptions(
         dataset=dataset,
         split=split,
         cache=list(cache or []),
         batch_size=batch_size,
         device=device,
-        output=output,
         image_column=image_column,
         label_column=label_column,
         match_labels_by_index=match_labels_by_index,
         teacher_weights=_weights(teacher_weights),
     )
+    report = evaluate_models(models, output=output, options=options)
     typer.echo(describe(report))
 
 

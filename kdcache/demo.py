@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.errors import KdcacheError
-from kdcache.outputs import guards_output, lock_output
+from kdcache.outputs import OutputKind, guards_output, safe_output
 from kdcache.runtime import move_into_place, tune_malloc
 
 log = logging.getLogger("kdcache")
@@ -24,6 +23,7 @@ DIGIT_NAMES = [str(digit) for digit in range(10)]
 # The demo replaces its output folder on every run; this file, written first into a folder it creates, is how it knows
 # a folder is its own. Any other folder that is not empty is refused, never emptied.
 DEMO_MARKER = ".kdcache-demo"
+DEMO_OUTPUT = OutputKind("a kdcache demo folder", "kdcache demo", DEMO_MARKER, in_place=True)
 
 
 def build_digits_dataset(path: str | Path, seed: int = 0, image_size: int = 32, limit: int | None = None) -> Path:
@@ -116,43 +116,16 @@ def student_config(folder: Path) -> str:
     return str(folder)
 
 
-def check_demo_folder(root: Path) -> None:
-    """Refuse a `root` the demo may not replace: a file, or a folder that is neither empty nor marked as the demo's."""
-    if root.exists() and not root.is_dir():
-        raise KdcacheError(f"--output '{root}' is a file; the demo writes a folder: choose another --output")
-    if root.exists() and any(root.iterdir()) and not (root / DEMO_MARKER).is_file():
-        raise KdcacheError(
-            f"--output '{root}' holds files that kdcache demo did not write (it has no {DEMO_MARKER}), "
-            "and the demo replaces its folder: choose a new or empty --output"
-        )
-
-
-def claim_demo_folder(root: Path) -> None:
-    """Make `root` an empty folder of the demo's own, marked as such: created, or emptied when it is empty already or
-    an earlier demo wrote it. Anything else is refused and left as it is."""
-    check_demo_folder(root)
-    if root.exists():
-        for entry in root.iterdir():  # the folder itself stays: it may be the working directory, or a link
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / DEMO_MARKER).write_text("written by kdcache demo, which replaces this folder on its next run\n")
-    except OSError as error:
-        raise KdcacheError(
-            f"--output '{root}' cannot be written ({error.strerror}); choose another --output"
-        ) from None
-
-
 @guards_output
 def run_demo(output: str | Path = "data/demo", quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
     root = Path(output)
-    check_demo_folder(root)  # before the lock, whose file would be left beside a folder that is not the demo's
-    lock_output(root)  # a second demo on the same folder would empty it under the first
-    claim_demo_folder(root)  # before the imports below, which take seconds
+    # a folder that is neither new, empty nor an earlier demo's is refused, before the imports below (seconds); a
+    # second demo on the same folder is refused too, as it would empty it under the first
+    with safe_output(root, DEMO_OUTPUT):
+        return _run_demo(root, quick, seed, progress)
 
+
+def _run_demo(root: Path, quick: bool, seed: int, progress: bool) -> dict:
     from kdcache.cache import teacher_logits
     from kdcache.evaluation import evaluate_models
     from kdcache.train import train_student

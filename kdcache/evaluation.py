@@ -7,8 +7,8 @@ modules that work offline). The teacher is never run: agreement with it comes fr
 """
 
 import json
-import shutil
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,8 +20,9 @@ from kdcache.cache import LABELS, LOGITS, load_cache
 from kdcache.data import decode_images, find_columns, label_names, load_image_dataset, load_image_processor, undecoded
 from kdcache.errors import KdcacheError, hub_error
 from kdcache.models import align_labels, count_parameters, load_classifier
-from kdcache.options import check_teacher_weights
-from kdcache.runtime import check_writable_parent, move_into_place, output_path, pick_device, slug, tune_malloc
+from kdcache.options import EvaluationOptions
+from kdcache.outputs import OutputFolder, OutputKind, guards_output, safe_output
+from kdcache.runtime import output_path, pick_device, slug, tune_malloc
 
 METRICS, CONFUSION_PNG, COMPARISON_PNG = "metrics.json", "confusion_matrix.png", "comparison.png"
 RELIABILITY_PNG = "reliability_diagram.png"
@@ -111,39 +112,69 @@ def teacher_agreement(student_logits, teacher_logits, labels) -> dict:
     }
 
 
+EVALUATION_OUTPUT = OutputKind("a kdcache evaluation", "kdcache evaluate", METRICS)
+
+
+@guards_output
 def evaluate_models(
     models: list[str] | str,
-    dataset: str | None = None,
-    split: str = "test",
-    cache: str | Path | list | None = None,
-    batch_size: int = 32,
-    device: str = "auto",
+    *,
     output: str | Path | None = None,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    match_labels_by_index: bool = False,
+    options: EvaluationOptions | None = None,
     progress: bool = True,
-    teacher_weights: list[float] | None = None,
+    **overrides,
 ) -> dict:
     """Evaluate each model (hub id or local folder) on `split` of `dataset` and write metrics.json and plots.
 
-    `dataset` defaults to the one the cache was made from, else "beans". With `cache`, each model is also compared
-    with the cached teacher logits of the same rows. `cache` may be a list of caches of the same rows, a teacher
-    ensemble: each model is then compared with each teacher ("teacher_agreements") and with the ensemble
-    ("teacher_agreement": its probabilities at T=1, averaged with `teacher_weights`, normalised; equal by default).
-    Returns {"output", "dataset", "split", "rows", "models": [one dict per model, as in its metrics.json]}.
+    The options are an EvaluationOptions (kdcache.options), given whole as `options`, one by one as keywords
+    (`evaluate_models(models, dataset=..., split="test")`), or both (the keywords win). `dataset` defaults to the
+    one the cache was made from, else "beans". With `cache`, each model is also compared with the cached teacher
+    logits of the same rows. `cache` may be a list of caches of the same rows, a teacher ensemble: each model is
+    then compared with each teacher ("teacher_agreements") and with the ensemble ("teacher_agreement": its
+    probabilities at T=1, averaged with `teacher_weights`, normalised; equal by default). Returns {"output",
+    "dataset", "split", "rows", "models": [one dict per model, as in its metrics.json]}.
     """
+    options = replace(options or EvaluationOptions(), **overrides)
     models = [models] if isinstance(models, str) else list(models)
     if not models:
         raise KdcacheError("name at least one model to evaluate (a hub id or a folder written by save_pretrained)")
-    if batch_size < 1:
-        raise KdcacheError("--batch-size must be at least 1")
-    caches = [cache] if isinstance(cache, (str, Path)) else list(cache or [])
-    check_teacher_weights(teacher_weights, len(caches))
-    cache = caches[0] if caches else None  # the first cache says which dataset and columns, as a lone one does
+    options.check()
     tune_malloc()
-    torch_device = pick_device(device)
+    device = pick_device(options.device)
+    data = _evaluation_rows(options)
+    # Every model's labels and image processor are checked before any is run: a mistake in the third model
+    # should not cost the time of the first two.
+    prepared = [_prepare(name, data.names, options.match_labels_by_index) for name in models]
+    output = output_path(output) if output is not None else default_output(models, options.split)
+    with safe_output(output, EVALUATION_OUTPUT) as folder:
+        short_names = _unique([slug(name) for name in models])
+        folders = short_names if len(models) > 1 else [""]  # several models: one subfolder each
+        results = [
+            _evaluate_model(name, processor, mapping, short_name, output / subfolder, data, options, device, progress)
+            for (name, processor, mapping), short_name, subfolder in zip(prepared, short_names, folders)
+        ]
+        return _write_report(folder, results, folders, data)
 
+
+@dataclass
+class _Rows:
+    """The rows every model is evaluated on: a split, its labels, and the cached teacher's logits of it (if any)."""
+
+    dataset: str
+    split: str
+    rows: object  # a datasets.Dataset
+    image_column: str
+    names: list[str]
+    references: np.ndarray
+    members: list  # (cache, manifest, teacher logits) per cached teacher: none, one, or an ensemble's
+
+
+def _evaluation_rows(options: EvaluationOptions) -> _Rows:
+    """The split to evaluate on, from the dataset asked for or the one the cache was made from, refused in one line
+    when it is missing or empty, or when the cache's logits are not of these very rows."""
+    dataset, split = options.dataset, options.split
+    cache = options.caches[0] if options.caches else None  # the first says which dataset and columns
+    image_column, label_column = options.image_column, options.label_column
     cached = manifest = None
     dataset_revision = None
     if cache is not None:
@@ -176,70 +207,73 @@ def evaluate_models(
     if manifest is not None:
         teacher = _cached_teacher(cached, manifest, cache, rows, dataset, split, names, references)
     members = [(cache, manifest, teacher)] if manifest is not None else []  # an ensemble's caches, in order
-    for other in caches[1:]:
+    for other in options.caches[1:]:
         members.append(_other_teacher(other, rows, dataset, split, names, references))
+    return _Rows(dataset, split, rows, image_column, names, references, members)
 
-    # Every model's labels and image processor are checked before any is run: a mistake in the third model
-    # should not cost the time of the first two.
-    prepared = [_prepare(name, names, match_labels_by_index) for name in models]
-    output = output_path(output) if output is not None else default_output(models, split)
-    _check_output(output)
-    short_names = _unique([slug(name) for name in models])
-    folders = short_names if len(models) > 1 else [""]  # several models: one subfolder each
 
-    results = []
-    for (name, processor, mapping), short_name, folder in zip(prepared, short_names, folders):
-        model = load_classifier(name, what="model", flag="MODELS").to(torch_device)
-        logits, speed = predict(
-            model, processor, rows, image_column, mapping, batch_size, torch_device, split, progress
-        )
-        result = {
-            "model": name,
-            "name": short_name,
-            "model_class": type(model).__name__,
-            "dataset": dataset,
-            "split": split,
-            "rows": len(rows),
-            "label_names": names,
-            **classification_metrics(logits.argmax(-1), references, names),
-            **calibration(logits, references),
-            "confusion_matrix_axes": "rows: true label, columns: predicted label, in label_names order",
-            "parameters": count_parameters(model),
-            "weights_bytes": weights_bytes(name),
-            "speed": {"device": str(torch_device), "batch_size": batch_size, **speed, "timed": TIMED},
-            "metrics_library": _metrics_library(),
-            "kdcache_version": kdcache.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "output": str(output / folder) if folder else str(output),
+def _evaluate_model(name, processor, mapping, short_name, output, data: _Rows, options, device, progress) -> dict:
+    """One model's metrics.json: its quality on the rows, its calibration, size and speed, and its agreement with
+    the cached teacher (or with each teacher of an ensemble, and with the ensemble)."""
+    model = load_classifier(name, what="model", flag="MODELS").to(device)
+    logits, speed = predict(
+        model, processor, data.rows, data.image_column, mapping, options.batch_size, device, data.split, progress
+    )
+    result = {
+        "model": name,
+        "name": short_name,
+        "model_class": type(model).__name__,
+        "dataset": data.dataset,
+        "split": data.split,
+        "rows": len(data.rows),
+        "label_names": data.names,
+        **classification_metrics(logits.argmax(-1), data.references, data.names),
+        **calibration(logits, data.references),
+        "confusion_matrix_axes": "rows: true label, columns: predicted label, in label_names order",
+        "parameters": count_parameters(model),
+        "weights_bytes": weights_bytes(name),
+        "speed": {"device": str(device), "batch_size": options.batch_size, **speed, "timed": TIMED},
+        "metrics_library": _metrics_library(),
+        "kdcache_version": kdcache.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "output": str(output),
+    }
+    if len(data.members) == 1:
+        cache, manifest, teacher = data.members[0]
+        result["teacher_agreement"] = {
+            "cache": str(cache),
+            "cache_fingerprint": manifest.fingerprint,
+            "teacher": manifest.teacher["name_or_path"],
+            **teacher_agreement(logits, teacher, data.references),
         }
-        if teacher is not None and len(members) == 1:
-            result["teacher_agreement"] = {
-                "cache": str(cache),
-                "cache_fingerprint": manifest.fingerprint,
-                "teacher": manifest.teacher["name_or_path"],
-                **teacher_agreement(logits, teacher, references),
-            }
-        elif members:
-            result.update(ensemble_agreement(logits, members, references, teacher_weights))
-        results.append(result)
-        del model
+    elif data.members:
+        result.update(ensemble_agreement(logits, data.members, data.references, options.teacher_weights))
+    return result
 
-    work = output.with_name(output.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
+
+def _write_report(folder: OutputFolder, results: list[dict], folders: list[str], data: _Rows) -> dict:
+    """Each model's metrics.json and plots (in a folder of its own when there are several, with the comparison)."""
+    work = folder.work
     try:
-        work.mkdir(parents=True)
-        for result, folder in zip(results, folders):
-            (work / folder).mkdir(exist_ok=True)
-            _write_json(work / folder / METRICS, result)
-            plot_confusion(result, work / folder / CONFUSION_PNG)
-            plot_reliability(result, work / folder / RELIABILITY_PNG)
-        report = {"output": str(output), "dataset": dataset, "split": split, "rows": len(rows), "models": results}
+        for result, subfolder in zip(results, folders):
+            (work / subfolder).mkdir(exist_ok=True)
+            _write_json(work / subfolder / METRICS, result)
+            plot_confusion(result, work / subfolder / CONFUSION_PNG)
+            plot_reliability(result, work / subfolder / RELIABILITY_PNG)
+        report = {
+            "output": str(folder.path),
+            "dataset": data.dataset,
+            "split": data.split,
+            "rows": len(data.rows),
+            "models": results,
+        }
         if len(results) > 1:
             _write_json(work / METRICS, report)
-            plot_comparison(results, work / COMPARISON_PNG, f"{slug(dataset)} {split} ({len(rows)} rows)")
+            plot_comparison(
+                results, work / COMPARISON_PNG, f"{slug(data.dataset)} {data.split} ({len(data.rows)} rows)"
+            )
     except OSError as error:
         raise KdcacheError(f"cannot write under '{work.parent}' ({error.strerror}); choose another --output") from None
-    move_into_place(work, output)
     return report
 
 
@@ -249,12 +283,6 @@ def default_output(models: list[str], split: str) -> Path:
         return Path("data") / "eval" / f"compare-{split}"
     folder = Path(models[0]).expanduser()
     return folder / f"eval-{split}" if folder.is_dir() else Path("data") / "eval" / f"{slug(models[0])}-{split}"
-
-
-def _check_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / METRICS).exists())):
-        raise KdcacheError(f"--output '{output}' exists and is not a kdcache evaluation; choose another --output")
-    check_writable_parent(output, "--output")
 
 
 def _cached_teacher(cached, manifest, cache, rows, dataset, split, names, references) -> np.ndarray:

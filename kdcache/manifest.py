@@ -200,6 +200,16 @@ class Manifest(dict):
         return self.split(split)["views"]
 
     @property
+    def teacher_to_dataset(self) -> list[int]:
+        """The teacher's output index of each dataset label: the cached logits are in the dataset's label order."""
+        return self["teacher_to_dataset"]
+
+    @property
+    def precision(self) -> str:
+        """What the logits were computed in: fp32, or bf16/fp16 autocast."""
+        return self["precision"]
+
+    @property
     def pixel_shape(self) -> tuple[int, int, int]:
         """(3, height, width) of the teacher's input, as the clean splits store it."""
         return tuple(self["columns"]["pixel_values"]["shape"])

@@ -1,5 +1,5 @@
-"""Stage two's options, declared once: their defaults, their checks before any work, and the record that lets
---resume refuse a changed command. Kept free of heavy imports so that `kdcache --help` stays instant."""
+"""Each stage's options, declared once: their defaults, their checks before any work, and (stage two) the record
+that lets --resume refuse a changed command. Kept free of heavy imports so that `kdcache --help` stays instant."""
 
 import json
 import math
@@ -21,6 +21,7 @@ SCHEDULERS = (
     "inverse_sqrt",
 )
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CACHE_PRECISIONS = ("fp32", "bf16", "fp16")  # stage one computes in fp32 unless told otherwise
 
 OPTIONS_FILE = "kdcache_options.json"
 # Options that change how fast, how loud or where a run goes, not what it trains: --resume may change them.
@@ -38,8 +39,17 @@ NOT_COMPARED = (
 )
 
 
+class Options:
+    """What every stage's options dataclass shares."""
+
+    @classmethod
+    def default(cls, name: str):
+        """The default of option `name` (for the command line's options)."""
+        return next(field.default for field in fields(cls) if field.name == name)
+
+
 @dataclass
-class TrainingOptions:
+class TrainingOptions(Options):
     """Every option of stage two, with its default: `kdcache train-student` and `train_student(cache, **options)`
     both build one, `check` refuses a bad one, and the run's record (--resume), summary and model card read it.
 
@@ -78,11 +88,6 @@ class TrainingOptions:
     logging_steps: int = 10
     save_checkpoints: bool = True
     push_to_hub: str | None = None
-
-    @classmethod
-    def default(cls, name: str):
-        """The default of option `name` (for the command line's options)."""
-        return next(field.default for field in fields(cls) if field.name == name)
 
     def check(self, processes: int = 1, caches: int = 1) -> None:
         """Every option that can be wrong on its own, each refused with one line naming the fix. `processes`: how
@@ -315,3 +320,73 @@ def check_resumable(work: Path, options: dict) -> None:
 
 def _label(name: str) -> str:
     return "the cache's fingerprint" if name == "cache_fingerprint" else "--" + name.replace("_", "-")
+
+
+@dataclass
+class CacheOptions(Options):
+    """Every option of stage one besides its dataset, teacher and output, with its default: `kdcache teacher-logits`
+    and `teacher_logits(dataset, teacher, output=..., **options)` both build one, and `check` refuses a bad one.
+    The fingerprint of a cache is taken of what these options produce (kdcache.cache), not of the options."""
+
+    splits: list[str] | None = None  # None: all of the dataset's
+    batch_size: int = 32
+    device: str = "auto"
+    precision: str = "fp32"
+    revision: str | None = None
+    dataset_revision: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    trust_remote_code: bool = False
+    match_labels_by_index: bool = False
+    views: int = 1
+    view_splits: list[str] | None = None  # None: train, when views > 1
+    view_scale: tuple[float, float] = (0.25, 1.0)
+    view_seed: int = 0
+    source_size: int | None = None  # None: 8/7 of the teacher's input; 0: the whole image
+    mix_alpha: float = 0.0
+    overwrite: bool = False
+    num_workers: int | None = None
+    chunk_size: int = 512
+
+    def check(self) -> None:
+        """Every option that can be wrong on its own, each refused with one line naming the fix (the view settings'
+        ranges: by kdcache.data.ViewRecipe, once the views are made)."""
+        for flag, value in (("--batch-size", self.batch_size), ("--chunk-size", self.chunk_size)):
+            if value < 1:
+                raise KdcacheError(f"{flag} {value} must be at least 1")
+        if self.views < 1:
+            raise KdcacheError(f"--views {self.views} must be at least 1 (1: the one clean view of each image)")
+        if self.precision not in CACHE_PRECISIONS:
+            raise KdcacheError(f"--precision '{self.precision}' is not one of {', '.join(CACHE_PRECISIONS)}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise KdcacheError(f"--num-workers {self.num_workers} must be >= 0")
+        if self.view_seed < 0:
+            raise KdcacheError(f"--view-seed {self.view_seed} must be >= 0")
+        if not (_finite(self.mix_alpha) and self.mix_alpha >= 0):
+            raise KdcacheError(f"--mix-alpha {self.mix_alpha} must be >= 0 (0: no mixing)")
+
+
+@dataclass
+class EvaluationOptions(Options):
+    """Every option of `kdcache evaluate` besides its models and output, with its default: the command and
+    `evaluate_models(models, output=..., **options)` both build one, and `check` refuses a bad one."""
+
+    dataset: str | None = None  # None: the one the cache was made from, else beans
+    split: str = "test"
+    cache: str | Path | list | None = None  # several: a teacher ensemble
+    teacher_weights: list[float] | None = None  # an ensemble's, one per cache; None: equal
+    batch_size: int = 32
+    device: str = "auto"
+    image_column: str | None = None
+    label_column: str | None = None
+    match_labels_by_index: bool = False
+
+    @property
+    def caches(self) -> list:
+        """The caches given, as a list (none, one, or an ensemble's)."""
+        return [self.cache] if isinstance(self.cache, (str, Path)) else list(self.cache or [])
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise KdcacheError(f"--batch-size {self.batch_size} must be at least 1")
+        check_teacher_weights(self.teacher_weights, len(self.caches))

@@ -1,9 +1,12 @@
-"""Keeping a stage's output safe on a real machine: one writer per output, enough disk before the work starts, and a
-full disk during the work reported as one line with the finished work kept for resuming.
+"""Keeping a stage's output safe on a real machine: never a folder that is not the stage's own replaced, nothing
+half-written in the output's place, one writer per output, enough disk before the work starts, and a full disk during
+the work reported as one line with the finished work kept for resuming.
 
-A stage function is decorated with `guards_output`; inside it, the main process takes the output's lock with
-`lock_output`, refuses early with `check_free_space`, and every process names what a full disk would interrupt with
-`report_disk_full`. Locks are released, and a full disk is reported, when the decorated function ends.
+A stage function is decorated with `guards_output` and writes its output inside `with safe_output(...)`, which
+refuses a foreign folder, takes the output's lock (`lock_output`), and moves the finished work into place only when
+the block succeeds. Inside, the main process refuses early with `check_free_space`, and every process names what a
+full disk would interrupt with `report_disk_full`. Locks are released, and a full disk is reported, when the
+decorated function ends.
 """
 
 import contextlib
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
-from kdcache.runtime import check_writable_parent
+from kdcache.runtime import agreed, check_writable_parent, is_main, move_into_place
 
 LOCK_SUFFIX = ".lock"
 # What datasets writes into each saved folder besides the rows (dataset_info.json, state.json, the Arrow schema and
@@ -85,6 +88,98 @@ def _holder(path: Path) -> str:
     except OSError:
         text = ""
     return text or "its pid is not recorded"
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a stage writes: how its finished output is told from anyone else's folder, and how it is built."""
+
+    name: str  # in messages: "a kdcache cache"
+    writer: str  # in messages: "kdcache teacher-logits"
+    marker: str  # a file that every output of this kind holds (and no one else's folder is likely to)
+    finished: str | None = None  # the folder in OUTPUT.partial that becomes OUTPUT; None: OUTPUT.partial itself
+    resumable: bool = False  # a failed run's OUTPUT.partial is kept for the next run to continue
+    # Written in place, marked first: the demo, whose stages record the paths of what they read (a cache names its
+    # dataset and teacher), which a rename would leave pointing nowhere. A half-written one is marked as the demo's,
+    # so the next run replaces it.
+    in_place: bool = False
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """An output being written: the stage writes in `work`, and `finished` becomes `path` when the stage succeeds."""
+
+    path: Path
+    work: Path
+    finished: Path
+
+
+def check_not_foreign(output: Path, kind: OutputKind, flag: str = "--output") -> None:
+    """Refuse an `output` that is a file, or a folder that is neither empty nor an output of `kind`."""
+    if output.exists() and not output.is_dir():
+        raise KdcacheError(f"{flag} '{output}' is a file; {kind.name} is a folder: choose another {flag}")
+    if output.exists() and any(output.iterdir()) and not (output / kind.marker).is_file():
+        raise KdcacheError(
+            f"{flag} '{output}' holds files that {kind.writer} did not write (it is not {kind.name}: it has no "
+            f"{kind.marker}); kdcache replaces only its own outputs: choose a new or empty {flag}"
+        )
+
+
+@contextlib.contextmanager
+def safe_output(output: Path, kind: OutputKind, processes=None, flag: str = "--output"):
+    """Write a stage's output safely: yields an OutputFolder whose `work` (OUTPUT.partial) the stage writes in.
+
+    First a foreign `output` is refused (`check_not_foreign`), and its lock taken until the stage ends
+    (`lock_output`: the stage is decorated with `guards_output`); a kind that does not resume starts from an empty
+    work folder. When the block succeeds, `finished` replaces `output` (if the stage wrote it: a stage with nothing
+    to do leaves the output as it is) and the work folder goes; when it fails, the output is untouched and the work
+    folder is removed, or kept for the next run to resume (`kind.resumable`). Under several `processes` the main
+    one alone acts; the others learn of its errors, and wait for its rename.
+    """
+    work = output if kind.in_place else output.with_name(output.name + ".partial")
+    folder = OutputFolder(output, work, work / kind.finished if kind.finished else work)
+    main = is_main(processes)
+    with agreed(processes):
+        if main:
+            check_not_foreign(output, kind, flag)  # before the lock, whose file would be left beside a foreign folder
+            lock_output(output, flag)  # also refuses an output whose parent cannot be written
+            if kind.in_place:
+                _claim_in_place(output, kind, flag)
+            elif not kind.resumable:
+                _fresh_folder(work, flag)
+    try:
+        yield folder
+    except BaseException:
+        if main and not kind.resumable and not kind.in_place:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    with agreed(processes):
+        if main and not kind.in_place and folder.finished.is_dir():
+            move_into_place(folder.finished, output)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _fresh_folder(folder: Path, flag: str) -> None:
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    except OSError as error:
+        raise KdcacheError(f"cannot write under '{folder.parent}' ({error.strerror}); choose another {flag}") from None
+
+
+def _claim_in_place(output: Path, kind: OutputKind, flag: str) -> None:
+    """Empty `output` (new, empty, or an earlier output of `kind`) and mark it as `kind`'s before anything else."""
+    if output.exists():
+        for entry in output.iterdir():  # the folder itself stays: it may be the working directory, or a link
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / kind.marker).write_text(f"written by {kind.writer}, which replaces this folder on its next run\n")
+    except OSError as error:
+        raise KdcacheError(f"{flag} '{output}' cannot be written ({error.strerror}); choose another {flag}") from None
 
 
 @dataclass

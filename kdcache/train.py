@@ -41,20 +41,20 @@ from kdcache.manifest import Manifest
 from kdcache.models import align_labels, count_parameters, load_classifier, weights_sha256
 from kdcache.options import TrainingOptions, check_loss_for_cache, check_resumable, record_options, run_options
 from kdcache.outputs import (
+    OutputFolder,
+    OutputKind,
     check_free_space,
     guards_output,
-    lock_output,
     report_disk_full,
+    safe_output,
     training_bytes,
     unfinished_checkpoints,
 )
 from kdcache.runtime import (
     agreed,
-    check_writable_parent,
     cpus_per_process,
     distributed,
     is_main,
-    move_into_place,
     output_path,
     placement,
     slug,
@@ -477,51 +477,63 @@ def train_student(
         options.check(processes.count if processes else 1, caches=len(caches))
         options = options.resolved()  # the loss's own temperature where none was given
         place = placement(options.device, options.precision, processes, training=True)
-        cache_path, cached, manifest = _open_cache(caches[0], options)
-        ensemble = None
-        if len(caches) > 1:  # from here on the first cache's splits carry the ensemble's teacher logits
-            splits = [split for split in (options.train_split, options.eval_split) if split is not None]
-            cached, ensemble = open_ensemble(
-                caches, cached, manifest, splits, options.teacher_weights, options.temperature
+    with safe_output(_output_path(output, caches, options), STUDENT_OUTPUT, processes) as folder:
+        with agreed(processes):
+            cache_path, cached, manifest = _open_cache(caches[0], options)
+            ensemble = None
+            if len(caches) > 1:  # from here on the first cache's splits carry the ensemble's teacher logits
+                splits = [split for split in (options.train_split, options.eval_split) if split is not None]
+                cached, ensemble = open_ensemble(
+                    caches, cached, manifest, splits, options.teacher_weights, options.temperature
+                )
+            fingerprint = ensemble.fingerprints if ensemble else manifest.fingerprint
+            _claim_output(folder, fingerprint, options, place, processes)
+            processor, size = _student_input(cache_path, manifest, options)
+            model = build_student(options.student, manifest.label_names, (3, *size), options.seed)
+            # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's
+            # .to(device) keeps the format, and the collator hands it channels_last batches
+            model = model.to(memory_format=torch.channels_last)
+            _check_space(model, folder.path, folder.work, options, processes)
+            rows = training_rows(
+                cached, manifest, cache_path, options, ImagePipeline(processor), processor, size, place
             )
-        fingerprint = ensemble.fingerprints if ensemble else manifest.fingerprint
-        output, work = _claim_output(output, cache_path, fingerprint, options, place, processes)
-        processor, size = _student_input(cache_path, manifest, options)
-        model = build_student(options.student, manifest.label_names, (3, *size), options.seed)
-        # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's .to(device)
-        # keeps the format, and the collator hands it channels_last batches
-        model = model.to(memory_format=torch.channels_last)
-        _check_space(model, output, work, options, processes)
-        rows = training_rows(cached, manifest, cache_path, options, ImagePipeline(processor), processor, size, place)
-        callbacks = _callbacks(callbacks, rows, options)
-        if (
-            is_main(processes) and not options.resume
-        ):  # once every check has passed: a refused run leaves no work folder
-            record_options(work, run_options(options, cache_fingerprint=fingerprint, precision=place.precision))
-    trainer = _trainer(
-        model,
-        rows,
-        work,
-        options,
-        place,
-        ImagePipeline(processor),
-        size,
-        len(manifest.label_names),
-        callbacks,
-        progress,
-        processes,
-    )
-    if progress and is_main(processes):
-        log.info(place.describe(trainer.args.train_batch_size))
-    seconds = _train(trainer, options)
-    summary = _summary(trainer, seconds, output, cache_path, manifest, model, rows, options, place, size, ensemble)
-    _save(trainer, summary, work, output, manifest, processor, size, options, processes)
+            callbacks = _callbacks(callbacks, rows, options)
+            # once every check has passed: a refused run leaves no work folder
+            if is_main(processes) and not options.resume:
+                record_options(
+                    folder.work, run_options(options, cache_fingerprint=fingerprint, precision=place.precision)
+                )
+        trainer = _trainer(
+            model,
+            rows,
+            folder.work,
+            options,
+            place,
+            ImagePipeline(processor),
+            size,
+            len(manifest.label_names),
+            callbacks,
+            progress,
+            processes,
+        )
+        if progress and is_main(processes):
+            log.info(place.describe(trainer.args.train_batch_size))
+        seconds = _train(trainer, options)
+        summary = _summary(
+            trainer, seconds, folder.path, cache_path, manifest, model, rows, options, place, size, ensemble
+        )
+        _save(trainer, summary, folder, manifest, processor, size, options, processes)
+    # the student is in place now, on every process (safe_output waits for the main one's rename)
     if progress and is_main(processes):
         log.info(summary_line(summary))
-    _push(output, options, progress, processes)
-    if processes:
-        processes.wait()  # the others return once the student is in place
+    _push(folder.path, options, progress, processes)
     return summary
+
+
+# The student's folder: written as OUTPUT.partial/final beside the run's checkpoints, which --resume continues from.
+STUDENT_OUTPUT = OutputKind(
+    "a kdcache student", "kdcache train-student", "kdcache_training.json", finished="final", resumable=True
+)
 
 
 def _open_cache(cache, options: TrainingOptions):
@@ -534,30 +546,32 @@ def _open_cache(cache, options: TrainingOptions):
     return cache_path, cached, manifest
 
 
-def _claim_output(output, cache_path: Path, fingerprint, options: TrainingOptions, place, processes):
-    """The output folder and its work folder (OUTPUT.partial), locked; the main process alone decides about them.
-    `fingerprint`: the cache's, or the list of an ensemble's caches'."""
+def _output_path(output, caches: list, options: TrainingOptions) -> Path:
     kind = "online" if options.online else "distilled" if options.alpha > 0 else "scratch"
-    if isinstance(fingerprint, list):
-        kind = f"ensemble{len(fingerprint)}-{kind}"
-    output = output_path(output) if output is not None else Path("data") / "students" / f"{slug(cache_path)}-{kind}"
-    work = output.with_name(output.name + ".partial")
-    if is_main(processes):
-        lock_output(output)  # held until this function returns: a second run on this output is refused
-        if output.exists() and not options.overwrite:
+    if len(caches) > 1:
+        kind = f"ensemble{len(caches)}-{kind}"
+    if output is not None:
+        return output_path(output)
+    return Path("data") / "students" / f"{slug(Path(caches[0]))}-{kind}"
+
+
+def _claim_output(folder: OutputFolder, fingerprint, options: TrainingOptions, place, processes) -> None:
+    """What an earlier student in the output and an interrupted run in its work folder mean for this run: refused,
+    replaced (--overwrite) or continued (--resume). The main process alone decides about them. `fingerprint`: the
+    cache's, or the list of an ensemble's caches'."""
+    if not is_main(processes):
+        return
+    output, work = folder.path, folder.work
+    if output.exists() and not options.overwrite:
+        raise KdcacheError(f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output")
+    if work.exists() and not options.resume:
+        if not options.overwrite:
             raise KdcacheError(
-                f"--output '{output}' exists; pass --overwrite to replace it, or choose another --output"
+                f"'{work}' holds an interrupted training run; pass --resume to continue it or --overwrite to start over"
             )
-        check_writable_parent(output, "--output")
-        if work.exists() and not options.resume:
-            if not options.overwrite:
-                raise KdcacheError(
-                    f"'{work}' holds an interrupted training run; pass --resume to continue it or --overwrite to start over"
-                )
-            shutil.rmtree(work)
-        if options.resume:
-            check_resumable(work, run_options(options, cache_fingerprint=fingerprint, precision=place.precision))
-    return output, work
+        shutil.rmtree(work)
+    if options.resume:
+        check_resumable(work, run_options(options, cache_fingerprint=fingerprint, precision=place.precision))
 
 
 def _student_input(cache_path: Path, manifest: Manifest, options: TrainingOptions):
@@ -834,10 +848,11 @@ NOT_RECORDED = (
 
 
 def _save(
-    trainer, summary: dict, work: Path, output: Path, manifest: Manifest, processor, size, options, processes
+    trainer, summary: dict, folder: OutputFolder, manifest: Manifest, processor, size, options, processes
 ) -> None:
-    """The final student (the best epoch's, or the EMA's) with its processor and model card, moved into place."""
-    final = work / "final"
+    """The final student (the best epoch's, or the EMA's) with its processor and model card, in `folder.finished`,
+    which safe_output moves into place."""
+    final, work = folder.finished, folder.work
     if is_main(processes):
         shutil.rmtree(final, ignore_errors=True)
     trainer.save_model(str(final))  # on every process: under DDP the Trainer has the main one write
@@ -847,8 +862,6 @@ def _save(
         (final / "README.md").write_text(model_card(summary, manifest, manifest.label_names, options.push_to_hub))
         if (work / "runs").exists():
             shutil.move(str(work / "runs"), str(final / "runs"))
-        move_into_place(final, output)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _push(output: Path, options: TrainingOptions, progress: bool, processes) -> None:

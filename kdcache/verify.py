@@ -25,7 +25,7 @@ from kdcache.cache import (
     VIEWS,
     load_cache,
 )
-from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, undecoded
+from kdcache.data import ImagePipeline, from_raw_source, undecoded
 from kdcache.errors import KdcacheError
 from kdcache.models import load_classifier, weights_sha256
 from kdcache.runtime import pick_device
@@ -61,8 +61,7 @@ def verify_teacher_logits(
         raise KdcacheError(f"--batch-size {batch_size} must be at least 1")
     cache_path = Path(cache)
     cached, manifest = load_cache(cache_path)
-    recorded = manifest["teacher"]
-    precision = manifest.get("precision", "fp32")
+    recorded, precision = manifest.teacher, manifest.precision
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE.get(precision, DEFAULT_TOLERANCE["fp32"])
     if not tolerance >= 0:
@@ -82,16 +81,15 @@ def verify_teacher_logits(
         )
     torch_device = pick_device(device)
     model.to(torch_device)
-    index = torch.tensor(manifest["teacher_to_dataset"], device=torch_device)
+    index = torch.tensor(manifest.teacher_to_dataset, device=torch_device)
     from transformers import AutoImageProcessor
 
     pipeline = ImagePipeline(AutoImageProcessor.from_pretrained(str(cache_path), backend="pil"))
-    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"]) if manifest.get("views") else None
+    recipe = manifest.view_recipe
     rng = np.random.default_rng(seed)
     plan = {}
-    for name in manifest["dataset"]["splits"]:
-        rows = cached[name]
-        views = rows.features[VIEWS].shape[0] if VIEWS in rows.column_names else 1
+    for name in manifest.splits:
+        rows, views = cached[name], manifest.views_of(name)
         picked = np.sort(rng.choice(len(rows) * views, size=min(sample, len(rows) * views), replace=False))
         plan[name] = [(int(k) // views, int(k) % views) for k in picked]
 

@@ -213,6 +213,42 @@ def test_input_errors_are_one_clear_line(tmp_path, tiny_dataset, tiny_teacher):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(batch_size=0), r"^--batch-size 0 must be at least 1$"),
+        (dict(chunk_size=0), r"^--chunk-size 0 must be at least 1$"),
+        (dict(views=0), r"^--views 0 must be at least 1 \(1: the one clean view of each image\)$"),
+        (dict(precision="fp64"), r"^--precision 'fp64' is not one of fp32, bf16, fp16$"),
+        (dict(num_workers=-1), r"^--num-workers -1 must be >= 0$"),
+        (dict(view_seed=-1), r"^--view-seed -1 must be >= 0$"),
+        (dict(views=2, mix_alpha=-0.5), r"^--mix-alpha -0.5 must be >= 0 \(0: no mixing\)$"),
+    ],
+)
+def test_bad_options_are_refused_in_one_line_before_any_work(tmp_path, options, message):
+    from kdcache.options import CacheOptions
+
+    with pytest.raises(KdcacheError, match=message):
+        CacheOptions(**options).check()
+    # the stage checks them first: neither the dataset nor the teacher is looked for, nothing is written
+    with pytest.raises(KdcacheError, match=message):
+        teacher_logits("no-such/dataset", "no-such/teacher", output=tmp_path / "out", progress=False, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_whole_and_one_by_one(tmp_path, tiny_dataset, tiny_teacher):
+    from kdcache.options import CacheOptions
+
+    whole = CacheOptions(splits=["test"], batch_size=0, chunk_size=5)
+    with pytest.raises(KdcacheError, match="--batch-size 0"):
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "c", options=whole, progress=False)
+    out = teacher_logits(  # the keywords win
+        str(tiny_dataset), str(tiny_teacher), output=tmp_path / "c", options=whole, batch_size=4, progress=False
+    )
+    assert list(json.loads((out / MANIFEST).read_text())["dataset"]["splits"]) == ["test"]
+    assert whole.batch_size == 0, "the options given are left as they were"
+
+
 def test_dataset_problems(tmp_path, tiny_teacher):
     unlabeled = make_dataset_dict({"train": 6}).remove_columns("labels")
     unlabeled.save_to_disk(str(tmp_path / "unlabeled"))

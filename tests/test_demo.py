@@ -79,16 +79,20 @@ def test_a_folder_the_demo_did_not_write_is_refused_and_left_intact(tmp_path, mo
 
 
 def test_the_demo_replaces_only_its_own_folder_or_an_empty_one(tmp_path):
-    from kdcache.demo import DEMO_MARKER, claim_demo_folder
+    from kdcache.demo import DEMO_MARKER, DEMO_OUTPUT
+    from kdcache.outputs import guards_output, safe_output
+
+    @guards_output
+    def claim(root):
+        with safe_output(root, DEMO_OUTPUT):
+            return sorted(path.name for path in root.iterdir())
 
     earlier = tmp_path / "earlier"
-    claim_demo_folder(earlier)  # new: created and marked
+    assert claim(earlier) == [DEMO_MARKER]  # new: created and marked
     (earlier / "cache").mkdir()
     (earlier / "cache" / "data.arrow").write_bytes(b"old run")
     (earlier / "demo.json").write_text("{}")
-    claim_demo_folder(earlier)
-    assert sorted(path.name for path in earlier.iterdir()) == [DEMO_MARKER]
+    assert claim(earlier) == [DEMO_MARKER]
     empty = tmp_path / "empty"
     empty.mkdir()
-    claim_demo_folder(empty)
-    assert sorted(path.name for path in empty.iterdir()) == [DEMO_MARKER]
+    assert claim(empty) == [DEMO_MARKER]

@@ -231,6 +231,7 @@ def test_input_errors_are_one_clear_line(tmp_path, tiny_dataset, tiny_teacher, t
         (dict(models=[str(no_processor)]), "no preprocessor_config.json"),
         (dict(models=["no-such-org/no-such-model"]), "could not load the model 'no-such-org/no-such-model'"),
         (dict(output=precious), "not a kdcache evaluation"),
+        (dict(batch_size=0), "^--batch-size 0 must be at least 1$"),
     ]
     for overrides, message in cases:
         arguments = dict(

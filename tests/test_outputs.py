@@ -164,3 +164,66 @@ def test_lock_file_of_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert lock_file(".") == tmp_path.parent / f"{tmp_path.name}.lock"
     assert lock_file("a/b/") == tmp_path / "a" / "b.lock"
+
+
+REPORT = outputs.OutputKind("a test report", "the test stage", "report.json")
+RESUMABLE = outputs.OutputKind("a test cache", "the test stage", "manifest.json", finished="final", resumable=True)
+
+
+@guards_output
+def write_output(output, kind, fail=False):
+    with outputs.safe_output(output, kind) as folder:
+        assert folder.work == output.with_name(output.name + ".partial") and folder.path == output
+        folder.finished.mkdir(parents=True, exist_ok=True)  # a resumable stage makes its own work folder
+        (folder.finished / kind.marker).write_text("new")
+        (folder.work / "scratch").write_text("work in progress")
+        if fail:
+            raise KdcacheError("failed half-way")
+
+
+def test_safe_output_refuses_a_foreign_folder_and_leaves_it_as_it_is(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(KdcacheError) as refused:
+        write_output(precious, REPORT)
+    assert str(refused.value) == (
+        f"--output '{precious}' holds files that the test stage did not write (it is not a test report: it has no "
+        "report.json); kdcache replaces only its own outputs: choose a new or empty --output"
+    )
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(KdcacheError, match="'.*a-file' is a file; a test report is a folder"):
+        write_output(tmp_path / "a-file", REPORT)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "precious"], "no lock, no work folder"
+    assert [path.name for path in precious.iterdir()] == ["notes.txt"]
+
+
+def test_safe_output_moves_the_finished_work_into_place_only_on_success(tmp_path):
+    output = tmp_path / "report"
+    write_output(output, REPORT)
+    assert sorted(path.name for path in output.iterdir()) == ["report.json", "scratch"]
+    with pytest.raises(KdcacheError, match="failed half-way"):
+        write_output(output, REPORT, fail=True)  # an output of its own kind is replaced, but only by finished work
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report", "report.lock"], "nothing half-written left"
+    (tmp_path / "empty").mkdir()
+    write_output(tmp_path / "empty", REPORT)
+    assert (tmp_path / "empty" / "report.json").read_text() == "new"
+
+    cache = tmp_path / "cache"
+    with pytest.raises(KdcacheError, match="failed half-way"):
+        write_output(cache, RESUMABLE, fail=True)
+    assert not cache.exists() and (tmp_path / "cache.partial" / "scratch").exists(), "kept for resuming"
+    write_output(cache, RESUMABLE)
+    assert [path.name for path in cache.iterdir()] == ["manifest.json"] and not (tmp_path / "cache.partial").exists()
+
+
+def test_safe_output_leaves_the_output_alone_when_the_stage_wrote_nothing(tmp_path):
+    output = tmp_path / "cache"
+    write_output(output, RESUMABLE)
+
+    @guards_output
+    def up_to_date():
+        with outputs.safe_output(output, RESUMABLE):
+            return "nothing to do"
+
+    assert up_to_date() == "nothing to do" and (output / "manifest.json").read_text() == "new"

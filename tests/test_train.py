@@ -309,6 +309,12 @@ def test_bad_options_and_existing_output(tmp_path, tiny_cache):
     (tmp_path / "exists").mkdir()
     with pytest.raises(KdcacheError, match="exists; pass --overwrite"):
         train_student(tiny_cache, output=tmp_path / "exists", max_steps=1, **FAST)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(KdcacheError, match="holds files that kdcache train-student did not write"):
+        train_student(tiny_cache, output=precious, overwrite=True, max_steps=1, **FAST)
+    assert [path.name for path in precious.iterdir()] == ["notes.txt"], "never replaced, even with --overwrite"
 
 
 @pytest.fixture(scope="module")
