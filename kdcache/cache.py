@@ -645,7 +645,8 @@ class _HashingWriter:
 def write_chunk_file(path: Path, rows) -> dict:
     """Write a Dataset's rows as one Arrow IPC stream, the format of datasets' own shards (its features in the schema's
     metadata), first as PATH.tmp and renamed once complete; returns its record for the manifest: file, rows, bytes and
-    the sha256 of its bytes, computed while they are written."""
+    the sha256 of its bytes, computed while they are written. `rows` has no indices mapping (as `Dataset.from_dict`
+    makes it; `flatten_indices` one that has), since its table is written as it is."""
     import pyarrow as pa
 
     table = rows.data.table  # the schema carries datasets' features
