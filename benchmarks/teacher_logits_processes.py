@@ -8,7 +8,7 @@ default DataLoader workers (on CPU: 1 per process when it has 2 cores or more, e
 work (the manifest's `seconds`, measured by the main process from the start of its teacher loop to the manifest: every process's
 chunks, the wait for the slowest, the assembly) and end to end (the command's wall time: imports, launcher, model
 loading and hashing included), the ratio N-process / 1-process of each (the median over rounds), and whether the
-two caches' logits checksums are equal (they are when each process has as many torch threads: a convolution's
+two caches' checksums are equal (they are when each process has as many torch threads: a convolution's
 float sums depend on how its work is split among threads).
 """
 
@@ -62,7 +62,11 @@ def stage_one(data: Path, teacher: str, output: Path, processes: int, threads: i
     return {
         "work": work,
         "whole": images / seconds,
-        "checksums": {name: split["logits_sha256"] for name, split in splits.items()},
+        # format 4: the chunk files' checksums (the same chunking in both runs); before: one of each split's logits
+        "checksums": {
+            name: [chunk["sha256"] for chunk in split["chunks"]] if "chunks" in split else split["logits_sha256"]
+            for name, split in splits.items()
+        },
     }
 
 

@@ -1,14 +1,21 @@
 """Stage one: run the teacher once over a dataset and store its logits as an Arrow column, with a manifest.
 
-Layout of a cache folder (a `datasets.DatasetDict` written by `save_to_disk`, plus two files):
+Layout of a cache folder (a `datasets.DatasetDict` in the layout of `save_to_disk`, which `load_from_disk` reads
+memory-mapped, plus two files):
 
-    CACHE/dataset_dict.json, CACHE/<split>/...   columns: row_index, labels, teacher_logits, pixel_values
-    CACHE/kdcache.json                           the manifest: what produced the cache, and checksums
+    CACHE/dataset_dict.json                      the splits
+    CACHE/<split>/chunk-NNNNNN.arrow             the chunks as stage one wrote them (Arrow IPC streams, as datasets
+                                                 writes its shards); columns: row_index, labels, teacher_logits,
+                                                 pixel_values (or the view columns)
+    CACHE/<split>/state.json, dataset_info.json  the split's chunk files in row order, and its features
+    CACHE/kdcache.json                           the manifest: what produced the cache, and each chunk's sha256
     CACHE/preprocessor_config.json               the teacher's image processor (students are saved with it)
 
 `pixel_values` holds the teacher's resized and cropped view as uint8 (3, H, W): stage two turns it into the
 model input with a per-pixel lookup table (data.ImagePipeline) instead of decoding and resizing every epoch.
-The work happens in `CACHE.partial/`, chunk by chunk, so a killed run resumes; the final folder appears by rename.
+The work happens in `CACHE.partial/`, chunk by chunk, so a killed run resumes: each chunk file is hashed as it is
+written, and its checksum kept beside it (`CACHE.partial/records/`) until the manifest records it. The chunks are
+written once: finishing a run writes the small JSON files and renames the folder of chunks into place (_finish).
 """
 
 import contextlib
@@ -16,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -38,7 +46,6 @@ from kdcache.data import (
 )
 from kdcache.errors import KdcacheError, first_line
 from kdcache.manifest import (  # noqa: F401 (the format's names, importable from here as before)
-    CLEAN_FORMAT_VERSION,
     FORMAT_VERSION,
     IMAGE,
     LABELS,
@@ -61,8 +68,10 @@ from kdcache.options import CacheOptions
 from kdcache.outputs import (
     OutputFolder,
     OutputKind,
+    bytes_under,
     check_free_space,
     guards_output,
+    human_bytes,
     report_disk_full,
     safe_output,
     stage_one_bytes,
@@ -76,7 +85,8 @@ def default_cache_path(dataset: str, teacher: str) -> Path:
     return Path("data") / f"{slug(dataset)}--{slug(teacher)}"
 
 
-# The cache is assembled in CACHE.partial/cache, beside the finished chunks that a killed run resumes from.
+# The chunks are written in CACHE.partial/splits, which becomes CACHE.partial/cache when all are written (and then
+# CACHE, by safe_output); their checksums wait in CACHE.partial/records.
 CACHE_OUTPUT = OutputKind("a kdcache cache", "kdcache teacher-logits", MANIFEST, finished="cache", resumable=True)
 
 
@@ -209,7 +219,7 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
 def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
     """What the logits depend on, and its fingerprint: a cache with the same fingerprint need not be made again."""
     recipe = {
-        "format_version": FORMAT_VERSION if inputs.view_recipe else CLEAN_FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "teacher_weights_sha256": weights_sha256(inputs.model),
         "teacher_class": type(inputs.model).__name__,
         "image_processor": json.loads(inputs.processor.to_json_string()),
@@ -252,7 +262,7 @@ def _plan(folder: OutputFolder, fingerprint: str, space: int, inputs: _Inputs, o
             rows = {name: len(inputs.dataset_dict[name]) for name in inputs.splits}
             plan = _plan_work(folder.path, folder.work, fingerprint, options.overwrite, options.chunk_size, rows)
             if plan is not None:  # before the teacher runs
-                check_free_space(folder.path, space, "the chunks and then the assembled cache", folder.work)
+                check_free_space(folder.path, space, "the cache", folder.work)
     return processes.share(plan) if processes else plan
 
 
@@ -284,16 +294,8 @@ def _compute_chunks(
     # count-th of the chunks still to do (all splits in a row, so that small splits do not all land on process 0).
     mine = plan["todo"][processes.index :: processes.count] if processes else plan["todo"]
     work = folder.work
-    # A full disk keeps the finished chunks; only this process's half-written ones (and the main one's half-assembled
-    # copy) are removed.
-    report_disk_full(
-        work,
-        space,
-        scratch=lambda: (
-            [work / name / f"{_chunk_name(k)}.tmp" for name, k in mine]
-            + ([folder.finished] if is_main(processes) else [])
-        ),
-    )
+    # A full disk keeps the finished chunks; only this process's half-written ones are removed.
+    report_disk_full(work, space, scratch=lambda: [_partial(_chunk_path(work, name, k)) for name, k in mine])
     timings = {}
     with _quiet_datasets():
         for name in inputs.splits:
@@ -312,8 +314,8 @@ def _compute_chunks(
 def _write_cache(
     folder: OutputFolder, inputs: _Inputs, recipe, fingerprint, dataset, teacher, options, place, speed, started
 ) -> None:
-    """Assemble the chunks into the finished cache with its manifest and the teacher's image processor."""
-    cache = _assemble(folder.work, inputs.splits)
+    """Make the chunks the finished cache, with its manifest and the teacher's image processor."""
+    chunks = _finish(folder, inputs, options, fingerprint)
     manifest = Manifest.build(
         recipe=recipe,
         fingerprint=fingerprint,
@@ -328,9 +330,9 @@ def _write_cache(
         splits={
             name: {
                 "fingerprint": recipe["split_fingerprints"][name],
-                "num_rows": len(cache[name]),
+                "num_rows": len(inputs.dataset_dict[name]),
                 "views": options.views if name in inputs.view_splits else 1,
-                "logits_sha256": logits_sha256(cache[name]),
+                "chunks": chunks[name],
             }
             for name in inputs.splits
         },
@@ -353,6 +355,7 @@ def _plan_work(
     """Check the output, set up `work` (resuming a partial run of the same inputs) and list the chunks still to
     compute, as [split, chunk index] pairs; None when `output` already holds this cache (safe_output has refused a
     folder that is not a cache)."""
+    _undo_unfinished_finish(work)  # first: safe_output would move a half-finished cache into place
     if (output / MANIFEST).exists():
         existing = read_manifest(output)
         if existing.get("fingerprint") == fingerprint:
@@ -375,16 +378,32 @@ def _plan_work(
         work.mkdir(parents=True, exist_ok=True)
         _write_json(work / "plan.json", plan)
         for name in rows:
-            (work / name).mkdir(exist_ok=True)
+            (work / SPLITS / name).mkdir(parents=True, exist_ok=True)
+            (work / RECORDS / name).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise KdcacheError(f"cannot write under '{work.parent}' ({error.strerror}); choose another --output") from None
     todo = [
         [name, k]
         for name, count in rows.items()
         for k in range(math.ceil(count / plan["chunk_size"]))
-        if not (work / name / _chunk_name(k)).exists()
+        if not _is_written(_chunk_path(work, name, k))
     ]
     return {**plan, "todo": todo}
+
+
+def _undo_unfinished_finish(work: Path) -> None:
+    """Put back the chunks of a run stopped while finishing (after _finish renamed them, before safe_output moved
+    the cache into place), so that the work folder is again one that resumes."""
+    finishing = work / CACHE_OUTPUT.finished
+    if not finishing.is_dir():
+        return
+    if (work / SPLITS).exists():  # not a state _finish leaves: start over rather than guess
+        shutil.rmtree(work)
+        return
+    finishing.rename(work / SPLITS)
+    for entry in (work / SPLITS).iterdir():
+        if not entry.is_dir():  # dataset_dict.json, the manifest, the processor: written again by _finish
+            entry.unlink()
 
 
 @dataclass
@@ -483,7 +502,6 @@ def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
     from tqdm.auto import tqdm
 
     rows = len(split)
-    split_dir = work / name
     images_per_batch = max(1, job.batch_size // job.views)  # a forward pass still sees about batch_size images
     spans = []
     for k in chunks:  # batches never cross a chunk's bounds: a chunk's logits do not depend on who computes it
@@ -530,7 +548,7 @@ def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
             bar.update(len(logits))
             chunk = int(pending[0]["rows"][0]) // job.chunk_size
             if int(pending[-1]["rows"][-1]) + 1 == min(rows, (chunk + 1) * job.chunk_size):
-                _write_chunk(split_dir / _chunk_name(chunk), pending, job)
+                _write_chunk(_chunk_path(work, name, chunk), pending, job)
                 pending = []
     return todo_rows * job.views, time.perf_counter() - started
 
@@ -543,30 +561,49 @@ def _images_per_second(timings: list) -> float | None:
     return round(sum(images for images, _ in done) / max(seconds for _, seconds in done), 2)
 
 
-def _chunk_name(index: int) -> str:
-    return f"chunk-{index:06d}"
+# In the work folder: the chunks of each split, in the layout of the finished cache, and each chunk's record.
+SPLITS, RECORDS = "splits", "records"
 
 
-def _features(job: _Job, pixel_shape):
+def _chunk_path(work: Path, split: str, index: int) -> Path:
+    return work / SPLITS / split / f"chunk-{index:06d}.arrow"
+
+
+def _record_path(chunk: Path) -> Path:
+    """Where the checksum of a chunk waits for the manifest: outside the folder that becomes the cache."""
+    return chunk.parents[2] / RECORDS / chunk.parent.name / f"{chunk.stem}.json"
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _is_written(chunk: Path) -> bool:
+    """A chunk counts once its record exists, which is written after the chunk file is complete."""
+    return _record_path(chunk).exists() and chunk.exists()
+
+
+def _features(names: list[str], views: int, mixed: bool, pixel_shape):
     import datasets
 
-    columns = {ROW: datasets.Value("int64"), LABELS: datasets.ClassLabel(names=job.names)}
-    if job.views > 1:
-        columns[LOGITS] = datasets.Array2D(shape=(job.views, len(job.names)), dtype="float32")
-        columns[VIEWS] = datasets.Array2D(shape=(job.views, 5), dtype="int32")
+    columns = {ROW: datasets.Value("int64"), LABELS: datasets.ClassLabel(names=names)}
+    if views > 1:
+        columns[LOGITS] = datasets.Array2D(shape=(views, len(names)), dtype="float32")
+        columns[VIEWS] = datasets.Array2D(shape=(views, 5), dtype="int32")
         columns[SOURCE] = datasets.Value("binary")
         columns[SOURCE_SHAPE] = datasets.List(datasets.Value("int32"), length=3)
-        if job.view_recipe.mixed:
-            columns[MIX_PARTNERS] = datasets.List(datasets.Value("int32"), length=job.views)
-            columns[MIX_VIEWS] = datasets.Array2D(shape=(job.views, 5), dtype="int32")
-            columns[MIX_WEIGHTS] = datasets.List(datasets.Value("float32"), length=job.views)
+        if mixed:
+            columns[MIX_PARTNERS] = datasets.List(datasets.Value("int32"), length=views)
+            columns[MIX_VIEWS] = datasets.Array2D(shape=(views, 5), dtype="int32")
+            columns[MIX_WEIGHTS] = datasets.List(datasets.Value("float32"), length=views)
     else:
-        columns[LOGITS] = datasets.List(datasets.Value("float32"), length=len(job.names))
+        columns[LOGITS] = datasets.List(datasets.Value("float32"), length=len(names))
         columns[PIXELS] = datasets.Array3D(shape=tuple(pixel_shape), dtype="uint8")
     return datasets.Features(columns)
 
 
 def _write_chunk(path: Path, batches: list[dict], job: _Job) -> None:
+    """Write one chunk's rows as the Arrow file `path`, and then its record (rows, bytes, sha256)."""
     import datasets
 
     def joined(key):
@@ -582,32 +619,92 @@ def _write_chunk(path: Path, batches: list[dict], job: _Job) -> None:
                 columns[key] = joined(key)
     else:
         columns[PIXELS] = joined("pixels")
-    table = datasets.Dataset.from_dict(columns, features=_features(job, batches[0]["pixels"].shape[1:]))
-    partial = path.with_name(path.name + ".tmp")
-    shutil.rmtree(partial, ignore_errors=True)
-    table.save_to_disk(str(partial))
-    partial.rename(path)  # a chunk exists only once it is complete
+    mixed = bool(job.view_recipe and job.view_recipe.mixed)
+    features = _features(job.names, job.views, mixed, batches[0]["pixels"].shape[1:])
+    record = write_chunk_file(path, datasets.Dataset.from_dict(columns, features=features))
+    _write_json(_record_path(path), record)  # the chunk counts as written from here on
 
 
-def _assemble(work: Path, splits: list[str]):
-    """The chunks of every split joined into one DatasetDict, saved as the finished cache in `work` (and read back
-    from there)."""
-    import datasets
+class _HashingWriter:
+    """A binary file that hashes what is written through it: the chunk's checksum costs no second read."""
 
-    parts = {}
-    for name in splits:
-        chunks = sorted((work / name).glob("chunk-[0-9]*[0-9]"))
-        parts[name] = datasets.concatenate_datasets([datasets.load_from_disk(str(c)) for c in chunks])
-        rows = np.asarray(parts[name][ROW])
-        if not np.array_equal(rows, np.arange(len(rows))):
+    def __init__(self, file, digest):
+        self.file, self.digest, self.closed = file, digest, False
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.closed = True  # the file itself is closed by its owner
+
+
+def write_chunk_file(path: Path, rows) -> dict:
+    """Write a Dataset's rows as one Arrow IPC stream, the format of datasets' own shards (its features in the schema's
+    metadata), first as PATH.tmp and renamed once complete; returns its record for the manifest: file, rows, bytes and
+    the sha256 of its bytes, computed while they are written. `rows` has no indices mapping (as `Dataset.from_dict`
+    makes it; `flatten_indices` one that has), since its table is written as it is."""
+    import pyarrow as pa
+
+    table = rows.data.table  # the schema carries datasets' features
+    partial = _partial(path)
+    digest = hashlib.sha256()
+    with open(partial, "wb") as file:
+        sink = pa.PythonFile(_HashingWriter(file, digest), mode="w")
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        file.flush()
+        os.fsync(file.fileno())  # the manifest will vouch for these bytes: they must be on disk, not in a cache
+    partial.rename(path)
+    return {"file": path.name, "rows": len(rows), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _finish(folder: OutputFolder, inputs: _Inputs, options: CacheOptions, fingerprint: str) -> dict:
+    """Make the written chunks the finished cache, without copying them: write each split's state.json (its chunk
+    files, in row order) and dataset_info.json (its features), and dataset_dict.json, as `DatasetDict.save_to_disk`
+    would, then rename the folder of chunks to `folder.finished`. Returns each split's chunk records, in row order."""
+    from datasets import DatasetInfo
+    from datasets.utils.py_utils import asdict
+
+    work, chunks = folder.work, {}
+    plan = json.loads((work / "plan.json").read_text())
+    for name in inputs.splits:
+        split = work / SPLITS / name
+        for stray in split.glob("*.tmp"):  # a chunk half-written by a killed run, not listed anywhere
+            stray.unlink()
+        count = math.ceil(len(inputs.dataset_dict[name]) / plan["chunk_size"])
+        paths = [_chunk_path(work, name, k) for k in range(count)]
+        records = [json.loads(_record_path(path).read_text()) if _is_written(path) else None for path in paths]
+        expected = [
+            min(plan["chunk_size"], len(inputs.dataset_dict[name]) - k * plan["chunk_size"]) for k in range(count)
+        ]
+        if [record and record["rows"] for record in records] != expected:
             raise KdcacheError(
                 f"the partial cache in '{work}' is inconsistent for split '{name}'; delete it and rerun"
             )
-    cache = datasets.DatasetDict(parts)
-    target = work / CACHE_OUTPUT.finished
-    shutil.rmtree(target, ignore_errors=True)
-    cache.save_to_disk(str(target))
-    return datasets.load_from_disk(str(target))
+        chunks[name] = records
+        views = options.views if name in inputs.view_splits else 1
+        mixed = bool(inputs.view_recipe and inputs.view_recipe.mixed and name in inputs.view_splits)
+        info = asdict(DatasetInfo(features=_features(inputs.names, views, mixed, inputs.pixel_shape)))
+        _write_json(split / "dataset_info.json", {key: info[key] for key in sorted(info)})
+        files = [record["sha256"] for record in records]
+        state = {
+            "_data_files": [{"filename": record["file"]} for record in records],
+            # datasets keys its own caches (of .map and the like) by this: the chunks' content, and nothing else
+            "_fingerprint": hashlib.sha256(json.dumps([fingerprint, name, files]).encode()).hexdigest()[:16],
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        _write_json(split / "state.json", state)
+    _write_json(work / SPLITS / "dataset_dict.json", {"splits": inputs.splits})
+    (work / SPLITS).rename(folder.finished)  # the one step that makes the chunks the cache: no byte is copied
+    return chunks
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -624,6 +721,8 @@ def load_cache(path: str | Path, verify: bool = True):
         raise KdcacheError(f"cache '{path}' does not exist; create it with kdcache teacher-logits")
     manifest = Manifest.read(path)
     manifest.check_format(path)
+    if verify:
+        manifest.verify_files(path)  # before datasets maps the files: a damaged one is reported as such
     try:
         with _quiet_datasets():
             cache = datasets.load_from_disk(str(path))
@@ -637,7 +736,10 @@ def load_cache(path: str | Path, verify: bool = True):
 
 
 def verify_cache(cache, manifest: dict, path) -> None:
-    Manifest(manifest).verify(cache, path)
+    """Refuse a loaded cache that does not match its manifest (what `load_cache` checks when it verifies)."""
+    manifest = Manifest(manifest)
+    manifest.verify_files(path)
+    manifest.verify(cache, path)
 
 
 def describe(path: str | Path) -> str:
@@ -672,10 +774,17 @@ def describe(path: str | Path) -> str:
             + (f", sources reduced to {recipe['source_size']} px" if recipe.get("source_size") else ""),
         )
     for name, split in data["splits"].items():
-        lines.append(
-            f"    {name:<12} {split['num_rows']:>8} rows  fingerprint {split['fingerprint']}  "
-            f"logits sha256 {split['logits_sha256'][:16]}..."
-        )
+        if "chunks" in split:
+            stored = sum(chunk["bytes"] for chunk in split["chunks"])
+            checksums = f"{len(split['chunks'])} chunk files ({human_bytes(stored)}) with sha256"
+        else:
+            checksums = f"logits sha256 {split['logits_sha256'][:16]}..."
+        lines.append(f"    {name:<12} {split['num_rows']:>8} rows  fingerprint {split['fingerprint']}  {checksums}")
+    images = sum(split["num_rows"] for split in data["splits"].values())
+    size = bytes_under(Path(path))
+    lines.append(
+        f"  size on disk    {human_bytes(size)}, {human_bytes(size / max(1, images))} per image ({images} images)"
+    )
     processor = manifest["image_processor"]
     keys = ("image_processor_type", "size", "crop_size", "resample", "image_mean", "image_std")
     lines.append("  image processor " + ", ".join(f"{k}={processor[k]}" for k in keys if k in processor))

@@ -208,7 +208,9 @@ def teacher_logits_command(
         show_default="1 on CPU (0 when a process has 1 core), up to 8 on CUDA",
         help="Processes decoding images ahead of the teacher (per process).",
     ),
-    chunk_size: int = typer.Option(CACHE_DEFAULT("chunk_size"), help="Rows per resumable chunk."),
+    chunk_size: int = typer.Option(
+        CACHE_DEFAULT("chunk_size"), help="Rows per chunk: the unit of resuming, and one file of the cache."
+    ),
     num_processes: Optional[int] = typer.Option(
         None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP
     ),
@@ -343,7 +345,7 @@ def evaluate_command(
 def info_command(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
 ):
-    """Print a cache's manifest: what produced it, its splits, and their checksums."""
+    """Print a cache's manifest: what produced it, its splits and their checksums, and its size on disk."""
     from kdcache.cache import describe
 
     typer.echo(describe(cache))
@@ -370,7 +372,7 @@ def verify_command(
 ):
     """Rerun the cache's teacher on a random sample of its inputs and compare with the cached logits.
 
-    The checksums checked on every load catch logits changed after the cache was written; this catches logits that
+    The checksums checked on every load catch bytes changed after the cache was written; this catches logits that
     are not the teacher's at all (altered with their checksums, or written wrong). Clean rows are rerun on their
     stored pixels, views and mixed views rebuilt from their source images and parameters, as stage one built them.
     Prints max |logit difference| and top-1 mismatches per split; exits 1 above --tolerance.
@@ -505,7 +507,7 @@ def train_student_command(
     Loss: (1-alpha)*CE(student, labels) + alpha*D, where D is, by --loss, T^2*KL(softmax(teacher/T) ||
     softmax(student/T)) (kd), T^2*(TCKD + 8*NCKD) (dkd) or T^2*(inter + intra) (dist), each averaged over the batch;
     every term is logged (loss_ce, loss_kl; loss_tckd, loss_nckd; loss_inter, loss_intra).
-    The cache is verified first (manifest, row counts, logits checksums). The output folder holds the best
+    The cache is verified first (manifest, row counts, checksums of its files). The output folder holds the best
     epoch's model, the teacher's image processor, a model card, TensorBoard logs and kdcache_training.json.
 
     Examples (distilled; the same student from labels alone, as a baseline):

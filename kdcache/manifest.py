@@ -6,8 +6,12 @@ know them, building a new one (stage one), verifying a loaded cache against it, 
 other stages read. A new field is added here (in `build`, an accessor, and `_upgrade` for caches without it).
 
 Format versions:
+  4: each split is the chunk files stage one wrote (CACHE/<split>/chunk-NNNNNN.arrow, listed in the split's state.json),
+     and the manifest records every chunk file's size and sha256 (`chunks` per split) instead of one logits_sha256 per
+     split. Verification hashes the files block by block, before datasets reads them.
   3: view splits hold the source as reduced raw pixels (source, source_shape), and optionally mixed views
-     (mix_partners, mix_views, mix_weights); a cache without views is written as format 2, which it still is.
+     (mix_partners, mix_views, mix_weights); a cache without views was written as
+     format 2.
   2: optional augmented views per image (views, image columns).
   1: one clean view (no `views`, at the top or per split): read as views=None, and 1 view per split.
 """
@@ -20,9 +24,9 @@ from pathlib import Path
 import kdcache
 from kdcache.errors import KdcacheError, first_line
 
-FORMAT_VERSION = 3
-CLEAN_FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
+CHUNK_CHECKSUMS_SINCE = 4  # the first format whose splits list their chunk files with checksums
 MANIFEST = "kdcache.json"
 ROW, LABELS, LOGITS, PIXELS = "row_index", "labels", "teacher_logits", "pixel_values"
 VIEWS, IMAGE = "views", "image"
@@ -100,7 +104,7 @@ class Manifest(dict):
     ) -> "Manifest":
         """Stage one's manifest. `recipe` is what the fingerprint was taken of (see cache.teacher_logits); `teacher`
         and `dataset` name them (name_or_path, revision, ...); `splits` gives each split's fingerprint, num_rows,
-        views and logits_sha256; `run` says how the logits were made (precision, device, processes, versions,
+        views and chunks (file, rows, bytes, sha256 of each chunk file, in row order); `run` says how the logits were made (precision, device, processes, versions,
         seconds, images_per_second)."""
         names = recipe["label_names"]
         columns = json.loads(json.dumps(COLUMNS))
@@ -146,9 +150,46 @@ class Manifest(dict):
 
     # verifying
 
+    def verify_files(self, path) -> None:
+        """Refuse a cache (format 4 on) whose chunk files are not the ones stage one wrote: each split's state.json
+        must list the manifest's chunk files, and each file must have its recorded size and sha256. The files are
+        hashed block by block (hashlib.file_digest), so memory stays flat whatever the cache's size. Run before
+        datasets reads the files, so that a damaged file is reported as such rather than as an unreadable table."""
+        if self["format_version"] < CHUNK_CHECKSUMS_SINCE:
+            return  # older caches have one logits checksum per split, checked by `verify`
+        path = Path(path)
+        fix = "the cache is damaged: recreate it with kdcache teacher-logits"
+        for name, split in self.splits.items():
+            try:
+                state = json.loads((path / name / "state.json").read_text())
+                listed = [data_file["filename"] for data_file in state["_data_files"]]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise KdcacheError(
+                    f"cache '{path}' split '{name}' has no readable state.json ({first_line(error)}); {fix}"
+                ) from None
+            if listed != [chunk["file"] for chunk in split["chunks"]]:
+                raise KdcacheError(f"cache '{path}' split '{name}' lists other files than its manifest; {fix}")
+            for chunk in split["chunks"]:
+                file = path / name / chunk["file"]
+                try:
+                    size = file.stat().st_size
+                    if size == chunk["bytes"]:
+                        with open(file, "rb") as handle:
+                            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+                except OSError as error:
+                    raise KdcacheError(
+                        f"cache '{path}' file '{name}/{chunk['file']}' cannot be read "
+                        f"({error.strerror or error}); {fix}"
+                    ) from None
+                if size != chunk["bytes"] or digest != chunk["sha256"]:
+                    raise KdcacheError(
+                        f"cache '{path}' file '{name}/{chunk['file']}' does not match its checksum; {fix}"
+                    )
+
     def verify(self, cache, path) -> None:
         """Refuse a loaded cache (a DatasetDict) that no longer matches this manifest: a missing split, another
-        row count, logits that do not match their checksum, other label names."""
+        row count, other label names, and before format 4, logits that do not match their checksum (from format 4
+        on, `verify_files` has checked every byte of every chunk before the cache was loaded)."""
         for name, expected in self["dataset"]["splits"].items():
             if name not in cache:
                 raise KdcacheError(f"cache '{path}' lacks split '{name}' that its manifest lists; recreate it")
@@ -157,7 +198,7 @@ class Manifest(dict):
                     f"cache '{path}' split '{name}' has {len(cache[name])} rows, its manifest says "
                     f"{expected['num_rows']}; the cache is damaged: recreate it"
                 )
-            if logits_sha256(cache[name]) != expected["logits_sha256"]:
+            if "logits_sha256" in expected and logits_sha256(cache[name]) != expected["logits_sha256"]:
                 raise KdcacheError(
                     f"cache '{path}' split '{name}': teacher logits do not match their checksum; the "
                     "cache is damaged: recreate it"
@@ -192,7 +233,7 @@ class Manifest(dict):
         return self["dataset"]["splits"]
 
     def split(self, name: str) -> dict:
-        """fingerprint, num_rows, views and logits_sha256 of split `name`."""
+        """fingerprint, num_rows, views, and chunks (format 4 on) or logits_sha256 (before) of split `name`."""
         return self["dataset"]["splits"][name]
 
     def views_of(self, split: str) -> int:
@@ -236,9 +277,19 @@ def _upgrade(data: dict) -> dict:
     return data
 
 
-def logits_sha256(split) -> str:
-    """The checksum of a split's teacher logits, as the manifest records it: sha256 of the little-endian float32s."""
+def logits_sha256(split, block_bytes: int = 64 * 1024**2) -> str:
+    """The checksum of a split's teacher logits as formats 1 to 3 record it: sha256 of the little-endian float32s of
+    the whole column, in row order. Hashed `block_bytes` of rows at a time (the bytes of a row-major column are its
+    blocks' bytes one after the other), so memory stays flat whatever the split's size."""
     import numpy as np
 
-    logits = np.asarray(split.with_format("numpy")[LOGITS], dtype="<f4")
-    return hashlib.sha256(np.ascontiguousarray(logits).tobytes()).hexdigest()
+    column = split.with_format("numpy", columns=[LOGITS])
+    digest = hashlib.sha256()
+    if len(split) == 0:
+        return digest.hexdigest()
+    row_bytes = np.asarray(column[0:1][LOGITS], dtype="<f4").nbytes
+    rows = max(1, block_bytes // row_bytes)
+    for start in range(0, len(split), rows):
+        block = np.asarray(column[start : start + rows][LOGITS], dtype="<f4")
+        digest.update(np.ascontiguousarray(block).tobytes())
+    return digest.hexdigest()

@@ -29,6 +29,9 @@ LOCK_SUFFIX = ".lock"
 # What datasets writes into each saved folder besides the rows (dataset_info.json, state.json, the Arrow schema and
 # footer), each file taking whole disk blocks.
 SAVED_FOLDER_BYTES = 16 * 1024
+# What each chunk of stage one costs besides its rows: its Arrow schema (with datasets' features as metadata) and
+# the last partly used disk block, and the record of its checksum (a block of its own).
+CHUNK_FILES_BYTES = 12 * 1024
 # torch's zip writer reports a full disk without an errno ("PytorchStreamWriter failed writing file ..."): such an
 # error counts as a full disk when the file system is left with less than this.
 NEARLY_FULL_BYTES = 64 * 1024**2
@@ -370,14 +373,14 @@ def stage_one_bytes(
     source_size: int | None = None,
     mixed: bool = False,
 ) -> int:
-    """The disk stage one needs at its peak: the chunks, and then the assembled copy of them, written before the
-    chunks are removed; so about twice the cache.
+    """The disk stage one needs: the cache, written once (its chunks become the cache's files), plus for each chunk
+    its Arrow schema and the record of its checksum, and each split's small JSON files.
 
     A row of a split with one clean view holds row_index and labels (int64), the logits (float32 x classes) and the
     uint8 pixels; a row with K views holds K logit vectors, K view boxes (5 x int32), the source's raw pixels and
     their shape, and with mixing K partners (int32), K partner boxes and K weights (float32).
     """
-    cache = folders = 0
+    cache = files = 0
     for name in splits:
         rows = len(dataset_dict[name])
         if name in view_splits:
@@ -390,8 +393,8 @@ def stage_one_bytes(
         else:
             row = 16 + 4 * classes + math.prod(pixel_shape) + _list_offsets(pixel_shape)
         cache += rows * row
-        folders += -(-rows // chunk_size) + 1  # the split's chunks, and its folder in the assembled copy
-    return int(2 * cache + folders * SAVED_FOLDER_BYTES)
+        files += -(-rows // chunk_size) + 1  # the split's chunks, and its state.json and dataset_info.json
+    return int(cache + files * CHUNK_FILES_BYTES)
 
 
 def training_bytes(model, checkpoints: int) -> int:

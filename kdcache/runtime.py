@@ -154,8 +154,8 @@ def slug(name_or_path: str) -> str:
 _WORLD_SIZE = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _RANK = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 _LOCAL_WORLD_SIZE = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
-# A collective waits for the slowest process: at the end of stage one the others wait while the main process
-# assembles the cache, which takes longer than torch's default 30 minutes on an ImageNet-size dataset. A process
+# A collective waits for the slowest process: at the end of stage one the others wait for the last chunks of the
+# slowest one, and with many views per image a process's share can take longer than torch's default 30 minutes. A process
 # that dies does not leave the others waiting this long: the launcher ends them (and gloo notices a closed peer).
 COLLECTIVE_TIMEOUT = timedelta(hours=6)
 

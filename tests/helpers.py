@@ -66,3 +66,31 @@ def save_mobilenet_student(path, num_labels=3, seed=0, image_size=32):
     torch.manual_seed(seed)
     MobileNetV2ForImageClassification(config).save_pretrained(str(path))
     return path
+
+
+def old_format_copy(cache, target, version: int, rows=None):
+    """`cache` as kdcache wrote it before format 4: the chunks concatenated and saved again with `save_to_disk` (what
+    stage one's assembly did), and one sha256 of each split's whole logits column in the manifest instead of the
+    chunks' checksums. `rows` replaces the DatasetDict saved (an older column layout); version 1 also drops `views`.
+    """
+    import hashlib
+    import json
+    import shutil
+
+    import datasets
+
+    rows = rows if rows is not None else datasets.load_from_disk(str(cache))
+    rows.save_to_disk(str(target))
+    manifest = json.loads((cache / "kdcache.json").read_text())
+    manifest["format_version"] = version
+    for name, split in manifest["dataset"]["splits"].items():
+        split.pop("chunks")
+        logits = np.asarray(rows[name].with_format("numpy")["teacher_logits"], dtype="<f4")
+        split["logits_sha256"] = hashlib.sha256(np.ascontiguousarray(logits).tobytes()).hexdigest()
+        if version == 1:
+            split.pop("views")
+    if version == 1:
+        manifest.pop("views")
+    (target / "kdcache.json").write_text(json.dumps(manifest))
+    shutil.copy(cache / "preprocessor_config.json", target)
+    return target

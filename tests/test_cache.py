@@ -7,7 +7,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import LABELS, make_dataset_dict, save_vit_teacher
+from helpers import LABELS, make_dataset_dict, old_format_copy, save_vit_teacher
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from kdcache import KdcacheError
@@ -48,7 +48,7 @@ def test_cache_columns_rows_and_manifest(tiny_cache, tiny_dataset):
         assert cache[split]["row_index"][:] == list(range(len(source[split])))
         assert cache[split].features[PIXELS].dtype == "uint8"
         assert manifest["dataset"]["splits"][split]["num_rows"] == len(source[split])
-    assert manifest["format_version"] == cache_module.CLEAN_FORMAT_VERSION  # a cache without views keeps format 2
+    assert manifest["format_version"] == cache_module.FORMAT_VERSION == 4
     assert manifest["label_names"] == LABELS
     assert manifest["teacher_to_dataset"] == [0, 1, 2]
     assert len(manifest["teacher"]["weights_sha256"]) == 64
@@ -56,6 +56,8 @@ def test_cache_columns_rows_and_manifest(tiny_cache, tiny_dataset):
     assert (tiny_cache / "preprocessor_config.json").exists()
     text = describe(tiny_cache)
     assert manifest["fingerprint"] in text and "validation" in text
+    size = re.search(r"size on disk +([\d.]+) KB, ([\d.]+) KB per image \(48 images\)", text)
+    assert size and float(size[2]) == pytest.approx(float(size[1]) / 48, abs=0.1), text
 
 
 def test_stored_pixels_reproduce_the_processor_exactly(tiny_cache, tiny_dataset, tiny_teacher):
@@ -176,9 +178,13 @@ def test_damaged_cache_is_refused(tmp_path, tiny_cache):
     damaged = tmp_path / "damaged"
     shutil.copytree(tiny_cache, damaged)
     manifest = json.loads((damaged / MANIFEST).read_text())
-    manifest["dataset"]["splits"]["train"]["logits_sha256"] = "0" * 64
+    manifest["dataset"]["splits"]["train"]["chunks"][0]["sha256"] = "0" * 64
     (damaged / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(KdcacheError, match="do not match their checksum"):
+    with pytest.raises(KdcacheError, match="'train/chunk-000000.arrow' does not match its checksum"):
+        load_cache(damaged)
+    manifest["dataset"]["splits"]["train"]["chunks"] = []
+    (damaged / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(KdcacheError, match="split 'train' lists other files than its manifest"):
         load_cache(damaged)
     manifest["format_version"] = 99
     (damaged / MANIFEST).write_text(json.dumps(manifest))
@@ -187,6 +193,102 @@ def test_damaged_cache_is_refused(tmp_path, tiny_cache):
     (damaged / MANIFEST).unlink()
     with pytest.raises(KdcacheError, match="not a kdcache cache"):
         load_cache(damaged)
+
+
+def test_the_chunks_written_during_the_run_become_the_cache_without_a_copy(
+    tmp_path, tiny_dataset, tiny_teacher, monkeypatch
+):
+    real_write = cache_module._write_chunk
+    written = {}  # split/file -> (inode, size) of each chunk file as the run wrote it
+
+    def write_and_note(path, *args):
+        real_write(path, *args)
+        written[f"{path.parent.name}/{path.name}"] = (path.stat().st_ino, path.stat().st_size)
+
+    monkeypatch.setattr(cache_module, "_write_chunk", write_and_note)
+    output = teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=tmp_path / "cache", batch_size=4, chunk_size=8, progress=False
+    )
+    arrow_files = {f"{path.parent.name}/{path.name}": path for path in output.glob("*/*.arrow")}
+    assert len(written) == 3 + 2 + 2 and set(arrow_files) == set(written)
+    for name, path in arrow_files.items():
+        assert (path.stat().st_ino, path.stat().st_size) == written[name], f"{name} was copied, not moved"
+    cache, manifest = load_cache(output)
+    for split in ("train", "validation", "test"):  # datasets maps the chunk files themselves
+        assert [file["filename"] for file in cache[split].cache_files] == [
+            str(output / split / chunk["file"]) for chunk in manifest.split(split)["chunks"]
+        ]
+        assert sum(chunk["rows"] for chunk in manifest.split(split)["chunks"]) == len(cache[split])
+    assert sorted(path.name for path in output.iterdir()) == [
+        "dataset_dict.json",
+        MANIFEST,
+        "preprocessor_config.json",
+        "test",
+        "train",
+        "validation",
+    ]
+
+
+def flip_bit(path, offset, bit=0):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_any_chunk_is_refused_in_one_line_before_training(tmp_path, tiny_dataset, tiny_teacher):
+    from kdcache.train import train_student
+
+    good = teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=tmp_path / "good", batch_size=8, chunk_size=8, progress=False
+    )
+    manifest = json.loads((good / MANIFEST).read_text())
+    chunks = [
+        (split, chunk["file"]) for split, entry in manifest["dataset"]["splits"].items() for chunk in entry["chunks"]
+    ]
+    assert len(chunks) == 7
+    for split, file in chunks:
+        damaged = tmp_path / f"damaged-{split}-{file}"
+        shutil.copytree(good, damaged)
+        chunk = datasets.Dataset.from_file(str(damaged / split / file))
+        first_row_logits = np.asarray(chunk.with_format("numpy")[0][LOGITS], dtype="<f4").tobytes()
+        offset = (damaged / split / file).read_bytes().find(first_row_logits)
+        assert offset > 0
+        flip_bit(damaged / split / file, offset, bit=3)  # the first row's first logit, in the mantissa
+        # datasets alone reads the damaged cache without complaint, and a different logit:
+        unchecked = datasets.load_from_disk(str(damaged))[split].with_format("numpy")
+        start = sum(c["rows"] for c in manifest["dataset"]["splits"][split]["chunks"][: int(file[6:12])])
+        expected = datasets.load_from_disk(str(good))[split].with_format("numpy")[start][LOGITS]
+        assert not np.array_equal(unchecked[start][LOGITS], expected)
+        with pytest.raises(KdcacheError) as refused:
+            load_cache(damaged)
+        assert str(refused.value) == (
+            f"cache '{damaged}' file '{split}/{file}' does not match its checksum; the cache is damaged: recreate it "
+            "with kdcache teacher-logits"
+        )
+    with pytest.raises(KdcacheError, match="does not match its checksum"):
+        train_student(damaged, output=tmp_path / "student", max_steps=2, batch_size=8, progress=False)
+    assert not (tmp_path / "student").exists() and not (tmp_path / "student.partial").exists()
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    (truncated / "test" / "chunk-000001.arrow").write_bytes((good / "test" / "chunk-000001.arrow").read_bytes()[:-100])
+    with pytest.raises(KdcacheError, match=r"file 'test/chunk-000001\.arrow' does not match its checksum"):
+        load_cache(truncated)
+
+
+def test_older_formats_verify_their_logits_checksum_in_blocks(tmp_path, view_cache):
+    from kdcache.manifest import logits_sha256
+
+    old = old_format_copy(view_cache, tmp_path / "v3", version=3)
+    cache, manifest = load_cache(old)
+    assert manifest["format_version"] == 3
+    for split in cache:  # blocks of one row, of a few rows, and one block: the checksum of the whole column
+        for block_bytes in (1, 100, 1000, 2**30):
+            assert logits_sha256(cache[split], block_bytes=block_bytes) == manifest.split(split)["logits_sha256"]
+    raw = json.loads((old / MANIFEST).read_text())
+    raw["dataset"]["splits"]["validation"]["logits_sha256"] = "0" * 64
+    (old / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(KdcacheError, match="split 'validation': teacher logits do not match their checksum"):
+        load_cache(old)
 
 
 def test_input_errors_are_one_clear_line(tmp_path, tiny_dataset, tiny_teacher):
@@ -306,7 +408,7 @@ def test_view_replay_is_exact(view_cache, tiny_teacher):
 
     cache, manifest = load_cache(view_cache)
     train = cache["train"]
-    assert manifest["format_version"] == 3 and manifest["dataset"]["splits"]["train"]["views"] == 3
+    assert manifest["format_version"] == 4 and manifest["dataset"]["splits"]["train"]["views"] == 3
     assert train.features["teacher_logits"].shape == (3, 3) and train.features["views"].shape == (3, 5)
     assert PIXELS in cache["validation"].column_names and "views" not in cache["validation"].column_names
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
@@ -343,14 +445,10 @@ def test_views_do_not_depend_on_chunking_or_batching(tmp_path, view_cache, tiny_
 
 
 def test_caches_of_format_version_1_still_load(tmp_path, tiny_cache):
-    old = tmp_path / "v1"
-    shutil.copytree(tiny_cache, old)
-    manifest = json.loads((old / MANIFEST).read_text())
-    manifest["format_version"] = 1
-    manifest.pop("views")
-    for split in manifest["dataset"]["splits"].values():
-        split.pop("views")
-    (old / MANIFEST).write_text(json.dumps(manifest))
+    old = old_format_copy(tiny_cache, tmp_path / "v1", version=1)
+    assert (old / "train" / "data-00000-of-00001.arrow").exists() and not (
+        old / "train" / "chunk-000000.arrow"
+    ).exists()
     cache, loaded = load_cache(old)
     assert loaded["format_version"] == 1 and len(cache["train"]) == 24
     from kdcache.train import train_student
@@ -395,7 +493,7 @@ def test_mixed_view_replay_is_exact(mixed_cache, tiny_teacher):
 
     cache, manifest = load_cache(mixed_cache)
     train = cache["train"]
-    assert manifest["format_version"] == 3 and manifest["views"]["recipe"]["mix_alpha"] == 1.0
+    assert manifest["format_version"] == 4 and manifest["views"]["recipe"]["mix_alpha"] == 1.0
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
     pipeline = ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_teacher), backend="pil"))
     model = AutoModelForImageClassification.from_pretrained(str(tiny_teacher)).eval()
@@ -458,7 +556,6 @@ def test_view_caches_of_format_version_2_still_load_and_train(tmp_path, view_cac
         from_raw_source(row["source"], row["source_shape"]).save(buffer, format="PNG")
         return {"image": {"bytes": buffer.getvalue(), "path": None}}
 
-    old = tmp_path / "v2"
     cache = datasets.load_from_disk(str(view_cache))
     train = cache["train"].map(
         as_png,
@@ -470,13 +567,11 @@ def test_view_caches_of_format_version_2_still_load_and_train(tmp_path, view_cac
             }
         ),
     )
-    datasets.DatasetDict({**cache, "train": train}).save_to_disk(str(old))
-    manifest = json.loads((view_cache / MANIFEST).read_text())
-    manifest["format_version"] = 2
+    old = old_format_copy(view_cache, tmp_path / "v2", version=2, rows=datasets.DatasetDict({**cache, "train": train}))
+    manifest = json.loads((old / MANIFEST).read_text())
     for key in ("source_size", "mix_alpha"):
         manifest["views"]["recipe"].pop(key)
     (old / MANIFEST).write_text(json.dumps(manifest))
-    shutil.copy(view_cache / "preprocessor_config.json", old)
     loaded, _ = load_cache(old)
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
     new_rows, old_rows = ViewRows(load_cache(view_cache)[0]["train"], recipe, 0), ViewRows(loaded["train"], recipe, 0)
@@ -554,10 +649,18 @@ def start_paused_run(dataset, teacher, output, go):
 
 
 def assert_same_cache(path, reference):
+    """The same inputs, rows and columns; the chunk files (and so their checksums) differ with the chunk size."""
     a, b = (json.loads((folder / MANIFEST).read_text()) for folder in (path, reference))
     assert a["fingerprint"] == b["fingerprint"]
-    assert a["dataset"]["splits"] == b["dataset"]["splits"]  # row counts and logits checksums
-    load_cache(path)
+    for split in a["dataset"]["splits"].values():
+        split.pop("chunks")
+    for split in b["dataset"]["splits"].values():
+        split.pop("chunks")
+    assert a["dataset"]["splits"] == b["dataset"]["splits"]  # fingerprints, row counts, views
+    (x, _), (y, _) = load_cache(path), load_cache(reference)
+    for split in x:
+        for column in x[split].column_names:
+            assert np.array_equal(x[split].with_format("numpy")[column], y[split].with_format("numpy")[column])
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(
@@ -633,9 +736,8 @@ def test_too_small_a_disk_is_refused_before_the_teacher_runs(tmp_path, tiny_data
     message = str(refused.value)
     assert "\n" not in message and not ran
     assert re.fullmatch(
-        rf"--output '{re.escape(str(output))}' needs about [\d.]+ KB free for the chunks and then the "
-        r"assembled cache, but its file system has 100\.0 KB free; free some space or choose another "
-        r"--output",
+        rf"--output '{re.escape(str(output))}' needs about [\d.]+ KB free for the cache, but its file system "
+        r"has 100\.0 KB free; free some space or choose another --output",
         message,
     ), message
     assert not output.exists()
@@ -645,20 +747,18 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(
     tmp_path, tiny_dataset, tiny_teacher, tiny_cache, monkeypatch
 ):
     output, work = tmp_path / "cache", tmp_path / "cache.partial"
-    real_write, real_assemble = cache_module._write_chunk, cache_module._assemble
+    real_write, real_finish = cache_module._write_chunk, cache_module._finish
     written = []
 
     def disk_fills_after_one_chunk(path, *args):
-        if written:  # as fsspec's writer fails: half a chunk is on disk
-            partial = path.with_name(path.name + ".tmp")
-            partial.mkdir()
-            (partial / "data-00000-of-00001.arrow").write_bytes(b"half a chunk")
+        if written:  # as the writer fails: half a chunk is on disk
+            path.with_name(path.name + ".tmp").write_bytes(b"half a chunk")
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, *args)
         written.append(path)
 
-    def disk_fills_while_assembling(work_folder, splits):
-        (work_folder / "cache" / "train").mkdir(parents=True)
+    def disk_fills_after_finishing(*args):  # the chunks are renamed into the cache, its manifest is not written
+        real_finish(*args)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     options = dict(output=output, batch_size=8, chunk_size=8, progress=False)
@@ -668,20 +768,21 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(
     message = str(full.value)
     assert "\n" not in message and message.startswith(f"the disk holding '{work}' is full (this run needs about ")
     assert message.endswith("finished work is kept: free some space, then run the same command again to resume")
-    assert written[0].is_dir() and not list(work.glob("*/*.tmp")) and not output.exists()
+    assert written[0].is_file() and not list(work.glob("splits/*/*.tmp")) and not output.exists()
 
     recomputed = []
     monkeypatch.setattr(
         cache_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args))
     )
-    monkeypatch.setattr(cache_module, "_assemble", disk_fills_while_assembling)
+    monkeypatch.setattr(cache_module, "_finish", disk_fills_after_finishing)
     with pytest.raises(KdcacheError, match="is full"):
         teacher_logits(str(tiny_dataset), str(tiny_teacher), **options)
-    assert len(recomputed) == 3 + 2 + 2 - 1 and not (work / "cache").exists() and not output.exists()
+    assert len(recomputed) == 3 + 2 + 2 - 1 and not output.exists()
+    assert (work / "cache" / "train" / "chunk-000000.arrow").exists() and not (work / "splits").exists()
 
-    monkeypatch.setattr(cache_module, "_assemble", real_assemble)
+    monkeypatch.setattr(cache_module, "_finish", real_finish)
     teacher_logits(str(tiny_dataset), str(tiny_teacher), **options)
-    assert len(recomputed) == 6, "the third run only assembles"
+    assert len(recomputed) == 6, "the third run puts the chunks back and finishes again, computing nothing"
     assert_same_cache(output, tiny_cache)
 
 
@@ -692,19 +793,19 @@ def test_disk_estimate_is_close_to_the_peak_of_a_run(
     from kdcache import outputs
 
     estimates, peaks = [], []
-    real_check, real_assemble = cache_module.check_free_space, cache_module._assemble
+    real_check, real_finish = cache_module.check_free_space, cache_module._finish
     monkeypatch.setattr(
         cache_module,
         "check_free_space",
         lambda output, needed, *args: (estimates.append(needed), real_check(output, needed, *args)),
     )
 
-    def measured(work, splits):
-        cache = real_assemble(work, splits)
-        peaks.append(outputs.bytes_under(work))  # every chunk and the assembled copy
-        return cache
+    def measured(folder, *args):
+        chunks = real_finish(folder, *args)
+        peaks.append(outputs.bytes_under(folder.work))  # every chunk, its record, the splits' JSON files
+        return chunks
 
-    monkeypatch.setattr(cache_module, "_assemble", measured)
+    monkeypatch.setattr(cache_module, "_finish", measured)
     teacher_logits(
         str(tiny_dataset),
         str(tiny_teacher),

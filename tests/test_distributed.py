@@ -183,8 +183,8 @@ def test_a_stopped_process_resumes_by_chunk_and_a_bad_image_ends_all_with_one_li
         CHUNK_LOG=tmp_path / "first.log",
     )
     assert crashed.returncode != 0 and "KeyboardInterrupt" in crashed.stderr
-    assert not output.exists() and (work / "train" / "chunk-000001").exists()
-    assert not (work / "validation" / "chunk-000000").exists()
+    assert not output.exists() and (work / "splits" / "train" / "chunk-000001.arrow").exists()
+    assert not (work / "splits" / "validation" / "chunk-000000.arrow").exists()
     before = set((tmp_path / "first.log").read_text().split())
 
     resumed = run([*LAUNCH, script, tiny_dataset, tiny_teacher, output], CHUNK_LOG=tmp_path / "second.log")

@@ -10,7 +10,7 @@ from helpers import COLOURS, LABELS, save_mobilenet_student, save_vit_teacher
 from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback, pipeline
 
 from kdcache import KdcacheError
-from kdcache.cache import LOGITS, MANIFEST, load_cache
+from kdcache.cache import LOGITS, MANIFEST, load_cache, write_chunk_file
 from kdcache.data import ImagePipeline, load_image_dataset
 from kdcache.loss import LOSSES
 from kdcache.models import align_labels, load_classifier
@@ -248,29 +248,37 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumable(tmp_pat
     assert all(torch.allclose(a[name].float(), b[name].float(), atol=1e-6) for name in a)
 
 
-def damaged_copy(tiny_cache, tmp_path, change):
+def damaged_copy(tiny_cache, tmp_path, change, fix_checksum=False):
+    """A copy of `tiny_cache` whose train split (one chunk file) is `change`d and written again in its place; with
+    fix_checksum, the manifest records the new file, so that only the checks after the checksums can tell."""
     target = tmp_path / "damaged"
-    cache = datasets.load_from_disk(str(tiny_cache))
-    cache["train"] = change(cache["train"])
-    cache.save_to_disk(str(target))
-    for name in (MANIFEST, "preprocessor_config.json"):
-        shutil.copy(tiny_cache / name, target / name)
+    shutil.copytree(tiny_cache, target)
+    manifest = json.loads((target / MANIFEST).read_text())
+    (chunk,) = manifest["dataset"]["splits"]["train"]["chunks"]
+    changed = change(datasets.load_from_disk(str(tiny_cache))["train"])
+    record = write_chunk_file(target / "train" / chunk["file"], changed.flatten_indices(keep_in_memory=True))
+    if fix_checksum:
+        manifest["dataset"]["splits"]["train"]["chunks"] = [record]
+        (target / MANIFEST).write_text(json.dumps(manifest))
     return target
 
 
 @pytest.mark.parametrize(
-    "change,message",
+    "change,fix_checksum,message",
     [
-        (lambda split: split.select(range(len(split) - 2)), "has 22 rows, its manifest says 24"),
+        (lambda split: split.select(range(len(split) - 2)), True, "has 22 rows, its manifest says 24"),
         (
-            lambda split: split.map(lambda row: {LOGITS: [v * 1.01 for v in row[LOGITS]]}),
-            "do not match their checksum",
+            lambda split: split.map(lambda row: {LOGITS: [v * 1.01 for v in row[LOGITS]]}, keep_in_memory=True),
+            False,
+            r"file 'train/chunk-000000\.arrow' does not match its checksum",
         ),
     ],
 )
-def test_damaged_cache_is_refused(tmp_path, tiny_cache, change, message):
+def test_damaged_cache_is_refused(tmp_path, tiny_cache, change, fix_checksum, message):
     with pytest.raises(KdcacheError, match=message):
-        train_student(damaged_copy(tiny_cache, tmp_path, change), output=tmp_path / "s", max_steps=1, **FAST)
+        train_student(
+            damaged_copy(tiny_cache, tmp_path, change, fix_checksum), output=tmp_path / "s", max_steps=1, **FAST
+        )
     assert not (tmp_path / "s").exists()
 
 

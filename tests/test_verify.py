@@ -11,7 +11,7 @@ from helpers import save_vit_teacher
 from typer.testing import CliRunner
 
 from kdcache import KdcacheError
-from kdcache.cache import LOGITS, MANIFEST, load_cache, logits_sha256, teacher_logits
+from kdcache.cache import LOGITS, MANIFEST, load_cache, teacher_logits, write_chunk_file
 from kdcache.cli import app
 from kdcache.verify import describe, verify_teacher_logits
 
@@ -43,20 +43,20 @@ def view_caches(tmp_path_factory, tiny_dataset, tiny_teacher):
 
 
 def altered_copy(cache, target, split="train", row=5, change=lambda logits: np.roll(logits, 1, axis=-1)):
-    """A copy of `cache` whose logits of one row are changed, with the manifest's checksum written again to match."""
+    """A copy of `cache` whose logits of one row are changed, its chunk file written again and the manifest's checksum
+    of that file written again to match."""
     shutil.copytree(cache, target)
-    loaded = datasets.load_from_disk(str(cache))
-    rows = loaded[split]
-    logits = np.asarray(rows.with_format("numpy")[LOGITS], dtype=np.float32)
-    logits[row] = change(logits[row])
-    loaded[split] = rows.map(lambda _, i: {LOGITS: logits[i]}, with_indices=True, features=rows.features)
-    staging = target.with_name(target.name + ".staging")
-    loaded.save_to_disk(str(staging))
-    for path in staging.iterdir():
-        shutil.rmtree(target / path.name, ignore_errors=True)
-        shutil.move(str(path), str(target / path.name))
     manifest = json.loads((target / MANIFEST).read_text())
-    manifest["dataset"]["splits"][split]["logits_sha256"] = logits_sha256(datasets.load_from_disk(str(target))[split])
+    chunks, first = manifest["dataset"]["splits"][split]["chunks"], 0
+    index = 0
+    while row >= first + chunks[index]["rows"]:
+        first, index = first + chunks[index]["rows"], index + 1
+    path = target / split / chunks[index]["file"]
+    rows = datasets.Dataset.from_file(str(path))
+    logits = np.asarray(rows.with_format("numpy")[LOGITS], dtype=np.float32)
+    logits[row - first] = change(logits[row - first])
+    altered = datasets.Dataset.from_dict({**rows[:], LOGITS: logits}, features=rows.features)
+    chunks[index] = write_chunk_file(path, altered)
     (target / MANIFEST).write_text(json.dumps(manifest))
     load_cache(target)  # the checksums pass: only rerunning the teacher can tell
     return target
