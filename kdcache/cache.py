@@ -55,6 +55,8 @@ from kdcache.manifest import (  # noqa: F401 (the format's names, importable fro
     MIX_VIEWS,
     MIX_WEIGHTS,
     PIXELS,
+    RECIPE_VERSION_CLEAN,
+    RECIPE_VERSION_VIEWS,
     ROW,
     SOURCE,
     SOURCE_SHAPE,
@@ -219,7 +221,7 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
 def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
     """What the logits depend on, and its fingerprint: a cache with the same fingerprint need not be made again."""
     recipe = {
-        "format_version": FORMAT_VERSION,
+        "format_version": RECIPE_VERSION_VIEWS if inputs.view_recipe else RECIPE_VERSION_CLEAN,
         "teacher_weights_sha256": weights_sha256(inputs.model),
         "teacher_class": type(inputs.model).__name__,
         "image_processor": json.loads(inputs.processor.to_json_string()),

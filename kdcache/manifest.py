@@ -25,6 +25,10 @@ import kdcache
 from kdcache.errors import KdcacheError, first_line
 
 FORMAT_VERSION = 4
+# What the fingerprint's recipe calls its "format_version": the last format that changed what a cache's logits and
+# pixels are (2 for clean caches, 3 for view caches). Format 4 changed only how the files are laid out, so a cache of
+# format 2 or 3 made from the same inputs keeps its fingerprint, is up to date for a rerun, and loads as it is.
+RECIPE_VERSION_CLEAN, RECIPE_VERSION_VIEWS = 2, 3
 SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
 CHUNK_CHECKSUMS_SINCE = 4  # the first format whose splits list their chunk files with checksums
 MANIFEST = "kdcache.json"
@@ -113,7 +117,7 @@ class Manifest(dict):
         return cls(
             {
                 "format": "kdcache",
-                "format_version": recipe["format_version"],
+                "format_version": FORMAT_VERSION,
                 "fingerprint": fingerprint,
                 "kdcache_version": kdcache.__version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

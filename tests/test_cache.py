@@ -158,6 +158,29 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_dataset
         assert np.array_equal(cached_logits(whole, split), cached_logits(resumed, split))
 
 
+def test_the_storage_format_is_not_part_of_the_fingerprint(
+    tmp_path, tiny_cache, tiny_dataset, tiny_teacher, monkeypatch, capsys
+):
+    # a new file layout (format 4 was one) must not make every cache of the same inputs look out of date
+    from kdcache import manifest as manifest_module
+
+    for module in (cache_module, manifest_module):
+        monkeypatch.setattr(module, "FORMAT_VERSION", 5)
+    monkeypatch.setattr(manifest_module, "SUPPORTED_FORMAT_VERSIONS", (1, 2, 3, 4, 5))
+    later = teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=tmp_path / "later", batch_size=8, progress=False
+    )
+    later_manifest = json.loads((later / MANIFEST).read_text())
+    assert later_manifest["format_version"] == 5
+    assert later_manifest["fingerprint"] == json.loads((tiny_cache / MANIFEST).read_text())["fingerprint"]
+    # so a rerun keeps a cache of an older format as it is: it loads as it is
+    old = old_format_copy(tiny_cache, tmp_path / "old", version=2)
+    before = {path.name: path.stat().st_mtime_ns for path in old.rglob("*") if path.is_file()}
+    teacher_logits(str(tiny_dataset), str(tiny_teacher), output=old, batch_size=8, progress=False)
+    assert "up to date" in capsys.readouterr().out
+    assert {path.name: path.stat().st_mtime_ns for path in old.rglob("*") if path.is_file()} == before
+
+
 def test_rerun_is_a_noop_and_other_inputs_are_refused(tmp_path, tiny_dataset, tiny_teacher, capsys):
     out = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "c", splits=["test"], progress=False)
     created = json.loads((out / MANIFEST).read_text())["created"]
