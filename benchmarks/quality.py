@@ -128,6 +128,9 @@ def table(args):
     rows = []
     for recipe in dict.fromkeys(line["recipe"] for line in final):
         runs = [line for line in final if line["recipe"] == recipe]
+        if len(runs) < 3:  # a quality figure is a mean and sd over 3 seeds at least; the lines stay in RUNS
+            print(f"{recipe}: {len(runs)} seed(s), not a row of the table")
+            continue
 
         def mean(key, runs=runs):
             return round(statistics.mean(line[key] for line in runs), 4)
@@ -179,6 +182,8 @@ def plot(final):
     colours = iter(plt.get_cmap("tab10").colors * 2)
     for recipe in dict.fromkeys(line["recipe"] for line in final):
         curves = [line["curve"] for line in final if line["recipe"] == recipe]
+        if len(curves) < 3:  # as in the table
+            continue
         length = min(len(curve) for curve in curves)
         mean = np.mean([curve[:length] for curve in curves], axis=0)
         before_a_fix = "(" in recipe
