@@ -11,6 +11,9 @@ memory-mapped, plus two files):
     CACHE/kdcache.json                           the manifest: what produced the cache, and each chunk's sha256
     CACHE/preprocessor_config.json               the teacher's image processor (students are saved with it)
 
+The logits may be stored compact (--logits-dtype fp16, --top-k K: teacher_logits then holds the K largest, with
+teacher_logits_indices and teacher_logits_tail; kdcache.loss.compress_logits), and `rebuilt_logits` gives them back
+as float32 logits over every class, which is all stage two, evaluation and verification read.
 `pixel_values` holds the teacher's resized and cropped view as uint8 (3, H, W): stage two turns it into the
 model input with a per-pixel lookup table (data.ImagePipeline) instead of decoding and resizing every epoch.
 The work happens in `CACHE.partial/`, chunk by chunk, so a killed run resumes: each chunk file is hashed as it is
@@ -45,10 +48,14 @@ from kdcache.data import (
     undecoded,
 )
 from kdcache.errors import KdcacheError, first_line
+from kdcache.loss import compress_logits, expand_logits
 from kdcache.manifest import (  # noqa: F401 (the format's names, importable from here as before)
     FORMAT_VERSION,
     IMAGE,
     LABELS,
+    LOGIT_COLUMNS,
+    LOGIT_INDICES,
+    LOGIT_TAIL,
     LOGITS,
     MANIFEST,
     MIX_PARTNERS,
@@ -185,6 +192,11 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
     processor = load_image_processor(teacher, **loading)
     model = load_classifier(teacher, **loading)
     mapping = align_labels(model.config.id2label, names, "teacher", by_index=options.match_labels_by_index)
+    if options.top_k is not None and options.top_k >= len(names):
+        raise KdcacheError(
+            f"--top-k {options.top_k} keeps every one of the {len(names)} classes; give a K below {len(names)}, "
+            "or leave --top-k out to store every logit"
+        )
     pipeline = ImagePipeline(processor)
     pixel_shape = tuple(pipeline.pixels([Image.new("RGB", (333, 257))]).shape[1:])
     source_size = round(max(pixel_shape[1:]) * 8 / 7) if options.source_size is None else options.source_size
@@ -231,6 +243,7 @@ def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
         "label_names": inputs.names,
         "teacher_to_dataset": inputs.mapping,
         "precision": options.precision,
+        **_stored_logits(options),
         "views": (
             {"count": options.views, "splits": inputs.view_splits, "recipe": inputs.view_recipe.to_dict()}
             if inputs.view_recipe
@@ -238,6 +251,22 @@ def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
         ),
     }
     return recipe, hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stored_logits(options: CacheOptions) -> dict:
+    """How compact logits are stored, for the fingerprint: nothing for float32 logits of every class, so that a cache
+    of those keeps the fingerprint it had before compact logits existed."""
+    if options.logits_dtype == "fp32" and options.top_k is None:
+        return {}
+    return {"stored_logits": {"dtype": options.logits_dtype, "top_k": options.top_k}}
+
+
+def _logit_bytes(classes: int, options: CacheOptions) -> int:
+    """The bytes of one view's logits as stored: values, and for top K their class indices and the tail's logit."""
+    value = 2 if options.logits_dtype == "fp16" else 4
+    if options.top_k is None:
+        return value * classes
+    return (value + (2 if classes <= 32767 else 4)) * options.top_k + 4
 
 
 def _needed_bytes(inputs: _Inputs, options: CacheOptions) -> int:
@@ -252,6 +281,7 @@ def _needed_bytes(inputs: _Inputs, options: CacheOptions) -> int:
         options.chunk_size,
         inputs.view_recipe.source_size if inputs.view_recipe else None,
         bool(inputs.view_recipe and inputs.view_recipe.mixed),
+        logit_bytes=_logit_bytes(len(inputs.names), options),
     )
 
 
@@ -291,6 +321,8 @@ def _compute_chunks(
         progress=progress and is_main(processes),
         cpus=cpus_per_process(processes),
         processes=place.processes,
+        logits_dtype=options.stored_dtype,
+        top_k=options.top_k,
     )
     # Chunks are independent and named by index, so any process can write any chunk: process r takes every
     # count-th of the chunks still to do (all splits in a row, so that small splits do not all land on process 0).
@@ -319,6 +351,8 @@ def _write_cache(
     """Make the chunks the finished cache, with its manifest and the teacher's image processor."""
     chunks = _finish(folder, inputs, options, fingerprint)
     manifest = Manifest.build(
+        logits_dtype=options.stored_dtype,
+        top_k=options.top_k,
         recipe=recipe,
         fingerprint=fingerprint,
         pixel_shape=inputs.pixel_shape,
@@ -428,6 +462,8 @@ class _Job:
     processes: int
     views: int = 1
     view_recipe: ViewRecipe | None = None
+    logits_dtype: str = "float32"  # as stored
+    top_k: int | None = None
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -544,10 +580,16 @@ def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), _autocast(job.device, job.precision):
                 logits = job.model(pixel_values=pixel_values).logits
-            logits = logits.float()[:, index].cpu().numpy()
-            batch["logits"] = logits.reshape(len(batch["rows"]), job.views, -1) if job.views > 1 else logits
+            logits = logits.float()[:, index]
+            if job.views > 1:
+                logits = logits.reshape(len(batch["rows"]), job.views, -1)
+            stored = compress_logits(logits, job.top_k, getattr(torch, job.logits_dtype))
+            batch["logits"] = stored["values"].cpu().numpy()
+            if job.top_k:
+                batch["logit_indices"] = stored["indices"].cpu().numpy()
+                batch["logit_tail"] = stored["tail"].cpu().numpy()
             pending.append(batch)
-            bar.update(len(logits))
+            bar.update(len(pixel_values))
             chunk = int(pending[0]["rows"][0]) // job.chunk_size
             if int(pending[-1]["rows"][-1]) + 1 == min(rows, (chunk + 1) * job.chunk_size):
                 _write_chunk(_chunk_path(work, name, chunk), pending, job)
@@ -585,12 +627,17 @@ def _is_written(chunk: Path) -> bool:
     return _record_path(chunk).exists() and chunk.exists()
 
 
-def _features(names: list[str], views: int, mixed: bool, pixel_shape):
+def _features(names: list[str], views: int, mixed: bool, pixel_shape, logits_dtype="float32", top_k=None):
     import datasets
 
     columns = {ROW: datasets.Value("int64"), LABELS: datasets.ClassLabel(names=names)}
+    stored = top_k or len(names)  # logits per view
+    index_dtype = "int16" if len(names) <= 32767 else "int32"
     if views > 1:
-        columns[LOGITS] = datasets.Array2D(shape=(views, len(names)), dtype="float32")
+        columns[LOGITS] = datasets.Array2D(shape=(views, stored), dtype=logits_dtype)
+        if top_k:
+            columns[LOGIT_INDICES] = datasets.Array2D(shape=(views, stored), dtype=index_dtype)
+            columns[LOGIT_TAIL] = datasets.List(datasets.Value("float32"), length=views)
         columns[VIEWS] = datasets.Array2D(shape=(views, 5), dtype="int32")
         columns[SOURCE] = datasets.Value("binary")
         columns[SOURCE_SHAPE] = datasets.List(datasets.Value("int32"), length=3)
@@ -599,7 +646,10 @@ def _features(names: list[str], views: int, mixed: bool, pixel_shape):
             columns[MIX_VIEWS] = datasets.Array2D(shape=(views, 5), dtype="int32")
             columns[MIX_WEIGHTS] = datasets.List(datasets.Value("float32"), length=views)
     else:
-        columns[LOGITS] = datasets.List(datasets.Value("float32"), length=len(names))
+        columns[LOGITS] = datasets.List(datasets.Value(logits_dtype), length=stored)
+        if top_k:
+            columns[LOGIT_INDICES] = datasets.List(datasets.Value(index_dtype), length=stored)
+            columns[LOGIT_TAIL] = datasets.Value("float32")
         columns[PIXELS] = datasets.Array3D(shape=tuple(pixel_shape), dtype="uint8")
     return datasets.Features(columns)
 
@@ -612,6 +662,8 @@ def _write_chunk(path: Path, batches: list[dict], job: _Job) -> None:
         return np.concatenate([batch[key] for batch in batches])
 
     columns = {ROW: joined("rows"), LABELS: joined("labels"), LOGITS: joined("logits")}
+    if job.top_k:
+        columns[LOGIT_INDICES], columns[LOGIT_TAIL] = joined("logit_indices"), joined("logit_tail")
     if job.views > 1:
         columns[VIEWS] = joined("views")
         columns[SOURCE] = [data for batch in batches for data, _ in batch["sources"]]
@@ -622,7 +674,7 @@ def _write_chunk(path: Path, batches: list[dict], job: _Job) -> None:
     else:
         columns[PIXELS] = joined("pixels")
     mixed = bool(job.view_recipe and job.view_recipe.mixed)
-    features = _features(job.names, job.views, mixed, batches[0]["pixels"].shape[1:])
+    features = _features(job.names, job.views, mixed, batches[0]["pixels"].shape[1:], job.logits_dtype, job.top_k)
     record = write_chunk_file(path, datasets.Dataset.from_dict(columns, features=features))
     _write_json(_record_path(path), record)  # the chunk counts as written from here on
 
@@ -690,7 +742,8 @@ def _finish(folder: OutputFolder, inputs: _Inputs, options: CacheOptions, finger
         chunks[name] = records
         views = options.views if name in inputs.view_splits else 1
         mixed = bool(inputs.view_recipe and inputs.view_recipe.mixed and name in inputs.view_splits)
-        info = asdict(DatasetInfo(features=_features(inputs.names, views, mixed, inputs.pixel_shape)))
+        features = _features(inputs.names, views, mixed, inputs.pixel_shape, options.stored_dtype, options.top_k)
+        info = asdict(DatasetInfo(features=features))
         _write_json(split / "dataset_info.json", {key: info[key] for key in sorted(info)})
         files = [record["sha256"] for record in records]
         state = {
@@ -737,6 +790,22 @@ def load_cache(path: str | Path, verify: bool = True):
     return cache, manifest
 
 
+def logit_columns(rows) -> list[str]:
+    """The columns of a cache's split (a Dataset) that hold the teacher's logits: teacher_logits, and a top-K cache's
+    indices and tail."""
+    return [column for column in LOGIT_COLUMNS if column in rows.column_names]
+
+
+def rebuilt_logits(record, classes: int) -> torch.Tensor:
+    """float32 teacher logits over all `classes` from a cache's logit columns as read (one row, or a batch of rows;
+    numpy arrays or lists): the stored logits, upcast, or a top-K cache's rebuilt by kdcache.loss.expand_logits."""
+    values = torch.as_tensor(np.asarray(record[LOGITS]))
+    if LOGIT_INDICES not in record:
+        return values.float()
+    indices = torch.as_tensor(np.asarray(record[LOGIT_INDICES]))
+    return expand_logits(values, indices, torch.as_tensor(np.asarray(record[LOGIT_TAIL])), classes)
+
+
 def verify_cache(cache, manifest: dict, path) -> None:
     """Refuse a loaded cache that does not match its manifest (what `load_cache` checks when it verifies)."""
     manifest = Manifest(manifest)
@@ -760,7 +829,13 @@ def describe(path: str | Path) -> str:
         f"label column '{data['label_column']}')",
         f"  labels          {', '.join(manifest['label_names'])}",
         f"  teacher->data   {manifest['teacher_to_dataset']} (teacher output index for each dataset label)",
-        f"  logits          {manifest['columns']['teacher_logits']['dtype']}, computed in {manifest['precision']} "
+        f"  logits          {manifest.logits_dtype}"
+        + (
+            f", the top {manifest.top_k} of {len(manifest.label_names)} classes per view (+ one logit for the others)"
+            if manifest.top_k
+            else ""
+        )
+        + f", computed in {manifest['precision']} "
         f"on {manifest['device']}"
         + (f" ({manifest['processes']} processes)" if manifest.get("processes", 1) > 1 else ""),
         f"  student input   {manifest['columns']['pixel_values']['dtype']} {manifest['columns']['pixel_values']['shape']}",

@@ -202,6 +202,15 @@ def teacher_logits_command(
         show_default="8/7 of the teacher's input (256 for 224)",
         help="With --views: the shorter side the source image is reduced to once, stored as raw pixels that both stages render views from; 0 keeps it whole.",
     ),
+    logits_dtype: str = typer.Option(
+        CACHE_DEFAULT("logits_dtype"),
+        help="How the logits are stored: fp32, or fp16 (half the bytes; the soft targets change by a KL of about 1e-7 at T=5).",
+    ),
+    top_k: Optional[int] = typer.Option(
+        None,
+        show_default="every class",
+        help="Store only the teacher's K largest logits per image (with their classes) and one logit for the other classes' share: for teachers of hundreds or thousands of classes. BENCHMARKS.md gives what it costs.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache made from other inputs."),
     num_workers: Optional[int] = typer.Option(
         None,
@@ -218,8 +227,9 @@ def teacher_logits_command(
     """Run the teacher once over the dataset and store its logits as an Arrow column, with a manifest.
 
     The cache is a datasets.DatasetDict on disk (columns row_index, labels, teacher_logits, pixel_values) plus
-    kdcache.json. Logits are raw (not softened), float32, in the dataset's label order. A killed run resumes
-    from its finished chunks when you run the same command again; re-running a complete cache is a no-op.
+    kdcache.json. Logits are raw (not softened), in the dataset's label order: float32, or compact for teachers of
+    many classes (--logits-dtype fp16, --top-k K). A killed run resumes from its finished chunks when you run the
+    same command again; re-running a complete cache is a no-op.
 
     Examples (the hub defaults, then local paths, then 8 augmented views per training image, then 16 mixed views):
 
@@ -257,6 +267,8 @@ def teacher_logits_command(
         view_seed=view_seed,
         mix_alpha=mix_alpha,
         source_size=source_size,
+        logits_dtype=logits_dtype,
+        top_k=top_k,
         overwrite=overwrite,
         num_workers=num_workers,
         chunk_size=chunk_size,

@@ -14,7 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.cache import LABELS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, PIXELS, VIEWS, load_cache
+from kdcache.cache import (
+    LABELS,
+    LOGITS,
+    MIX_PARTNERS,
+    MIX_VIEWS,
+    MIX_WEIGHTS,
+    PIXELS,
+    VIEWS,
+    load_cache,
+    logit_columns,
+    rebuilt_logits,
+)
 from kdcache.errors import KdcacheError
 from kdcache.manifest import Manifest
 
@@ -72,20 +83,30 @@ def open_ensemble(paths, first_cached, first_manifest: Manifest, splits, weights
 
     joined = datasets.DatasetDict(first_cached)  # a new dict of the same splits: the caches on disk are only read
     for split in splits:
-        member_logits = [np.asarray(cached[split].with_format("numpy")[LOGITS], dtype=np.float32) for cached in caches]
+        classes = len(first_manifest.label_names)
+        member_logits = [
+            rebuilt_logits(cached[split].with_format("numpy", columns=logit_columns(cached[split]))[:], classes)
+            for cached in caches
+        ]
         logits = ensemble_teacher_logits(member_logits, ensemble.weights, temperature).float().numpy()
         joined[split] = with_teacher_logits(first_cached[split], logits)
     return joined, ensemble
 
 
 def with_teacher_logits(split, logits: np.ndarray):
-    """`split` with its teacher logits column replaced by `logits` (same shape and feature), held in memory beside
-    the other columns, which stay memory-mapped on disk."""
+    """`split` with its teacher logits columns replaced by `logits` (float32, (rows, classes) or (rows, views,
+    classes), as a cache of every logit stores them), held in memory beside the other columns, which stay
+    memory-mapped on disk."""
     import datasets
 
-    features = datasets.Features({LOGITS: split.features[LOGITS]})
-    column = datasets.Dataset.from_dict({LOGITS: logits}, features=features)
-    return datasets.concatenate_datasets([split.remove_columns(LOGITS), column], axis=1)
+    shape = logits.shape[1:]
+    feature = (
+        datasets.List(datasets.Value("float32"), length=shape[0])
+        if len(shape) == 1
+        else datasets.Array2D(shape=shape, dtype="float32")
+    )
+    column = datasets.Dataset.from_dict({LOGITS: logits}, features=datasets.Features({LOGITS: feature}))
+    return datasets.concatenate_datasets([split.remove_columns(logit_columns(split)), column], axis=1)
 
 
 def check_same_inputs(first_path, first_cached, first: Manifest, path, cached, manifest: Manifest, splits) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import kdcache
-from kdcache.cache import LABELS, LOGITS, load_cache
+from kdcache.cache import LABELS, load_cache, rebuilt_logits
 from kdcache.data import decode_images, find_columns, label_names, load_image_dataset, load_image_processor, undecoded
 from kdcache.errors import KdcacheError, hub_error
 from kdcache.models import align_labels, count_parameters, load_classifier
@@ -302,7 +302,7 @@ def _cached_teacher(cached, manifest, cache, rows, dataset, split, names, refere
     part = cached[split].with_format("numpy")[:]
     if not np.array_equal(np.asarray(part[LABELS], dtype=np.int64), references):
         raise KdcacheError(f"cache '{cache}' split '{split}' holds other labels than the dataset's; rebuild the cache")
-    return np.asarray(part[LOGITS], dtype=np.float32)
+    return rebuilt_logits(part, len(names)).numpy()
 
 
 def _other_teacher(cache, rows, dataset, split, names, references):

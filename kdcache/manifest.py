@@ -6,6 +6,10 @@ know them, building a new one (stage one), verifying a loaded cache against it, 
 other stages read. A new field is added here (in `build`, an accessor, and `_upgrade` for caches without it).
 
 Format versions:
+  5: the teacher logits may be stored compact (`kdcache teacher-logits --logits-dtype fp16 --top-k K`): float16
+     values, or the top K logits with their class indices (teacher_logits_indices) and the log-mean-exp of the other
+     logits (teacher_logits_tail); `columns.teacher_logits` says which (dtype, top_k), and stage two rebuilds the
+     full logits (kdcache.loss.expand_logits). A cache of float32 logits is laid out as in format 4.
   4: each split is the chunk files stage one wrote (CACHE/<split>/chunk-NNNNNN.arrow, listed in the split's state.json),
      and the manifest records every chunk file's size and sha256 (`chunks` per split) instead of one logits_sha256 per
      split. Verification hashes the files block by block, before datasets reads them.
@@ -24,15 +28,17 @@ from pathlib import Path
 import kdcache
 from kdcache.errors import KdcacheError, first_line
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # What the fingerprint's recipe calls its "format_version": the last format that changed what a cache's logits and
 # pixels are (2 for clean caches, 3 for view caches). Format 4 changed only how the files are laid out, so a cache of
 # format 2 or 3 made from the same inputs keeps its fingerprint, is up to date for a rerun, and loads as it is.
 RECIPE_VERSION_CLEAN, RECIPE_VERSION_VIEWS = 2, 3
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
 CHUNK_CHECKSUMS_SINCE = 4  # the first format whose splits list their chunk files with checksums
 MANIFEST = "kdcache.json"
 ROW, LABELS, LOGITS, PIXELS = "row_index", "labels", "teacher_logits", "pixel_values"
+LOGIT_INDICES, LOGIT_TAIL = "teacher_logits_indices", "teacher_logits_tail"  # a top-K cache's (format 5)
+LOGIT_COLUMNS = (LOGITS, LOGIT_INDICES, LOGIT_TAIL)  # what stage two reads the teacher's logits from
 VIEWS, IMAGE = "views", "image"
 SOURCE, SOURCE_SHAPE = "source", "source_shape"
 MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS = "mix_partners", "mix_views", "mix_weights"
@@ -45,6 +51,11 @@ COLUMNS = {
         "length": None,
         "order": "dataset labels",
         "per_view_shape": "(views, classes) in view splits",
+        "top_k": None,
+        "indices": LOGIT_INDICES,
+        "tail": LOGIT_TAIL,
+        "compact": "with top_k=K, teacher_logits holds the K largest logits (descending), teacher_logits_indices "
+        "their classes, and teacher_logits_tail the log-mean-exp of the other logits, the logit of every other class",
     },
     "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": None, "splits": "without views"},
     "row_index": ROW,
@@ -104,7 +115,17 @@ class Manifest(dict):
 
     @classmethod
     def build(
-        cls, *, recipe: dict, fingerprint: str, teacher: dict, dataset: dict, splits: dict, pixel_shape, run: dict
+        cls,
+        *,
+        recipe: dict,
+        fingerprint: str,
+        teacher: dict,
+        dataset: dict,
+        splits: dict,
+        pixel_shape,
+        run: dict,
+        logits_dtype: str = "float32",
+        top_k: int | None = None,
     ) -> "Manifest":
         """Stage one's manifest. `recipe` is what the fingerprint was taken of (see cache.teacher_logits); `teacher`
         and `dataset` name them (name_or_path, revision, ...); `splits` gives each split's fingerprint, num_rows,
@@ -112,7 +133,7 @@ class Manifest(dict):
         seconds, images_per_second)."""
         names = recipe["label_names"]
         columns = json.loads(json.dumps(COLUMNS))
-        columns["teacher_logits"]["length"] = len(names)
+        columns["teacher_logits"].update(length=len(names), dtype=logits_dtype, top_k=top_k)
         columns["pixel_values"]["shape"] = list(pixel_shape)
         return cls(
             {
@@ -265,6 +286,16 @@ class Manifest(dict):
         from kdcache.data import ViewRecipe
 
         return ViewRecipe.from_dict(self["views"]["recipe"]) if self["views"] else None
+
+    @property
+    def logits_dtype(self) -> str:
+        """How the logits are stored: float32, or float16."""
+        return self["columns"]["teacher_logits"]["dtype"]
+
+    @property
+    def top_k(self) -> int | None:
+        """K when the cache stores the teacher's top K logits per view (and the tail's), else None: all of them."""
+        return self["columns"]["teacher_logits"].get("top_k")
 
     @property
     def mixed_views(self) -> bool:

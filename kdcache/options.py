@@ -22,6 +22,7 @@ SCHEDULERS = (
 )
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_PRECISIONS = ("fp32", "bf16", "fp16")  # stage one computes in fp32 unless told otherwise
+LOGITS_DTYPES = ("fp32", "fp16")  # how stage one stores the logits, whatever it computed them in
 
 OPTIONS_FILE = "kdcache_options.json"
 # Options that change how fast, how loud or where a run goes, not what it trains: --resume may change them.
@@ -344,9 +345,18 @@ class CacheOptions(Options):
     view_seed: int = 0
     source_size: int | None = None  # None: 8/7 of the teacher's input; 0: the whole image
     mix_alpha: float = 0.0
+    logits_dtype: str = "fp32"
+    top_k: int | None = (
+        None  # None: every class's logit; K: the K largest and the tail's (kdcache.loss.compress_logits)
+    )
     overwrite: bool = False
     num_workers: int | None = None
     chunk_size: int = 512
+
+    @property
+    def stored_dtype(self) -> str:
+        """The logits' dtype in the cache's files (and manifest): float32 or float16."""
+        return "float16" if self.logits_dtype == "fp16" else "float32"
 
     def check(self) -> None:
         """Every option that can be wrong on its own, each refused with one line naming the fix (the view settings'
@@ -360,6 +370,10 @@ class CacheOptions(Options):
             raise KdcacheError(f"--precision '{self.precision}' is not one of {', '.join(CACHE_PRECISIONS)}")
         if self.num_workers is not None and self.num_workers < 0:
             raise KdcacheError(f"--num-workers {self.num_workers} must be >= 0")
+        if self.logits_dtype not in LOGITS_DTYPES:
+            raise KdcacheError(f"--logits-dtype '{self.logits_dtype}' is not one of {', '.join(LOGITS_DTYPES)}")
+        if self.top_k is not None and self.top_k < 1:
+            raise KdcacheError(f"--top-k {self.top_k} must be at least 1 (leave it out to store every class's logit)")
         if self.view_seed < 0:
             raise KdcacheError(f"--view-seed {self.view_seed} must be >= 0")
         if not (_finite(self.mix_alpha) and self.mix_alpha >= 0):

@@ -372,26 +372,29 @@ def stage_one_bytes(
     chunk_size: int,
     source_size: int | None = None,
     mixed: bool = False,
+    logit_bytes: int | None = None,
 ) -> int:
     """The disk stage one needs: the cache, written once (its chunks become the cache's files), plus for each chunk
     its Arrow schema and the record of its checksum, and each split's small JSON files.
 
+    `logit_bytes`: one view's stored logits (default float32 x classes; less for compact logits).
     A row of a split with one clean view holds row_index and labels (int64), the logits (float32 x classes) and the
     uint8 pixels; a row with K views holds K logit vectors, K view boxes (5 x int32), the source's raw pixels and
     their shape, and with mixing K partners (int32), K partner boxes and K weights (float32).
     """
     cache = files = 0
+    logit_bytes = 4 * classes if logit_bytes is None else logit_bytes
     for name in splits:
         rows = len(dataset_dict[name])
         if name in view_splits:
-            row = 16 + 4 * views * classes + _list_offsets((views, classes)) + 20 * views + _list_offsets((views, 5))
+            row = 16 + views * logit_bytes + _list_offsets((views, classes)) + 20 * views + _list_offsets((views, 5))
             row += (
                 average_source_bytes(dataset_dict[name], image_column, source_size) + 8 + 12
             )  # bytes, offsets, shape
             if mixed:
                 row += 28 * views + 2 * _list_offsets((views,)) + _list_offsets((views, 5))
         else:
-            row = 16 + 4 * classes + math.prod(pixel_shape) + _list_offsets(pixel_shape)
+            row = 16 + logit_bytes + math.prod(pixel_shape) + _list_offsets(pixel_shape)
         cache += rows * row
         files += -(-rows // chunk_size) + 1  # the split's chunks, and its state.json and dataset_info.json
     return int(cache + files * CHUNK_FILES_BYTES)

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 from kdcache.cache import (
     IMAGE,
     LABELS,
+    LOGIT_COLUMNS,
     LOGITS,
     MIX_PARTNERS,
     MIX_VIEWS,
@@ -30,6 +31,8 @@ from kdcache.cache import (
     SOURCE_SHAPE,
     VIEWS,
     load_cache,
+    logit_columns,
+    rebuilt_logits,
 )
 from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, load_image_dataset, undecoded
 from kdcache.devices import OneDeviceArguments
@@ -162,7 +165,8 @@ class Collator:
         # channels_last: oneDNN's and cuDNN's faster convolutions for the student's forward and backward (BENCHMARKS.md)
         batch = {"pixel_values": pixel_values.contiguous(memory_format=torch.channels_last), "labels": labels}
         if LOGITS in rows[0]:
-            batch["teacher_logits"] = torch.stack([torch.as_tensor(row[LOGITS], dtype=torch.float32) for row in rows])
+            stored = {column: np.stack([row[column] for row in rows]) for column in LOGIT_COLUMNS if column in rows[0]}
+            batch["teacher_logits"] = rebuilt_logits(stored, self.num_classes)
         return batch
 
 
@@ -223,17 +227,20 @@ class ViewRows(torch.utils.data.Dataset):
             partner_rows = self.partner_rows[wanted]
             partners = {row: (self.source(partner_rows, i), partner_rows[LABELS][i]) for i, row in enumerate(wanted)}
         items = []
+        logit_columns = [column for column in LOGIT_COLUMNS if column in batch]
         for position, (row, k) in enumerate(zip(indices, chosen)):
             image = self.source(batch, position)
-            logits = batch[LOGITS][position]
+            # the clean view's logits (fresh), or those of view k (and a top-K cache's indices and tail of view k)
+            logits = {column: batch[column][position] for column in logit_columns}
             if self.fresh:
                 view = self.recipe.sample(*image.size, (row, self.epoch), 1)[0]
             else:
-                view, logits = batch[VIEWS][position][k], logits[k]
+                view = batch[VIEWS][position][k]
+                logits = {column: np.asarray(value)[k] for column, value in logits.items()}
             item = {
                 PIXELS: torch.from_numpy(self.recipe.render(image, view, self.size)),
                 LABELS: batch[LABELS][position],
-                LOGITS: logits,
+                **logits,
             }
             if self.mixed:
                 partner, partner_label = partners[int(batch[MIX_PARTNERS][position][k])]
@@ -642,7 +649,7 @@ def training_rows(
             )
         return rows
 
-    columns = [PIXELS, LABELS] + ([LOGITS] if options.alpha > 0 else [])
+    columns = [PIXELS, LABELS] + (logit_columns(cached[train_split]) if options.alpha > 0 else [])
     # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
     eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
     teacher_run = manifest.teacher["name_or_path"]
@@ -674,7 +681,9 @@ def training_rows(
         if data["image_column"] != IMAGE:
             images = images.rename_column(data["image_column"], IMAGE)
         train_rows = ViewRows(
-            datasets.concatenate_datasets([cached[train_split].select_columns([LABELS, LOGITS]), images], axis=1),
+            datasets.concatenate_datasets(
+                [cached[train_split].select_columns([LABELS, *logit_columns(cached[train_split])]), images], axis=1
+            ),
             ViewRecipe(manifest.pixel_shape[1:], getattr(processor, "resample", 3), seed=options.seed),
             options.seed,
             fresh=True,

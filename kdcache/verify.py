@@ -15,6 +15,8 @@ import torch
 
 from kdcache.cache import (
     IMAGE,
+    LOGIT_INDICES,
+    LOGIT_TAIL,
     LOGITS,
     MIX_PARTNERS,
     MIX_VIEWS,
@@ -24,9 +26,12 @@ from kdcache.cache import (
     SOURCE_SHAPE,
     VIEWS,
     load_cache,
+    logit_columns,
+    rebuilt_logits,
 )
 from kdcache.data import ImagePipeline, from_raw_source, undecoded
 from kdcache.errors import KdcacheError
+from kdcache.loss import tail_logit
 from kdcache.models import load_classifier, weights_sha256
 from kdcache.runtime import pick_device
 
@@ -114,9 +119,10 @@ def verify_teacher_logits(
                 inputs, stored = _rebuild(cached[name], batch, recipe, pipeline)
                 with torch.inference_mode(), _autocast(torch_device, precision):
                     logits = model(pixel_values=inputs.to(torch_device)).logits
-                logits = logits.float()[:, index].cpu().numpy()
-                differences.append(np.abs(logits - stored).max(axis=-1))
-                mismatches += int((logits.argmax(-1) != stored.argmax(-1)).sum())
+                logits = logits.float()[:, index].cpu()
+                difference, top1_differs = _compare(logits, stored, manifest)
+                differences.append(difference)
+                mismatches += int(top1_differs.sum())
                 bar.update(len(batch))
             difference = np.concatenate(differences)
             report["splits"][name] = {
@@ -132,13 +138,40 @@ def verify_teacher_logits(
     return report
 
 
-def _rebuild(rows, pairs, recipe, pipeline):
-    """The teacher's inputs for (row, view) pairs of one split, normalised as stage one fed them, and the stored logits."""
-    if VIEWS not in rows.column_names:  # a clean split stores the teacher's input itself
-        data = rows.with_format("numpy", columns=[PIXELS, LOGITS])[[row for row, _ in pairs]]
-        return pipeline.normalize(torch.from_numpy(np.asarray(data[PIXELS]))), np.asarray(
-            data[LOGITS], dtype=np.float32
+def _compare(logits: torch.Tensor, stored: dict, manifest) -> tuple[np.ndarray, np.ndarray]:
+    """Each recomputed row's largest |logit difference| from the stored logits, beyond the rounding of their storage,
+    and whether its top-1 class differs. A compact cache is compared on what it stores: the recomputed logits
+    compressed as stage one compressed them (a top-K cache: at the stored classes, and the tail's logit over the
+    others), so that what the compression dropped is not counted as a difference."""
+    classes = logits.shape[-1]
+    stored_values = torch.as_tensor(np.asarray(stored[LOGITS])).float()
+    if LOGIT_INDICES in stored:
+        indices = torch.as_tensor(np.asarray(stored[LOGIT_INDICES])).long()
+        recomputed = logits.gather(-1, indices)
+        recomputed = torch.cat([recomputed, tail_logit(logits, indices)[:, None]], dim=-1)
+        stored_values = torch.cat(
+            [stored_values, torch.as_tensor(np.asarray(stored[LOGIT_TAIL])).float()[:, None]], -1
         )
+    else:
+        recomputed = logits
+    difference = (recomputed - stored_values).abs()
+    if manifest.logits_dtype == "float16":  # half of a float16 step at each stored value: the storage's rounding
+        rounding = np.spacing(np.abs(stored_values.numpy()).astype(np.float16)).astype(np.float32) / 2
+        if LOGIT_INDICES in stored:
+            rounding[:, -1] = 0  # the tail is stored as float32
+        difference = (difference - torch.from_numpy(rounding)).clamp(min=0)
+    top1_differs = logits.argmax(-1) != rebuilt_logits(stored, classes).argmax(-1)
+    return difference.max(dim=-1).values.numpy(), top1_differs.numpy()
+
+
+def _rebuild(rows, pairs, recipe, pipeline):
+    """The teacher's inputs for (row, view) pairs of one split, normalised as stage one fed them, and the stored
+    logits (the columns of kdcache.cache.logit_columns, one row per pair)."""
+    stored_columns = logit_columns(rows)
+    if VIEWS not in rows.column_names:  # a clean split stores the teacher's input itself
+        data = rows.with_format("numpy", columns=[PIXELS, *stored_columns])[[row for row, _ in pairs]]
+        pixels = pipeline.normalize(torch.from_numpy(np.asarray(data[PIXELS])))
+        return pixels, {column: np.asarray(data[column]) for column in stored_columns}
     raw = SOURCE in rows.column_names  # format 3: the reduced source's raw pixels; format 2: the source image file
     sources = rows if raw else undecoded(rows, IMAGE)
 
@@ -151,13 +184,14 @@ def _rebuild(rows, pairs, recipe, pipeline):
         return datasets.Image().decode_example(record[IMAGE]).convert("RGB")
 
     parameters = rows.select_columns(
-        [c for c in (VIEWS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS) if c in rows.column_names]
+        [c for c in (VIEWS, *stored_columns, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS) if c in rows.column_names]
     )
-    own, partners, weights, stored = [], [], [], []
+    own, partners, weights, stored = [], [], [], {column: [] for column in stored_columns}
     for row, k in pairs:
         record = parameters[row]
         own.append(recipe.render(source(row), np.asarray(record[VIEWS])[k]))
-        stored.append(np.asarray(record[LOGITS], dtype=np.float32)[k])
+        for column in stored_columns:
+            stored[column].append(np.asarray(record[column])[k])
         if MIX_WEIGHTS in record:
             partners.append(recipe.render(source(int(record[MIX_PARTNERS][k])), np.asarray(record[MIX_VIEWS])[k]))
             weights.append(float(record[MIX_WEIGHTS][k]))
@@ -166,7 +200,7 @@ def _rebuild(rows, pairs, recipe, pipeline):
         inputs = pipeline.mix(own, torch.from_numpy(np.stack(partners)), torch.tensor(weights, dtype=torch.float32))
     else:
         inputs = pipeline.normalize(own)
-    return inputs, np.stack(stored)
+    return inputs, {column: np.stack(values) for column, values in stored.items()}
 
 
 def _autocast(device, precision):

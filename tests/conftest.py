@@ -32,3 +32,14 @@ def tiny_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
 
     output = tmp_path_factory.mktemp("caches") / "tiny-cache"
     return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, batch_size=8, progress=False)
+
+
+@pytest.fixture(scope="session")
+def compact_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
+    """The tiny cache's inputs stored compact: float16, the top logit of 3 and the tail's (read-only)."""
+    from kdcache.cache import teacher_logits
+
+    output = tmp_path_factory.mktemp("caches") / "compact-cache"
+    return teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=output, batch_size=8, top_k=1, logits_dtype="fp16", progress=False
+    )

@@ -48,7 +48,7 @@ def test_cache_columns_rows_and_manifest(tiny_cache, tiny_dataset):
         assert cache[split]["row_index"][:] == list(range(len(source[split])))
         assert cache[split].features[PIXELS].dtype == "uint8"
         assert manifest["dataset"]["splits"][split]["num_rows"] == len(source[split])
-    assert manifest["format_version"] == cache_module.FORMAT_VERSION == 4
+    assert manifest["format_version"] == cache_module.FORMAT_VERSION == 5
     assert manifest["label_names"] == LABELS
     assert manifest["teacher_to_dataset"] == [0, 1, 2]
     assert len(manifest["teacher"]["weights_sha256"]) == 64
@@ -165,13 +165,13 @@ def test_the_storage_format_is_not_part_of_the_fingerprint(
     from kdcache import manifest as manifest_module
 
     for module in (cache_module, manifest_module):
-        monkeypatch.setattr(module, "FORMAT_VERSION", 5)
-    monkeypatch.setattr(manifest_module, "SUPPORTED_FORMAT_VERSIONS", (1, 2, 3, 4, 5))
+        monkeypatch.setattr(module, "FORMAT_VERSION", 6)
+    monkeypatch.setattr(manifest_module, "SUPPORTED_FORMAT_VERSIONS", (1, 2, 3, 4, 5, 6))
     later = teacher_logits(
         str(tiny_dataset), str(tiny_teacher), output=tmp_path / "later", batch_size=8, progress=False
     )
     later_manifest = json.loads((later / MANIFEST).read_text())
-    assert later_manifest["format_version"] == 5
+    assert later_manifest["format_version"] == 6
     assert later_manifest["fingerprint"] == json.loads((tiny_cache / MANIFEST).read_text())["fingerprint"]
     # so a rerun keeps a cache of an older format as it is: it loads as it is
     old = old_format_copy(tiny_cache, tmp_path / "old", version=2)
@@ -431,7 +431,10 @@ def test_view_replay_is_exact(view_cache, tiny_teacher):
 
     cache, manifest = load_cache(view_cache)
     train = cache["train"]
-    assert manifest["format_version"] == 4 and manifest["dataset"]["splits"]["train"]["views"] == 3
+    assert (
+        manifest["format_version"] == cache_module.FORMAT_VERSION
+        and manifest["dataset"]["splits"]["train"]["views"] == 3
+    )
     assert train.features["teacher_logits"].shape == (3, 3) and train.features["views"].shape == (3, 5)
     assert PIXELS in cache["validation"].column_names and "views" not in cache["validation"].column_names
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
@@ -516,7 +519,9 @@ def test_mixed_view_replay_is_exact(mixed_cache, tiny_teacher):
 
     cache, manifest = load_cache(mixed_cache)
     train = cache["train"]
-    assert manifest["format_version"] == 4 and manifest["views"]["recipe"]["mix_alpha"] == 1.0
+    assert (
+        manifest["format_version"] == cache_module.FORMAT_VERSION and manifest["views"]["recipe"]["mix_alpha"] == 1.0
+    )
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
     pipeline = ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_teacher), backend="pil"))
     model = AutoModelForImageClassification.from_pretrained(str(tiny_teacher)).eval()
@@ -840,3 +845,115 @@ def test_disk_estimate_is_close_to_the_peak_of_a_run(
         progress=False,
     )
     assert peaks[0] <= estimates[0] <= 1.3 * peaks[0], (estimates, peaks)
+
+
+def test_compact_caches_store_the_full_caches_logits_compressed(compact_cache, tiny_cache):
+    from kdcache.cache import LOGIT_INDICES, LOGIT_TAIL, rebuilt_logits
+    from kdcache.loss import compress_logits, expand_logits
+
+    full, full_manifest = load_cache(tiny_cache)
+    compact, manifest = load_cache(compact_cache)
+    assert manifest["format_version"] == 5 and manifest.top_k == 1 and manifest.logits_dtype == "float16"
+    assert full_manifest.top_k is None and full_manifest.logits_dtype == "float32"
+    features = compact["train"].features
+    assert features[LOGITS].feature.dtype == "float16" and features[LOGITS].length == 1
+    assert features[LOGIT_INDICES].feature.dtype == "int16" and features[LOGIT_TAIL].dtype == "float32"
+    for split in ("train", "validation", "test"):
+        logits = torch.as_tensor(cached_logits(tiny_cache, split))
+        expected = compress_logits(logits, top_k=1, dtype=torch.float16)
+        stored = compact[split].with_format("numpy")[:]
+        assert np.array_equal(stored[LOGITS], expected["values"].numpy())
+        assert np.array_equal(stored[LOGIT_INDICES], expected["indices"].numpy())
+        assert np.array_equal(stored[LOGIT_TAIL], expected["tail"].numpy())
+        assert torch.equal(rebuilt_logits(stored, 3), expand_logits(**expected, classes=3))
+        assert np.array_equal(stored["pixel_values"], full[split].with_format("numpy")[:]["pixel_values"])
+    # what the logits are stored as is part of what the cache is: another fingerprint, and a rerun is a no-op
+    assert manifest.fingerprint != full_manifest.fingerprint
+    text = describe(compact_cache)
+    assert "float16, the top 1 of 3 classes per view" in text
+
+
+def test_float16_logits_alone_and_their_own_fingerprint(tmp_path, tiny_dataset, tiny_teacher, tiny_cache, capsys):
+    half = teacher_logits(
+        str(tiny_dataset),
+        str(tiny_teacher),
+        output=tmp_path / "half",
+        batch_size=8,
+        logits_dtype="fp16",
+        progress=False,
+    )
+    cache, manifest = load_cache(half)
+    assert manifest.logits_dtype == "float16" and manifest.top_k is None
+    assert cache["train"].features[LOGITS].feature.dtype == "float16"
+    full = cached_logits(tiny_cache, "train")
+    assert np.array_equal(cached_logits(half, "train"), full.astype(np.float16))
+    assert manifest.fingerprint != json.loads((tiny_cache / MANIFEST).read_text())["fingerprint"]
+    teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=half, batch_size=8, logits_dtype="fp16", progress=False
+    )
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_compact_view_caches_compress_each_views_logits(tmp_path, view_cache, tiny_dataset, tiny_teacher):
+    from kdcache.cache import LOGIT_INDICES, LOGIT_TAIL, rebuilt_logits
+    from kdcache.loss import compress_logits
+
+    compact = teacher_logits(
+        str(tiny_dataset),
+        str(tiny_teacher),
+        output=tmp_path / "compact",
+        views=3,
+        batch_size=8,
+        chunk_size=8,
+        top_k=2,
+        logits_dtype="fp16",
+        progress=False,
+    )
+    rows = load_cache(compact)[0]["train"].with_format("numpy")[:]
+    assert rows[LOGITS].shape == rows[LOGIT_INDICES].shape == (24, 3, 2) and rows[LOGIT_TAIL].shape == (24, 3)
+    expected = compress_logits(torch.as_tensor(cached_logits(view_cache, "train")), top_k=2, dtype=torch.float16)
+    assert np.array_equal(rows[LOGITS], expected["values"].numpy())
+    assert np.array_equal(rows[LOGIT_INDICES], expected["indices"].numpy())
+    assert rebuilt_logits(rows, 3).shape == (24, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(top_k=3), "--top-k 3 keeps every one of the 3 classes; give a K below 3"),
+        (dict(top_k=0), "--top-k 0 must be at least 1"),
+        (dict(logits_dtype="bf16"), "--logits-dtype 'bf16' is not one of fp32, fp16"),
+    ],
+)
+def test_bad_compact_settings_are_refused_before_the_teacher_runs(
+    tmp_path, tiny_dataset, tiny_teacher, options, message
+):
+    with pytest.raises(KdcacheError, match=re.escape(message)):
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "c", progress=False, **options)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+
+
+def test_the_command_line_writes_a_compact_cache(tmp_path, tiny_dataset, tiny_teacher):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    output = tmp_path / "cli-compact"
+    result = CliRunner().invoke(
+        app,
+        [
+            "teacher-logits",
+            "--dataset",
+            str(tiny_dataset),
+            "--teacher",
+            str(tiny_teacher),
+            "--output",
+            str(output),
+            "--top-k",
+            "2",
+            "--logits-dtype",
+            "fp16",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "float16, the top 2 of 3 classes per view" in result.output

@@ -331,3 +331,12 @@ def test_agreement_with_each_teacher_and_with_the_ensemble(tmp_path, tiny_datase
     result = CliRunner().invoke(app, command + ["--output", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     assert "ensemble" in result.stdout and "weights 0.25, 0.75" in result.stdout
+
+
+def test_a_compact_cache_gives_the_teachers_agreement_from_its_rebuilt_logits(tmp_path, tiny_teacher, compact_cache):
+    report = evaluate_models(
+        [str(tiny_teacher)], cache=str(compact_cache), split="test", output=tmp_path / "eval", progress=False
+    )
+    agreement = report["models"][0]["teacher_agreement"]
+    # the top-1 class is stored exactly; the other two share the rest of the mass, so the KL is small but not 0
+    assert agreement["top1_agreement"] == 1.0 and 0 < agreement["kl_teacher_student"] < 0.1

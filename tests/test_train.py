@@ -771,3 +771,88 @@ def test_the_command_line_trains_an_ensemble(tmp_path, tiny_cache, second_cache)
     recorded = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())["recipe"]
     assert recorded["cache"] == [str(tiny_cache), str(second_cache)]
     assert recorded["teacher_weights"] == pytest.approx([2 / 3, 1 / 3])
+
+
+def compressed_online_teacher(monkeypatch, top_k, dtype):
+    """OnlineTeacher giving the teacher's logits compressed as a compact cache stores them, then rebuilt: the online
+    equivalent of training from that cache."""
+    from kdcache.loss import compress_logits, expand_logits
+
+    forward = OnlineTeacher.forward
+
+    def compressed(self, pixel_values):
+        logits = forward(self, pixel_values)
+        return expand_logits(**compress_logits(logits, top_k, dtype), classes=logits.shape[-1])
+
+    monkeypatch.setattr(OnlineTeacher, "forward", compressed)
+
+
+def test_a_compact_caches_loss_equals_the_online_loss_from_the_same_compressed_targets(
+    compact_cache, tiny_dataset, tiny_teacher
+):
+    from kdcache.cache import logit_columns
+    from kdcache.loss import compress_logits, expand_logits
+
+    cache, _ = load_cache(compact_cache)
+    pipeline_ = ImagePipeline(AutoImageProcessor.from_pretrained(str(compact_cache), backend="pil"))
+    collate = Collator(pipeline_, num_classes=3)
+    teacher_model = load_classifier(str(tiny_teacher))
+    teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, LABELS))
+    online_rows = _online_rows(load_image_dataset(str(tiny_dataset))["train"], "image", "labels", pipeline_)
+    cached_rows = cache["train"].with_format(
+        "numpy", columns=["pixel_values", "labels", *logit_columns(cache["train"])]
+    )
+    torch.manual_seed(0)
+    student = AutoModelForImageClassification.from_pretrained(
+        str(save_mobilenet_student(compact_cache.parent / "s-compact"))
+    ).eval()
+    for start in range(0, 24, 8):
+        rows = list(range(start, start + 8))
+        cached = collate(cached_rows.__getitems__(rows))
+        online = collate(online_rows.__getitems__(rows))
+        assert torch.equal(cached["pixel_values"], online["pixel_values"])
+        full = teacher(online["pixel_values"])
+        online_logits = expand_logits(**compress_logits(full, 1, torch.float16), classes=3)
+        assert cached["teacher_logits"].shape == (8, 3) and cached["teacher_logits"].dtype == torch.float32
+        assert torch.equal(cached["teacher_logits"], online_logits)
+        assert not torch.allclose(cached["teacher_logits"], full, atol=1e-3), "the top-1 of 3 rebuilt is not the full"
+        with torch.no_grad():
+            student_logits = student(pixel_values=cached["pixel_values"]).logits
+        for name, loss in LOSSES.items():
+            cached_loss = loss(student_logits, cached["labels"], cached["teacher_logits"])
+            online_loss = loss(student_logits, online["labels"], online_logits)
+            assert abs(cached_loss.item() - online_loss.item()) <= 1e-6, name
+
+
+def test_training_from_a_compact_cache_equals_online_distillation_from_the_compressed_targets(
+    tmp_path, compact_cache, monkeypatch
+):
+    cached = train_student(compact_cache, output=tmp_path / "cached", max_steps=6, **FAST)
+    compressed_online_teacher(monkeypatch, top_k=1, dtype=torch.float16)
+    online = train_student(compact_cache, output=tmp_path / "online", max_steps=6, online=True, **FAST)
+    assert np.allclose(cached["train_losses"], online["train_losses"], rtol=0, atol=1e-5)
+    a, b = weights(tmp_path / "cached"), weights(tmp_path / "online")
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-4, atol=1e-5), name
+
+
+def test_compact_view_caches_and_ensembles_with_them_train(tmp_path, tiny_dataset, tiny_teacher, view_cache):
+    from kdcache.cache import teacher_logits
+
+    compact_views = teacher_logits(
+        str(tiny_dataset),
+        str(tiny_teacher),
+        output=tmp_path / "compact-views",
+        views=4,
+        batch_size=8,
+        top_k=2,
+        logits_dtype="fp16",
+        progress=False,
+    )
+    summary = train_student(compact_views, output=tmp_path / "s", epochs=1, **FAST)
+    assert summary["recipe"]["views"] == 4 and np.isfinite(summary["train_losses"]).all()
+    # 2 of 3 classes and the tail's logit (the third class's own) rebuild the logits to float16's rounding: an ensemble
+    # of the compact cache with itself trains like the full view cache alone, to that rounding
+    full = train_student(view_cache, output=tmp_path / "full", max_steps=3, **FAST)
+    both = train_student([compact_views, compact_views], output=tmp_path / "both", max_steps=3, **FAST)
+    assert np.allclose(full["train_losses"], both["train_losses"], rtol=0, atol=1e-2)

@@ -135,3 +135,12 @@ def test_bad_settings_are_one_line(tiny_cache):
         verify_teacher_logits(tiny_cache, sample=0, progress=False)
     with pytest.raises(KdcacheError, match="--tolerance -1 must be >= 0"):
         verify_teacher_logits(tiny_cache, tolerance=-1, progress=False)
+
+
+def test_a_compact_cache_passes_and_an_altered_one_fails(tmp_path, compact_cache):
+    report = verify_teacher_logits(compact_cache, sample=10, progress=False)
+    assert report["passed"] and report["top1_mismatches"] == 0, describe(report)
+    assert report["max_abs_difference"] <= 1e-5  # beyond float16's rounding of what is stored
+    altered = altered_copy(compact_cache, tmp_path / "altered", change=lambda logits: logits + np.float16(0.5))
+    report = verify_teacher_logits(altered, sample=1000, progress=False)
+    assert not report["passed"] and report["splits"]["train"]["max_abs_difference"] > 0.4
