@@ -766,9 +766,10 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest.read(path)
 
 
-def load_cache(path: str | Path, verify: bool = True):
+def load_cache(path: str | Path, verify: bool = True, share: tuple[int, int] | None = None):
     """The cache as (DatasetDict, Manifest). With verify, a stale or damaged cache is refused: unknown format
-    version, missing split, other row count, or logits that no longer match their checksum."""
+    version, missing split, other row count, or logits that no longer match their checksum. `share` (index, count):
+    this process hashes only its share of the chunk files (Manifest.verify_files), for the processes of a launch."""
     import datasets
 
     path = Path(path)
@@ -777,7 +778,7 @@ def load_cache(path: str | Path, verify: bool = True):
     manifest = Manifest.read(path)
     manifest.check_format(path)
     if verify:
-        manifest.verify_files(path)  # before datasets maps the files: a damaged one is reported as such
+        manifest.verify_files(path, share)  # before datasets maps the files: a damaged one is reported as such
     try:
         with _quiet_datasets():
             cache = datasets.load_from_disk(str(path))

@@ -175,15 +175,20 @@ class Manifest(dict):
 
     # verifying
 
-    def verify_files(self, path) -> None:
+    def verify_files(self, path, share: tuple[int, int] | None = None) -> None:
         """Refuse a cache (format 4 on) whose chunk files are not the ones stage one wrote: each split's state.json
         must list the manifest's chunk files, and each file must have its recorded size and sha256. The files are
         hashed block by block (hashlib.file_digest), so memory stays flat whatever the cache's size. Run before
-        datasets reads the files, so that a damaged file is reported as such rather than as an unreadable table."""
+        datasets reads the files, so that a damaged file is reported as such rather than as an unreadable table.
+        `share` (index, count): hash only every count-th chunk file from the index-th, all splits in a row; the
+        processes of a launch split the reading of a cache this way, and agree on the outcome (kdcache.runtime.agreed)
+        rather than each reading all of it."""
         if self["format_version"] < CHUNK_CHECKSUMS_SINCE:
             return  # older caches have one logits checksum per split, checked by `verify`
         path = Path(path)
         fix = "the cache is damaged: recreate it with kdcache teacher-logits"
+        index, count = share or (0, 1)
+        position = 0
         for name, split in self.splits.items():
             try:
                 state = json.loads((path / name / "state.json").read_text())
@@ -195,6 +200,9 @@ class Manifest(dict):
             if listed != [chunk["file"] for chunk in split["chunks"]]:
                 raise KdcacheError(f"cache '{path}' split '{name}' lists other files than its manifest; {fix}")
             for chunk in split["chunks"]:
+                position += 1
+                if (position - 1) % count != index:
+                    continue
                 file = path / name / chunk["file"]
                 try:
                     size = file.stat().st_size

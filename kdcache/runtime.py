@@ -117,8 +117,21 @@ def check_writable_parent(path: Path, what: str) -> None:
 
 def output_path(output, flag: str = "--output") -> Path:
     """The output folder of a stage, refused when it is the current folder or one of its parents: a stage replaces
-    its output by renaming a finished folder onto it, and must never swap out the folder it runs in."""
-    path = Path(output).expanduser()
+    its output by renaming a finished folder onto it, and must never swap out the folder it runs in.
+
+    A URL is refused, except fsspec's local `file://` (its path is used): a stage writes into OUTPUT.partial, fsyncs,
+    holds a lock file and renames the finished folder into place, which object stores (s3://, gs://, hf://) cannot
+    do atomically. Several machines share a cache through a shared filesystem (NFS, Lustre) mounted as a path."""
+    text = str(output)
+    if "://" in text:
+        protocol = text.split("://", 1)[0]
+        if protocol != "file":
+            raise KdcacheError(
+                f"{flag} '{output}' is a {protocol}:// URL; kdcache writes its outputs on a filesystem (it renames the "
+                f"finished folder into place): give a local or shared (NFS) path, then copy the folder where you want it"
+            )
+        text = text[len("file://") :]
+    path = Path(text).expanduser()
     resolved = path.resolve()
     if path.name in ("", ".", "..") or resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise KdcacheError(

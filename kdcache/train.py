@@ -486,12 +486,14 @@ def train_student(
         place = placement(options.device, options.precision, processes, training=True)
     with safe_output(_output_path(output, caches, options), STUDENT_OUTPUT, processes) as folder:
         with agreed(processes):
-            cache_path, cached, manifest = _open_cache(caches[0], options)
+            # every process hashes its share of the chunk files, and agreed() makes a damaged one everyone's error
+            share = (processes.index, processes.count) if processes else None
+            cache_path, cached, manifest = _open_cache(caches[0], options, share)
             ensemble = None
             if len(caches) > 1:  # from here on the first cache's splits carry the ensemble's teacher logits
                 splits = [split for split in (options.train_split, options.eval_split) if split is not None]
                 cached, ensemble = open_ensemble(
-                    caches, cached, manifest, splits, options.teacher_weights, options.temperature
+                    caches, cached, manifest, splits, options.teacher_weights, options.temperature, share
                 )
             fingerprint = ensemble.fingerprints if ensemble else manifest.fingerprint
             _claim_output(folder, fingerprint, options, place, processes)
@@ -543,10 +545,10 @@ STUDENT_OUTPUT = OutputKind(
 )
 
 
-def _open_cache(cache, options: TrainingOptions):
-    """The verified cache, refused when it lacks the splits asked for."""
+def _open_cache(cache, options: TrainingOptions, share=None):
+    """The verified cache (this process's `share` of its files hashed), refused when it lacks the splits asked for."""
     cache_path = Path(cache)
-    cached, manifest = load_cache(cache_path)
+    cached, manifest = load_cache(cache_path, share=share)
     for split, flag in ((options.train_split, "--train-split"), (options.eval_split, "--eval-split")):
         if split is not None and split not in cached:
             raise KdcacheError(f"{flag} '{split}' is not in cache '{cache_path}' (splits: {', '.join(cached)})")

@@ -288,6 +288,14 @@ def test_a_flipped_bit_in_any_chunk_is_refused_in_one_line_before_training(tmp_p
             f"cache '{damaged}' file '{split}/{file}' does not match its checksum; the cache is damaged: recreate it "
             "with kdcache teacher-logits"
         )
+        # three processes of a launch hash a third of the files each: exactly one of them finds the damaged one
+        refusals = []
+        for index in range(3):
+            try:
+                load_cache(damaged, share=(index, 3))
+            except KdcacheError as error:
+                refusals.append(str(error))
+        assert refusals == [str(refused.value)]
     with pytest.raises(KdcacheError, match="does not match its checksum"):
         train_student(damaged, output=tmp_path / "student", max_steps=2, batch_size=8, progress=False)
     assert not (tmp_path / "student").exists() and not (tmp_path / "student.partial").exists()
@@ -957,3 +965,13 @@ def test_the_command_line_writes_a_compact_cache(tmp_path, tiny_dataset, tiny_te
     )
     assert result.exit_code == 0, result.output
     assert "float16, the top 2 of 3 classes per view" in result.output
+
+
+def test_fsspecs_local_file_urls_are_written_and_remote_urls_refused(tmp_path, tiny_dataset, tiny_teacher):
+    cache = teacher_logits(
+        str(tiny_dataset), str(tiny_teacher), output=f"file://{tmp_path}/by-url", splits=["test"], progress=False
+    )
+    assert cache == tmp_path / "by-url" and load_cache(cache)[1].splits["test"]["num_rows"] == 12
+    with pytest.raises(KdcacheError, match="--output 'memory://cache' is a memory:// URL"):
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), output="memory://cache", progress=False)
+    assert not any(path.name.startswith("memory") for path in tmp_path.iterdir())

@@ -58,3 +58,16 @@ def test_an_output_that_is_the_current_folder_or_a_parent_is_refused(tmp_path, m
         with pytest.raises(KdcacheError, match="is the current folder or one of its parents"):
             output_path(output)
     assert output_path("data/cache") == Path("data/cache")
+
+
+def test_an_output_url_is_refused_in_one_line_except_a_local_file_url(tmp_path):
+    from kdcache import KdcacheError
+    from kdcache.runtime import output_path
+
+    for url in ("s3://bucket/cache", "memory://cache", "hf://datasets/me/cache"):
+        with pytest.raises(
+            KdcacheError, match=r"is a \w+:// URL; kdcache writes its outputs on a filesystem"
+        ) as refused:
+            output_path(url)
+        assert "\n" not in str(refused.value)
+    assert output_path(f"file://{tmp_path}/cache") == tmp_path / "cache"
