@@ -507,7 +507,9 @@ def train_student(
                 cached, manifest, cache_path, options, ImagePipeline(processor), processor, size, place
             )
             callbacks = _callbacks(callbacks, rows, options)
-            # once every check has passed: a refused run leaves no work folder
+        # once every check has passed on every process: a refused run leaves no work folder (a damaged chunk file may
+        # be found by another process than the main one, which learns of it only when the step above is agreed)
+        with agreed(processes):
             if is_main(processes) and not options.resume:
                 record_options(
                     folder.work, run_options(options, cache_fingerprint=fingerprint, precision=place.precision)

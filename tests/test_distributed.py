@@ -291,3 +291,19 @@ def test_two_processes_train_a_student_like_one_at_the_same_global_batch(tmp_pat
     # The default student (MobileNetV2) on a cache with 2 views per image: each process replays its rows' views
     views = results[0]["views"]
     assert views["recipe"]["views"] == 2 and views["steps"] == 6 and np.isfinite(views["train_losses"]).all()
+
+
+def test_two_processes_share_the_checksums_and_both_refuse_a_damaged_cache(tmp_path, clean_reference):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(clean_reference, damaged)
+    chunk = damaged / "train" / "chunk-000001.arrow"  # the second chunk file: process 1's share of the hashing
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    done = run([*LAUNCH, "-m", "kdcache", "train-student", damaged, "--output", tmp_path / "student", "--epochs", "1"])
+    message = f"cache '{damaged}' file 'train/chunk-000001.arrow' does not match its checksum"
+    assert done.returncode != 0
+    assert (done.stdout + done.stderr).count(message) == 1, done.stdout + done.stderr  # printed once, by the main one
+    assert not (tmp_path / "student").exists() and not (tmp_path / "student.partial").exists()
