@@ -135,6 +135,8 @@ def kl_table(args):
             dtype = torch.float16 if options["logits_dtype"] == "fp16" else torch.float32
             rebuilt = expand_logits(**compress_logits(logits, options["top_k"], dtype), classes=classes)
             line = {"cache": str(cache), "classes": classes, "targets": len(logits), "storage": storage}
+            # the yardstick: how far the teacher's targets at T=5 are from knowing nothing (the uniform distribution)
+            line["kl_to_uniform_mean_T5"] = float(soft_target_kl(logits, torch.zeros_like(logits), 5.0).mean())
             for temperature in (1.0, 5.0):
                 kl = soft_target_kl(logits, rebuilt, temperature)
                 line[f"kl_mean_T{temperature:g}"] = float(kl.mean())
@@ -143,6 +145,13 @@ def kl_table(args):
                 probabilities = (logits / 5.0).softmax(-1)
                 kept = probabilities.topk(options["top_k"], dim=-1).values.sum(-1)
                 line["mass_outside_top_k_T5"] = float((1 - kept).mean())
+                # the road not taken: a tail logit that keeps the tail's mass at T=5 rather than at T=1 (the loss's
+                # temperature is stage two's choice, unknown when the cache is written)
+                values, indices = logits.topk(options["top_k"], dim=-1)
+                rest = logits.scatter(-1, indices, float("-inf")) / 5.0
+                tail = 5.0 * (torch.logsumexp(rest, -1) - np.log(classes - options["top_k"]))
+                at_t5 = tail[:, None].expand(-1, classes).clone().scatter(-1, indices, values)
+                line["kl_mean_T5_tail_kept_at_T5"] = float(soft_target_kl(logits, at_t5, 5.0).mean())
             results.append(line)
             print(json.dumps(line), flush=True)
     write_results({"kl": results})
