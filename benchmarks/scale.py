@@ -30,6 +30,11 @@ the parent since the fork count in both), and ru_maxrss of RUSAGE_CHILDREN (the 
 stage's call to just after; the kernel folds a reaped child's figures into its parent's, so each worker's last
 sampled figures are also reported apart (they should write nothing).
 
+What `file` shows (kernel 6.18 here, read_ahead_kb 8192): a fault on a memory-mapped file maps the whole large folio
+that readahead put in the page cache, up to 2 MB, however little of it is read. train_student reads its rows from
+the cache's memory-mapped Arrow files, so a few hundred random batches map most of a 1.7 GB cache into the process's
+RSS (clean file pages, which the kernel drops under pressure), while its anonymous memory stays flat.
+
 Prints a table per stage and, per stage, the ratio of the peaks at the two largest N (the target: at most 1.2),
 and writes benchmarks/results/scale.json (--json). Linux only (/proc). --stages runs some of the stages (`load` or
 `train` without `cache` need the caches kept by an earlier run with --keep). The caches are written to the page
