@@ -1,9 +1,13 @@
-"""benchmarks/gpu.py runs on GPU machines only; here, that it refuses cleanly without one."""
+"""The benchmark scripts: benchmarks/gpu.py runs on GPU machines only (here, that it refuses cleanly without one);
+benchmarks/scale.py runs end to end at a tiny size."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,3 +30,27 @@ def test_gpu_benchmark_refuses_in_one_line_without_cuda(tmp_path):
         "gpu.py: error: no CUDA GPU is visible (torch.cuda.is_available() is False); run this on a machine with one"
     ]
     assert not (tmp_path / "gpu.json").exists()
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_its_three_stages_on_a_tiny_dataset(tmp_path):
+    """benchmarks/scale.py end to end at 64 rows: each stage in its own process, the table, the JSON; the cache is
+    written once (what its process wrote is the cache's size), and --root is left as it was found (empty: removed)."""
+    environment = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    root, output = tmp_path / "root", tmp_path / "scale.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--rows", "64", "--validation-rows", "8"]
+    command += ["--steps", "3", "--warmup", "1", "--batch-size", "16", "--root", str(root), "--json", str(output)]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage one: teacher_logits" in result.stdout and "train_student: 3 steps of 16" in result.stdout
+    (row,) = json.loads(output.read_text())["results"]
+    assert row["rows"] == 64 and row["load"]["rows"] == {"train": 64, "validation": 8}
+    assert row["train"]["steps"] == 3 and row["train"]["steps_per_second"] > 0
+    cache = row["cache"]
+    assert cache["images"] == 72 and cache["chunk_bytes"] <= cache["wchar"] < 1.1 * cache["cache_file_bytes"]
+    assert all(row[stage]["peak_rss"] >= row[stage]["peak_anon"] > 0 for stage in ("cache", "load", "train"))
+    assert not root.exists()
