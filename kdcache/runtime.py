@@ -42,6 +42,61 @@ def tune_malloc() -> bool:
     return _malloc_tuned
 
 
+class MappedFiles:
+    """Keeps the memory-mapped files under `folders` (a cache's Arrow files) from piling up in this process's RSS.
+
+    `datasets` reads a cache through memory maps, and every page a random batch touches stays mapped into the process
+    until the file is closed: with the large page-cache folios of recent kernels a fault maps up to 2 MB, so a few
+    hundred random batches map most of a cache, and the peak RSS of training grows with the cache (2.5x from 10k to
+    100k rows in benchmarks/scale.py) though the process's own memory does not. `read()`, called once per batch,
+    asks the kernel every `every` batches to unmap those files' pages (madvise MADV_DONTNEED: the pages stay in the page
+    cache, the next read maps them again from there) and to map only the page a fault asks for (MADV_RANDOM: no
+    read-around). Only file mappings under `folders` are touched, found in /proc/self/maps; elsewhere than on Linux,
+    nothing is done."""
+
+    RANDOM, DONTNEED = 1, 4  # <sys/mman.h>, the same on every Linux architecture
+
+    def __init__(self, folders, every: int = 16):
+        self.prefixes = tuple(str(Path(folder).resolve()) + os.sep for folder in folders)
+        self.every, self.calls = every, 0
+        self.madvise = None
+        if sys.platform.startswith("linux"):
+            try:
+                self.madvise = ctypes.CDLL(None, use_errno=True).madvise
+                self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            except (OSError, AttributeError):
+                self.madvise = None
+
+    def read(self) -> None:
+        self.calls += 1
+        if self.madvise is None or (self.calls - 1) % self.every:
+            return
+        for start, end in self.mappings():
+            self.madvise(start, end - start, self.DONTNEED)
+            self.madvise(start, end - start, self.RANDOM)
+
+    def mappings(self) -> list[tuple[int, int]]:
+        """(start, end) of this process's mappings of files under the folders."""
+        found = []
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].startswith(self.prefixes):
+                        start, end = fields[0].split("-")
+                        found.append((int(start, 16), int(end, 16)))
+        except OSError:
+            pass
+        return found
+
+    def __getstate__(self):  # a DataLoader worker gets its own count and its own handle on madvise
+        return {"prefixes": self.prefixes, "every": self.every}
+
+    def __setstate__(self, state):
+        self.__init__([], state["every"])
+        self.prefixes = state["prefixes"]
+
+
 def pick_device(device: str = "auto"):
     import torch
 

@@ -54,6 +54,7 @@ from kdcache.outputs import (
     unfinished_checkpoints,
 )
 from kdcache.runtime import (
+    MappedFiles,
     agreed,
     cpus_per_process,
     distributed,
@@ -135,10 +136,11 @@ class Collator:
     Pixels of another size than `student_size` (height, width) are resized to it first: the cache's clean views are
     stored at the teacher's size, and a student trained at a lower resolution sees the same crop, smaller. Mixed
     views (rows with a partner) become weight * view + (1 - weight) * partner, with labels mixed the same way.
+    `mapped` (kdcache.runtime.MappedFiles) is told of every batch read, to keep the cache's mapped pages in check.
     """
 
-    def __init__(self, pipeline: ImagePipeline, student_size=None, num_classes=None):
-        self.pipeline, self.num_classes = pipeline, num_classes
+    def __init__(self, pipeline: ImagePipeline, student_size=None, num_classes=None, mapped=None):
+        self.pipeline, self.num_classes, self.mapped = pipeline, num_classes, mapped
         self.student_size = tuple(student_size) if student_size else None
         self.resample = int(getattr(pipeline.processor, "resample", 3))
 
@@ -167,6 +169,8 @@ class Collator:
         if LOGITS in rows[0]:
             stored = {column: np.stack([row[column] for row in rows]) for column in LOGIT_COLUMNS if column in rows[0]}
             batch["teacher_logits"] = rebuilt_logits(stored, self.num_classes)
+        if self.mapped is not None:  # the rows were read (in this process) from the cache's memory-mapped files
+            self.mapped.read()
         return batch
 
 
@@ -526,6 +530,7 @@ def train_student(
             callbacks,
             progress,
             processes,
+            caches,
         )
         if progress and is_main(processes):
             log.info(place.describe(trainer.args.train_batch_size))
@@ -720,6 +725,7 @@ def _trainer(
     callbacks: list,
     progress: bool,
     processes,
+    cache_folders: list,
 ) -> "DistillationTrainer":
     import importlib.util
 
@@ -762,7 +768,7 @@ def _trainer(
         args=args,
         train_dataset=rows.train,
         eval_dataset=rows.eval,
-        data_collator=Collator(pipeline, size, classes),
+        data_collator=Collator(pipeline, size, classes, MappedFiles(cache_folders)),
         compute_metrics=accuracy_metric if evaluating else None,
         temperature=options.temperature,
         alpha=options.alpha,

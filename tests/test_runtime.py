@@ -71,3 +71,47 @@ def test_an_output_url_is_refused_in_one_line_except_a_local_file_url(tmp_path):
             output_path(url)
         assert "\n" not in str(refused.value)
     assert output_path(f"file://{tmp_path}/cache") == tmp_path / "cache"
+
+
+def mapped_rss_kb(path) -> int:
+    """The resident KB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps and madvise are Linux's")
+def test_mapped_files_under_the_folders_are_unmapped_every_n_reads_and_read_back_the_same(tmp_path):
+    import mmap
+
+    from kdcache.runtime import MappedFiles
+
+    data = bytes(range(256)) * 4096 * 4  # 4 MB
+    inside, outside = tmp_path / "cache" / "chunk.arrow", tmp_path / "other.bin"
+    inside.parent.mkdir()
+    for path in (inside, outside):
+        path.write_bytes(data)
+    with open(inside, "rb") as a, open(outside, "rb") as b:
+        mine, theirs = (
+            mmap.mmap(a.fileno(), 0, access=mmap.ACCESS_READ),
+            mmap.mmap(b.fileno(), 0, access=mmap.ACCESS_READ),
+        )
+        touched = sum(mine[offset] + theirs[offset] for offset in range(0, len(data), 4096))
+        assert mapped_rss_kb(inside) >= 4000 and mapped_rss_kb(outside) >= 4000
+        mapped = MappedFiles([tmp_path / "cache"], every=3)
+        assert mapped.mappings() and all(end > start for start, end in mapped.mappings())
+        mapped.read()  # the 1st read of every 3 releases
+        assert mapped_rss_kb(inside) == 0 and mapped_rss_kb(outside) >= 4000, "only files under the folders"
+        assert (
+            mine[:] == data and sum(mine[offset] + theirs[offset] for offset in range(0, len(data), 4096)) == touched
+        )
+        mapped.read(), mapped.read()
+        assert mapped_rss_kb(inside) >= 4000, "not before the 3rd read after"
+        mapped.read()
+        assert mapped_rss_kb(inside) == 0
+        mine.close(), theirs.close()
