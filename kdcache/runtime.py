@@ -46,21 +46,24 @@ class MappedFiles:
     """Keeps the memory-mapped files under `folders` (a cache's Arrow files) from piling up in this process's RSS.
 
     `datasets` reads a cache through memory maps, and every page a random batch touches stays mapped into the process
-    until the file is closed: with the large page-cache folios of recent kernels a fault maps up to 2 MB, so a few
-    hundred random batches map most of a cache, and the peak RSS of training grows with the cache (2.5x from 10k to
-    100k rows in benchmarks/scale.py) though the process's own memory does not. `read()`, called once per batch,
-    asks the kernel every `every` batches to unmap those files' pages (madvise MADV_DONTNEED: the pages stay in the page
-    cache, the next read maps them again from there) and to map only the page a fault asks for (MADV_RANDOM: no
-    read-around). Only file mappings under `folders` are touched, found in /proc/self/maps; elsewhere than on Linux,
-    nothing is done."""
+    until the file is closed; recent kernels map a whole large page-cache folio per fault (up to 2 MB; about 85 MB for
+    a batch of 32 rows of benchmarks/scale.py), so a few hundred random batches map most of a cache, and the peak RSS
+    of training grows with the cache (2.5x from 10k to 100k rows) though the process's own memory does not. `read()`,
+    called once per batch read, asks the kernel to unmap those files' pages (madvise MADV_DONTNEED: they stay in the
+    page cache, and the next read maps them again from there, a minor fault), so that at most about one batch's pages
+    stay mapped. The files' mappings are found in /proc/self/maps (looked up again every 256 batches: `datasets` maps
+    its files when a cache is loaded), and only those are touched; elsewhere than on Linux, nothing is done. It costs
+    about 1 ms per batch, and the faults that map the next batch's pages again about 2 ms (BENCHMARKS.md); set
+    KDCACHE_RELEASE_MAPPED=0 to opt out."""
 
-    RANDOM, DONTNEED = 1, 4  # <sys/mman.h>, the same on every Linux architecture
+    DONTNEED = 4  # <sys/mman.h>, the same on every Linux architecture
+    LOOKUP_EVERY = 256
 
-    def __init__(self, folders, every: int = 16):
+    def __init__(self, folders):
         self.prefixes = tuple(str(Path(folder).resolve()) + os.sep for folder in folders)
-        self.every, self.calls = every, 0
+        self.calls, self.ranges = 0, []
         self.madvise = None
-        if sys.platform.startswith("linux"):
+        if sys.platform.startswith("linux") and os.environ.get("KDCACHE_RELEASE_MAPPED", "1") != "0":
             try:
                 self.madvise = ctypes.CDLL(None, use_errno=True).madvise
                 self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -68,12 +71,13 @@ class MappedFiles:
                 self.madvise = None
 
     def read(self) -> None:
-        self.calls += 1
-        if self.madvise is None or (self.calls - 1) % self.every:
+        if self.madvise is None:
             return
-        for start, end in self.mappings():
+        if self.calls % self.LOOKUP_EVERY == 0:
+            self.ranges = self.mappings()
+        self.calls += 1
+        for start, end in self.ranges:
             self.madvise(start, end - start, self.DONTNEED)
-            self.madvise(start, end - start, self.RANDOM)
 
     def mappings(self) -> list[tuple[int, int]]:
         """(start, end) of this process's mappings of files under the folders."""
@@ -89,11 +93,11 @@ class MappedFiles:
             pass
         return found
 
-    def __getstate__(self):  # a DataLoader worker gets its own count and its own handle on madvise
-        return {"prefixes": self.prefixes, "every": self.every}
+    def __getstate__(self):  # a DataLoader worker looks up its own mappings, and its own handle on madvise
+        return {"prefixes": self.prefixes}
 
     def __setstate__(self, state):
-        self.__init__([], state["every"])
+        self.__init__([])
         self.prefixes = state["prefixes"]
 
 
