@@ -204,12 +204,12 @@ def teacher_logits_command(
     ),
     logits_dtype: str = typer.Option(
         CACHE_DEFAULT("logits_dtype"),
-        help="How the logits are stored: fp32, or fp16 (half the bytes; the soft targets change by a KL of about 1e-7 at T=5).",
+        help="How the logits are stored: fp32, or fp16 (half the bytes; the soft targets move by a KL of 2e-8 at T=5 on a 100-class teacher).",
     ),
     top_k: Optional[int] = typer.Option(
         None,
         show_default="every class",
-        help="Store only the teacher's K largest logits per image (with their classes) and one logit for the other classes' share: for teachers of hundreds or thousands of classes. BENCHMARKS.md gives what it costs.",
+        help="Store only the teacher's K largest logits per image (with their classes) and one logit for the other classes' share, for teachers of thousands of classes. Not free: the other classes' probabilities are spread evenly, which at T=5 loses much of what the teacher knows (BENCHMARKS.md, 'Compact logits'); prefer --logits-dtype fp16 where it fits.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache made from other inputs."),
     num_workers: Optional[int] = typer.Option(

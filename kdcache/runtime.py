@@ -51,17 +51,16 @@ class MappedFiles:
     of training grows with the cache (2.5x from 10k to 100k rows) though the process's own memory does not. `read()`,
     called once per batch read, asks the kernel to unmap those files' pages (madvise MADV_DONTNEED: they stay in the
     page cache, and the next read maps them again from there, a minor fault), so that at most about one batch's pages
-    stay mapped. The files' mappings are found in /proc/self/maps (looked up again every 256 batches: `datasets` maps
-    its files when a cache is loaded), and only those are touched; elsewhere than on Linux, nothing is done. It costs
-    about 1 ms per batch, and the faults that map the next batch's pages again about 2 ms (BENCHMARKS.md); set
-    KDCACHE_RELEASE_MAPPED=0 to opt out."""
+    stay mapped. The files' mappings are looked up in /proc/self/maps on every call, so that only ranges that map
+    those files at that moment are touched (a range unmapped since, and reused for the process's own memory, must
+    never be: MADV_DONTNEED would zero it); elsewhere than on Linux, nothing is done. A call costs about 3.4 ms of
+    CPU with a 100k-row cache mapped (most of it the kernel writing /proc/self/maps), and the faults that map the next
+    batch's pages again about 2 ms (BENCHMARKS.md); set KDCACHE_RELEASE_MAPPED=0 to opt out."""
 
     DONTNEED = 4  # <sys/mman.h>, the same on every Linux architecture
-    LOOKUP_EVERY = 256
 
     def __init__(self, folders):
         self.prefixes = tuple(str(Path(folder).resolve()) + os.sep for folder in folders)
-        self.calls, self.ranges = 0, []
         self.madvise = None
         if sys.platform.startswith("linux") and os.environ.get("KDCACHE_RELEASE_MAPPED", "1") != "0":
             try:
@@ -73,24 +72,22 @@ class MappedFiles:
     def read(self) -> None:
         if self.madvise is None:
             return
-        if self.calls % self.LOOKUP_EVERY == 0:
-            self.ranges = self.mappings()
-        self.calls += 1
-        for start, end in self.ranges:
+        for start, end in self.mappings():
             self.madvise(start, end - start, self.DONTNEED)
 
     def mappings(self) -> list[tuple[int, int]]:
         """(start, end) of this process's mappings of files under the folders."""
-        found = []
         try:
             with open("/proc/self/maps") as maps:
-                for line in maps:
-                    fields = line.split(maxsplit=5)
-                    if len(fields) == 6 and fields[5].startswith(self.prefixes):
-                        start, end = fields[0].split("-")
-                        found.append((int(start, 16), int(end, 16)))
+                lines = maps.read().splitlines()
         except OSError:
-            pass
+            return []
+        found = []
+        for line in lines:  # "start-end perms offset device inode   /path"
+            path = line.find(" /")
+            if path > 0 and line.startswith(self.prefixes, path + 1):
+                start, end = line[: line.index(" ")].split("-")
+                found.append((int(start, 16), int(end, 16)))
         return found
 
     def __getstate__(self):  # a DataLoader worker looks up its own mappings, and its own handle on madvise
