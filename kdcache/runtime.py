@@ -53,9 +53,10 @@ class MappedFiles:
     page cache, and the next read maps them again from there, a minor fault), so that at most about one batch's pages
     stay mapped. The files' mappings are looked up in /proc/self/maps on every call, so that only ranges that map
     those files at that moment are touched (a range unmapped since, and reused for the process's own memory, must
-    never be: MADV_DONTNEED would zero it); elsewhere than on Linux, nothing is done. A call costs about 3.4 ms of
-    CPU with a 100k-row cache mapped (most of it the kernel writing /proc/self/maps), and the faults that map the next
-    batch's pages again about 2 ms (BENCHMARKS.md); set KDCACHE_RELEASE_MAPPED=0 to opt out."""
+    never be: MADV_DONTNEED would zero it); elsewhere than on Linux, nothing is done. With a 100k-row cache mapped, a
+    call costs about 3.4 ms of CPU (most of it the kernel writing /proc/self/maps) and the faults that map the next
+    batch's pages again the rest of about 11 ms per batch of 32 (BENCHMARKS.md); set KDCACHE_RELEASE_MAPPED=0 to opt
+    out."""
 
     DONTNEED = 4  # <sys/mman.h>, the same on every Linux architecture
 
