@@ -975,3 +975,21 @@ def test_fsspecs_local_file_urls_are_written_and_remote_urls_refused(tmp_path, t
     with pytest.raises(KdcacheError, match="--output 'memory://cache' is a memory:// URL"):
         teacher_logits(str(tiny_dataset), str(tiny_teacher), output="memory://cache", progress=False)
     assert not any(path.name.startswith("memory") for path in tmp_path.iterdir())
+
+
+def test_caches_of_format_version_4_still_load_and_train(tmp_path, tiny_cache):
+    from kdcache.train import train_student
+
+    old = tmp_path / "v4"
+    shutil.copytree(tiny_cache, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["format_version"] = 4  # format 4 wrote float32 logits of every class, and its columns had no top_k
+    for key in ("top_k", "indices", "tail", "compact"):
+        manifest["columns"]["teacher_logits"].pop(key)
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    cache, loaded = load_cache(old)
+    assert loaded["format_version"] == 4 and loaded.top_k is None and loaded.logits_dtype == "float32"
+    assert np.array_equal(cache["train"].with_format("numpy")[:][LOGITS], cached_logits(tiny_cache, "train"))
+    assert "float32, computed in fp32" in describe(old)
+    summary = train_student(old, output=tmp_path / "student", max_steps=2, batch_size=8, progress=False)
+    assert np.isfinite(summary["train_losses"]).all()
