@@ -48,7 +48,7 @@ from kdcache.data import (
     undecoded,
 )
 from kdcache.errors import KdcacheError, first_line
-from kdcache.loss import compress_logits, expand_logits
+from kdcache.loss import compress_logits, expand_logits, index_dtype
 from kdcache.manifest import (  # noqa: F401 (the format's names, importable from here as before)
     FORMAT_VERSION,
     IMAGE,
@@ -263,10 +263,10 @@ def _stored_logits(options: CacheOptions) -> dict:
 
 def _logit_bytes(classes: int, options: CacheOptions) -> int:
     """The bytes of one view's logits as stored: values, and for top K their class indices and the tail's logit."""
-    value = 2 if options.logits_dtype == "fp16" else 4
+    value = getattr(torch, options.stored_dtype).itemsize
     if options.top_k is None:
         return value * classes
-    return (value + (2 if classes <= 32767 else 4)) * options.top_k + 4
+    return (value + index_dtype(classes).itemsize) * options.top_k + 4
 
 
 def _needed_bytes(inputs: _Inputs, options: CacheOptions) -> int:
@@ -632,11 +632,11 @@ def _features(names: list[str], views: int, mixed: bool, pixel_shape, logits_dty
 
     columns = {ROW: datasets.Value("int64"), LABELS: datasets.ClassLabel(names=names)}
     stored = top_k or len(names)  # logits per view
-    index_dtype = "int16" if len(names) <= 32767 else "int32"
+    indices = str(index_dtype(len(names))).removeprefix("torch.")
     if views > 1:
         columns[LOGITS] = datasets.Array2D(shape=(views, stored), dtype=logits_dtype)
         if top_k:
-            columns[LOGIT_INDICES] = datasets.Array2D(shape=(views, stored), dtype=index_dtype)
+            columns[LOGIT_INDICES] = datasets.Array2D(shape=(views, stored), dtype=indices)
             columns[LOGIT_TAIL] = datasets.List(datasets.Value("float32"), length=views)
         columns[VIEWS] = datasets.Array2D(shape=(views, 5), dtype="int32")
         columns[SOURCE] = datasets.Value("binary")
@@ -648,7 +648,7 @@ def _features(names: list[str], views: int, mixed: bool, pixel_shape, logits_dty
     else:
         columns[LOGITS] = datasets.List(datasets.Value(logits_dtype), length=stored)
         if top_k:
-            columns[LOGIT_INDICES] = datasets.List(datasets.Value(index_dtype), length=stored)
+            columns[LOGIT_INDICES] = datasets.List(datasets.Value(indices), length=stored)
             columns[LOGIT_TAIL] = datasets.Value("float32")
         columns[PIXELS] = datasets.Array3D(shape=tuple(pixel_shape), dtype="uint8")
     return datasets.Features(columns)

@@ -82,8 +82,8 @@ def open_ensemble(paths, first_cached, first_manifest: Manifest, splits, weights
     import datasets
 
     joined = datasets.DatasetDict(first_cached)  # a new dict of the same splits: the caches on disk are only read
+    classes = len(first_manifest.label_names)
     for split in splits:
-        classes = len(first_manifest.label_names)
         member_logits = [
             rebuilt_logits(cached[split].with_format("numpy", columns=logit_columns(cached[split]))[:], classes)
             for cached in caches

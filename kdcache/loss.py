@@ -198,10 +198,14 @@ def compress_logits(logits: torch.Tensor, top_k: int | None = None, dtype: torch
     logits = logits.float()
     if top_k is None:
         return {"values": logits.to(dtype)}
-    classes = logits.shape[-1]
     values, indices = logits.topk(top_k, dim=-1)
-    index_dtype = torch.int16 if classes <= torch.iinfo(torch.int16).max else torch.int32
-    return {"values": values.to(dtype), "indices": indices.to(index_dtype), "tail": tail_logit(logits, indices)}
+    index = index_dtype(logits.shape[-1])
+    return {"values": values.to(dtype), "indices": indices.to(index), "tail": tail_logit(logits, indices)}
+
+
+def index_dtype(classes: int) -> torch.dtype:
+    """The dtype a top-K cache stores class indices in: int16 up to 32,767 classes, else int32."""
+    return torch.int16 if classes <= torch.iinfo(torch.int16).max else torch.int32
 
 
 def tail_logit(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -200,8 +200,8 @@ class Manifest(dict):
             if listed != [chunk["file"] for chunk in split["chunks"]]:
                 raise KdcacheError(f"cache '{path}' split '{name}' lists other files than its manifest; {fix}")
             for chunk in split["chunks"]:
-                position += 1
-                if (position - 1) % count != index:
+                position, mine = position + 1, position % count == index
+                if not mine:
                     continue
                 file = path / name / chunk["file"]
                 try:

@@ -346,9 +346,7 @@ class CacheOptions(Options):
     source_size: int | None = None  # None: 8/7 of the teacher's input; 0: the whole image
     mix_alpha: float = 0.0
     logits_dtype: str = "fp32"
-    top_k: int | None = (
-        None  # None: every class's logit; K: the K largest and the tail's (kdcache.loss.compress_logits)
-    )
+    top_k: int | None = None  # None: every logit; K: the K largest and the tail's (kdcache.loss.compress_logits)
     overwrite: bool = False
     num_workers: int | None = None
     chunk_size: int = 512

@@ -46,7 +46,7 @@ class MappedFiles:
     """Keeps the memory-mapped files under `folders` (a cache's Arrow files) from piling up in this process's RSS.
 
     `datasets` reads a cache through memory maps, and every page a random batch touches stays mapped into the process
-    until the file is closed; recent kernels map a whole large page-cache folio per fault (up to 2 MB; about 85 MB for
+    until the file is closed; recent kernels map a whole large page-cache folio per fault (up to 2 MB; 64 to 72 MB for
     a batch of 32 rows of benchmarks/scale.py), so a few hundred random batches map most of a cache, and the peak RSS
     of training grows with the cache (2.5x from 10k to 100k rows) though the process's own memory does not. `read()`,
     called once per batch read, asks the kernel to unmap those files' pages (madvise MADV_DONTNEED: they stay in the
@@ -54,7 +54,7 @@ class MappedFiles:
     stay mapped. The files' mappings are looked up in /proc/self/maps on every call, so that only ranges that map
     those files at that moment are touched (a range unmapped since, and reused for the process's own memory, must
     never be: MADV_DONTNEED would zero it); elsewhere than on Linux, nothing is done. With a 100k-row cache mapped, a
-    call costs about 3.4 ms of CPU (most of it the kernel writing /proc/self/maps) and the faults that map the next
+    call costs about 4.9 ms of CPU (most of it the kernel writing /proc/self/maps) and the faults that map the next
     batch's pages again the rest of about 11 ms per batch of 32 (BENCHMARKS.md); set KDCACHE_RELEASE_MAPPED=0 to opt
     out."""
 
