@@ -461,6 +461,16 @@ def train_student_command(
     eval_split: str = typer.Option(
         "validation", help="Split evaluated after each epoch; the best epoch is kept. 'none' to skip."
     ),
+    labeled_fraction: Optional[float] = typer.Option(
+        None,
+        show_default="every label",
+        help="Keep the labels of this share of the training split's rows (seeded by --seed, stratified by class; e.g. 0.1) and train on the others without labels, taught by the teacher alone: a label budget. With --alpha 0, trains on the labelled share alone (the from-scratch baseline at the same budget).",
+    ),
+    unlabeled_splits: Optional[str] = typer.Option(
+        None,
+        show_default="every cached split without labels (none with --alpha 0)",
+        help="Cached splits of images without labels to train on besides the training split, comma-separated (e.g. unlabeled, from teacher-logits --extra-images); 'none' for none. Their rows add the distillation term alone.",
+    ),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -533,6 +543,13 @@ def train_student_command(
     \b
       kdcache train-student data/beans--teacher-a data/beans--teacher-b --teacher-weights 0.6,0.4
 
+    A label budget: labels on 10% of the training images, the teacher teaching all of them; the baseline from
+    scratch on the same labelled 10% (same --seed, same number of steps: --epochs 10 times as many):
+
+    \b
+      kdcache train-student data/beans--effl0-beans --labeled-fraction 0.1
+      kdcache train-student data/beans--effl0-beans --labeled-fraction 0.1 --alpha 0 --epochs 200
+
     From a cache of (mixed) views, patient and consistent: the teacher alone, at 128 px, with an EMA:
 
     \b
@@ -562,6 +579,8 @@ def train_student_command(
         scheduler=scheduler,
         seed=seed,
         eval_split=None if eval_split.lower() == "none" else eval_split,
+        labeled_fraction=labeled_fraction,
+        unlabeled_splits=[] if (unlabeled_splits or "").lower() == "none" else _split_list(unlabeled_splits),
         resume=resume,
         overwrite=overwrite,
         online=online,

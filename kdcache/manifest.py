@@ -269,6 +269,10 @@ class Manifest(dict):
         """fingerprint, num_rows, views, and chunks (format 4 on) or logits_sha256 (before) of split `name`."""
         return self["dataset"]["splits"][name]
 
+    def labeled_rows(self, split: str) -> int:
+        """How many rows of `split` have a label (caches made before unlabeled splits existed: all of them)."""
+        return self.split(split).get("labeled_rows", self.split(split)["num_rows"])
+
     def views_of(self, split: str) -> int:
         """Views per image of `split` (1: the one clean view)."""
         return self.split(split)["views"]
