@@ -158,6 +158,17 @@ def teacher_logits_command(
         None, show_default="data/<dataset>--<teacher>", help="Cache folder to write."
     ),
     splits: Optional[str] = typer.Option(None, show_default="all", help="Comma-separated splits to cache."),
+    extra_images: Optional[str] = typer.Option(
+        None,
+        metavar="SOURCE",
+        help="Images without labels to cache beside the dataset's splits, as the split --extra-split: a hub dataset id, a save_to_disk folder, or a folder of image files. train-student then teaches them by the teacher alone.",
+    ),
+    extra_images_split: Optional[str] = typer.Option(
+        None, show_default="its only split, or train", help="The split of --extra-images to read."
+    ),
+    extra_split: str = typer.Option(
+        CACHE_DEFAULT("extra_split"), help="The cache's name for the split of --extra-images."
+    ),
     batch_size: int = typer.Option(CACHE_DEFAULT("batch_size"), help="Images per teacher forward pass."),
     device: str = typer.Option(
         CACHE_DEFAULT("device"), help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
@@ -169,7 +180,9 @@ def teacher_logits_command(
     dataset_revision: Optional[str] = typer.Option(None, help="Dataset revision on the hub."),
     image_column: Optional[str] = typer.Option(None, show_default="image or img", help="Image column."),
     label_column: Optional[str] = typer.Option(
-        None, show_default="labels or label", help="Label column, a ClassLabel."
+        None,
+        show_default="labels or label",
+        help="Label column, a ClassLabel. A split without it, and a row whose label is -1, holds images without labels.",
     ),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow a teacher whose repository ships its own model code."
@@ -184,7 +197,9 @@ def teacher_logits_command(
         help="Augmented views per training image (random resized crop + flip), each with the teacher's logits on exactly that view; 1 = the one clean view. Costs K teacher passes per image.",
     ),
     view_splits: Optional[str] = typer.Option(
-        None, show_default="train", help="Comma-separated splits that get --views; the others keep one clean view."
+        None,
+        show_default="train and --extra-split",
+        help="Comma-separated splits that get --views; the others keep one clean view.",
     ),
     view_scale: float = typer.Option(
         CACHE_DEFAULT("view_scale")[0],
@@ -240,6 +255,12 @@ def teacher_logits_command(
       kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans \
           --views 16 --view-scale 0.05 --mix-alpha 1 --output data/beans-effl0-mixed16
 
+    Images nobody labelled, cached beside a labelled dataset (train-student teaches them by the teacher alone):
+
+    \b
+      kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans \
+          --extra-images photos/ --output data/beans-effl0-extra
+
     Several processes (GPUs, machines) split the chunks among them and give the same cache as one:
 
     \b
@@ -252,6 +273,9 @@ def teacher_logits_command(
 
     options = CacheOptions(
         splits=_split_list(splits),
+        extra_images=extra_images,
+        extra_images_split=extra_images_split,
+        extra_split=extra_split,
         batch_size=batch_size,
         device=device,
         precision=precision,

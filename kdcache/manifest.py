@@ -156,6 +156,7 @@ class Manifest(dict):
                     "revision": dataset["revision"],
                     "image_column": recipe["image_column"],
                     "label_column": recipe["label_column"],
+                    **({"extra_images": dataset["extra_images"]} if "extra_images" in dataset else {}),
                     "splits": splits,
                 },
                 "label_names": names,

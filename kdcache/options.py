@@ -344,6 +344,11 @@ class CacheOptions(Options):
     The fingerprint of a cache is taken of what these options produce (kdcache.cache), not of the options."""
 
     splits: list[str] | None = None  # None: all of the dataset's
+    # images without labels added as a split of the cache (kdcache.labels): a hub id, a save_to_disk folder, or a
+    # folder of image files; the split of it to read (None: its only one, or train); the cache's name for it
+    extra_images: str | None = None
+    extra_images_split: str | None = None
+    extra_split: str = "unlabeled"
     batch_size: int = 32
     device: str = "auto"
     precision: str = "fp32"
