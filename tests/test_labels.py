@@ -285,3 +285,38 @@ def test_evaluate_on_a_split_without_labels_reports_agreement_and_why_accuracy_i
     with pytest.raises(KdcacheError, match="has no labels, so there is no accuracy to measure") as refused:
         evaluate_models([str(tiny_teacher)], dataset=str(photos), split="train", output=tmp_path / "f", progress=False)
     assert "\n" not in str(refused.value)
+
+
+def test_the_command_line_caches_extra_images_and_trains_with_a_label_budget(
+    tmp_path, tiny_dataset, tiny_teacher, photos
+):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    cache = tmp_path / "cache"
+    command = [
+        "teacher-logits",
+        "--dataset",
+        str(tiny_dataset),
+        "--teacher",
+        str(tiny_teacher),
+        "--output",
+        str(cache),
+    ]
+    result = CliRunner().invoke(app, command + ["--extra-images", str(photos), "--extra-split", "photos"])
+    assert result.exit_code == 0, result.output
+    assert "photos" in result.output and "(no labels)" in result.output
+    train = ["train-student", str(cache), "--batch-size", "8", "--epochs", "1"]
+    result = CliRunner().invoke(app, train + ["--output", str(tmp_path / "s"), "--labeled-fraction", "0.5"])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())["recipe"]
+    assert recipe["unlabeled_splits"] == ["photos"] and recipe["labeled_rows"] == 12 and recipe["training_rows"] == 34
+    result = CliRunner().invoke(app, train + ["--output", str(tmp_path / "n"), "--unlabeled-splits", "none"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "n" / "kdcache_training.json").read_text())["recipe"]["training_rows"] == 24
+    result = CliRunner().invoke(app, train + ["--output", str(tmp_path / "x"), "--labeled-fraction", "2"])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        "kdcache: error: --labeled-fraction 2.0 must be > 0 and <= 1 (the share of the training split's rows whose "
+        "labels are kept)"
+    ]
