@@ -75,6 +75,7 @@ def output_lock(output: str | Path, flag: str = "--output"):
     import fcntl
 
     path = lock_file(output)
+    created = _missing_folders(path.parent)
     check_writable_parent(Path(output), flag)
     while True:
         try:
@@ -110,6 +111,21 @@ def output_lock(output: str | Path, flag: str = "--output"):
                 path.unlink()  # while the lock is held: no run can have locked this file and still be using it
         _held_locks.discard(descriptor)
         os.close(descriptor)  # releases the lock
+        if not os.path.lexists(output):  # a refused run: the folders made for the output go too, if still empty
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _same_file(path: Path, descriptor: int) -> bool:
@@ -234,6 +250,7 @@ class _Guard:
     needed: int | None = None
     then: str = "run the same command again to resume"
     scratch: Callable[[], Iterable[Path]] | None = None
+    kept: bool = True  # a stage whose work folder goes with a failure keeps no finished work
 
 
 _guard: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar("kdcache_output_guard", default=None)
@@ -278,12 +295,17 @@ def lock_output(output: str | Path, flag: str = "--output") -> Path:
 
 
 def report_disk_full(
-    folder: Path, needed: int, then: str | None = None, scratch: Callable[[], Iterable[Path]] | None = None
+    folder: Path,
+    needed: int,
+    then: str | None = None,
+    scratch: Callable[[], Iterable[Path]] | None = None,
+    kept: bool = True,
 ) -> None:
     """Should the disk fill up during the rest of the stage: name `folder` and the `needed` bytes, remove the paths
-    `scratch()` lists (half-written files; the finished work stays for resuming), and tell the user `then`."""
+    `scratch()` lists (half-written files; the finished work stays for resuming), and tell the user `then`. `kept`
+    False: the stage resumes nothing (its work folder goes with the failure), and the message says nothing is kept."""
     guard = _current()
-    guard.folder, guard.needed, guard.scratch = Path(folder), int(needed), scratch
+    guard.folder, guard.needed, guard.scratch, guard.kept = Path(folder), int(needed), scratch, kept
     if then:
         guard.then = then
 
@@ -304,7 +326,8 @@ def _disk_full_error(guard: _Guard) -> KdcacheError:
     if free is not None:
         figures.append(f"{human_bytes(free)} free now")
     figures = f" ({'; '.join(figures)})" if figures else ""
-    return KdcacheError(f"{where} is full{figures}; finished work is kept: free some space, then {guard.then}")
+    kept = "finished work is kept: " if guard.kept else ""
+    return KdcacheError(f"{where} is full{figures}; {kept}free some space, then {guard.then}")
 
 
 def is_disk_full(error: BaseException, folder: Path | None = None) -> bool:

@@ -269,6 +269,42 @@ def test_a_cache_that_fails_its_final_check_is_not_moved_into_place(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cache"]
 
 
+def test_a_run_leaves_only_its_cache_and_a_refused_one_nothing(tmp_path, tiny_dataset, tiny_teacher, monkeypatch):
+    from kdcache import outputs
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    output = folder / "cache"
+
+    def run(**options):
+        return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, **{**CHUNKED, **options})
+
+    def left():
+        return sorted(path.name for path in folder.iterdir())
+
+    with outputs.output_lock(output):  # another run holds the output
+        with pytest.raises(KdcacheError, match="being written by another kdcache run"):
+            run()
+    assert left() == ["notes.txt"]
+    with pytest.raises(KdcacheError, match="split 'nope' is not in dataset"):  # refused once it holds the lock
+        run(splits=["nope"])
+    with pytest.raises(KdcacheError, match="split 'nope'"):  # the folders made for the output go too
+        teacher_logits(str(tiny_dataset), str(tiny_teacher), output=folder / "new" / "cache", splits=["nope"])
+    with monkeypatch.context() as patched:
+        patched.setattr(outputs, "free_bytes", lambda folder: 100_000)
+        with pytest.raises(KdcacheError, match="needs about"):
+            run()
+    assert left() == ["notes.txt"]
+    run(splits=["test"])
+    assert left() == ["cache", "notes.txt"]
+    run(splits=["test"])  # up to date
+    assert left() == ["cache", "notes.txt"]
+    with pytest.raises(KdcacheError, match="made from other inputs"):
+        run(splits=["test"], precision="fp32", view_seed=1, views=2, view_splits=["test"])
+    assert left() == ["cache", "notes.txt"]
+
+
 def test_the_storage_format_is_not_part_of_the_fingerprint(
     tmp_path, tiny_cache, tiny_dataset, tiny_teacher, monkeypatch, capsys
 ):

@@ -252,3 +252,19 @@ def test_safe_output_leaves_the_output_alone_when_the_stage_wrote_nothing(tmp_pa
             return "nothing to do"
 
     assert up_to_date() == "nothing to do" and (output / "manifest.json").read_text() == "new"
+
+
+def test_a_full_disk_in_a_stage_that_keeps_nothing_does_not_say_work_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "free_bytes", lambda folder: 0)
+
+    @guards_output
+    def stage():
+        report_disk_full(tmp_path, 2_000_000, then="run the same command again", kept=False)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(KdcacheError) as full:
+        stage()
+    assert str(full.value) == (
+        f"the disk holding '{tmp_path}' is full (this run needs about 2.0 MB in all; 0 bytes free now); free some "
+        "space, then run the same command again"
+    )
