@@ -17,8 +17,10 @@ as float32 logits over every class, which is all stage two, evaluation and verif
 `pixel_values` holds the teacher's resized and cropped view as uint8 (3, H, W): stage two turns it into the
 model input with a per-pixel lookup table (data.ImagePipeline) instead of decoding and resizing every epoch.
 The work happens in `CACHE.partial/`, chunk by chunk, so a killed run resumes: each chunk file is hashed as it is
-written, and its checksum kept beside it (`CACHE.partial/records/`) until the manifest records it. The chunks are
-written once: finishing a run writes the small JSON files and renames the folder of chunks into place (_finish).
+written, and its checksum kept beside it (`CACHE.partial/records/`) until the manifest records it; a resumed run
+hashes each chunk again before it carries it over, and computes again any that does not match (_carried_over). The
+chunks are written once: finishing a run writes the small JSON files and renames the folder of chunks into place
+(_finish), once the finished cache has passed the checks `load_cache` makes (_check_finished).
 """
 
 import contextlib
