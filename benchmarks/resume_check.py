@@ -6,12 +6,13 @@
 (a) The resume check: a run stopped once every chunk is written (before it finishes) leaves them all in
 CACHE.partial; the next run hashes each against its record before it carries it over. Timed here over all the
 chunks, as `_plan_work` does it (`_carried_over`), from the page cache (warm: a resume soon after a kill) and with the
-chunk files evicted from it first (cold: a resume after a reboot; posix_fadvise DONTNEED on the fsynced files),
+chunk files evicted from it first (cold: a resume after a reboot; posix_fadvise DONTNEED on the fsynced files, so
+the reads go to the disk, or to whatever caches it below this machine's page cache),
 against the teacher's work the chunks carried over save: the time of the chunk loop (decode, resize, forward, chunk
 writes) of the same run. Then the real resume, end to end, computing nothing.
 (b) The final check: every run hashes the finished cache once more, with the rest of `load_cache`'s checks, before
 it moves it into place (`_check_finished`); timed in a fresh run and in the resume, against the chunk loop.
-Ratios are per round (the machine is shared); their medians are the figures to quote.
+Each ratio is the median time of the check over the median of the two chunk loops of the same run.
 """
 
 import argparse
@@ -54,6 +55,10 @@ def evict(paths) -> None:
             os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(descriptor)
+
+
+def significant(value: float) -> float:
+    return float(f"{value:.3g}")
 
 
 def check_all(work: Path, chunks: list[tuple[str, int, int]]) -> float:
@@ -127,9 +132,9 @@ def main():
             "cpus": os.cpu_count(),
             "load_average_at_end": os.getloadavg(),
             "teacher_chunk_loop_seconds": [round(value, 3) for value in teacher],
-            "resume_check_seconds": {"warm": [round(v, 5) for v in warm], "cold": [round(v, 5) for v in cold]},
+            "resume_check_seconds": {"warm": [significant(v) for v in warm], "cold": [significant(v) for v in cold]},
             "resume_check_to_teacher": {
-                kind: round(statistics.median(values) / statistics.median(teacher), 5)
+                kind: significant(statistics.median(values) / statistics.median(teacher))
                 for kind, values in (("warm", warm), ("cold", cold))
             },
             "resume_check_megabytes_per_second": {
@@ -139,8 +144,8 @@ def main():
             "resume_end_to_end_seconds": round(resume_seconds, 2),
             "resume_plan_seconds": round(planned.seconds[-1], 3),
             "resume_chunk_loop_seconds": round(loop.seconds[-1], 3),  # no chunk left: the loader's start
-            "final_check_seconds": {"fresh": round(final.seconds[0], 4), "resumed": round(final.seconds[-1], 4)},
-            "final_check_to_teacher": round(statistics.median(final.seconds) / statistics.median(teacher), 5),
+            "final_check_seconds": {"fresh": significant(final.seconds[0]), "resumed": significant(final.seconds[-1])},
+            "final_check_to_teacher": significant(statistics.median(final.seconds) / statistics.median(teacher)),
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)
