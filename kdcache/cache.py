@@ -389,6 +389,15 @@ def _write_cache(
     inputs.processor.save_pretrained(str(folder.finished))
 
 
+def _failed_check(path: Path, share=None) -> str | None:
+    """Why `load_cache` refuses the cache at `path` (its message without its advice), or None when it loads."""
+    try:
+        load_cache(path, share=share)
+    except KdcacheError as error:
+        return str(error).split("; ")[0]
+    return None
+
+
 def _check_finished(folder: OutputFolder, processes=None) -> None:
     """Refuse to move into place a finished cache that `load_cache` would refuse: every check it makes (the files each
     split lists, each chunk file's size and sha256 against the manifest, the rows, the label names) on the cache in
@@ -396,15 +405,12 @@ def _check_finished(folder: OutputFolder, processes=None) -> None:
     planned, a new chunk was hashed as it was written), which costs one read of the cache (BENCHMARKS.md) and
     catches what changed a file after it was hashed. A refused cache stays in the work folder: the next run puts its
     chunks back and computes the damaged ones again (_plan_work)."""
-    share = (processes.index, processes.count) if processes else None
-    try:
-        load_cache(folder.finished, share=share)
-    except KdcacheError as error:
-        reason = str(error).split("; ")[0]  # without load_cache's advice, which is for a finished cache
+    damage = _failed_check(folder.finished, (processes.index, processes.count) if processes else None)
+    if damage is not None:
         raise KdcacheError(
-            f"{reason}: the cache failed its final check, so '{folder.path}' was not written; run the same command "
+            f"{damage}: the cache failed its final check, so '{folder.path}' was not written; run the same command "
             "again to compute the damaged chunks again"
-        ) from None
+        )
 
 
 def _plan_work(
@@ -412,15 +418,19 @@ def _plan_work(
 ) -> dict | None:
     """Check the output and the free space (`space` bytes in all), set up `work` (resuming a partial run of the same
     inputs, whose chunks are checked against their records: _carried_over) and list the chunks still to compute, as
-    [split, chunk index] pairs; None when `output` already holds this cache (safe_output has refused a folder that
-    is not a cache). A refusal leaves the work folder as it found it."""
+    [split, chunk index] pairs; None when `output` already holds this cache and it passes load_cache's checks (one
+    that fails them is made again; safe_output has refused a folder that is not a cache). A refusal leaves the work
+    folder as it found it."""
     _undo_unfinished_finish(work)  # first: safe_output would move a half-finished cache into place
     if (output / MANIFEST).exists():
         existing = read_manifest(output)
         if existing.get("fingerprint") == fingerprint:
-            log.info(f"cache '{output}' is up to date (fingerprint {fingerprint}); nothing to do")
-            return None
-        if not overwrite:
+            damage = _failed_check(output)  # "up to date" vouches for the cache as a finished run does
+            if damage is None:
+                log.info(f"cache '{output}' is up to date (fingerprint {fingerprint}); nothing to do")
+                return None
+            log.warning(f"{damage}; it is made again (its inputs have not changed)")
+        elif not overwrite:
             raise KdcacheError(
                 f"'{output}' holds a cache made from other inputs (fingerprint {existing.get('fingerprint')}, "
                 f"now {fingerprint}); pass --overwrite to replace it, or choose another --output"

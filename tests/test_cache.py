@@ -269,6 +269,23 @@ def test_a_cache_that_fails_its_final_check_is_not_moved_into_place(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cache"]
 
 
+def test_an_up_to_date_cache_that_fails_its_check_is_made_again(
+    tmp_path, tiny_dataset, tiny_teacher, chunked_cache, capsys
+):
+    output = tmp_path / "cache"
+    shutil.copytree(chunked_cache, output)
+    flip_bit(output / "validation" / "chunk-000001.arrow", 200)
+    capsys.readouterr()
+    teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, **CHUNKED)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"cache '{output}' file 'validation/chunk-000001.arrow' does not match its checksum; it is made again (its "
+        "inputs have not changed)"
+    )
+    assert_same_chunks(output, chunked_cache)
+    teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, **CHUNKED)
+    assert "is up to date" in capsys.readouterr().out
+
+
 def test_a_run_leaves_only_its_cache_and_a_refused_one_nothing(tmp_path, tiny_dataset, tiny_teacher, monkeypatch):
     from kdcache import outputs
 
