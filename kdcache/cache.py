@@ -17,8 +17,10 @@ as float32 logits over every class, which is all stage two, evaluation and verif
 `pixel_values` holds the teacher's resized and cropped view as uint8 (3, H, W): stage two turns it into the
 model input with a per-pixel lookup table (data.ImagePipeline) instead of decoding and resizing every epoch.
 The work happens in `CACHE.partial/`, chunk by chunk, so a killed run resumes: each chunk file is hashed as it is
-written, and its checksum kept beside it (`CACHE.partial/records/`) until the manifest records it. The chunks are
-written once: finishing a run writes the small JSON files and renames the folder of chunks into place (_finish).
+written, and its checksum kept beside it (`CACHE.partial/records/`) until the manifest records it; a resumed run
+hashes each chunk again before it carries it over, and computes again any that does not match (_carried_over). The
+chunks are written once: finishing a run writes the small JSON files and renames the folder of chunks into place
+(_finish), once the finished cache has passed the checks `load_cache` makes (_check_finished).
 """
 
 import contextlib
@@ -144,6 +146,8 @@ def teacher_logits(
         with agreed(processes), _quiet_datasets():
             if is_main(processes):
                 _write_cache(folder, inputs, recipe, fingerprint, dataset, teacher, options, place, speed, started)
+        with agreed(processes):  # the processes of a launch hash a share of the files each
+            _check_finished(folder, processes)
     return output
 
 
@@ -331,9 +335,9 @@ def _plan(folder: OutputFolder, fingerprint: str, space: int, inputs: _Inputs, o
     with agreed(processes):
         if is_main(processes):
             rows = {name: len(inputs.dataset_dict[name]) for name in inputs.splits}
-            plan = _plan_work(folder.path, folder.work, fingerprint, options.overwrite, options.chunk_size, rows)
-            if plan is not None:  # before the teacher runs
-                check_free_space(folder.path, space, "the cache", folder.work)
+            plan = _plan_work(
+                folder.path, folder.work, fingerprint, options.overwrite, options.chunk_size, rows, space
+            )
     return processes.share(plan) if processes else plan
 
 
@@ -440,24 +444,54 @@ def _write_cache(
     inputs.processor.save_pretrained(str(folder.finished))
 
 
+def _failed_check(path: Path, share=None) -> str | None:
+    """Why `load_cache` refuses the cache at `path` (its message without its advice), or None when it loads."""
+    try:
+        load_cache(path, share=share)
+    except KdcacheError as error:
+        return str(error).split("; ")[0]
+    return None
+
+
+def _check_finished(folder: OutputFolder, processes=None) -> None:
+    """Refuse to move into place a finished cache that `load_cache` would refuse: every check it makes (the files each
+    split lists, each chunk file's size and sha256 against the manifest, the rows, the label names) on the cache in
+    the work folder. The chunks are hashed a second time here (a resumed run hashed its carried-over chunks when it
+    planned, a new chunk was hashed as it was written), which costs one read of the cache (BENCHMARKS.md) and
+    catches what changed a file after it was hashed. A refused cache stays in the work folder: the next run puts its
+    chunks back and computes the damaged ones again (_plan_work)."""
+    damage = _failed_check(folder.finished, (processes.index, processes.count) if processes else None)
+    if damage is not None:
+        raise KdcacheError(
+            f"{damage}: the cache failed its final check, so '{folder.path}' was not written; run the same command "
+            "again to compute the damaged chunks again"
+        )
+
+
 def _plan_work(
-    output: Path, work: Path, fingerprint: str, overwrite: bool, chunk_size: int, rows: dict
+    output: Path, work: Path, fingerprint: str, overwrite: bool, chunk_size: int, rows: dict, space: int
 ) -> dict | None:
-    """Check the output, set up `work` (resuming a partial run of the same inputs) and list the chunks still to
-    compute, as [split, chunk index] pairs; None when `output` already holds this cache (safe_output has refused a
-    folder that is not a cache)."""
+    """Check the output and the free space (`space` bytes in all), set up `work` (resuming a partial run of the same
+    inputs, whose chunks are checked against their records: _carried_over) and list the chunks still to compute, as
+    [split, chunk index] pairs; None when `output` already holds this cache and it passes load_cache's checks (one
+    that fails them is made again; safe_output has refused a folder that is not a cache). A refusal leaves the work
+    folder as it found it."""
     _undo_unfinished_finish(work)  # first: safe_output would move a half-finished cache into place
     if (output / MANIFEST).exists():
         existing = read_manifest(output)
         if existing.get("fingerprint") == fingerprint:
-            log.info(f"cache '{output}' is up to date (fingerprint {fingerprint}); nothing to do")
-            return None
-        if not overwrite:
+            damage = _failed_check(output)  # "up to date" vouches for the cache as a finished run does
+            if damage is None:
+                log.info(f"cache '{output}' is up to date (fingerprint {fingerprint}); nothing to do")
+                return None
+            log.warning(f"{damage}; it is made again (its inputs have not changed)")
+        elif not overwrite:
             raise KdcacheError(
                 f"'{output}' holds a cache made from other inputs (fingerprint {existing.get('fingerprint')}, "
                 f"now {fingerprint}); pass --overwrite to replace it, or choose another --output"
             )
 
+    check_free_space(output, space, "the cache", work)  # before the teacher runs, and before work is set up
     plan = {"fingerprint": fingerprint, "chunk_size": chunk_size}
     if (work / "plan.json").exists():
         previous = json.loads((work / "plan.json").read_text())
@@ -473,13 +507,51 @@ def _plan_work(
             (work / RECORDS / name).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise KdcacheError(f"cannot write under '{work.parent}' ({error.strerror}); choose another --output") from None
+    size = plan["chunk_size"]
     todo = [
         [name, k]
         for name, count in rows.items()
-        for k in range(math.ceil(count / plan["chunk_size"]))
-        if not _is_written(_chunk_path(work, name, k))
+        for k in range(math.ceil(count / size))
+        if not _carried_over(work, name, k, min(size, count - k * size))
     ]
     return {**plan, "todo": todo}
+
+
+def _carried_over(work: Path, split: str, index: int, rows: int) -> bool:
+    """Whether chunk `index` of `split`, written by an earlier run, is kept: its record says `rows` rows, and its file
+    has the recorded size and sha256. Any other (its file truncated or changed by a crash of the machine or a failing
+    disk, its file or its record gone or unreadable) is removed with its record, said in one line, and computed
+    again."""
+    chunk = _chunk_path(work, split, index)
+    record_path = _record_path(chunk)
+    if not record_path.exists() and not chunk.exists():
+        return False  # not written yet
+    damage = None
+    try:
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        if record is None:
+            damage = "it has no record: its run stopped before writing it, or the record was removed"
+        elif not isinstance(record, dict) or record.get("file") != chunk.name:
+            damage = "its record names another file"
+        elif record.get("rows") != rows:
+            damage = f"its record says {record.get('rows')} rows, not {rows}"
+        elif not chunk.exists():
+            damage = "its file is missing"
+        elif chunk.stat().st_size != record.get("bytes"):
+            damage = f"its file has {chunk.stat().st_size} bytes, its record {record.get('bytes')}"
+        else:
+            with open(chunk, "rb") as handle:
+                if hashlib.file_digest(handle, "sha256").hexdigest() != record.get("sha256"):
+                    damage = "its file does not match its checksum"
+    except (OSError, ValueError) as error:
+        damage = f"it cannot be read: {first_line(error)}"
+    if damage is None:
+        return True
+    log.warning(f"chunk {split}/{index} in '{work}' cannot be carried over ({damage}); it is computed again")
+    for path in (chunk, record_path):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return False
 
 
 def _undo_unfinished_finish(work: Path) -> None:
@@ -623,7 +695,10 @@ def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
     description += f", process 0 of {job.processes}]" if job.processes > 1 else "]"
     started = time.perf_counter()
     # closed on an error too, so that the error's message starts a line of its own
-    with tqdm(total=todo_rows * job.views, unit="img", desc=description, disable=not job.progress) as bar:
+    with (
+        tqdm(total=todo_rows * job.views, unit="img", desc=description, disable=not job.progress) as bar,
+        _current_device(job.device),  # the loader pins memory for the current device, from its first batch on
+    ):
         for batch in loader:
             if "error" in batch:
                 raise KdcacheError(batch["error"])
@@ -941,6 +1016,12 @@ def _write_json(path: Path, content: dict) -> None:
     partial = path.with_name(path.name + ".tmp")
     partial.write_text(json.dumps(content, indent=2) + "\n")
     partial.replace(path)
+
+
+def _current_device(device: torch.device):
+    """Make `device` the current CUDA device for the block. The DataLoader pins memory for the current device, which
+    is cuda:0 unless set: a run on cuda:1 would open a CUDA context (and take its memory) on cuda:0 as well."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _autocast(device, precision):

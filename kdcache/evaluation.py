@@ -31,7 +31,14 @@ from kdcache.errors import KdcacheError, hub_error
 from kdcache.labels import NO_LABEL
 from kdcache.models import align_labels, count_parameters, load_classifier
 from kdcache.options import EvaluationOptions
-from kdcache.outputs import OutputFolder, OutputKind, guards_output, safe_output
+from kdcache.outputs import (
+    OutputFolder,
+    OutputKind,
+    check_free_space,
+    guards_output,
+    report_disk_full,
+    safe_output,
+)
 from kdcache.runtime import output_path, pick_device, slug, tune_malloc
 
 METRICS, CONFUSION_PNG, COMPARISON_PNG = "metrics.json", "confusion_matrix.png", "comparison.png"
@@ -128,6 +135,14 @@ def teacher_agreement(student_logits, teacher_logits, labels) -> dict:
 EVALUATION_OUTPUT = OutputKind("a kdcache evaluation", "kdcache evaluate", METRICS)
 
 
+def report_bytes(models: int, classes: int) -> int:
+    """The disk an evaluation report needs, generously: per model its metrics.json (the confusion matrix and the
+    per-class figures, under 16 bytes a cell) and its two plots (at most about 1 MB each: the confusion plot's side
+    is capped at 16 inches at 120 dpi), and with several models the comparison plot and the combined metrics.json."""
+    metrics = 16 * classes * (classes + 8)
+    return models * (metrics + 2 * 1024**2) + (models * metrics + 1024**2 if models > 1 else 0)
+
+
 @guards_output
 def evaluate_models(
     models: list[str] | str,
@@ -152,14 +167,18 @@ def evaluate_models(
     if not models:
         raise KdcacheError("name at least one model to evaluate (a hub id or a folder written by save_pretrained)")
     options.check()
-    tune_malloc()
-    device = pick_device(options.device)
-    data = _evaluation_rows(options)
-    # Every model's labels and image processor are checked before any is run: a mistake in the third model
-    # should not cost the time of the first two.
-    prepared = [_prepare(name, data.names, options.match_labels_by_index) for name in models]
     output = output_path(output) if output is not None else default_output(models, options.split)
+    # the output is locked before anything is read: a second run on it stops at once
     with safe_output(output, EVALUATION_OUTPUT) as folder:
+        tune_malloc()
+        device = pick_device(options.device)
+        data = _evaluation_rows(options)
+        # Every model's labels and image processor are checked before any is run: a mistake in the third model
+        # should not cost the time of the first two.
+        prepared = [_prepare(name, data.names, options.match_labels_by_index) for name in models]
+        space = report_bytes(len(models), len(data.names))
+        check_free_space(output, space, "the evaluation report", folder.work)
+        report_disk_full(folder.work, space, then="run the same command again", kept=False)
         short_names = _unique([slug(name) for name in models])
         folders = short_names if len(models) > 1 else [""]  # several models: one subfolder each
         results = [

@@ -180,11 +180,15 @@ def test_resume_continues_an_interrupted_run(tmp_path, tiny_cache, monkeypatch):
     assert all(torch.allclose(a[name].float(), b[name].float(), atol=1e-6) for name in a)
 
 
-def test_a_second_run_on_the_same_output_is_refused(tmp_path, tiny_cache):
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, tiny_cache, monkeypatch):
     import os
 
+    from kdcache.manifest import Manifest
     from kdcache.outputs import output_lock
 
+    hashed = []
+    real_verify_files = Manifest.verify_files
+    monkeypatch.setattr(Manifest, "verify_files", lambda *args: (hashed.append(args), real_verify_files(*args)))
     with output_lock(tmp_path / "student"):  # as a run in another process holds it
         with pytest.raises(KdcacheError) as refused:
             train_student(tiny_cache, output=tmp_path / "student", max_steps=1, **FAST)
@@ -192,7 +196,24 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, tiny_cache):
     assert "\n" not in message and message.startswith(
         f"--output '{tmp_path / 'student'}' is being written by another kdcache run (pid {os.getpid()} on "
     )
-    assert not (tmp_path / "student").exists() and not (tmp_path / "student.partial").exists()
+    assert not hashed, "refused before the cache is verified: on a large cache that takes a while"
+    assert sorted(tmp_path.iterdir()) == [], "no student, no work folder, no lock"
+
+
+def test_a_run_leaves_only_its_student_and_a_refused_one_nothing(tmp_path, tiny_cache):
+    students = tmp_path / "students"
+    students.mkdir()
+    (students / "notes.txt").write_text("mine")
+    with pytest.raises(KdcacheError, match="--eval-split 'nope' is not in cache"):  # refused once the output is locked
+        train_student(tiny_cache, output=students / "student", eval_split="nope", max_steps=1, **FAST)
+    with pytest.raises(KdcacheError, match="--eval-split 'nope'"):
+        train_student(tiny_cache, output=students / "new" / "student", eval_split="nope", max_steps=1, **FAST)
+    assert sorted(path.name for path in students.iterdir()) == ["notes.txt"]
+    train_student(tiny_cache, output=students / "student", max_steps=1, **FAST)
+    assert sorted(path.name for path in students.iterdir()) == ["notes.txt", "student"]
+    with pytest.raises(KdcacheError, match="exists; pass --overwrite"):
+        train_student(tiny_cache, output=students / "student", max_steps=1, **FAST)
+    assert sorted(path.name for path in students.iterdir()) == ["notes.txt", "student"]
 
 
 def test_too_small_a_disk_is_refused_before_training(tmp_path, tiny_cache, monkeypatch):
