@@ -152,8 +152,9 @@ def test_one_model_with_its_cache(tmp_path, tiny_dataset, tiny_teacher, tiny_cac
         assert image.format == "PNG" and image.width > 300 and image.height > 300
     assert "accuracy" in describe(report) and "top-1 agreement 1.0000" in describe(report)
     logits = plain_logits(tiny_teacher, tiny_dataset)
+    # evaluate's batches are not plain_logits' and, on some CPUs, a row's logits move in the 7th digit with its batch
     assert result["expected_calibration_error"] == pytest.approx(
-        direct_ece(softmax(logits.astype(np.float64), -1), references), abs=1e-9
+        direct_ece(softmax(logits.astype(np.float64), -1), references), abs=1e-6
     )
     assert f"ECE {result['expected_calibration_error']:.4f} (15 bins)" in describe(report)
     with Image.open(tmp_path / "eval" / RELIABILITY_PNG) as image:
