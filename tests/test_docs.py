@@ -29,3 +29,64 @@ def test_the_python_version_agrees_in_pyproject_ruff_makefile_and_readme_and_is_
     assert (major, minor) == needed
     # a dependency that only applies to older Pythons would be dead weight
     assert not [line for line in pyproject["project"]["dependencies"] if "python_version" in line]
+
+
+# Claims of the docs about behaviour, each held to what the code does
+
+
+def test_stage_one_takes_one_dataloader_worker_per_process_on_cpu_with_two_cores_or_more_else_none(
+    tmp_path, tiny_dataset, tiny_teacher, monkeypatch
+):
+    """docs/processes.md: "in stage one, 1 [worker] per process on CPU when that share is 2 cores or more, else 0"."""
+    import torch
+
+    import kdcache.cache
+    from kdcache.cache import teacher_logits
+
+    workers = []
+
+    class RecordingLoader(torch.utils.data.DataLoader):
+        def __init__(self, *arguments, **options):
+            workers.append(options["num_workers"])
+            super().__init__(*arguments, **options)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", RecordingLoader)
+    for cpus in (1, 2, 4):
+        monkeypatch.setattr(kdcache.cache, "cpus_per_process", lambda processes, cpus=cpus: cpus)
+        teacher_logits(
+            str(tiny_dataset),
+            str(tiny_teacher),
+            output=tmp_path / f"cpus{cpus}",
+            splits=["validation"],
+            progress=False,
+        )
+    assert workers == [0, 1, 1]
+
+
+def test_the_pixels_do_not_depend_on_whether_torchvision_is_installed(
+    tmp_path, tiny_dataset, tiny_teacher, tiny_cache
+):
+    """docs/cache-format.md: images go through the image processor's PIL backend whether or not torchvision is
+    installed. With transformers told that torchvision is there (it picks torchvision's processors by default then),
+    a cache's pixels are those of the suite's cache, made without it, and a student trains from it."""
+    import datasets
+    import numpy as np
+    import transformers.models.auto.image_processing_auto as auto
+
+    from kdcache.cache import PIXELS, teacher_logits
+    from kdcache.train import train_student
+
+    original = auto.is_torchvision_available
+    auto.is_torchvision_available = lambda: True
+    try:
+        assert auto._resolve_backend(None, None, "ViTImageProcessor") == "torchvision", "the patch takes effect"
+        cache = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "cache", progress=False)
+        train_student(cache, output=tmp_path / "student", max_steps=1, batch_size=8, progress=False)
+    finally:
+        auto.is_torchvision_available = original
+    for split in ("train", "validation", "test"):
+        mine, reference = (
+            np.stack(list(datasets.load_from_disk(str(path))[split].with_format("numpy")[PIXELS]))
+            for path in (cache, tiny_cache)
+        )
+        assert mine.shape == (len(mine), 3, 32, 32) and np.array_equal(mine, reference), split
