@@ -1,10 +1,13 @@
 """What README.md, BENCHMARKS.md and docs/ state, held to the code and to the files behind it: the Python version,
 the figures quoted from benchmarks/results/, and the kdcache command lines (each must parse as written)."""
 
+import re
+import shlex
 import tomllib
 from importlib.metadata import metadata
 from pathlib import Path
 
+import pytest
 from packaging.specifiers import SpecifierSet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,3 +93,70 @@ def test_the_pixels_do_not_depend_on_whether_torchvision_is_installed(
             for path in (cache, tiny_cache)
         )
         assert mine.shape == (len(mine), 3, 32, 32) and np.array_equal(mine, reference), split
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """Every `kdcache ...` command line in the code blocks of README.md, BENCHMARKS.md and docs/ (joined across `\\`
+    continuations; after `-m kdcache` in a launcher's line), as (document, line). Lines with `...` are elisions
+    ("the same command as above"), not commands, and are left out."""
+    found = []
+    for document in DOCUMENTS:
+        block, shell, lines = False, False, []
+        for line in document.read_text().splitlines():
+            if line.startswith("```") and block:  # a fence closes the block it opened
+                found += [(document.name, command) for command in commands_in(lines)]
+                block, shell, lines = False, False, []
+            elif line.startswith("```"):
+                block, shell = True, line[3:].strip() in ("", "bash", "sh", "console")
+            elif shell:
+                lines.append(line)
+    return found
+
+
+def commands_in(lines: list[str]) -> list[str]:
+    commands = []
+    for line in "\n".join(lines).replace("\\\n", " ").splitlines():
+        line = line.split(" #", 1)[0].strip()
+        command = re.search(r"(?:^|\s-m\s|^\.venv/bin/)(kdcache\s.*)$", line)
+        if command and "..." not in command.group(1):
+            commands.append(command.group(1))
+    return commands
+
+
+def test_the_docs_hold_kdcache_commands_of_every_subcommand():
+    subcommands = {shlex.split(line)[1] for _, line in documented_commands()}
+    assert {"teacher-logits", "train-student", "evaluate", "verify", "info", "demo"} <= subcommands
+
+
+def parse(line: str) -> None:
+    """Parse a `kdcache ...` line with the CLI's own parser, as `kdcache` would (options known, values of the right
+    type and choice, required arguments given), short of running it."""
+    import typer
+
+    from kdcache.cli import app
+
+    name, *arguments = shlex.split(line)[1:]
+    command = typer.main.get_command(app).get_command(None, name)
+    if command is None:
+        raise ValueError(f"kdcache has no command '{name}'")
+    command.make_context(name, arguments)
+
+
+def test_a_command_that_would_not_run_does_not_parse():
+    parse("kdcache train-student CACHE --epochs 3")
+    for wrong in (
+        "kdcache train-student CACHE --epoch 3",
+        "kdcache teacher-logits --views K",
+        "kdcache evaluate",
+        "kdcache trian",
+    ):
+        with pytest.raises(Exception):  # noqa: B017 (typer bundles its own click: its exceptions are not click's)
+            parse(wrong)
+
+
+@pytest.mark.parametrize(("document", "line"), documented_commands())
+def test_each_documented_command_parses_as_written(document, line):
+    try:
+        parse(line)
+    except Exception as error:
+        pytest.fail(f"{document}: `{line}` does not parse: {getattr(error, 'format_message', error.__str__)()}")
