@@ -189,7 +189,7 @@ def quality_row(recipe: str) -> list[float]:
     ]
 
 
-def test_seeds(recipe: str, momentum: float) -> list[float]:
+def accuracy_per_seed(recipe: str, momentum: float) -> list[float]:
     runs = [run for run in results("quality-runs.jsonl") if run["recipe"] == recipe]
     return [
         run["test_accuracy"]
@@ -298,7 +298,7 @@ QUOTES = [
     (("BENCHMARKS.md",), "| 0, 1, 2 | **0.870 ± 0.020** | **0.932** | 0.859 | 16.9 |", "quality.json",
      lambda: [0, 1, 2] + quality_row("k1-defaults") + [quality("k1-defaults")["stage_two_minutes"]]),
     (("BENCHMARKS.md",), "seeds 0, 1, 2: 0.891, 0.867, 0.852 against 0.852, 0.820, 0.836", "quality-runs.jsonl",
-     lambda: [0, 1, 2] + test_seeds("k1-defaults", 0.1) + test_seeds("k1-defaults", 0.997)),
+     lambda: [0, 1, 2] + accuracy_per_seed("k1-defaults", 0.1) + accuracy_per_seed("k1-defaults", 0.997)),
     (("BENCHMARKS.md",), "(patient 1.3, scratch 1.2, views 2.3)", "quality-runs.jsonl",
      lambda: [last_epoch_gain(recipe) for recipe in ("patient", "scratch", "views")]),
     (("BENCHMARKS.md",), "| 0, 1, 2 | 0.810 ± 0.045 | 0.862 | 0.807 |", "quality.json", lambda: [0, 1, 2] + quality_row("patient")),
