@@ -17,8 +17,10 @@ as float32 logits over every class, which is all stage two, evaluation and verif
 `pixel_values` holds the teacher's resized and cropped view as uint8 (3, H, W): stage two turns it into the
 model input with a per-pixel lookup table (data.ImagePipeline) instead of decoding and resizing every epoch.
 The work happens in `CACHE.partial/`, chunk by chunk, so a killed run resumes: each chunk file is hashed as it is
-written, and its checksum kept beside it (`CACHE.partial/records/`) until the manifest records it. The chunks are
-written once: finishing a run writes the small JSON files and renames the folder of chunks into place (_finish).
+written, and its checksum kept beside it (`CACHE.partial/records/`) until the manifest records it; a resumed run
+hashes each chunk again before it carries it over, and computes again any that does not match (_carried_over). The
+chunks are written once: finishing a run writes the small JSON files and renames the folder of chunks into place
+(_finish), once the finished cache has passed the checks `load_cache` makes (_check_finished).
 """
 
 import contextlib
@@ -40,14 +42,18 @@ from kdcache.data import (
     ImagePipeline,
     ViewRecipe,
     decode_images,
-    find_columns,
+    find_image_column,
+    find_label_column,
     label_names,
+    labeled_rows,
+    load_extra_images,
     load_image_dataset,
     load_image_processor,
     raw_source,
     undecoded,
 )
 from kdcache.errors import KdcacheError, first_line
+from kdcache.labels import NO_LABEL
 from kdcache.loss import compress_logits, expand_logits, index_dtype
 from kdcache.manifest import (  # noqa: F401 (the format's names, importable from here as before)
     FORMAT_VERSION,
@@ -140,6 +146,8 @@ def teacher_logits(
         with agreed(processes), _quiet_datasets():
             if is_main(processes):
                 _write_cache(folder, inputs, recipe, fingerprint, dataset, teacher, options, place, speed, started)
+        with agreed(processes):  # the processes of a launch hash a share of the files each
+            _check_finished(folder, processes)
     return output
 
 
@@ -151,7 +159,9 @@ class _Inputs:
     splits: list[str]
     view_splits: list[str]
     image_column: str
-    label_column: str
+    label_column: str | None  # None: no split has labels
+    label_columns: dict  # split -> its label column, or None for a split of images without labels
+    labeled_rows: dict  # split -> how many of its rows have a label
     names: list[str]
     processor: object
     model: torch.nn.Module
@@ -163,6 +173,8 @@ class _Inputs:
 
 def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
     """The dataset and the teacher, refused in one line when they do not fit together or with the options."""
+    import datasets
+
     dataset_dict = load_image_dataset(dataset, revision=options.dataset_revision)
     splits = list(dataset_dict) if not options.splits else list(options.splits)
     for name in splits:
@@ -170,8 +182,33 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
             raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
         if len(dataset_dict[name]) == 0:
             raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
+    image_column = find_image_column(dataset_dict[splits[0]], options.image_column)
+    for name in splits[1:]:
+        find_image_column(dataset_dict[name], image_column)
+    label_column = find_label_column({name: dataset_dict[name] for name in splits}, options.label_column)
+    if options.extra_images:  # a split of images without labels, beside the dataset's (kdcache.labels)
+        if options.extra_split in splits:
+            raise KdcacheError(
+                f"--extra-split '{options.extra_split}' is already a split of dataset '{dataset}'; name the extra "
+                "images' split otherwise with --extra-split"
+            )
+        dataset_dict = datasets.DatasetDict(dataset_dict)  # the loaded DatasetDict stays as it was
+        dataset_dict[options.extra_split] = load_extra_images(
+            options.extra_images, options.extra_images_split, image_column
+        )
+        splits.append(options.extra_split)
+    label_columns = {name: label_column if label_column in dataset_dict[name].features else None for name in splits}
+    labelled = [name for name in splits if label_columns[name]]
+    names = label_names(dataset_dict[labelled[0]], label_column) if labelled else None
+    for name in labelled[1:]:
+        if label_names(dataset_dict[name], label_column) != names:
+            raise KdcacheError(f"split '{name}' has other label names than split '{labelled[0]}'")
+    # the splits a student trains on: the training split, and the extra images (kdcache.labels)
+    default_view_splits = [
+        name for name in splits if name == "train" or (options.extra_images and name == options.extra_split)
+    ]
     view_splits = (
-        ([name for name in splits if name == "train"] if options.view_splits is None else list(options.view_splits))
+        (default_view_splits if options.view_splits is None else list(options.view_splits))
         if options.views > 1
         else []
     )
@@ -180,17 +217,12 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
             raise KdcacheError(
                 f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})"
             )
-    image_column, label_column = find_columns(dataset_dict[splits[0]], options.image_column, options.label_column)
-    for name in splits[1:]:
-        find_columns(dataset_dict[name], image_column, label_column)
-    names = label_names(dataset_dict[splits[0]], label_column)
-    for name in splits[1:]:
-        if label_names(dataset_dict[name], label_column) != names:
-            raise KdcacheError(f"split '{name}' has other label names than split '{splits[0]}'")
 
     loading = dict(revision=options.revision, trust_remote_code=options.trust_remote_code)
     processor = load_image_processor(teacher, **loading)
     model = load_classifier(teacher, **loading)
+    if names is None:  # no split has labels: the classes are the teacher's, in its order
+        names = [str(model.config.id2label[index]) for index in range(len(model.config.id2label))]
     mapping = align_labels(model.config.id2label, names, "teacher", by_index=options.match_labels_by_index)
     if options.top_k is not None and options.top_k >= len(names):
         raise KdcacheError(
@@ -220,6 +252,8 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
         view_splits=view_splits,
         image_column=image_column,
         label_column=label_column,
+        label_columns=label_columns,
+        labeled_rows={name: labeled_rows(dataset_dict[name], label_columns[name]) for name in splits},
         names=names,
         processor=processor,
         model=model,
@@ -241,6 +275,7 @@ def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
         "image_column": inputs.image_column,
         "label_column": inputs.label_column,
         "label_names": inputs.names,
+        **_unlabeled(inputs),
         "teacher_to_dataset": inputs.mapping,
         "precision": options.precision,
         **_stored_logits(options),
@@ -251,6 +286,14 @@ def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
         ),
     }
     return recipe, hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _unlabeled(inputs: _Inputs) -> dict:
+    """Which splits have no label column, for the fingerprint (their rows' -1 labels are not in the data's
+    fingerprints): nothing when every split has one, so that such a cache keeps the fingerprint it had before
+    unlabeled splits existed."""
+    unlabeled = [name for name in inputs.splits if inputs.label_columns[name] is None]
+    return {"splits_without_labels": unlabeled} if unlabeled else {}
 
 
 def _stored_logits(options: CacheOptions) -> dict:
@@ -292,9 +335,9 @@ def _plan(folder: OutputFolder, fingerprint: str, space: int, inputs: _Inputs, o
     with agreed(processes):
         if is_main(processes):
             rows = {name: len(inputs.dataset_dict[name]) for name in inputs.splits}
-            plan = _plan_work(folder.path, folder.work, fingerprint, options.overwrite, options.chunk_size, rows)
-            if plan is not None:  # before the teacher runs
-                check_free_space(folder.path, space, "the cache", folder.work)
+            plan = _plan_work(
+                folder.path, folder.work, fingerprint, options.overwrite, options.chunk_size, rows, space
+            )
     return processes.share(plan) if processes else plan
 
 
@@ -337,6 +380,7 @@ def _compute_chunks(
                 job.views, job.view_recipe = options.views, inputs.view_recipe
             else:
                 job.views, job.view_recipe = 1, None
+            job.label_column = inputs.label_columns[name]
             split = inputs.dataset_dict[name]
             timings[name] = _run_split(job, split, name, work, [k for part, k in mine if part == name])
     # A failure above (an unreadable image) ends this process at once, with its message; the launcher then ends the
@@ -362,11 +406,26 @@ def _write_cache(
             "trust_remote_code": options.trust_remote_code,
             "id2label": {str(k): v for k, v in inputs.model.config.id2label.items()},
         },
-        dataset={"name_or_path": dataset, "revision": options.dataset_revision},
+        dataset={
+            "name_or_path": dataset,
+            "revision": options.dataset_revision,
+            **(
+                {
+                    "extra_images": {
+                        "name_or_path": options.extra_images,
+                        "split": options.extra_images_split,
+                        "cached_as": options.extra_split,
+                    }
+                }
+                if options.extra_images
+                else {}
+            ),
+        },
         splits={
             name: {
                 "fingerprint": recipe["split_fingerprints"][name],
                 "num_rows": len(inputs.dataset_dict[name]),
+                "labeled_rows": inputs.labeled_rows[name],
                 "views": options.views if name in inputs.view_splits else 1,
                 "chunks": chunks[name],
             }
@@ -385,24 +444,54 @@ def _write_cache(
     inputs.processor.save_pretrained(str(folder.finished))
 
 
+def _failed_check(path: Path, share=None) -> str | None:
+    """Why `load_cache` refuses the cache at `path` (its message without its advice), or None when it loads."""
+    try:
+        load_cache(path, share=share)
+    except KdcacheError as error:
+        return str(error).split("; ")[0]
+    return None
+
+
+def _check_finished(folder: OutputFolder, processes=None) -> None:
+    """Refuse to move into place a finished cache that `load_cache` would refuse: every check it makes (the files each
+    split lists, each chunk file's size and sha256 against the manifest, the rows, the label names) on the cache in
+    the work folder. The chunks are hashed a second time here (a resumed run hashed its carried-over chunks when it
+    planned, a new chunk was hashed as it was written), which costs one read of the cache (BENCHMARKS.md) and
+    catches what changed a file after it was hashed. A refused cache stays in the work folder: the next run puts its
+    chunks back and computes the damaged ones again (_plan_work)."""
+    damage = _failed_check(folder.finished, (processes.index, processes.count) if processes else None)
+    if damage is not None:
+        raise KdcacheError(
+            f"{damage}: the cache failed its final check, so '{folder.path}' was not written; run the same command "
+            "again to compute the damaged chunks again"
+        )
+
+
 def _plan_work(
-    output: Path, work: Path, fingerprint: str, overwrite: bool, chunk_size: int, rows: dict
+    output: Path, work: Path, fingerprint: str, overwrite: bool, chunk_size: int, rows: dict, space: int
 ) -> dict | None:
-    """Check the output, set up `work` (resuming a partial run of the same inputs) and list the chunks still to
-    compute, as [split, chunk index] pairs; None when `output` already holds this cache (safe_output has refused a
-    folder that is not a cache)."""
+    """Check the output and the free space (`space` bytes in all), set up `work` (resuming a partial run of the same
+    inputs, whose chunks are checked against their records: _carried_over) and list the chunks still to compute, as
+    [split, chunk index] pairs; None when `output` already holds this cache and it passes load_cache's checks (one
+    that fails them is made again; safe_output has refused a folder that is not a cache). A refusal leaves the work
+    folder as it found it."""
     _undo_unfinished_finish(work)  # first: safe_output would move a half-finished cache into place
     if (output / MANIFEST).exists():
         existing = read_manifest(output)
         if existing.get("fingerprint") == fingerprint:
-            log.info(f"cache '{output}' is up to date (fingerprint {fingerprint}); nothing to do")
-            return None
-        if not overwrite:
+            damage = _failed_check(output)  # "up to date" vouches for the cache as a finished run does
+            if damage is None:
+                log.info(f"cache '{output}' is up to date (fingerprint {fingerprint}); nothing to do")
+                return None
+            log.warning(f"{damage}; it is made again (its inputs have not changed)")
+        elif not overwrite:
             raise KdcacheError(
                 f"'{output}' holds a cache made from other inputs (fingerprint {existing.get('fingerprint')}, "
                 f"now {fingerprint}); pass --overwrite to replace it, or choose another --output"
             )
 
+    check_free_space(output, space, "the cache", work)  # before the teacher runs, and before work is set up
     plan = {"fingerprint": fingerprint, "chunk_size": chunk_size}
     if (work / "plan.json").exists():
         previous = json.loads((work / "plan.json").read_text())
@@ -418,13 +507,51 @@ def _plan_work(
             (work / RECORDS / name).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise KdcacheError(f"cannot write under '{work.parent}' ({error.strerror}); choose another --output") from None
+    size = plan["chunk_size"]
     todo = [
         [name, k]
         for name, count in rows.items()
-        for k in range(math.ceil(count / plan["chunk_size"]))
-        if not _is_written(_chunk_path(work, name, k))
+        for k in range(math.ceil(count / size))
+        if not _carried_over(work, name, k, min(size, count - k * size))
     ]
     return {**plan, "todo": todo}
+
+
+def _carried_over(work: Path, split: str, index: int, rows: int) -> bool:
+    """Whether chunk `index` of `split`, written by an earlier run, is kept: its record says `rows` rows, and its file
+    has the recorded size and sha256. Any other (its file truncated or changed by a crash of the machine or a failing
+    disk, its file or its record gone or unreadable) is removed with its record, said in one line, and computed
+    again."""
+    chunk = _chunk_path(work, split, index)
+    record_path = _record_path(chunk)
+    if not record_path.exists() and not chunk.exists():
+        return False  # not written yet
+    damage = None
+    try:
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        if record is None:
+            damage = "it has no record: its run stopped before writing it, or the record was removed"
+        elif not isinstance(record, dict) or record.get("file") != chunk.name:
+            damage = "its record names another file"
+        elif record.get("rows") != rows:
+            damage = f"its record says {record.get('rows')} rows, not {rows}"
+        elif not chunk.exists():
+            damage = "its file is missing"
+        elif chunk.stat().st_size != record.get("bytes"):
+            damage = f"its file has {chunk.stat().st_size} bytes, its record {record.get('bytes')}"
+        else:
+            with open(chunk, "rb") as handle:
+                if hashlib.file_digest(handle, "sha256").hexdigest() != record.get("sha256"):
+                    damage = "its file does not match its checksum"
+    except (OSError, ValueError) as error:
+        damage = f"it cannot be read: {first_line(error)}"
+    if damage is None:
+        return True
+    log.warning(f"chunk {split}/{index} in '{work}' cannot be carried over ({damage}); it is computed again")
+    for path in (chunk, record_path):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return False
 
 
 def _undo_unfinished_finish(work: Path) -> None:
@@ -451,7 +578,7 @@ class _Job:
     mapping: list
     names: list
     image_column: str
-    label_column: str
+    label_column: str | None  # of the split at work; None: its images have no labels
     device: torch.device
     precision: str
     num_workers: int | None
@@ -486,7 +613,11 @@ class _Batches(torch.utils.data.Dataset):
             images = decode_images(self.split, self.image_column, rows, self.split_name)
             batch = {
                 "rows": np.asarray(rows, dtype=np.int64),
-                "labels": np.asarray(self.split[start:end][self.label_column], dtype=np.int64),
+                "labels": (
+                    np.asarray(self.split[start:end][self.label_column], dtype=np.int64)
+                    if self.label_column
+                    else np.full(end - start, NO_LABEL, dtype=np.int64)  # images nobody labelled
+                ),
             }
             if self.view_recipe is None:
                 batch["pixels"] = self.pipeline.pixels(images)
@@ -564,7 +695,10 @@ def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
     description += f", process 0 of {job.processes}]" if job.processes > 1 else "]"
     started = time.perf_counter()
     # closed on an error too, so that the error's message starts a line of its own
-    with tqdm(total=todo_rows * job.views, unit="img", desc=description, disable=not job.progress) as bar:
+    with (
+        tqdm(total=todo_rows * job.views, unit="img", desc=description, disable=not job.progress) as bar,
+        _current_device(job.device),  # the loader pins memory for the current device, from its first batch on
+    ):
         for batch in loader:
             if "error" in batch:
                 raise KdcacheError(batch["error"])
@@ -827,7 +961,12 @@ def describe(path: str | Path) -> str:
         + (f" @ {teacher['revision']}" if teacher.get("revision") else ""),
         f"                  {teacher['class']}, weights sha256 {teacher['weights_sha256'][:16]}...",
         f"  dataset         {data['name_or_path']} (image column '{data['image_column']}', "
-        f"label column '{data['label_column']}')",
+        f"label column '{data['label_column']}')"
+        + (
+            f"; split '{data['extra_images']['cached_as']}': images from {data['extra_images']['name_or_path']}"
+            if data.get("extra_images")
+            else ""
+        ),
         f"  labels          {', '.join(manifest['label_names'])}",
         f"  teacher->data   {manifest['teacher_to_dataset']} (teacher output index for each dataset label)",
         f"  logits          {manifest.logits_dtype}"
@@ -857,7 +996,11 @@ def describe(path: str | Path) -> str:
             checksums = f"{len(split['chunks'])} chunk files ({human_bytes(stored)}) with sha256"
         else:
             checksums = f"logits sha256 {split['logits_sha256'][:16]}..."
-        lines.append(f"    {name:<12} {split['num_rows']:>8} rows  fingerprint {split['fingerprint']}  {checksums}")
+        labelled = split.get("labeled_rows", split["num_rows"])
+        unlabelled = "" if labelled == split["num_rows"] else f" ({labelled} labelled)" if labelled else " (no labels)"
+        lines.append(
+            f"    {name:<12} {split['num_rows']:>8} rows{unlabelled}  fingerprint {split['fingerprint']}  {checksums}"
+        )
     images = sum(split["num_rows"] for split in data["splits"].values())
     size = bytes_under(Path(path))
     lines.append(
@@ -873,6 +1016,12 @@ def _write_json(path: Path, content: dict) -> None:
     partial = path.with_name(path.name + ".tmp")
     partial.write_text(json.dumps(content, indent=2) + "\n")
     partial.replace(path)
+
+
+def _current_device(device: torch.device):
+    """Make `device` the current CUDA device for the block. The DataLoader pins memory for the current device, which
+    is cuda:0 unless set: a run on cuda:1 would open a CUDA context (and take its memory) on cuda:0 as well."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _autocast(device, precision):

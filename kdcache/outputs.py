@@ -38,51 +38,107 @@ NEARLY_FULL_BYTES = 64 * 1024**2
 
 
 def lock_file(output: str | Path) -> Path:
-    """The lock of an output: a file beside it, not inside the folder that is renamed into place."""
+    """The lock of an output: a file beside it (not inside the folder that is renamed into place), which exists only
+    while a run holds it."""
     absolute = Path(os.path.abspath(output))  # abspath: '.' and '..' have a name to put beside
     return absolute.with_name(absolute.name + LOCK_SUFFIX)
+
+
+# The descriptors of the locks this process holds. A child forked while one is held (a DataLoader worker) closes its
+# copies at once: a flock belongs to the open file, so a copy kept by a child would hold the lock after its parent
+# was killed. Closing a copy never releases the parent's lock.
+_held_locks: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for descriptor in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 @contextlib.contextmanager
 def output_lock(output: str | Path, flag: str = "--output"):
     """Hold the lock of `output` for the block, or refuse at once, naming the run that holds it.
 
-    The lock is an OS file lock (flock, through filelock): the kernel releases it when its holder ends in any way, so
-    a killed run never leaves a lock that blocks the next one. The holder writes its pid, host and start time into
-    the lock file for the message of a run that finds it taken.
+    The lock is the kernel's (flock) on the file OUTPUT.lock beside the output: the kernel releases it when its holder
+    ends in any way, so a killed run never leaves a lock that blocks the next one. The holder writes its pid, host and
+    start time into the file for the message of a run that finds it taken, and removes the file before it lets the
+    lock go, so that a finished or refused run leaves nothing beside the output. A run that opened the file just
+    before it was removed and then wins its lock holds a file no longer at that path: it sees that (the path's inode
+    is not its file's) and starts over with a new file, so two runs never hold the locks of two different files.
     """
-    import filelock
+    import fcntl
 
     path = lock_file(output)
+    created = _missing_folders(path.parent)
     check_writable_parent(Path(output), flag)
-    lock = filelock.FileLock(str(path))
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise KdcacheError(
+                f"{flag} '{output}' cannot be locked ({error.strerror or error}: {path}); choose another {flag}"
+            ) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise KdcacheError(
+                    f"{flag} '{output}' is being written by another kdcache run ({_holder(path)}); wait for it to "
+                    f"end or choose another {flag} (lock file {path})"
+                ) from None
+            raise KdcacheError(
+                f"{flag} '{output}' cannot be locked ({error.strerror or error}: {path}); choose another {flag}"
+            ) from None
+        if _same_file(path, descriptor):
+            break
+        os.close(descriptor)  # the file was removed by the run that held it: lock the one at the path now
+    _held_locks.add(descriptor)
     try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise KdcacheError(
-            f"{flag} '{output}' is being written by another kdcache run ({_holder(path)}); wait for it to end or "
-            f"choose another {flag} (lock file {path})"
-        ) from None
-    except OSError as error:
-        raise KdcacheError(
-            f"{flag} '{output}' cannot be locked ({error.strerror or error}: {path}); choose another {flag}"
-        ) from None
-    try:
-        _write_holder(path, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        _write_holder(
+            descriptor, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        )
         yield path
     finally:
         with contextlib.suppress(OSError):
-            _write_holder(path, "")  # a lock file left with a holder's name would mislead whoever reads it
-        lock.release()
+            if _same_file(path, descriptor):  # a user may have removed it, and another run made a new one
+                path.unlink()  # while the lock is held: no run can have locked this file and still be using it
+        _held_locks.discard(descriptor)
+        os.close(descriptor)  # releases the lock
+        if not os.path.lexists(output):  # a refused run: the folders made for the output go too, if still empty
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
-def _write_holder(path: Path, text: str) -> None:
-    descriptor = os.open(path, os.O_WRONLY)
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _same_file(path: Path, descriptor: int) -> bool:
     try:
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, text.encode())
-    finally:
-        os.close(descriptor)
+        named, opened = os.stat(path), os.fstat(descriptor)
+    except OSError:
+        return False
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _write_holder(descriptor: int, text: str) -> None:
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, text.encode(), 0)
 
 
 def _holder(path: Path) -> str:
@@ -144,7 +200,7 @@ def safe_output(output: Path, kind: OutputKind, processes=None, flag: str = "--o
     main = is_main(processes)
     with agreed(processes):
         if main:
-            check_not_foreign(output, kind, flag)  # before the lock, whose file would be left beside a foreign folder
+            check_not_foreign(output, kind, flag)  # before the lock: a foreign folder is refused as it is
             lock_output(output, flag)  # also refuses an output whose parent cannot be written
             if kind.in_place:
                 _claim_in_place(output, kind, flag)
@@ -194,6 +250,7 @@ class _Guard:
     needed: int | None = None
     then: str = "run the same command again to resume"
     scratch: Callable[[], Iterable[Path]] | None = None
+    kept: bool = True  # a stage whose work folder goes with a failure keeps no finished work
 
 
 _guard: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar("kdcache_output_guard", default=None)
@@ -238,12 +295,17 @@ def lock_output(output: str | Path, flag: str = "--output") -> Path:
 
 
 def report_disk_full(
-    folder: Path, needed: int, then: str | None = None, scratch: Callable[[], Iterable[Path]] | None = None
+    folder: Path,
+    needed: int,
+    then: str | None = None,
+    scratch: Callable[[], Iterable[Path]] | None = None,
+    kept: bool = True,
 ) -> None:
     """Should the disk fill up during the rest of the stage: name `folder` and the `needed` bytes, remove the paths
-    `scratch()` lists (half-written files; the finished work stays for resuming), and tell the user `then`."""
+    `scratch()` lists (half-written files; the finished work stays for resuming), and tell the user `then`. `kept`
+    False: the stage resumes nothing (its work folder goes with the failure), and the message says nothing is kept."""
     guard = _current()
-    guard.folder, guard.needed, guard.scratch = Path(folder), int(needed), scratch
+    guard.folder, guard.needed, guard.scratch, guard.kept = Path(folder), int(needed), scratch, kept
     if then:
         guard.then = then
 
@@ -264,7 +326,8 @@ def _disk_full_error(guard: _Guard) -> KdcacheError:
     if free is not None:
         figures.append(f"{human_bytes(free)} free now")
     figures = f" ({'; '.join(figures)})" if figures else ""
-    return KdcacheError(f"{where} is full{figures}; finished work is kept: free some space, then {guard.then}")
+    kept = "finished work is kept: " if guard.kept else ""
+    return KdcacheError(f"{where} is full{figures}; {kept}free some space, then {guard.then}")
 
 
 def is_disk_full(error: BaseException, folder: Path | None = None) -> bool:

@@ -54,3 +54,26 @@ def test_scale_benchmark_runs_its_three_stages_on_a_tiny_dataset(tmp_path):
     assert cache["images"] == 72 and cache["chunk_bytes"] <= cache["wchar"] < 1.1 * cache["cache_file_bytes"]
     assert all(row[stage]["peak_rss"] >= row[stage]["peak_anon"] > 0 for stage in ("cache", "load", "train"))
     assert not root.exists()
+
+
+@pytest.mark.slow
+def test_resume_check_benchmark_runs_on_a_tiny_dataset(tmp_path, tiny_dataset, tiny_teacher):
+    """benchmarks/resume_check.py end to end on the tiny dataset: its figures, and its caches removed."""
+    environment = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    root, output = tmp_path / "root", tmp_path / "resume-check.json"
+    root.mkdir()
+    command = [sys.executable, str(REPO / "benchmarks" / "resume_check.py"), "--dataset", str(tiny_dataset)]
+    command += ["--teacher", str(tiny_teacher), "--rounds", "1", "--batch-size", "8", "--root", str(root)]
+    result = subprocess.run(
+        [*command, "--json", str(output)], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(output.read_text())
+    assert figures["images"] == 48 and figures["chunks"] == 3 and len(figures["teacher_chunk_loop_seconds"]) == 2
+    assert all(figures["resume_check_to_teacher"][kind] > 0 for kind in ("warm", "cold"))
+    assert figures["final_check_seconds"]["fresh"] > 0 and figures["final_check_seconds"]["resumed"] > 0
+    assert "of the teacher's work it saves" in result.stdout and not any(root.iterdir())

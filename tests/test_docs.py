@@ -386,9 +386,20 @@ def test_each_quoted_figure_is_its_results_file_rounded(documents, quote, source
         assert " ".join(quote.split()) in text, f"{document} no longer quotes {quote!r} ({source})"
 
 
+# Results files that BENCHMARKS.md does not quote yet (their sections are being written): once it names one, the
+# figures it quotes from it go into QUOTES
+NOT_YET_QUOTED = {"resume-check.json"}
+
+
 def test_every_results_file_is_checked_and_every_benchmarks_results_file_exists():
     checked = {source for _, _, source, _ in QUOTES}
     kept = {path.name for path in RESULTS.iterdir() if path.suffix in (".json", ".jsonl")}
-    assert kept == checked, "a results file whose figures no test checks, or a check of a file not kept"
+    assert kept - NOT_YET_QUOTED == checked, (
+        "a results file whose quoted figures no test checks, or a check of a file not kept"
+    )
+    benchmarks = (REPO / "BENCHMARKS.md").read_text()
+    assert not [name for name in NOT_YET_QUOTED if name in benchmarks], (
+        "BENCHMARKS quotes it now: add its figures to QUOTES"
+    )
     named = set(re.findall(r"benchmarks/results/([\w.-]+\.jsonl?)", (REPO / "BENCHMARKS.md").read_text()))
     assert named <= kept, f"BENCHMARKS.md names results files that do not exist: {sorted(named - kept)}"

@@ -340,3 +340,112 @@ def test_a_compact_cache_gives_the_teachers_agreement_from_its_rebuilt_logits(tm
     agreement = report["models"][0]["teacher_agreement"]
     # the top-1 class is stored exactly; the other two share the rest of the mass, so the KL is small but not 0
     assert agreement["top1_agreement"] == 1.0 and 0 < agreement["kl_teacher_student"] < 0.1
+
+
+# An evaluation in another process, stopped before its first model runs (holding the output's lock) until the file
+# named by its last argument appears.
+PAUSED_EVALUATION = """
+import sys, time
+from pathlib import Path
+from kdcache import evaluation
+model, dataset, output, go = sys.argv[1:5]
+real_predict = evaluation.predict
+def wait_then_predict(*args, **kwargs):
+    print("paused", flush=True)
+    while not Path(go).exists():
+        time.sleep(0.05)
+    return real_predict(*args, **kwargs)
+evaluation.predict = wait_then_predict
+evaluation.evaluate_models([model], dataset=dataset, split="validation", output=output, progress=False)
+print("done", flush=True)
+"""
+
+
+def test_two_evaluations_of_one_output_one_is_refused_in_one_line_before_reading_anything(
+    tmp_path, tiny_dataset, tiny_teacher, monkeypatch
+):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from kdcache import evaluation
+    from kdcache.cli import app
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "notes.txt").write_text("mine")
+    output = reports / "eval"
+    repo = Path(__file__).resolve().parents[1]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    first = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_EVALUATION, str(tiny_teacher), str(tiny_dataset), str(output), tmp_path / "go"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = first.stdout.readline().strip()
+        assert line == "paused", first.stderr.read()[-2000:]
+        read = []
+        monkeypatch.setattr(evaluation, "_evaluation_rows", lambda *args: read.append(args))
+        second = CliRunner().invoke(
+            app, ["evaluate", str(tiny_teacher), "--dataset", str(tiny_dataset), "--output", str(output)]
+        )
+        assert second.exit_code == 1 and not read, "refused before the dataset or the cache is read"
+        assert second.stderr.count("\n") == 1 and second.stderr.startswith(
+            f"kdcache: error: --output '{output}' is being written by another kdcache run (pid {first.pid} on "
+        ), second.stderr
+        (tmp_path / "go").touch()
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and out.strip() == "done", err[-2000:]
+    assert sorted(path.name for path in reports.iterdir()) == ["eval", "notes.txt"], "no lock, no work folder"
+    assert json.loads((output / METRICS).read_text())["split"] == "validation"
+
+
+def test_evaluate_checks_free_space_and_leaves_nothing_when_refused(tmp_path, tiny_dataset, tiny_teacher, monkeypatch):
+    from kdcache import evaluation, outputs
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "notes.txt").write_text("mine")
+    arguments = dict(dataset=str(tiny_dataset), split="validation", progress=False)
+    ran = []
+    real_predict = evaluation.predict
+    monkeypatch.setattr(
+        evaluation, "predict", lambda *args, **kwargs: (ran.append(1), real_predict(*args, **kwargs))[1]
+    )
+    monkeypatch.setattr(outputs, "free_bytes", lambda folder: 1_000_000)
+    with pytest.raises(KdcacheError) as refused:
+        evaluate_models([str(tiny_teacher)], output=reports / "eval", **arguments)
+    assert str(refused.value) == (
+        f"--output '{reports / 'eval'}' needs about 2.1 MB free for the evaluation report, but its file system has "
+        "1.0 MB free; free some space or choose another --output"
+    )
+    assert not ran and sorted(path.name for path in reports.iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+    # refused by a bad input once the output is locked: the folders made for the output go too
+    with pytest.raises(KdcacheError, match="split 'nope'"):
+        evaluate_models(
+            [str(tiny_teacher)], output=reports / "new" / "deeper" / "eval", **{**arguments, "split": "nope"}
+        )
+    assert sorted(path.name for path in reports.iterdir()) == ["notes.txt"]
+    evaluate_models([str(tiny_teacher)], output=reports / "eval", **arguments)
+    assert sorted(path.name for path in reports.iterdir()) == ["eval", "notes.txt"]
+    assert evaluation.report_bytes(1, 3) == 2 * 1024**2 + 16 * 3 * 11
+
+
+def test_report_estimate_covers_what_an_evaluation_writes(tmp_path, tiny_dataset, tiny_teacher):
+    from kdcache.evaluation import report_bytes
+    from kdcache.outputs import bytes_under
+
+    student = save_student(tmp_path / "student", tiny_teacher)
+    for models in ([str(tiny_teacher)], [str(tiny_teacher), str(student)]):
+        output = tmp_path / f"eval-{len(models)}"
+        evaluate_models(models, dataset=str(tiny_dataset), output=output, progress=False)
+        assert bytes_under(output) <= report_bytes(len(models), len(LABELS))

@@ -21,7 +21,7 @@ held = output_lock(sys.argv[1])
 held.__enter__()
 forked, ready = os.pipe()
 child = os.fork()
-if child == 0:  # fork's child handlers (filelock's among them) have run once fork returns here
+if child == 0:  # fork's child handlers (kdcache.outputs' among them) have run once fork returns here
     os.write(ready, b"x")
     time.sleep(120)
     os._exit(0)
@@ -41,10 +41,33 @@ def test_a_second_writer_is_refused_with_one_line_naming_the_holder(tmp_path):
         message = str(refused.value)
         assert "\n" not in message and f"pid {os.getpid()}" in message and str(path) in message
         assert "being written by another kdcache run" in message
-    assert path.read_text() == "", "a released lock names no holder"
-    with output_lock(output):  # free again
-        pass
-    assert not output.exists(), "the lock lives beside the output, not in it"
+    assert not path.exists(), "a released lock leaves no file"
+    with output_lock(output) as again:  # free again
+        assert again.exists()
+    assert sorted(tmp_path.iterdir()) == [], "the lock lives beside the output, not in it, and goes with its holder"
+
+
+def test_a_lock_file_removed_while_a_contender_waited_on_it_is_not_the_lock(tmp_path, monkeypatch):
+    """A contender that opened the lock file just before its holder removed it, and won the flock once the holder let
+    go, holds a file that is no longer the lock: it must take the file now at the path instead."""
+    output = tmp_path / "out"
+    path = outputs.lock_file(output)
+    real_open, opened, kept = os.open, [], []
+
+    def open_then_lose_the_race(name, flags, mode=0o777):
+        descriptor = real_open(name, flags, mode)
+        if not opened:  # the holder removes the file between this open and the flock
+            os.unlink(name)
+            kept.append(os.dup(descriptor))  # its inode stays in use, so the new file cannot reuse its number
+        opened.append(os.fstat(descriptor).st_ino)
+        return descriptor
+
+    monkeypatch.setattr(outputs.os, "open", open_then_lose_the_race)
+    with output_lock(output) as held:
+        assert len(opened) == 2 and opened[0] != opened[1]
+        assert held.stat().st_ino == opened[1] and f"pid {os.getpid()}" in held.read_text()
+    assert not path.exists()
+    os.close(kept[0])
 
 
 def test_a_lock_held_by_a_killed_process_does_not_block(tmp_path):
@@ -61,8 +84,10 @@ def test_a_lock_held_by_a_killed_process_does_not_block(tmp_path):
         os.kill(pid, signal.SIGKILL)
         holder.wait(timeout=30)
         os.kill(child, 0)  # the child forked while the lock was held is alive: the lock must not stay with it
+        assert lock_file(output).exists(), "a killed holder cannot remove its lock file"
         with output_lock(output):
             pass
+        assert not lock_file(output).exists(), "the next holder removes it"
     finally:
         for process in (pid, child):
             try:
@@ -204,7 +229,7 @@ def test_safe_output_moves_the_finished_work_into_place_only_on_success(tmp_path
     assert sorted(path.name for path in output.iterdir()) == ["report.json", "scratch"]
     with pytest.raises(KdcacheError, match="failed half-way"):
         write_output(output, REPORT, fail=True)  # an output of its own kind is replaced, but only by finished work
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["report", "report.lock"], "nothing half-written left"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report"], "nothing half-written left, no lock"
     (tmp_path / "empty").mkdir()
     write_output(tmp_path / "empty", REPORT)
     assert (tmp_path / "empty" / "report.json").read_text() == "new"
@@ -227,3 +252,19 @@ def test_safe_output_leaves_the_output_alone_when_the_stage_wrote_nothing(tmp_pa
             return "nothing to do"
 
     assert up_to_date() == "nothing to do" and (output / "manifest.json").read_text() == "new"
+
+
+def test_a_full_disk_in_a_stage_that_keeps_nothing_does_not_say_work_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "free_bytes", lambda folder: 0)
+
+    @guards_output
+    def stage():
+        report_disk_full(tmp_path, 2_000_000, then="run the same command again", kept=False)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(KdcacheError) as full:
+        stage()
+    assert str(full.value) == (
+        f"the disk holding '{tmp_path}' is full (this run needs about 2.0 MB in all; 0 bytes free now); free some "
+        "space, then run the same command again"
+    )
