@@ -9,7 +9,7 @@ modules that work offline). The teacher is never run: agreement with it comes fr
 import json
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -277,7 +277,7 @@ def _evaluate_model(name, processor, mapping, short_name, output, data: _Rows, o
         "speed": {"device": str(device), "batch_size": options.batch_size, **speed, "timed": TIMED},
         "metrics_library": _metrics_library(),
         "kdcache_version": kdcache.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "output": str(output),
     }
     if len(data.members) == 1:

@@ -22,7 +22,7 @@ Format versions:
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import kdcache
@@ -141,7 +141,7 @@ class Manifest(dict):
                 "format_version": FORMAT_VERSION,
                 "fingerprint": fingerprint,
                 "kdcache_version": kdcache.__version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "teacher": {
                     "name_or_path": teacher["name_or_path"],
                     "revision": teacher["revision"],

@@ -1109,37 +1109,82 @@ def loss_formula(recipe: dict) -> str:
     )
 
 
+def public_name(name_or_path: str) -> tuple[str, bool]:
+    """How a model card names an input: `(hub id, True)` for one read from the hub, else `(folder name, False)`: the
+    path it was read from would publish the trainer's folder layout with the card. Local is what the loaders took as
+    local (a path that exists, as kdcache.data and from_pretrained decide) or what is written as a path."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() or path.is_absolute() or name_or_path.startswith((".", "~")):
+        return path.resolve().name or name_or_path, False
+    return name_or_path, True
+
+
+def card_metadata(summary: dict, manifest: dict, repo: str | None = None) -> str:
+    """The card's YAML metadata in the Hub's conventions, those of transformers' `Trainer.create_model_card`: the
+    dataset (a hub id only: a folder name would link nowhere), the metric, a model-index with the accuracy of the
+    saved epoch on the split it was chosen on, and `base_model` for a student that started from a hub model."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    recipe = summary["recipe"]
+    dataset, dataset_from_hub = public_name(manifest["dataset"]["name_or_path"])
+    student = recipe.get("student") or ""
+    hub_student = bool(student) and "/" in student and public_name(student)[1]  # a config name has no owner
+    results = []
+    if summary["best_eval_accuracy"] is not None:
+        best = summary.get("saved_epoch", summary["best_epoch"]) == summary["best_epoch"]
+        results.append(
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_split=summary["eval_split"],
+                dataset_revision=manifest["dataset"].get("revision") if dataset_from_hub else None,
+                metric_type="accuracy",
+                metric_name="Accuracy",
+                metric_value=summary["best_eval_accuracy"] if best else summary["last_eval_accuracy"],
+            )
+        )
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["kdcache", "knowledge-distillation", "image-classification"],
+        datasets=[dataset] if dataset_from_hub else None,
+        metrics=["accuracy"],
+        base_model=student if hub_student else None,
+        model_name=repo or Path(summary["output"]).name,
+        eval_results=results or None,
+    )
+    return data.to_yaml()
+
+
 def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None = None) -> str:
     recipe = summary["recipe"]
     accuracy = summary["best_eval_accuracy"]
     ensemble = isinstance(recipe["teacher"], list)  # several caches: their teachers, weights and caches are lists
     if ensemble:
+        teachers = [public_name(teacher)[0] for teacher in recipe["teacher"]]
         teacher_intro = (
-            f"an ensemble of {len(recipe['teacher'])} teachers ("
-            + ", ".join(f"`{teacher}`" for teacher in recipe["teacher"])
+            f"an ensemble of {len(teachers)} teachers ("
+            + ", ".join(f"`{teacher}`" for teacher in teachers)
             + f"), their probabilities at T={recipe['temperature']} averaged"
         )
         teacher_row = "| teachers (weight) | " + ", ".join(
             f"`{teacher}` ({weight:g}, weights sha256 `{sha[:16]}...`)"
-            for teacher, weight, sha in zip(
-                recipe["teacher"], recipe["teacher_weights"], recipe["teacher_weights_sha256"]
-            )
+            for teacher, weight, sha in zip(teachers, recipe["teacher_weights"], recipe["teacher_weights_sha256"])
         )
         cache_row = "| logit caches | fingerprints " + ", ".join(f"`{f}`" for f in recipe["cache_fingerprint"])
     else:
-        teacher_intro = f"the teacher `{recipe['teacher']}`"
-        teacher_row = (
-            f"| teacher | `{recipe['teacher']}` (weights sha256 `{manifest['teacher']['weights_sha256'][:16]}...`)"
-        )
+        teacher = public_name(recipe["teacher"])[0]
+        teacher_intro = f"the teacher `{teacher}`"
+        teacher_row = f"| teacher | `{teacher}` (weights sha256 `{manifest['teacher']['weights_sha256'][:16]}...`)"
         cache_row = f"| logit cache | fingerprint `{recipe['cache_fingerprint']}`"
+    student = recipe["student"]
+    if student != "MobileNetV2Config() from scratch":  # a config name, a hub id or a folder
+        student = f"`{public_name(student)[0]}`"
     lines = [
         "---",
-        "library_name: transformers",
-        "pipeline_tag: image-classification",
-        "tags:",
-        "- kdcache",
-        "- knowledge-distillation",
-        "- image-classification",
+        card_metadata(summary, manifest, repo).rstrip("\n"),
         "---",
         "",
         f"# {Path(summary['output']).name}",
@@ -1149,13 +1194,13 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
             if recipe["alpha"] > 0
             else "A student trained from labels alone (alpha=0) by kdcache, as a baseline"
         )
-        + f", on `{manifest['dataset']['name_or_path']}` ({', '.join(names)}).",
+        + f", on `{public_name(manifest['dataset']['name_or_path'])[0]}` ({', '.join(names)}).",
         "",
         "| | |",
         "|---|---|",
         teacher_row + " |",
         cache_row + (" (teacher run online)" if recipe["online"] else "") + " |",
-        f"| student | {recipe['student']}, {recipe['student_parameters']:,} parameters |",
+        f"| student | {student}, {recipe['student_parameters']:,} parameters |",
         f"| loss | {loss_formula(recipe)} |",
         f"| training | {summary['epochs']:g} epochs ({summary['steps']} steps), AdamW lr {recipe['learning_rate']}, "
         f"{recipe['scheduler']} schedule, batch {recipe['batch_size']}"
@@ -1198,7 +1243,8 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
         "",
         "```python",
         "from transformers import pipeline",
-        f'classifier = pipeline("image-classification", model="{repo or summary["output"]}")',
+        # the hub id once pushed; before, the folder this card is in
+        f'classifier = pipeline("image-classification", model="{repo or Path(summary["output"]).name}")',
         "```",
         "",
     ]

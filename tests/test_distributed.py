@@ -131,6 +131,7 @@ def test_two_processes_make_the_same_cache_as_one(tmp_path, tiny_dataset, tiny_t
     done = kdcache(*arguments)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("kdcache cache:") == 1, "the summary is printed once, by the main process"
+    assert "process 0 of 2]" in done.stderr and "process 1 of 2]" not in done.stderr, "one progress bar: the main's"
     manifest = json.loads((tmp_path / "two" / MANIFEST).read_text())
     assert manifest["processes"] == 2
     assert_same_cache(clean_reference, tmp_path / "two")

@@ -41,7 +41,9 @@ def test_push_uploads_the_finished_student_folder_once(tmp_path, tiny_cache, mon
         assert name in files
     assert any(name.startswith("runs/") for name in files), "TensorBoard logs go along"
     assert not any("checkpoint-" in name for name in files)
-    assert 'pipeline("image-classification", model="me/beans-student")' in (output / "README.md").read_text()
+    card = huggingface_hub.ModelCard.load(output / "README.md")
+    assert 'pipeline("image-classification", model="me/beans-student")' in card.content
+    assert card.data.model_name == "me/beans-student", "the model-index names the repository pushed to"
 
 
 def test_a_failed_push_is_one_line_and_keeps_the_student(tmp_path, tiny_cache):

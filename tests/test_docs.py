@@ -1,0 +1,405 @@
+"""What README.md, BENCHMARKS.md and docs/ state, held to the code and to the files behind it: the Python version,
+the figures quoted from benchmarks/results/, and the kdcache command lines (each must parse as written)."""
+
+import json
+import re
+import shlex
+import tomllib
+from importlib.metadata import metadata
+from pathlib import Path
+
+import pytest
+from packaging.specifiers import SpecifierSet
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTS = [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def oldest_python(requires_python: str) -> tuple[int, int]:
+    """The oldest 3.x release that a Requires-Python specifier accepts."""
+    specifier = SpecifierSet(requires_python)
+    return next((3, minor) for minor in range(6, 30) if f"3.{minor}" in specifier)
+
+
+def test_the_python_version_agrees_in_pyproject_ruff_makefile_and_readme_and_is_what_transformers_needs():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    major, minor = oldest_python(pyproject["project"]["requires-python"])
+    assert pyproject["tool"]["ruff"]["target-version"] == f"py{major}{minor}"
+    assert f"sys.version_info >= ({major}, {minor})" in (REPO / "Makefile").read_text()
+    assert f"Python {major}.{minor}+" in (REPO / "README.md").read_text()
+    # kdcache supports what its two central dependencies support: the newest of their own minimums, no older
+    # (a user could not install the transformers kdcache is tested with) and no newer (it would shut users out)
+    needed = max(oldest_python(metadata(package)["Requires-Python"]) for package in ("transformers", "datasets"))
+    assert (major, minor) == needed
+    # a dependency that only applies to older Pythons would be dead weight
+    assert not [line for line in pyproject["project"]["dependencies"] if "python_version" in line]
+
+
+# Claims of the docs about behaviour, each held to what the code does
+
+
+def test_stage_one_takes_one_dataloader_worker_per_process_on_cpu_with_two_cores_or_more_else_none(
+    tmp_path, tiny_dataset, tiny_teacher, monkeypatch
+):
+    """docs/processes.md: "in stage one, 1 [worker] per process on CPU when that share is 2 cores or more, else 0"."""
+    import torch
+
+    import kdcache.cache
+    from kdcache.cache import teacher_logits
+
+    workers = []
+
+    class RecordingLoader(torch.utils.data.DataLoader):
+        def __init__(self, *arguments, **options):
+            workers.append(options["num_workers"])
+            super().__init__(*arguments, **options)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", RecordingLoader)
+    for cpus in (1, 2, 4):
+        monkeypatch.setattr(kdcache.cache, "cpus_per_process", lambda processes, cpus=cpus: cpus)
+        teacher_logits(
+            str(tiny_dataset),
+            str(tiny_teacher),
+            output=tmp_path / f"cpus{cpus}",
+            splits=["validation"],
+            progress=False,
+        )
+    assert workers == [0, 1, 1]
+
+
+def test_the_pixels_do_not_depend_on_whether_torchvision_is_installed(
+    tmp_path, tiny_dataset, tiny_teacher, tiny_cache
+):
+    """docs/cache-format.md: images go through the image processor's PIL backend whether or not torchvision is
+    installed. With transformers told that torchvision is there (it picks torchvision's processors by default then),
+    a cache's pixels are those of the suite's cache, made without it, and a student trains from it."""
+    import datasets
+    import numpy as np
+    import transformers.models.auto.image_processing_auto as auto
+
+    from kdcache.cache import PIXELS, teacher_logits
+    from kdcache.train import train_student
+
+    original = auto.is_torchvision_available
+    auto.is_torchvision_available = lambda: True
+    try:
+        assert auto._resolve_backend(None, None, "ViTImageProcessor") == "torchvision", "the patch takes effect"
+        cache = teacher_logits(str(tiny_dataset), str(tiny_teacher), output=tmp_path / "cache", progress=False)
+        train_student(cache, output=tmp_path / "student", max_steps=1, batch_size=8, progress=False)
+    finally:
+        auto.is_torchvision_available = original
+    for split in ("train", "validation", "test"):
+        mine, reference = (
+            np.stack(list(datasets.load_from_disk(str(path))[split].with_format("numpy")[PIXELS]))
+            for path in (cache, tiny_cache)
+        )
+        assert mine.shape == (len(mine), 3, 32, 32) and np.array_equal(mine, reference), split
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """Every `kdcache ...` command line in the code blocks of README.md, BENCHMARKS.md and docs/ (joined across `\\`
+    continuations; after `-m kdcache` in a launcher's line), as (document, line). Lines with `...` are elisions
+    ("the same command as above"), not commands, and are left out."""
+    found = []
+    for document in DOCUMENTS:
+        block, shell, lines = False, False, []
+        for line in document.read_text().splitlines():
+            if line.startswith("```") and block:  # a fence closes the block it opened
+                found += [(document.name, command) for command in commands_in(lines)]
+                block, shell, lines = False, False, []
+            elif line.startswith("```"):
+                block, shell = True, line[3:].strip() in ("", "bash", "sh", "console")
+            elif shell:
+                lines.append(line)
+    return found
+
+
+def commands_in(lines: list[str]) -> list[str]:
+    commands = []
+    for line in "\n".join(lines).replace("\\\n", " ").splitlines():
+        line = line.split(" #", 1)[0].strip()
+        command = re.search(r"(?:^|\s-m\s|^\.venv/bin/)(kdcache\s.*)$", line)
+        if command and "..." not in command.group(1):
+            commands.append(command.group(1))
+    return commands
+
+
+def test_the_docs_hold_kdcache_commands_of_every_subcommand():
+    subcommands = {shlex.split(line)[1] for _, line in documented_commands()}
+    assert {"teacher-logits", "train-student", "evaluate", "verify", "info", "demo"} <= subcommands
+
+
+def parse(line: str) -> None:
+    """Parse a `kdcache ...` line with the CLI's own parser, as `kdcache` would (options known, values of the right
+    type and choice, required arguments given), short of running it."""
+    import typer
+
+    from kdcache.cli import app
+
+    name, *arguments = shlex.split(line)[1:]
+    command = typer.main.get_command(app).get_command(None, name)
+    if command is None:
+        raise ValueError(f"kdcache has no command '{name}'")
+    command.make_context(name, arguments)
+
+
+def test_a_command_that_would_not_run_does_not_parse():
+    parse("kdcache train-student CACHE --epochs 3")
+    for wrong in (
+        "kdcache train-student CACHE --epoch 3",
+        "kdcache teacher-logits --views K",
+        "kdcache evaluate",
+        "kdcache trian",
+    ):
+        with pytest.raises(Exception):  # noqa: B017 (typer bundles its own click: its exceptions are not click's)
+            parse(wrong)
+
+
+@pytest.mark.parametrize(("document", "line"), documented_commands())
+def test_each_documented_command_parses_as_written(document, line):
+    try:
+        parse(line)
+    except Exception as error:
+        pytest.fail(f"{document}: `{line}` does not parse: {getattr(error, 'format_message', error.__str__)()}")
+
+
+# Figures quoted from benchmarks/results/: each quote's numbers, in order, are the file's values as rounded in the quote
+
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def results(name: str):
+    path = RESULTS / name
+    if name.endswith(".jsonl"):
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(path.read_text())
+
+
+def quality(recipe: str) -> dict:
+    (row,) = [row for row in results("quality.json") if row["recipe"] == recipe]
+    return row
+
+
+def quality_row(recipe: str) -> list[float]:
+    """A BENCHMARKS table row's figures: test mean ± sd, validation mean, agreement with the teacher."""
+    row = quality(recipe)
+    return [row[name] for name in ("test_accuracy_mean", "test_accuracy_sd", "validation_accuracy_mean")] + [
+        row["teacher_agreement_mean"]
+    ]
+
+
+def accuracy_per_seed(recipe: str, momentum: float) -> list[float]:
+    runs = [run for run in results("quality-runs.jsonl") if run["recipe"] == recipe]
+    return [
+        run["test_accuracy"]
+        for run in sorted(runs, key=lambda run: run["seed"])
+        if run["batchnorm_momentum"] == momentum
+    ]
+
+
+def last_epoch_gain(recipe: str) -> float:
+    """Points of validation accuracy that the mean curve of a pre-fix recipe's seeds gained in its last epoch."""
+    curves = [
+        run["curve"] for run in results("quality-runs.jsonl") if run["recipe"] == recipe and "ema_warmup" not in run
+    ]
+    mean = [sum(values) / len(values) for values in zip(*curves)]
+    return 100 * (mean[-1] - mean[-2])
+
+
+def compact_student(storage: str, dropout: str, alpha=None) -> list[float]:
+    """A compact-logits table row: seeds, validation mean ± sd, test mean ± sd."""
+    (row,) = [
+        row
+        for row in results("compact-logits.json")["students"]
+        if row["storage"] == storage
+        and row["training"]["student"].endswith("-dropout02") == (dropout == "0.2")
+        and row["training"].get("alpha") == alpha
+    ]
+    validation, test = row["validation_accuracy"], row["test_accuracy"]
+    return [len(row["seeds"]), validation["mean"], validation["sd"], test["mean"], test["sd"]]
+
+
+def compact_seeds(storage: str, dropout: str) -> list[float]:
+    """A compact-logits table row's validation accuracy per seed, from one line per student."""
+    runs = [
+        run
+        for run in results("compact-logits-runs.jsonl")
+        if run["storage"] == storage
+        and run["training"]["student"].endswith("-dropout02") == (dropout == "0.2")
+        and "alpha" not in run["training"]
+    ]
+    return [run["validation_accuracy"] for run in sorted(runs, key=lambda run: run["seed"])]
+
+
+def kl(storage: str) -> dict:
+    (row,) = [row for row in results("compact-logits.json")["kl"] if row["storage"] == storage]
+    return row
+
+
+def scale(rows: int) -> dict:
+    (row,) = [row for row in results("scale.json")["results"] if row["rows"] == rows]
+    return row
+
+
+def scale_row(rows: int) -> list[float]:
+    """A row of the at-scale table, in MB (10^6 bytes)."""
+    row = scale(rows)
+    cache, load, train = row["cache"], row["load"], row["train"]
+    return [
+        rows, cache["images_per_second"], cache["peak_rss"] / 1e6, cache["wchar"] / 1e6, cache["cache_bytes"] / 1e6,
+        cache["wchar"] / cache["cache_bytes"], load["seconds"], load["peak_rss"] / 1e6, train["steps_per_second"],
+        train["peak_rss"] / 1e6, train["peak_anon"] / 1e6, train["peak_file"] / 1e6,
+    ]  # fmt: skip
+
+
+def peak(stage: str, rows: int) -> float:
+    return scale(rows)[stage]["peak_rss"]
+
+
+def release_runs(release: int) -> list[dict]:
+    runs = [run for run in results("scale-release-mapped.json")["runs"] if run["KDCACHE_RELEASE_MAPPED"] == release]
+    return [run["result"]["results"][0]["train"] for run in sorted(runs, key=lambda run: run["round"])]
+
+
+def mapped(release: bool, name: str) -> list[float]:
+    values = [row[name] for row in results("mapped-release.json")["results"] if row["release"] == release]
+    return [min(values), max(values)]
+
+
+QUOTES = [
+    # (documents, quoted text, results file, its values in the quote's order)
+    (("README.md", "BENCHMARKS.md"), "0.870 ± 0.020", "quality.json",
+     lambda: [quality("k1-defaults")["test_accuracy_mean"], quality("k1-defaults")["test_accuracy_sd"]]),
+    (("README.md",), "(test accuracy 0.969)", "quality.json", lambda: [quality("k1-defaults")["teacher_test_accuracy"]]),
+    (("README.md",), "over 3 seeds, in 17 minutes of training per student", "quality.json",
+     lambda: [len(quality("k1-defaults")["seeds"]), quality("k1-defaults")["stage_two_minutes"]]),
+    (("README.md",), "teacher took 0.6 min", "quality.json", lambda: [quality("k1-defaults")["stage_one_minutes"]]),
+    (("README.md",), "(20 epochs at 224 px) 16.9 min", "quality.json",
+     lambda: [20, 224, quality("k1-defaults")["stage_two_minutes"]]),
+    (("README.md",), "0.823 ± 0.043 and 0.810 ± 0.045", "quality.json", lambda: quality_row("views")[:2] + quality_row("patient")[:2]),
+    (("README.md", "BENCHMARKS.md"), "0.833 ± 0.009", "quality.json", lambda: quality_row("scratch")[:2]),
+    (("README.md",), "DIST 0.776 ± 0.027, KD on standardised logits 0.734 ± 0.036, DKD 0.719 ± 0.028", "quality.json",
+     lambda: quality_row("views-dist")[:2] + quality_row("views-kd-standardized")[:2] + quality_row("views-dkd")[:2]),
+    (("README.md",), "fp16, top-50 and top-10 0.971-0.972 against float32's 0.913 ± 0.110; top-1 0.792 ± 0.269",
+     "compact-logits.json", lambda: [
+         min(compact_student(storage, "0.2")[1] for storage in ("fp16", "fp16-top50", "fp16-top10")),
+         max(compact_student(storage, "0.2")[1] for storage in ("fp16", "fp16-top50", "fp16-top10")),
+         *compact_student("fp32", "0.2")[1:3], *compact_student("fp16-top1", "0.2")[1:3]]),
+    # BENCHMARKS: the quality sections
+    (("BENCHMARKS.md",), "| 0, 1, 2 | 0.745 ± 0.048 | 0.804 | 0.753 |", "quality.json",
+     lambda: [0, 1, 2] + quality_row("patient (BatchNorm momentum 0.997) (EMA without warm-up)")),
+    (("BENCHMARKS.md",), "| 0, 1, 2 | 0.818 ± 0.048 | **0.872** | 0.823 |", "quality.json",
+     lambda: [0, 1, 2] + quality_row("views (BatchNorm momentum 0.997) (EMA without warm-up)")),
+    (("BENCHMARKS.md",), "| 0, 1, 2 | **0.831 ± 0.020** | 0.862 | 0.846 |", "quality.json",
+     lambda: [0, 1, 2] + quality_row("scratch (BatchNorm momentum 0.997) (EMA without warm-up)")),
+    (("BENCHMARKS.md",), "| 0, 1, 2 | 0.836 ± 0.016 | 0.920 | 0.839 |", "quality.json",
+     lambda: [0, 1, 2] + quality_row("k1-defaults (BatchNorm momentum 0.997)")),
+    (("BENCHMARKS.md",), "| 0, 1, 2 | **0.870 ± 0.020** | **0.932** | 0.859 | 16.9 |", "quality.json",
+     lambda: [0, 1, 2] + quality_row("k1-defaults") + [quality("k1-defaults")["stage_two_minutes"]]),
+    (("BENCHMARKS.md",), "seeds 0, 1, 2: 0.891, 0.867, 0.852 against 0.852, 0.820, 0.836", "quality-runs.jsonl",
+     lambda: [0, 1, 2] + accuracy_per_seed("k1-defaults", 0.1) + accuracy_per_seed("k1-defaults", 0.997)),
+    (("BENCHMARKS.md",), "(patient 1.3, scratch 1.2, views 2.3)", "quality-runs.jsonl",
+     lambda: [last_epoch_gain(recipe) for recipe in ("patient", "scratch", "views")]),
+    (("BENCHMARKS.md",), "| 0, 1, 2 | 0.810 ± 0.045 | 0.862 | 0.807 |", "quality.json", lambda: [0, 1, 2] + quality_row("patient")),
+    (("BENCHMARKS.md",), "| 0, 1, 2 | 0.823 ± 0.043 | **0.897** | 0.836 |", "quality.json", lambda: [0, 1, 2] + quality_row("views")),
+    (("BENCHMARKS.md",), "| 0, 1, 2 | **0.833 ± 0.009** | 0.887 | 0.828 |", "quality.json", lambda: [0, 1, 2] + quality_row("scratch")),
+    (("BENCHMARKS.md",), "| 0, 1, 2 | 0.719 ± 0.028 | 0.719 | 0.719 |", "quality.json", lambda: [0, 1, 2] + quality_row("views-dkd")),
+    (("BENCHMARKS.md",), "| 0, 1, 2 | 0.776 ± 0.027 | 0.820 | 0.784 |", "quality.json", lambda: [0, 1, 2] + quality_row("views-dist")),
+    (("BENCHMARKS.md",), "| 0, 1, 2 | 0.734 ± 0.036 | 0.737 | 0.737 |", "quality.json",
+     lambda: [0, 1, 2] + quality_row("views-kd-standardized")),
+    # compact logits
+    (("BENCHMARKS.md",), "| fp32 | 3 | 0.913 ± 0.110 | 0.906 ± 0.102 |", "compact-logits.json", lambda: compact_student("fp32", "0.2")),
+    (("BENCHMARKS.md",), "| fp16 | 3 | 0.971 ± 0.005 | 0.975 ± 0.006 |", "compact-logits.json", lambda: compact_student("fp16", "0.2")),
+    (("BENCHMARKS.md",), "| fp16-top50 | 3 | 0.972 ± 0.001 | 0.977 ± 0.015 |", "compact-logits.json",
+     lambda: compact_student("fp16-top50", "0.2")),
+    (("BENCHMARKS.md",), "| fp16-top10 | 3 | 0.972 ± 0.005 | 0.973 ± 0.005 |", "compact-logits.json",
+     lambda: compact_student("fp16-top10", "0.2")),
+    (("BENCHMARKS.md",), "| fp16-top1 | 3 | 0.792 ± 0.269 | 0.799 ± 0.261 |", "compact-logits.json",
+     lambda: compact_student("fp16-top1", "0.2")),
+    (("BENCHMARKS.md",), "| scratch (alpha 0) | 3 | 0.899 ± 0.083 | 0.885 ± 0.088 |", "compact-logits.json",
+     lambda: [0] + compact_student("fp32", "0.2", alpha=0)),
+    (("BENCHMARKS.md",), "| fp32 | 5 | 0.775 ± 0.365 | 0.774 ± 0.365 |", "compact-logits.json", lambda: compact_student("fp32", "0.8")),
+    (("BENCHMARKS.md",), "| fp16-top10 | 5 | 0.440 ± 0.305 | 0.445 ± 0.315 |", "compact-logits.json",
+     lambda: compact_student("fp16-top10", "0.8")),
+    (("BENCHMARKS.md",), "| 0.913 ± 0.110 | 0.906 ± 0.102 | 0.963, 0.990, 0.787 |", "compact-logits-runs.jsonl",
+     lambda: compact_student("fp32", "0.2")[1:] + compact_seeds("fp32", "0.2")),
+    (("BENCHMARKS.md",), "| 0.775 ± 0.365 | 0.774 ± 0.365 | 0.938, 0.960, 0.883, 0.967, 0.125 |", "compact-logits-runs.jsonl",
+     lambda: compact_student("fp32", "0.8")[1:] + compact_seeds("fp32", "0.8")),
+    (("BENCHMARKS.md",), "| fp16, top 10 | 0.00029 | 0.047 | 0.67 |", "compact-logits.json",
+     lambda: [10, kl("fp16-top10")["kl_mean_T1"], kl("fp16-top10")["kl_mean_T5"], kl("fp16-top10")["mass_outside_top_k_T5"]]),
+    (("BENCHMARKS.md",), "| fp16, top 1 | 0.0122 | 0.116 | 0.85 |", "compact-logits.json",
+     lambda: [1, kl("fp16-top1")["kl_mean_T1"], kl("fp16-top1")["kl_mean_T5"], kl("fp16-top1")["mass_outside_top_k_T5"]]),
+    (("BENCHMARKS.md",), "is 0.378):", "compact-logits.json", lambda: [kl("fp16")["kl_to_uniform_mean_T5"]]),
+    # at scale
+    (("BENCHMARKS.md",), "| 10,000 | 875 | 617 | 176 / 176 MB (1.002) | 0.17 s | 343 | 8.82 | 778 (534 + 245) |", "scale.json",
+     lambda: scale_row(10_000)),
+    (("BENCHMARKS.md",), "| 100,000 | 1,098 | 637 | 1,720 / 1,717 MB (1.002) | 1.65 s | 375 | 8.80 | 792 (536 + 254) |",
+     "scale.json", lambda: scale_row(100_000)),
+    (("BENCHMARKS.md",), "| **1.033** | | | **1.093** | | **1.018** |", "scale.json",
+     lambda: [peak(stage, 100_000) / peak(stage, 10_000) for stage in ("cache", "load", "train")]),
+    (("docs/at-scale.md",), "| peak RSS | 637 MB vs 617 MB (1.03x) | 375 MB vs 343 MB (1.09x) | 792 MB vs 778 MB (1.02x) |",
+     "scale.json", lambda: [
+         value for stage in ("cache", "load", "train")
+         for value in (peak(stage, 100_000) / 1e6, peak(stage, 10_000) / 1e6, peak(stage, 100_000) / peak(stage, 10_000))]),
+    (("docs/at-scale.md",), "| time | 1,098 img/s vs 875 img/s | 1.65 s for 1.72 GB vs 0.17 s | 8.8 steps/s vs 8.8 |", "scale.json",
+     lambda: [scale(100_000)["cache"]["images_per_second"], scale(10_000)["cache"]["images_per_second"],
+              scale(100_000)["load"]["seconds"], scale(100_000)["cache"]["cache_bytes"] / 1e9, scale(10_000)["load"]["seconds"],
+              scale(100_000)["train"]["steps_per_second"], scale(10_000)["train"]["steps_per_second"]]),
+    (("BENCHMARKS.md",), "(2.3 MB of `wchar`,\n  32,768 bytes to storage, at 100k)", "scale.json",
+     lambda: [scale(100_000)["cache"]["workers_wchar"] / 1e6, scale(100_000)["cache"]["workers_write_bytes"], 100]),
+    (("BENCHMARKS.md",), "peak RSS 2,342-2,350 MB without, 793-796 MB", "scale-release-mapped.json",
+     lambda: [min(run["peak_rss"] for run in release_runs(0)) / 1e6, max(run["peak_rss"] for run in release_runs(0)) / 1e6,
+              min(run["peak_rss"] for run in release_runs(1)) / 1e6, max(run["peak_rss"] for run in release_runs(1)) / 1e6]),
+    (("BENCHMARKS.md",), "steps/s 9.61, 8.90, 9.61 without and 8.68, 8.78, 8.40 with, per-round ratio 0.90, 0.99, 0.87",
+     "scale-release-mapped.json", lambda: [run["steps_per_second"] for run in release_runs(0)]
+     + [run["steps_per_second"] for run in release_runs(1)]
+     + [on["steps_per_second"] / off["steps_per_second"] for off, on in zip(release_runs(0), release_runs(1))]),
+    (("BENCHMARKS.md",), "takes 4.8 to 5.0 ms of CPU", "mapped-release.json", lambda: mapped(True, "release_cpu_ms_per_batch")),
+    (("BENCHMARKS.md",), "12.6 to 13.0 ms instead of 9.6 to 11.0", "mapped-release.json",
+     lambda: mapped(True, "read_ms_per_batch") + mapped(False, "read_ms_per_batch")),
+    (("BENCHMARKS.md",), "is 204 to 206 MB\n  with unmapping, 1,592 to 1,596 MB without", "mapped-release.json",
+     lambda: mapped(True, "peak_rss_file_mb") + mapped(False, "peak_rss_file_mb")),
+    (("BENCHMARKS.md", "docs/at-scale.md"), "64 to 72 MB", "mapped-release.json",
+     lambda: [min(mapped(True, "one_batch_maps_mb") + mapped(False, "one_batch_maps_mb")),
+              max(mapped(True, "one_batch_maps_mb") + mapped(False, "one_batch_maps_mb"))]),
+]  # fmt: skip
+
+# a number as a quote shows it: not part of a word (float32, top-1, fp16), with its thousands separators
+FIGURE = re.compile(r"(?<![\w.])(?<![A-Za-z]-)\d[\d,]*(?:\.\d+)?")
+
+
+@pytest.mark.parametrize(
+    ("documents", "quote", "source", "values"), QUOTES, ids=[quote[:50] for _, quote, _, _ in QUOTES]
+)
+def test_each_quoted_figure_is_its_results_file_rounded(documents, quote, source, values):
+    expected = values()
+    shown = FIGURE.findall(quote)
+    assert len(shown) == len(expected), f"{quote!r} shows {shown}, the check has {len(expected)} values"
+    for text, value in zip(shown, expected):
+        decimals = len(text.split(".")[1]) if "." in text else 0
+        assert abs(float(text.replace(",", "")) - value) <= 0.5 * 10**-decimals + 1e-9, (
+            f"{quote!r}: {text} is not {value} ({source}) rounded"
+        )
+    for document in documents:  # whatever the line breaks
+        text = " ".join((REPO / document).read_text().split())
+        assert " ".join(quote.split()) in text, f"{document} no longer quotes {quote!r} ({source})"
+
+
+# Results files that BENCHMARKS.md does not quote yet (their sections are being written): once it names one, the
+# figures it quotes from it go into QUOTES
+NOT_YET_QUOTED = {"resume-check.json"}
+
+
+def test_every_results_file_is_checked_and_every_benchmarks_results_file_exists():
+    checked = {source for _, _, source, _ in QUOTES}
+    kept = {path.name for path in RESULTS.iterdir() if path.suffix in (".json", ".jsonl")}
+    assert kept - NOT_YET_QUOTED == checked, (
+        "a results file whose quoted figures no test checks, or a check of a file not kept"
+    )
+    benchmarks = (REPO / "BENCHMARKS.md").read_text()
+    assert not [name for name in NOT_YET_QUOTED if name in benchmarks], (
+        "BENCHMARKS quotes it now: add its figures to QUOTES"
+    )
+    named = set(re.findall(r"benchmarks/results/([\w.-]+\.jsonl?)", (REPO / "BENCHMARKS.md").read_text()))
+    assert named <= kept, f"BENCHMARKS.md names results files that do not exist: {sorted(named - kept)}"
