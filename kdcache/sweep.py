@@ -315,8 +315,11 @@ def _fail_dead_local_trials(optuna, study) -> None:
             study._storage.set_trial_state_values(trial._trial_id, state=state.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another process failed it first
-        if attrs.get("work"):
-            shutil.rmtree(attrs["work"], ignore_errors=True)
+        if attrs.get("work"):  # OUTPUT/trials/NNNN.partial, and the lock file of OUTPUT/trials/NNNN
+            work = Path(attrs["work"])
+            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                lock_file(work.with_name(work.name.removesuffix(".partial"))).unlink()
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
 
 
