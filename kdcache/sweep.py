@@ -347,7 +347,12 @@ class _TrialRunner:
 
         from kdcache.train import train_student
 
-        folder = self.output / "trials" / f"{trial.number:04d}"
+        name = (
+            f"{trial.number:04d}"
+            if self.study.study_name == DEFAULT_STUDY
+            else f"{self.study.study_name}-{trial.number:04d}"
+        )
+        folder = self.output / "trials" / name  # another study in the same output never writes over this one's
         work = folder.with_name(folder.name + ".partial")
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
@@ -433,7 +438,7 @@ def _final_seeds(optuna, study, caches, output: Path, fixed, seeds: int, progres
         log.info("sweep: another process is training the final seeds; leaving them to it")
         return None
     try:
-        options = TrainingOptions(**best.user_attrs["options"])
+        options = replace(fixed, **best.params)  # the best trial's options, run where this process runs
         runs = []
         for seed in range(seeds):
             folder = output / "final" / f"trial-{best.number:04d}" / f"seed-{seed}"
