@@ -267,7 +267,9 @@ def test_a_journal_file_storage_continues_up_to_the_total(tmp_path, tiny_cache):
 
     journal = tmp_path / "study.journal"
     first = sweep(tiny_cache, tmp_path / "a", SPACE, trials=1, storage=str(journal), progress=False, **FAST)
-    second = sweep(tiny_cache, tmp_path / "a", SPACE, trials=2, storage=str(journal), progress=False, **FAST)
+    second = sweep(
+        tiny_cache, tmp_path / "a", SPACE, trials=2, storage=str(journal), pruner="hyperband", progress=False, **FAST
+    )
     assert len(first["trials"]) == 1 and [record["trial"] for record in second["trials"]] != []
     assert sorted(record["trial"] for record in second["trials"]) == [0, 1]
     assert all(record["state"] == "complete" for record in second["trials"]) and journal.exists()
