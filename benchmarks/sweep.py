@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OUT = RESULTS / "sweep"
 
 # What the sweep draws: the options BENCHMARKS.md found moving beans results by several points, one seed each.
 SPACE = [
@@ -55,6 +54,7 @@ def main():
     )
     parser.add_argument("--final-seeds", type=int, default=3)
     parser.add_argument("--test", action="store_true", help="evaluate each final student once on the test split")
+    parser.add_argument("--results", default=str(RESULTS), help="where the study, plots and quality table go")
     args = parser.parse_args()
 
     from kdcache.cache import read_manifest, teacher_logits
@@ -74,6 +74,8 @@ def main():
         if cpu_minutes() >= args.budget_cpu_minutes or past(args.deadline):
             break
         report = sweep(cache, output, SPACE, trials=trials, sampler_seed=0, **FIXED)
+    if report is None and not done:
+        raise SystemExit(f"sweep.py: the budget of {args.budget_cpu_minutes:g} CPU-minutes was spent before any trial")
     sweep_cpu, sweep_wall = round(cpu_minutes(), 1), round((time.time() - started) / 60, 1)
     print(f"sweep: {sweep_cpu} CPU-minutes, {sweep_wall} wall minutes (this process)", flush=True)
     report = sweep(
@@ -85,14 +87,15 @@ def main():
         final_seeds=args.final_seeds,
         **FIXED,
     )
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = Path(args.results) / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
     report["budget_cpu_minutes"] = args.budget_cpu_minutes
     report["cpu_minutes_this_run"] = round(cpu_minutes(), 1)
     report["wall_minutes_this_run"] = round((time.time() - started) / 60, 1)
     report["space"], report["fixed"] = SPACE, FIXED
-    (OUT / "sweep.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "sweep.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     for name, path in report.get("plots", {}).get("written", {}).items():
-        shutil.copy(path, OUT / f"{name}.png")
+        shutil.copy(path, out / f"{name}.png")
     if args.test and report.get("final_seeds"):
         test_finals(args, cache, report, stage_one_minutes)
 
@@ -106,6 +109,8 @@ def test_finals(args, cache, report, stage_one_minutes):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import quality
 
+    quality.RUNS, quality.TABLE = Path(args.results) / quality.RUNS.name, Path(args.results) / quality.TABLE.name
+    quality.CURVES = Path(args.results) / quality.CURVES.name
     finals = report["final_seeds"]
     best = next(record for record in report["trials"] if record["trial"] == finals["trial"])
     training = {**FIXED, **best["params"]}
