@@ -155,6 +155,8 @@ def table(args):
                 "cache": runs[0]["cache"],
                 "training": runs[0]["training"],
                 "batchnorm_momentum": runs[0].get("batchnorm_momentum", 0.997),
+                # a recipe found by benchmarks/sweep.py: its study's trials and minutes
+                **({"sweep": runs[0]["sweep"]} if "sweep" in runs[0] else {}),
             }
         )
     TABLE.write_text(json.dumps(rows, indent=2) + "\n")

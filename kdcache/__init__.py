@@ -47,6 +47,10 @@ def __getattr__(name):
         from kdcache.train import train_student
 
         return train_student
+    if name == "sweep":  # the module, callable as the function (kdcache.sweep._CallableModule)
+        import importlib
+
+        return importlib.import_module("kdcache.sweep")
     if name == "evaluate_models":
         from kdcache.evaluation import evaluate_models
 

@@ -20,6 +20,7 @@ app = typer.Typer(
         "\b\n"
         "  kdcache teacher-logits   run the teacher once over a dataset, store its logits\n"
         "  kdcache train-student    train a small student from the cached soft targets\n"
+        "  kdcache sweep            train many students: an Optuna study over train-student's options\n"
         "  kdcache evaluate         measure students and teachers on a split\n"
         "  kdcache info CACHE       what a cache holds and what produced it\n"
         "  kdcache verify CACHE     rerun the teacher on a sample of a cache: are its logits the teacher's?\n"
@@ -618,6 +619,129 @@ def train_student_command(
         push_to_hub=push_to_hub,
     )
     train_student(cache[0] if len(cache) == 1 else cache, output=output, options=options, progress=True)
+
+
+@app.command("sweep")
+@friendly
+def sweep_command(
+    cache: list[Path] = typer.Argument(
+        ...,
+        metavar="CACHE",
+        help="A cache folder written by kdcache teacher-logits (several: a teacher ensemble, as in train-student).",
+        show_default=False,
+    ),
+    param: Optional[list[str]] = typer.Option(
+        None,
+        "--param",
+        metavar="NAME=SPEC",
+        help="A train-student option to sweep and its distribution, SPEC one of loguniform(a,b), uniform(a,b), int(a,b), choice(x,y,...); repeat it, e.g. --param 'learning_rate=loguniform(1e-4,1e-2)' --param 'temperature=choice(2,5)'.",
+    ),
+    space: Optional[Path] = typer.Option(
+        None, help="The same as a YAML or JSON file: option names to SPEC strings (a list of values is a choice)."
+    ),
+    trials: int = typer.Option(..., help="Trials in the whole study: a rerun of the same command continues up to N."),
+    output: Path = typer.Option(
+        ..., help="Folder of the sweep: trials/NNNN (one student each), best/, plots/, sweep.json, study.db."
+    ),
+    timeout: Optional[float] = typer.Option(
+        None, show_default="none", help="Seconds after which this process starts no new trial."
+    ),
+    storage: Optional[str] = typer.Option(
+        None,
+        show_default="OUTPUT/study.db (SQLite)",
+        help="Where the study lives: an SQLAlchemy URL (sqlite:///..., postgresql://...) that several processes or machines share, or the path of an Optuna journal file.",
+    ),
+    study_name: str = typer.Option("kdcache-sweep", help="The study's name in the storage."),
+    pruner: str = typer.Option("median", help="Stops hopeless trials after an epoch: median, hyperband or none."),
+    final_seeds: int = typer.Option(
+        0,
+        help="Once the study is complete, retrain the best options with seeds 0..K-1 (OUTPUT/final) and report validation mean ± sd.",
+    ),
+    sampler_seed: Optional[int] = typer.Option(None, show_default="random", help="Seed of Optuna's TPE sampler."),
+    student: Optional[str] = typer.Option(
+        None, show_default="MobileNetV2Config() from scratch", help="As in train-student."
+    ),
+    loss: str = typer.Option(DEFAULT("loss"), help="kd, dkd or dist (as in train-student)."),
+    temperature: Optional[float] = typer.Option(
+        DEFAULT("temperature"), "--temperature", "-T", show_default="the loss's", help="Softmax temperature T."
+    ),
+    alpha: float = typer.Option(DEFAULT("alpha"), help="Weight of the distillation part against the labels' CE."),
+    standardize_logits: bool = typer.Option(DEFAULT("standardize_logits"), "--standardize-logits"),
+    teacher_weights: Optional[str] = typer.Option(None, show_default="equal", help=TEACHER_WEIGHTS_HELP),
+    epochs: float = typer.Option(DEFAULT("epochs"), help="Training epochs of every trial."),
+    learning_rate: float = typer.Option(DEFAULT("learning_rate"), help="Peak AdamW learning rate."),
+    batch_size: int = typer.Option(DEFAULT("batch_size"), help="Images per training step."),
+    weight_decay: float = typer.Option(DEFAULT("weight_decay"), help="AdamW weight decay."),
+    warmup_ratio: float = typer.Option(DEFAULT("warmup_ratio"), help="Fraction of steps warming up."),
+    scheduler: str = typer.Option(DEFAULT("scheduler"), help="Learning-rate schedule (as in train-student)."),
+    seed: int = typer.Option(DEFAULT("seed"), help="Seed of every trial's student (unless swept)."),
+    eval_split: str = typer.Option("validation", help="Split each trial is scored on, at its best epoch."),
+    student_size: Optional[int] = typer.Option(
+        None, show_default="the teacher's input size", help="Train the students at S x S pixels."
+    ),
+    ema_decay: Optional[float] = typer.Option(None, show_default="no EMA", help="EMA decay of the weights."),
+    num_workers: Optional[int] = typer.Option(None, show_default="as train-student", help="DataLoader workers."),
+    device: str = typer.Option(DEFAULT("device"), help="auto, cpu, cuda, cuda:1, mps: one device per process."),
+    precision: str = typer.Option(DEFAULT("precision"), help="auto, fp32, bf16, fp16."),
+):
+    """Train many students from one cache: an Optuna study over train-student's options, resumable, on one
+    machine or many.
+
+    Each trial is a train-student run into OUTPUT/trials/NNNN with options drawn from the space (--param, --space)
+    over the fixed options given; it is scored by its best epoch's validation accuracy, reported after every epoch
+    so that the pruner stops hopeless trials (a pruned trial leaves its record, not its student). The cache is
+    verified once. A rerun of the same command continues the study; several processes given one --storage run
+    distinct trials of it. Leaves sweep.json and a leaderboard, best/ (a normal student folder), and plots/.
+    Needs Optuna: pip install -e '.[sweep]'.
+
+    \b
+      kdcache sweep data/beans--effl0-beans --trials 20 --output data/sweeps/beans \\
+          --param 'learning_rate=loguniform(3e-4,3e-3)' --param 'temperature=choice(2,5)' --student-size 128
+
+    Several machines, one study (each runs the same command):
+
+    \b
+      kdcache sweep data/beans--effl0-beans --trials 60 --output data/sweeps/beans \\
+          --storage postgresql://user:password@host/sweeps --space space.yaml
+    """
+    from kdcache.sweep import optuna_module, sweep
+
+    optuna_module()  # without Optuna: one line saying how to install it, before anything else
+    options = TrainingOptions(
+        student=student,
+        loss=loss,
+        temperature=temperature,
+        alpha=alpha,
+        standardize_logits=standardize_logits,
+        teacher_weights=_weights(teacher_weights),
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        scheduler=scheduler,
+        seed=seed,
+        eval_split=None if eval_split.lower() == "none" else eval_split,
+        student_size=student_size,
+        ema_decay=ema_decay,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+    )
+    sweep(
+        cache[0] if len(cache) == 1 else cache,
+        output,
+        list(param or []),
+        trials=trials,
+        options=options,
+        space_file=space,
+        timeout=timeout,
+        storage=storage,
+        study_name=study_name,
+        pruner=pruner,
+        sampler_seed=sampler_seed,
+        final_seeds=final_seeds,
+    )
 
 
 @app.command("demo")

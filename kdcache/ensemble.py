@@ -65,16 +65,19 @@ def normalised_weights(weights, count: int) -> list[float]:
     return [weight / sum(weights) for weight in weights]
 
 
-def open_ensemble(paths, first_cached, first_manifest: Manifest, splits, weights, temperature: float, share=None):
+def open_ensemble(
+    paths, first_cached, first_manifest: Manifest, splits, weights, temperature: float, share=None, verify=True
+):
     """The ensemble of the caches at `paths` (the first already loaded as `first_cached`, `first_manifest`), checked
     on `splits` (those the run reads), and the first cache's DatasetDict with those splits' teacher logits replaced
-    by the ensemble's at `temperature`. `share`: this process's share of each cache's files to hash (load_cache)."""
+    by the ensemble's at `temperature`. `share`: this process's share of each cache's files to hash (load_cache);
+    `verify=False`: none, the caller has verified them."""
     from kdcache.loss import ensemble_teacher_logits
 
     paths = [Path(path) for path in paths]
     caches, manifests = [first_cached], [first_manifest]
     for path in paths[1:]:
-        cached, manifest = load_cache(path, share=share)
+        cached, manifest = load_cache(path, verify=verify, share=share)
         check_same_inputs(paths[0], first_cached, first_manifest, path, cached, manifest, splits)
         caches.append(cached)
         manifests.append(manifest)

@@ -504,6 +504,7 @@ def train_student(
     *,
     callbacks: list | None = None,
     progress: bool = True,
+    verify: bool = True,
     **overrides,
 ) -> dict:
     """Train a student from the cache at `cache` and save it (model, image processor, model card) to `output`.
@@ -518,7 +519,8 @@ def train_student(
     `standardize_logits` z-scores student and teacher logits before the softmax (kd and dkd). `student_size` S trains (and saves) the student at S x S pixels: each view is the same crop as the
     teacher's, resized to S. `ema_decay` (e.g. 0.998) keeps an exponential moving average of the weights, evaluated
     each epoch and saved as the student. `callbacks` are transformers TrainerCallbacks (or classes), passed to the
-    Trainer as they are.
+    Trainer as they are. `verify=False` skips the checksums of the cache's files, for a caller that has verified
+    them already in this process (kdcache.sweep, once for all its trials).
 
     Returns a summary: output folder, best validation accuracy and its epoch, wall time, the per-epoch history.
     Launched as several processes (accelerate launch, torchrun), it trains data-parallel: `batch_size` is the
@@ -538,14 +540,14 @@ def train_student(
         with agreed(processes):
             # every process hashes its share of the chunk files, and agreed() makes a damaged one everyone's error
             share = (processes.index, processes.count) if processes else None
-            cache_path, cached, manifest = _open_cache(caches[0], options, share)
+            cache_path, cached, manifest = _open_cache(caches[0], options, share, verify)
             options = replace(options, unlabeled_splits=unlabeled_splits(manifest, options, cache_path))
             ensemble = None
             if len(caches) > 1:  # from here on the first cache's splits carry the ensemble's teacher logits
                 splits = [options.train_split, *options.unlabeled_splits]
                 splits += [options.eval_split] if options.eval_split is not None else []
                 cached, ensemble = open_ensemble(
-                    caches, cached, manifest, splits, options.teacher_weights, options.temperature, share
+                    caches, cached, manifest, splits, options.teacher_weights, options.temperature, share, verify
                 )
             fingerprint = ensemble.fingerprints if ensemble else manifest.fingerprint
             _claim_output(folder, fingerprint, options, place, processes)
@@ -600,10 +602,10 @@ STUDENT_OUTPUT = OutputKind(
 )
 
 
-def _open_cache(cache, options: TrainingOptions, share=None):
+def _open_cache(cache, options: TrainingOptions, share=None, verify: bool = True):
     """The verified cache (this process's `share` of its files hashed), refused when it lacks the splits asked for."""
     cache_path = Path(cache)
-    cached, manifest = load_cache(cache_path, share=share)
+    cached, manifest = load_cache(cache_path, verify=verify, share=share)
     for split, flag in ((options.train_split, "--train-split"), (options.eval_split, "--eval-split")):
         if split is not None and split not in cached:
             raise KdcacheError(f"{flag} '{split}' is not in cache '{cache_path}' (splits: {', '.join(cached)})")

@@ -1,0 +1,482 @@
+"""Many students from one teacher pass: an Optuna study whose trials are ordinary `train_student` runs.
+
+The cache is verified once per process, then every trial trains from it without hashing it again; each trial is
+scored by its best epoch's validation accuracy (as train-student keeps that epoch), reported to Optuna after every
+epoch so that a pruner stops hopeless trials. The study lives in a storage (SQLite in the output folder by default,
+any SQLAlchemy URL, or an Optuna journal file), which is what makes a sweep resumable and shareable: a rerun of the
+same command continues it, and several processes (on one machine or several) pointed at one storage run distinct
+trials of it. What a sweep leaves (sweep.json, the leaderboard, best/, the plots) is in kdcache.sweep_report.
+"""
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import statistics
+import sys
+import time
+import types
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from kdcache.errors import KdcacheError
+from kdcache.options import TrainingOptions, check_loss_for_cache, run_options
+from kdcache.outputs import lock_file
+from kdcache.sweep_space import Param, build_space
+
+log = logging.getLogger("kdcache")
+
+INSTALL = "kdcache sweep needs Optuna, an optional extra; install it with pip install -e '.[sweep]'"
+PRUNERS = ("median", "hyperband", "none")
+STUDY_FILE = "study.db"
+DEFAULT_STUDY = "kdcache-sweep"
+HEARTBEAT_SECONDS = 60  # a trial whose process stops beating for 3 of these is failed and retried by the next sweep
+REFUSED = "refused"  # a failed trial's user attribute: the one-line reason its options were refused
+
+
+def optuna_module():
+    """Optuna, or one line saying how to install it."""
+    try:
+        import optuna
+    except ImportError:
+        raise KdcacheError(INSTALL) from None
+    return optuna
+
+
+class TrialRefused(Exception):
+    """A trial whose drawn options train-student refused: recorded as failed, with the reason, and the sweep goes on."""
+
+
+class ReportEpochs:
+    """A TrainerCallback (built by `report_epochs`) that reports each evaluation's accuracy to the trial, as step
+    1, 2, ... (one per epoch), and stops training cleanly once the pruner says the trial is hopeless."""
+
+    def __init__(self, trial):
+        self.trial, self.pruned_at, self.steps = trial, None, 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or "eval_accuracy" not in metrics:
+            return
+        self.steps += 1
+        self.trial.report(float(metrics["eval_accuracy"]), self.steps)
+        if self.trial.should_prune():
+            self.pruned_at = self.steps
+            control.should_training_stop = True
+
+
+def report_epochs(trial):
+    from transformers import TrainerCallback
+
+    return type("ReportEpochs", (ReportEpochs, TrainerCallback), {})(trial)
+
+
+def make_pruner(pruner, epochs: float):
+    """`median` (no pruning during the first 4 trials, nor in the first quarter of a trial's epochs, when a cosine
+    schedule's accuracy says little yet), `hyperband` over the epochs, `none`, or an Optuna pruner as it is."""
+    optuna = optuna_module()
+    if not isinstance(pruner, str):
+        return pruner
+    if pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, int(epochs) // 4))
+    if pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, int(epochs)), reduction_factor=3)
+    if pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise KdcacheError(f"--pruner '{pruner}' is not one of {', '.join(PRUNERS)}")
+
+
+def open_storage(storage: str | None, output: Path):
+    """The study's storage: SQLite in `output` by default; a URL with '://' is an SQLAlchemy database (with a
+    heartbeat, so that trials of a dead process are failed and retried); anything else is an Optuna journal file."""
+    optuna = optuna_module()
+    if storage is None:
+        storage = f"sqlite:///{(output / STUDY_FILE).resolve()}"
+    if "://" not in storage:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        try:
+            Path(storage).parent.mkdir(parents=True, exist_ok=True)
+            return storage, JournalStorage(JournalFileBackend(str(storage)))
+        except OSError as error:
+            raise KdcacheError(f"--storage '{storage}' cannot be opened as a journal file ({error})") from None
+    storages = optuna.storages
+    # Optuna 4.9 renamed the stale-trial callback and its argument; 4.0 to 4.8 know the old names only.
+    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+        retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
+    else:
+        retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=3)}
+    # several processes write one SQLite file: wait for its lock instead of failing at once
+    engine = {"connect_args": {"timeout": 120}} if storage.startswith("sqlite") else {}
+    try:
+        return storage, storages.RDBStorage(
+            storage,
+            engine_kwargs=engine,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=3 * HEARTBEAT_SECONDS,
+            **retry,
+        )
+    except Exception as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise KdcacheError(f"--storage '{storage}' cannot be opened ({type(error).__name__}: {first})") from None
+
+
+def check_space(space: list[Param], fixed: TrainingOptions, caches: int, cache_facts) -> None:
+    """Refuse, before any trial, a value that the options' checks (or the cache) would refuse whatever else is
+    drawn: each parameter's bounds and choices, with every other option as fixed. Combinations refused only together
+    are refused trial by trial (recorded as refused)."""
+    check_trial_options(fixed, caches, cache_facts)
+    for param in space:
+        for value in param.corners():
+            try:
+                check_trial_options(replace(fixed, **{param.name: value}), caches, cache_facts)
+            except KdcacheError as error:
+                raise KdcacheError(f"--param {param.spec}: {param.name}={value} is refused: {error}") from None
+
+
+def check_trial_options(options: TrainingOptions, caches: int, cache_facts) -> None:
+    options.check(caches=caches)
+    classes, mixed, path = cache_facts
+    check_loss_for_cache(options.loss, classes, mixed, path)
+
+
+def sweep(
+    cache,
+    output: str | Path,
+    space=None,
+    *,
+    trials: int,
+    options: TrainingOptions | None = None,
+    space_file: str | Path | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    study_name: str = DEFAULT_STUDY,
+    pruner="median",
+    sampler_seed: int | None = None,
+    final_seeds: int = 0,
+    progress: bool = True,
+    **overrides,
+) -> dict:
+    """Run (or continue) a study of `trials` trials in all, each a `train_student(cache, ...)` run with options drawn
+    from `space` (Param objects, `NAME=SPEC` strings such as "learning_rate=loguniform(1e-4,1e-2)", or a
+    {name: SPEC} mapping; and/or `space_file`, YAML or JSON) over the fixed `options` (a TrainingOptions, and/or
+    keywords as train_student takes them). Trial N trains into OUTPUT/trials/NNNN; the study is stored in
+    OUTPUT/study.db unless `storage` names another (an SQLAlchemy URL, or an Optuna journal file path).
+
+    `pruner`: median, hyperband, none, or an Optuna pruner. `timeout`: seconds after which this process starts no
+    new trial. `final_seeds` K: once the study is complete, retrain the best options with seeds 0..K-1 into
+    OUTPUT/final/ and report their validation accuracy (mean and sd). Returns what OUTPUT/sweep.json holds.
+    """
+    from kdcache.sweep_report import leaderboard, update_best, write_plots, write_report
+
+    optuna = optuna_module()
+    from kdcache.cache import load_cache
+    from kdcache.runtime import launched_processes
+
+    if launched_processes() > 1:
+        raise KdcacheError(
+            "kdcache sweep runs its trials one after another in this process; start it as one process per "
+            "machine (or per GPU, with --device cuda:N), all pointed at one --storage, not with accelerate launch"
+        )
+    if trials < 1:
+        raise KdcacheError(f"--trials {trials} must be at least 1 (the study's total, counted over reruns)")
+    if final_seeds < 0:
+        raise KdcacheError(f"--final-seeds {final_seeds} must be >= 0")
+    fixed = replace(options or TrainingOptions(), **overrides)
+    fixed = replace(fixed, resume=False, overwrite=False, push_to_hub=None)
+    if fixed.eval_split is None:
+        raise KdcacheError("a sweep scores each trial on --eval-split, so it cannot be none; name a validation split")
+    params = build_space(space, space_file)
+    caches = [cache] if isinstance(cache, (str, Path)) else list(cache)
+    if not caches:
+        raise KdcacheError("name at least one cache to train from (a folder written by kdcache teacher-logits)")
+    output = Path(output)
+    # Verified once for the whole process: each trial then opens the caches without hashing their files again.
+    manifests = [load_cache(path)[1] for path in caches]
+    views = manifests[0].views_of(fixed.train_split) if fixed.train_split in manifests[0].splits else 1
+    facts = (len(manifests[0].label_names), views > 1 and manifests[0].mixed_views, caches[0])
+    check_space(params, fixed, len(caches), facts)
+    make_pruner(pruner, fixed.epochs)  # a bad --pruner is refused before the storage is touched
+
+    output.mkdir(parents=True, exist_ok=True)
+    with _quiet_optuna(optuna):
+        storage_name, opened = open_storage(storage, output)
+        fingerprints = [manifest.fingerprint for manifest in manifests]
+        study = _open_study(
+            optuna, opened, storage_name, study_name, params, fixed, fingerprints, pruner, sampler_seed
+        )
+        _fail_dead_local_trials(optuna, study)
+        finals = _run_trials(
+            optuna, study, storage_name, caches, output, params, fixed, trials, timeout, final_seeds, progress
+        )
+    update_best(study, output)
+    plots = write_plots(study, output)
+    report = write_report(study, output, trials, storage_name, params, finals=finals, plots=plots)
+    if progress:
+        log.info(leaderboard(report))
+    return report
+
+
+def _run_trials(optuna, study, storage_name, caches, output, params, fixed, trials, timeout, final_seeds, progress):
+    """Trials one at a time until the study counts `trials` (or `timeout` has passed), then the final seeds."""
+    from kdcache.sweep_report import update_best, write_report
+
+    started = time.monotonic()
+    runner = _TrialRunner(caches, output, params, fixed, study, trials, progress)
+    while _counted(optuna, study) < trials:
+        if timeout is not None and time.monotonic() - started >= timeout:
+            log.info(f"sweep: --timeout {timeout:g} s reached; run the same command again to continue")
+            break
+        study.optimize(runner, n_trials=1, catch=(TrialRefused,))
+        update_best(study, output)
+        write_report(study, output, trials, storage_name, params)
+    if final_seeds and _counted(optuna, study) >= trials:
+        return _final_seeds(optuna, study, caches, output, fixed, final_seeds, progress)
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_optuna(optuna):
+    """Optuna's and transformers' own lines off while the sweep runs: each trial has its progress line."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = optuna.logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    transformers_logging.disable_progress_bar()  # a bar per checkpoint written
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _open_study(optuna, storage, storage_name, study_name, params, fixed, fingerprints, pruner, sampler_seed):
+    """The study named `study_name` in `storage`, created if new; refused when it was started with another space,
+    other fixed options or other caches (a rerun must be the same command to continue it)."""
+    recorded = {
+        "space": [param.spec for param in params],
+        "options": run_options(fixed, cache_fingerprint=fingerprints),
+    }
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        pruner=make_pruner(pruner, fixed.epochs),
+    )
+    if sampler_seed is not None:  # reproducible, yet not the same draws again in a rerun or a second process
+        study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.get_trials(deepcopy=False)))
+    before = study.user_attrs.get("kdcache")
+    if before is None:
+        study.set_user_attr("kdcache", recorded)
+    elif before != recorded:
+        changed = [key for key in ("space", "options") if before.get(key) != recorded[key]]
+        names = sorted(
+            name
+            for name in set(before.get("options", {})) | set(recorded["options"])
+            if before.get("options", {}).get(name) != recorded["options"].get(name)
+        )
+        detail = "the space" if "space" in changed else ""
+        if names:
+            detail += (" and " if detail else "") + ", ".join(names)
+        raise KdcacheError(
+            f"study '{study_name}' in '{storage_name}' was started with other settings ({detail} differ); rerun the "
+            "same command to continue it, or start another with --study-name or another --output"
+        )
+    return study
+
+
+def _counted(optuna, study) -> int:
+    """Trials that count towards --trials: completed, pruned, refused, and those running now (in any process),
+    so that several processes stop at the study's total together. Trials failed by a crash or a kill do not count."""
+    state = optuna.trial.TrialState
+    return sum(
+        trial.state in (state.COMPLETE, state.PRUNED, state.RUNNING)
+        or (trial.state == state.FAIL and REFUSED in trial.user_attrs)
+        for trial in study.get_trials(deepcopy=False)
+    )
+
+
+def _fail_dead_local_trials(optuna, study) -> None:
+    """Trials left RUNNING by a process of this machine that no longer exists (killed): failed now, their unfinished
+    folder removed, and queued again with the same options. (A dead process of another machine is found by the
+    storage's heartbeat instead; a journal file has none, so there this is the only recovery.)"""
+    state, host = optuna.trial.TrialState, socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(state.RUNNING,)):
+        attrs = trial.user_attrs
+        if attrs.get("host") != host or _alive(attrs.get("pid")):
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, state=state.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process failed it first
+        if attrs.get("work"):  # OUTPUT/trials/NNNN.partial, and the lock file of OUTPUT/trials/NNNN
+            work = Path(attrs["work"])
+            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                lock_file(work.with_name(work.name.removesuffix(".partial"))).unlink()
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return True  # not known: leave it to the heartbeat
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _TrialRunner:
+    """The objective: one trial's options drawn, checked, trained, and its outcome recorded on the trial."""
+
+    def __init__(self, caches, output: Path, params, fixed: TrainingOptions, study, trials: int, progress: bool):
+        self.caches, self.output, self.params, self.fixed = caches, output, params, fixed
+        self.study, self.trials, self.progress = study, trials, progress
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        from kdcache.train import train_student
+
+        name = (
+            f"{trial.number:04d}"
+            if self.study.study_name == DEFAULT_STUDY
+            else f"{self.study.study_name}-{trial.number:04d}"
+        )
+        folder = self.output / "trials" / name  # another study in the same output never writes over this one's
+        work = folder.with_name(folder.name + ".partial")
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("work", str(work.resolve()))
+        drawn = {param.name: param.suggest(trial) for param in self.params}
+        options = replace(self.fixed, **drawn)
+        trial.set_user_attr("options", asdict(options))
+        begun = time.time()
+        reporter = report_epochs(trial)
+        try:
+            summary = train_student(
+                self.caches[0] if len(self.caches) == 1 else self.caches,
+                output=folder,
+                options=replace(options, overwrite=True),
+                callbacks=[reporter],
+                progress=False,
+                verify=False,
+            )
+        except KdcacheError as error:
+            shutil.rmtree(work, ignore_errors=True)
+            trial.set_user_attr(REFUSED, str(error))
+            self._say(trial, drawn, f"refused: {error}")
+            raise TrialRefused(str(error)) from None
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # a crash or Ctrl-C: the trial fails, its folder goes
+            raise
+        finally:
+            with contextlib.suppress(OSError):  # the trial's output lock, released: one file per trial is clutter
+                lock_file(folder).unlink()
+        minutes = round((time.time() - begun) / 60, 2)
+        trial.set_user_attr("minutes", minutes)
+        trial.set_user_attr("best_epoch", summary["best_epoch"])
+        trial.set_user_attr("history", [entry["eval_accuracy"] for entry in summary["history"]])
+        if reporter.pruned_at is not None:
+            runs = folder / "runs"
+            if runs.is_dir():  # the TensorBoard run stays, beside the trials, for the study's whole story
+                shutil.move(str(runs), str(self.output / "pruned-runs" / folder.name))
+            shutil.rmtree(folder, ignore_errors=True)
+            self._say(trial, drawn, f"pruned after epoch {reporter.pruned_at} ({summary['best_eval_accuracy']:.4f})")
+            raise optuna.TrialPruned()
+        trial.set_user_attr("student", str(folder.resolve()))
+        value = float(summary["best_eval_accuracy"])
+        self._say(trial, drawn, f"validation {value:.4f} at epoch {summary['best_epoch']:g}", value)
+        return value
+
+    def _say(self, trial, drawn: dict, outcome: str, value: float | None = None) -> None:
+        if not self.progress:
+            return
+        best = _best_complete(self.study)
+        if value is not None and (best is None or value > best.value):
+            best_text = f"best so far {value:.4f} (this trial)"
+        else:
+            best_text = f"best so far {best.value:.4f} (trial {best.number})" if best else "no trial completed yet"
+        settings = " ".join(f"{name}={_short(value)}" for name, value in drawn.items())
+        log.info(f"sweep: trial {trial.number} of {self.trials}: {settings}: {outcome}; {best_text}")
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _best_complete(study):
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return max(done, key=lambda trial: trial.value) if done else None
+
+
+def _final_seeds(optuna, study, caches, output: Path, fixed, seeds: int, progress: bool) -> dict | None:
+    """The best trial's options retrained with seeds 0..K-1 into OUTPUT/final/trial-NNNN/seed-S (a finished one is
+    reused), their validation accuracy as mean and sd. One process does it; another finding it under way skips it."""
+    import filelock
+
+    from kdcache.train import train_student
+
+    best = _best_complete(study)
+    if best is None:
+        return None
+    lock = filelock.FileLock(str(output / "final.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.info("sweep: another process is training the final seeds; leaving them to it")
+        return None
+    try:
+        options = replace(fixed, **best.params)  # the best trial's options, run where this process runs
+        runs = []
+        for seed in range(seeds):
+            folder = output / "final" / f"trial-{best.number:04d}" / f"seed-{seed}"
+            record = folder / "kdcache_training.json"
+            if record.exists():
+                import json
+
+                summary = json.loads(record.read_text())
+            else:
+                summary = train_student(
+                    caches[0] if len(caches) == 1 else caches,
+                    output=folder,
+                    options=replace(options, seed=seed, overwrite=True, resume=False),
+                    progress=False,
+                    verify=False,
+                )
+            runs.append({"seed": seed, "validation_accuracy": summary["best_eval_accuracy"], "student": str(folder)})
+            if progress:
+                log.info(
+                    f"sweep: final seed {seed} of trial {best.number}: validation {summary['best_eval_accuracy']:.4f}"
+                )
+    finally:
+        lock.release()
+    values = [run["validation_accuracy"] for run in runs]
+    return {
+        "trial": best.number,
+        "runs": runs,
+        "validation_accuracy_mean": round(statistics.mean(values), 4),
+        "validation_accuracy_sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+    }
+
+
+class _CallableModule(types.ModuleType):
+    """`kdcache.sweep(...)` is the function and `kdcache.sweep` the module: importing the module rebinds the
+    package's attribute to it, so the module itself calls the function."""
+
+    def __call__(self, *args, **kwargs):
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
