@@ -40,14 +40,18 @@ from kdcache.data import (
     ImagePipeline,
     ViewRecipe,
     decode_images,
-    find_columns,
+    find_image_column,
+    find_label_column,
     label_names,
+    labeled_rows,
+    load_extra_images,
     load_image_dataset,
     load_image_processor,
     raw_source,
     undecoded,
 )
 from kdcache.errors import KdcacheError, first_line
+from kdcache.labels import NO_LABEL
 from kdcache.loss import compress_logits, expand_logits, index_dtype
 from kdcache.manifest import (  # noqa: F401 (the format's names, importable from here as before)
     FORMAT_VERSION,
@@ -151,7 +155,9 @@ class _Inputs:
     splits: list[str]
     view_splits: list[str]
     image_column: str
-    label_column: str
+    label_column: str | None  # None: no split has labels
+    label_columns: dict  # split -> its label column, or None for a split of images without labels
+    labeled_rows: dict  # split -> how many of its rows have a label
     names: list[str]
     processor: object
     model: torch.nn.Module
@@ -163,6 +169,8 @@ class _Inputs:
 
 def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
     """The dataset and the teacher, refused in one line when they do not fit together or with the options."""
+    import datasets
+
     dataset_dict = load_image_dataset(dataset, revision=options.dataset_revision)
     splits = list(dataset_dict) if not options.splits else list(options.splits)
     for name in splits:
@@ -170,8 +178,33 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
             raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
         if len(dataset_dict[name]) == 0:
             raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
+    image_column = find_image_column(dataset_dict[splits[0]], options.image_column)
+    for name in splits[1:]:
+        find_image_column(dataset_dict[name], image_column)
+    label_column = find_label_column({name: dataset_dict[name] for name in splits}, options.label_column)
+    if options.extra_images:  # a split of images without labels, beside the dataset's (kdcache.labels)
+        if options.extra_split in splits:
+            raise KdcacheError(
+                f"--extra-split '{options.extra_split}' is already a split of dataset '{dataset}'; name the extra "
+                "images' split otherwise with --extra-split"
+            )
+        dataset_dict = datasets.DatasetDict(dataset_dict)  # the loaded DatasetDict stays as it was
+        dataset_dict[options.extra_split] = load_extra_images(
+            options.extra_images, options.extra_images_split, image_column
+        )
+        splits.append(options.extra_split)
+    label_columns = {name: label_column if label_column in dataset_dict[name].features else None for name in splits}
+    labelled = [name for name in splits if label_columns[name]]
+    names = label_names(dataset_dict[labelled[0]], label_column) if labelled else None
+    for name in labelled[1:]:
+        if label_names(dataset_dict[name], label_column) != names:
+            raise KdcacheError(f"split '{name}' has other label names than split '{labelled[0]}'")
+    # the splits a student trains on: the training split, and the extra images (kdcache.labels)
+    default_view_splits = [
+        name for name in splits if name == "train" or (options.extra_images and name == options.extra_split)
+    ]
     view_splits = (
-        ([name for name in splits if name == "train"] if options.view_splits is None else list(options.view_splits))
+        (default_view_splits if options.view_splits is None else list(options.view_splits))
         if options.views > 1
         else []
     )
@@ -180,17 +213,12 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
             raise KdcacheError(
                 f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})"
             )
-    image_column, label_column = find_columns(dataset_dict[splits[0]], options.image_column, options.label_column)
-    for name in splits[1:]:
-        find_columns(dataset_dict[name], image_column, label_column)
-    names = label_names(dataset_dict[splits[0]], label_column)
-    for name in splits[1:]:
-        if label_names(dataset_dict[name], label_column) != names:
-            raise KdcacheError(f"split '{name}' has other label names than split '{splits[0]}'")
 
     loading = dict(revision=options.revision, trust_remote_code=options.trust_remote_code)
     processor = load_image_processor(teacher, **loading)
     model = load_classifier(teacher, **loading)
+    if names is None:  # no split has labels: the classes are the teacher's, in its order
+        names = [str(model.config.id2label[index]) for index in range(len(model.config.id2label))]
     mapping = align_labels(model.config.id2label, names, "teacher", by_index=options.match_labels_by_index)
     if options.top_k is not None and options.top_k >= len(names):
         raise KdcacheError(
@@ -220,6 +248,8 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
         view_splits=view_splits,
         image_column=image_column,
         label_column=label_column,
+        label_columns=label_columns,
+        labeled_rows={name: labeled_rows(dataset_dict[name], label_columns[name]) for name in splits},
         names=names,
         processor=processor,
         model=model,
@@ -241,6 +271,7 @@ def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
         "image_column": inputs.image_column,
         "label_column": inputs.label_column,
         "label_names": inputs.names,
+        **_unlabeled(inputs),
         "teacher_to_dataset": inputs.mapping,
         "precision": options.precision,
         **_stored_logits(options),
@@ -251,6 +282,14 @@ def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
         ),
     }
     return recipe, hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _unlabeled(inputs: _Inputs) -> dict:
+    """Which splits have no label column, for the fingerprint (their rows' -1 labels are not in the data's
+    fingerprints): nothing when every split has one, so that such a cache keeps the fingerprint it had before
+    unlabeled splits existed."""
+    unlabeled = [name for name in inputs.splits if inputs.label_columns[name] is None]
+    return {"splits_without_labels": unlabeled} if unlabeled else {}
 
 
 def _stored_logits(options: CacheOptions) -> dict:
@@ -337,6 +376,7 @@ def _compute_chunks(
                 job.views, job.view_recipe = options.views, inputs.view_recipe
             else:
                 job.views, job.view_recipe = 1, None
+            job.label_column = inputs.label_columns[name]
             split = inputs.dataset_dict[name]
             timings[name] = _run_split(job, split, name, work, [k for part, k in mine if part == name])
     # A failure above (an unreadable image) ends this process at once, with its message; the launcher then ends the
@@ -362,11 +402,26 @@ def _write_cache(
             "trust_remote_code": options.trust_remote_code,
             "id2label": {str(k): v for k, v in inputs.model.config.id2label.items()},
         },
-        dataset={"name_or_path": dataset, "revision": options.dataset_revision},
+        dataset={
+            "name_or_path": dataset,
+            "revision": options.dataset_revision,
+            **(
+                {
+                    "extra_images": {
+                        "name_or_path": options.extra_images,
+                        "split": options.extra_images_split,
+                        "cached_as": options.extra_split,
+                    }
+                }
+                if options.extra_images
+                else {}
+            ),
+        },
         splits={
             name: {
                 "fingerprint": recipe["split_fingerprints"][name],
                 "num_rows": len(inputs.dataset_dict[name]),
+                "labeled_rows": inputs.labeled_rows[name],
                 "views": options.views if name in inputs.view_splits else 1,
                 "chunks": chunks[name],
             }
@@ -451,7 +506,7 @@ class _Job:
     mapping: list
     names: list
     image_column: str
-    label_column: str
+    label_column: str | None  # of the split at work; None: its images have no labels
     device: torch.device
     precision: str
     num_workers: int | None
@@ -486,7 +541,11 @@ class _Batches(torch.utils.data.Dataset):
             images = decode_images(self.split, self.image_column, rows, self.split_name)
             batch = {
                 "rows": np.asarray(rows, dtype=np.int64),
-                "labels": np.asarray(self.split[start:end][self.label_column], dtype=np.int64),
+                "labels": (
+                    np.asarray(self.split[start:end][self.label_column], dtype=np.int64)
+                    if self.label_column
+                    else np.full(end - start, NO_LABEL, dtype=np.int64)  # images nobody labelled
+                ),
             }
             if self.view_recipe is None:
                 batch["pixels"] = self.pipeline.pixels(images)
@@ -827,7 +886,12 @@ def describe(path: str | Path) -> str:
         + (f" @ {teacher['revision']}" if teacher.get("revision") else ""),
         f"                  {teacher['class']}, weights sha256 {teacher['weights_sha256'][:16]}...",
         f"  dataset         {data['name_or_path']} (image column '{data['image_column']}', "
-        f"label column '{data['label_column']}')",
+        f"label column '{data['label_column']}')"
+        + (
+            f"; split '{data['extra_images']['cached_as']}': images from {data['extra_images']['name_or_path']}"
+            if data.get("extra_images")
+            else ""
+        ),
         f"  labels          {', '.join(manifest['label_names'])}",
         f"  teacher->data   {manifest['teacher_to_dataset']} (teacher output index for each dataset label)",
         f"  logits          {manifest.logits_dtype}"
@@ -857,7 +921,11 @@ def describe(path: str | Path) -> str:
             checksums = f"{len(split['chunks'])} chunk files ({human_bytes(stored)}) with sha256"
         else:
             checksums = f"logits sha256 {split['logits_sha256'][:16]}..."
-        lines.append(f"    {name:<12} {split['num_rows']:>8} rows  fingerprint {split['fingerprint']}  {checksums}")
+        labelled = split.get("labeled_rows", split["num_rows"])
+        unlabelled = "" if labelled == split["num_rows"] else f" ({labelled} labelled)" if labelled else " (no labels)"
+        lines.append(
+            f"    {name:<12} {split['num_rows']:>8} rows{unlabelled}  fingerprint {split['fingerprint']}  {checksums}"
+        )
     images = sum(split["num_rows"] for split in data["splits"].values())
     size = bytes_under(Path(path))
     lines.append(

@@ -158,6 +158,17 @@ def teacher_logits_command(
         None, show_default="data/<dataset>--<teacher>", help="Cache folder to write."
     ),
     splits: Optional[str] = typer.Option(None, show_default="all", help="Comma-separated splits to cache."),
+    extra_images: Optional[str] = typer.Option(
+        None,
+        metavar="SOURCE",
+        help="Images without labels to cache beside the dataset's splits, as the split --extra-split: a hub dataset id, a save_to_disk folder, or a folder of image files. train-student then teaches them by the teacher alone.",
+    ),
+    extra_images_split: Optional[str] = typer.Option(
+        None, show_default="its only split, or train", help="The split of --extra-images to read."
+    ),
+    extra_split: str = typer.Option(
+        CACHE_DEFAULT("extra_split"), help="The cache's name for the split of --extra-images."
+    ),
     batch_size: int = typer.Option(CACHE_DEFAULT("batch_size"), help="Images per teacher forward pass."),
     device: str = typer.Option(
         CACHE_DEFAULT("device"), help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
@@ -169,7 +180,9 @@ def teacher_logits_command(
     dataset_revision: Optional[str] = typer.Option(None, help="Dataset revision on the hub."),
     image_column: Optional[str] = typer.Option(None, show_default="image or img", help="Image column."),
     label_column: Optional[str] = typer.Option(
-        None, show_default="labels or label", help="Label column, a ClassLabel."
+        None,
+        show_default="labels or label",
+        help="Label column, a ClassLabel. A split without it, and a row whose label is -1, holds images without labels.",
     ),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow a teacher whose repository ships its own model code."
@@ -184,7 +197,9 @@ def teacher_logits_command(
         help="Augmented views per training image (random resized crop + flip), each with the teacher's logits on exactly that view; 1 = the one clean view. Costs K teacher passes per image.",
     ),
     view_splits: Optional[str] = typer.Option(
-        None, show_default="train", help="Comma-separated splits that get --views; the others keep one clean view."
+        None,
+        show_default="train and --extra-split",
+        help="Comma-separated splits that get --views; the others keep one clean view.",
     ),
     view_scale: float = typer.Option(
         CACHE_DEFAULT("view_scale")[0],
@@ -240,6 +255,12 @@ def teacher_logits_command(
       kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans \
           --views 16 --view-scale 0.05 --mix-alpha 1 --output data/beans-effl0-mixed16
 
+    Images nobody labelled, cached beside a labelled dataset (train-student teaches them by the teacher alone):
+
+    \b
+      kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans \
+          --extra-images photos/ --output data/beans-effl0-extra
+
     Several processes (GPUs, machines) split the chunks among them and give the same cache as one:
 
     \b
@@ -252,6 +273,9 @@ def teacher_logits_command(
 
     options = CacheOptions(
         splits=_split_list(splits),
+        extra_images=extra_images,
+        extra_images_split=extra_images_split,
+        extra_split=extra_split,
         batch_size=batch_size,
         device=device,
         precision=precision,
@@ -461,6 +485,16 @@ def train_student_command(
     eval_split: str = typer.Option(
         "validation", help="Split evaluated after each epoch; the best epoch is kept. 'none' to skip."
     ),
+    labeled_fraction: Optional[float] = typer.Option(
+        None,
+        show_default="every label",
+        help="Keep the labels of this share of the training split's rows (seeded by --seed, stratified by class; e.g. 0.1) and train on the others without labels, taught by the teacher alone: a label budget. With --alpha 0, trains on the labelled share alone (the from-scratch baseline at the same budget).",
+    ),
+    unlabeled_splits: Optional[str] = typer.Option(
+        None,
+        show_default="every cached split without labels (none with --alpha 0)",
+        help="Cached splits of images without labels to train on besides the training split, comma-separated (e.g. unlabeled, from teacher-logits --extra-images); 'none' for none. Their rows add the distillation term alone.",
+    ),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -533,6 +567,13 @@ def train_student_command(
     \b
       kdcache train-student data/beans--teacher-a data/beans--teacher-b --teacher-weights 0.6,0.4
 
+    A label budget: labels on 10% of the training images, the teacher teaching all of them; the baseline from
+    scratch on the same labelled 10% (same --seed, same number of steps: --epochs 10 times as many):
+
+    \b
+      kdcache train-student data/beans--effl0-beans --labeled-fraction 0.1
+      kdcache train-student data/beans--effl0-beans --labeled-fraction 0.1 --alpha 0 --epochs 200
+
     From a cache of (mixed) views, patient and consistent: the teacher alone, at 128 px, with an EMA:
 
     \b
@@ -562,6 +603,8 @@ def train_student_command(
         scheduler=scheduler,
         seed=seed,
         eval_split=None if eval_split.lower() == "none" else eval_split,
+        labeled_fraction=labeled_fraction,
+        unlabeled_splits=[] if (unlabeled_splits or "").lower() == "none" else _split_list(unlabeled_splits),
         resume=resume,
         overwrite=overwrite,
         online=online,

@@ -108,6 +108,85 @@ def find_columns(split, image_column: str | None = None, label_column: str | Non
     return image_column, label_column
 
 
+def find_label_column(splits: dict, label_column: str | None = None) -> str | None:
+    """The label column of a dataset's splits (`splits`: name -> Dataset), or None when none has one: the column
+    given, or found by name or type in the first split that has one. A split without it holds images nobody labelled
+    (as does a row whose label is -1, the `datasets` convention). A column given that no split has is refused."""
+    import datasets
+
+    if label_column is not None:
+        if not any(label_column in split.features for split in splits.values()):
+            columns = ", ".join(next(iter(splits.values())).features)
+            raise KdcacheError(f"--label-column '{label_column}' is not a column of the dataset (columns: {columns})")
+    else:
+        found = [_find(split.features, LABEL_COLUMNS, datasets.ClassLabel) for split in splits.values()]
+        label_column = next((name for name in found if name is not None), None)
+    for name, split in splits.items():
+        feature = split.features.get(label_column) if label_column else None
+        if feature is not None and not isinstance(feature, datasets.ClassLabel):
+            raise KdcacheError(
+                f"label column '{label_column}' of split '{name}' has no class names ({feature}); "
+                "cast it with dataset.class_encode_column or cast_column(ClassLabel(names=...)) first"
+            )
+    return label_column
+
+
+def find_image_column(split, image_column: str | None = None, flag: str = "--image-column") -> str:
+    """The image column of a split: given, or found by name (image/img) or type."""
+    import datasets
+
+    features = split.features
+    columns = ", ".join(features)
+    image_column = image_column or _find(features, IMAGE_COLUMNS, datasets.Image)
+    if image_column is None:
+        raise KdcacheError(
+            f"no image column found (looked for {'/'.join(IMAGE_COLUMNS)}; columns: {columns}); pass {flag}"
+        )
+    if image_column not in features:
+        raise KdcacheError(f"{flag} '{image_column}' is not a column of the dataset (columns: {columns})")
+    if not isinstance(features[image_column], datasets.Image):
+        raise KdcacheError(f"column '{image_column}' holds {features[image_column]}, not images; pass {flag}")
+    return image_column
+
+
+def labeled_rows(split, label_column: str | None) -> int:
+    """How many rows of a split have a label (none without a label column; -1 marks a row without one)."""
+    if label_column is None or label_column not in split.features:
+        return 0
+    labels = split.select_columns([label_column]).with_format("numpy")[label_column]
+    return int((np.asarray(labels) >= 0).sum())
+
+
+def load_extra_images(source: str, split: str | None, image_column: str):
+    """The images of `source` (a hub id, a save_to_disk folder, or a folder of image files) as a Dataset with the one
+    column `image_column`: a split of images without labels, added to a cache by --extra-images. Its labels, if it
+    has any, are not read: extra images are taught by the teacher alone."""
+    import datasets
+
+    try:
+        loaded = load_image_dataset(source)
+    except KdcacheError as error:
+        raise KdcacheError(str(error).replace("--dataset", "--extra-images")) from None
+    if split is None:
+        if len(loaded) != 1 and "train" not in loaded:
+            raise KdcacheError(
+                f"--extra-images '{source}' has splits {', '.join(loaded)}; name one with --extra-images-split"
+            )
+        split = next(iter(loaded)) if len(loaded) == 1 else "train"
+    if split not in loaded:
+        raise KdcacheError(
+            f"--extra-images-split '{split}' is not a split of '{source}' (splits: {', '.join(loaded)})"
+        )
+    rows = loaded[split]
+    if len(rows) == 0:
+        raise KdcacheError(f"--extra-images '{source}' split '{split}' has no rows; give a source with images")
+    column = find_image_column(rows, None, flag="--extra-images (a dataset with one image column)")
+    rows = rows.select_columns([column])
+    if column != image_column:
+        rows = rows.rename_column(column, image_column)
+    return rows.cast_column(image_column, datasets.Image())
+
+
 def _find(features, names, feature_type):
     for name in names:
         if name in features:

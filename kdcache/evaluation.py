@@ -17,8 +17,18 @@ import torch
 
 import kdcache
 from kdcache.cache import LABELS, load_cache, rebuilt_logits
-from kdcache.data import decode_images, find_columns, label_names, load_image_dataset, load_image_processor, undecoded
+from kdcache.data import (
+    decode_images,
+    find_image_column,
+    find_label_column,
+    label_names,
+    load_extra_images,
+    load_image_dataset,
+    load_image_processor,
+    undecoded,
+)
 from kdcache.errors import KdcacheError, hub_error
+from kdcache.labels import NO_LABEL
 from kdcache.models import align_labels, count_parameters, load_classifier
 from kdcache.options import EvaluationOptions
 from kdcache.outputs import OutputFolder, OutputKind, guards_output, safe_output
@@ -105,10 +115,13 @@ def teacher_agreement(student_logits, teacher_logits, labels) -> dict:
         )
     log_teacher, log_student = teacher.log_softmax(-1), student.log_softmax(-1)
     kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+    labelled = labels != NO_LABEL  # the teacher's accuracy on the rows with a label; None without any
     return {
         "top1_agreement": float((student.argmax(-1) == teacher.argmax(-1)).double().mean()),
         "kl_teacher_student": float(kl.mean()),
-        "teacher_accuracy": float((teacher.argmax(-1) == labels).double().mean()),
+        "teacher_accuracy": (
+            float((teacher.argmax(-1) == labels)[labelled].double().mean()) if bool(labelled.any()) else None
+        ),
     }
 
 
@@ -191,18 +204,30 @@ def _evaluation_rows(options: EvaluationOptions) -> _Rows:
         label_column = label_column or made_from["label_column"]
     dataset = dataset or "beans"
 
-    dataset_dict = load_image_dataset(dataset, revision=dataset_revision)
-    if split not in dataset_dict:
-        raise KdcacheError(
-            f"split '{split}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)}); "
-            "pass one of them with --split"
-        )
-    rows = dataset_dict[split]
+    extra = manifest.dataset.get("extra_images") if manifest is not None else None
+    if extra and split == extra["cached_as"] and options.dataset in (None, made_from["name_or_path"]):
+        # the images cached by --extra-images: read from where the cache read them, without labels
+        rows = load_extra_images(extra["name_or_path"], extra["split"], image_column)
+        dataset = extra["name_or_path"]
+    else:
+        dataset_dict = load_image_dataset(dataset, revision=dataset_revision)
+        if split not in dataset_dict:
+            raise KdcacheError(
+                f"split '{split}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)}); "
+                "pass one of them with --split"
+            )
+        rows = dataset_dict[split]
     if len(rows) == 0:
         raise KdcacheError(f"split '{split}' of dataset '{dataset}' is empty; evaluate on another --split")
-    image_column, label_column = find_columns(rows, image_column, label_column)
-    names = label_names(rows, label_column)
-    references = np.asarray(rows[label_column][:], dtype=np.int64)
+    image_column = find_image_column(rows, image_column)
+    label_column = find_label_column({split: rows}, label_column if label_column in rows.features else None)
+    if label_column is None and manifest is None:
+        raise KdcacheError(
+            f"split '{split}' of dataset '{dataset}' has no labels, so there is no accuracy to measure; pass the "
+            "cache made from it with --cache to measure agreement with the teacher, or evaluate on a labelled --split"
+        )
+    names = label_names(rows, label_column) if label_column else list(manifest.label_names)
+    references = np.asarray(rows[label_column][:], dtype=np.int64) if label_column else np.full(len(rows), NO_LABEL)
     teacher = None
     if manifest is not None:
         teacher = _cached_teacher(cached, manifest, cache, rows, dataset, split, names, references)
@@ -227,9 +252,7 @@ def _evaluate_model(name, processor, mapping, short_name, output, data: _Rows, o
         "split": data.split,
         "rows": len(data.rows),
         "label_names": data.names,
-        **classification_metrics(logits.argmax(-1), data.references, data.names),
-        **calibration(logits, data.references),
-        "confusion_matrix_axes": "rows: true label, columns: predicted label, in label_names order",
+        **_quality(logits, data),
         "parameters": count_parameters(model),
         "weights_bytes": weights_bytes(name),
         "speed": {"device": str(device), "batch_size": options.batch_size, **speed, "timed": TIMED},
@@ -251,6 +274,30 @@ def _evaluate_model(name, processor, mapping, short_name, output, data: _Rows, o
     return result
 
 
+def _quality(logits, data: _Rows) -> dict:
+    """Accuracy, per-class figures and calibration on the rows that have a label; on a split without any, the one
+    line that says why they are missing (the agreement with the teacher is measured on every row all the same)."""
+    labelled = data.references != NO_LABEL
+    if not labelled.any():
+        return {
+            "accuracy": None,
+            "labeled_rows": 0,
+            "no_accuracy": f"split '{data.split}' has no labels: accuracy, F1 and calibration need them; the "
+            "agreement with the teacher is measured on every row",
+        }
+    if labelled.all():
+        logits, references, extra = logits, data.references, {}
+    else:
+        logits, references = logits[labelled], data.references[labelled]
+        extra = {"labeled_rows": int(labelled.sum()), "quality_rows": "the rows with a label"}
+    return {
+        **classification_metrics(logits.argmax(-1), references, data.names),
+        **calibration(logits, references),
+        "confusion_matrix_axes": "rows: true label, columns: predicted label, in label_names order",
+        **extra,
+    }
+
+
 def _write_report(folder: OutputFolder, results: list[dict], folders: list[str], data: _Rows) -> dict:
     """Each model's metrics.json and plots (in a folder of its own when there are several, with the comparison)."""
     work = folder.work
@@ -258,8 +305,9 @@ def _write_report(folder: OutputFolder, results: list[dict], folders: list[str],
         for result, subfolder in zip(results, folders):
             (work / subfolder).mkdir(exist_ok=True)
             _write_json(work / subfolder / METRICS, result)
-            plot_confusion(result, work / subfolder / CONFUSION_PNG)
-            plot_reliability(result, work / subfolder / RELIABILITY_PNG)
+            if result["accuracy"] is not None:  # a split without labels has neither
+                plot_confusion(result, work / subfolder / CONFUSION_PNG)
+                plot_reliability(result, work / subfolder / RELIABILITY_PNG)
         report = {
             "output": str(folder.path),
             "dataset": data.dataset,
@@ -458,8 +506,13 @@ def describe(report: dict) -> str:
         lines += [
             f"  model       {result['model']} ({result['model_class']}, {result['parameters']:,} parameters, "
             f"{_megabytes(result)} MB on disk)",
-            f"  accuracy    {result['accuracy']:.4f}    macro-F1 {result['macro_f1']:.4f}    "
-            f"ECE {result['expected_calibration_error']:.4f} ({len(result['calibration_bins'])} bins)",
+            (
+                f"  accuracy    {result['accuracy']:.4f}    macro-F1 {result['macro_f1']:.4f}    "
+                f"ECE {result['expected_calibration_error']:.4f} ({len(result['calibration_bins'])} bins)"
+                + (f", on the {result['labeled_rows']} rows with a label" if "labeled_rows" in result else "")
+                if result["accuracy"] is not None
+                else f"  accuracy    none: {result['no_accuracy']}"
+            ),
             f"  speed       {speed['forward_images_per_second']:.1f} img/s forward, "
             f"{speed['end_to_end_images_per_second']:.1f} img/s with decoding and preprocessing "
             f"(batch {speed['batch_size']}, {speed['device']})",
@@ -469,8 +522,11 @@ def describe(report: dict) -> str:
             lines += _ensemble_lines(result) or [
                 f"  teacher     top-1 agreement {agreement['top1_agreement']:.4f}, KL(teacher||model) "
                 f"{agreement['kl_teacher_student']:.4f} nats at T=1, teacher accuracy "
-                f"{agreement['teacher_accuracy']:.4f} (cache {agreement['cache']})"
+                f"{_figure(agreement['teacher_accuracy'])} (cache {agreement['cache']})"
             ]
+        if result["accuracy"] is None:
+            lines.append(f"  written to {report['output']}/ ({METRICS})")
+            return "\n".join(lines)
         width = max(len(name) for name in result["per_class"])
         lines.append(f"  {'class':<{width}}  precision  recall      f1  support")
         for name, figures in result["per_class"].items():
@@ -490,9 +546,9 @@ def describe(report: dict) -> str:
             result["name"],
             f"{result['parameters'] / 1e6:.2f}M",
             _megabytes(result),
-            f"{result['accuracy']:.4f}",
-            f"{result['macro_f1']:.4f}",
-            f"{result['expected_calibration_error']:.4f}",
+            _figure(result["accuracy"]),
+            _figure(result.get("macro_f1")),
+            _figure(result.get("expected_calibration_error")),
             f"{result['speed']['forward_images_per_second']:.1f}",
             f"{result['speed']['end_to_end_images_per_second']:.1f}",
         ]
@@ -508,6 +564,8 @@ def describe(report: dict) -> str:
             "  "
             + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
         )
+    if results[0]["accuracy"] is None:
+        lines.append(f"  accuracy: none: {results[0]['no_accuracy']}")
     if agreement:
         lines.append("  agree: top-1 agreement with the cached teacher, KL: KL(teacher||model) at T=1 in nats")
         if all("teacher_agreements" in result for result in results):
@@ -515,6 +573,11 @@ def describe(report: dict) -> str:
             lines += [line for result in results for line in _ensemble_lines(result, result["name"] + ": ")]
     lines.append(f"  written to {report['output']}/ ({METRICS}, {COMPARISON_PNG}, one folder per model)")
     return "\n".join(lines)
+
+
+def _figure(value) -> str:
+    """A figure of the report, or a dash where a split without labels has none."""
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _ensemble_lines(result: dict, prefix: str = "") -> list[str]:
@@ -527,7 +590,7 @@ def _ensemble_lines(result: dict, prefix: str = "") -> list[str]:
     entries.append(("ensemble", ensemble, f"probabilities averaged at T=1, weights {weights}"))
     return [
         f"  {prefix}{label:<10}  top-1 agreement {entry['top1_agreement']:.4f}, KL(teacher||model) "
-        f"{entry['kl_teacher_student']:.4f} nats at T=1, teacher accuracy {entry['teacher_accuracy']:.4f} ({where})"
+        f"{entry['kl_teacher_student']:.4f} nats at T=1, teacher accuracy {_figure(entry['teacher_accuracy'])} ({where})"
         for label, entry, where in entries
     ]
 
@@ -601,7 +664,9 @@ def plot_comparison(results: list[dict], path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
     names = [result["name"] for result in results]
-    quality = {"accuracy": [r["accuracy"] for r in results], "macro-F1": [r["macro_f1"] for r in results]}
+    quality = {}
+    if results[0]["accuracy"] is not None:  # a split without labels: agreement with the teacher alone
+        quality = {"accuracy": [r["accuracy"] for r in results], "macro-F1": [r["macro_f1"] for r in results]}
     if all("teacher_agreement" in r for r in results):
         quality["top-1 agreement with teacher"] = [r["teacher_agreement"]["top1_agreement"] for r in results]
     figure = Figure(figsize=(max(10.0, 3.0 * len(results) + 4), 4.6), dpi=120, layout="constrained")

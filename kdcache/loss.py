@@ -86,6 +86,11 @@ def dkd_loss(
             f"DKD needs more than 2 classes (its non-target part is over the classes other than the "
             f"label's), and these logits have {classes}; use --loss kd or --loss dist"
         )
+    if not labels.is_floating_point() and bool((labels < 0).any()):
+        raise KdcacheError(
+            "DKD splits the teacher's outputs around each image's labelled class, and some rows of this batch have "
+            "no label; use --loss kd or --loss dist with unlabeled rows"
+        )
     if labels.is_floating_point():
         raise KdcacheError(
             "DKD needs one target class per image, and these labels are mixed (mixup's two classes, "
@@ -246,10 +251,24 @@ def standardized(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _cross_entropy_part(student_logits, labels, alpha):
-    """(1-alpha) * CE and its term, or nothing when alpha switches it off."""
+    """(1-alpha) * CE and its term, or nothing when alpha switches it off.
+
+    Rows without a label (class index -1, as `datasets` marks them; or an all-zero row of mixed labels) are left out,
+    and the cross-entropy is the mean over the labelled rows of the batch, while every distillation term stays a mean
+    over all rows. Averaged over the labelled rows, the labels' pull on the student keeps its scale whatever share of
+    a batch is labelled: averaged over all rows instead, a batch 10% labelled would weigh its labels 10 times less,
+    which is another alpha, drawn anew by every batch's luck (FixMatch and Noisy Student keep their supervised term a
+    mean over the labelled examples alike). A batch with no labelled row contributes the distillation terms alone
+    (its CE term is 0, and logged as 0)."""
     if alpha >= 1.0:
         return student_logits.new_zeros(()), {}
-    cross_entropy = F.cross_entropy(student_logits, labels.float() if labels.is_floating_point() else labels)
+    target = labels.float() if labels.is_floating_point() else labels
+    labelled = labels.sum(dim=-1) > 0 if labels.is_floating_point() else labels >= 0
+    if bool(labelled.all()):  # every row labelled: the plain mean, computed as before unlabeled rows existed
+        cross_entropy = F.cross_entropy(student_logits, target)
+    else:
+        per_row = F.cross_entropy(student_logits, target.clamp(min=0), reduction="none")
+        cross_entropy = (per_row * labelled).sum() / labelled.sum().clamp(min=1)
     return (1.0 - alpha) * cross_entropy, {"ce": cross_entropy.detach()}
 
 

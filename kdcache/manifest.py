@@ -156,6 +156,7 @@ class Manifest(dict):
                     "revision": dataset["revision"],
                     "image_column": recipe["image_column"],
                     "label_column": recipe["label_column"],
+                    **({"extra_images": dataset["extra_images"]} if "extra_images" in dataset else {}),
                     "splits": splits,
                 },
                 "label_names": names,
@@ -268,6 +269,10 @@ class Manifest(dict):
     def split(self, name: str) -> dict:
         """fingerprint, num_rows, views, and chunks (format 4 on) or logits_sha256 (before) of split `name`."""
         return self["dataset"]["splits"][name]
+
+    def labeled_rows(self, split: str) -> int:
+        """How many rows of `split` have a label (caches made before unlabeled splits existed: all of them)."""
+        return self.split(split).get("labeled_rows", self.split(split)["num_rows"])
 
     def views_of(self, split: str) -> int:
         """Views per image of `split` (1: the one clean view)."""

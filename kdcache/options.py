@@ -75,6 +75,9 @@ class TrainingOptions(Options):
     seed: int = 42
     train_split: str = "train"
     eval_split: str | None = "validation"
+    # None: every cached split without labels, when alpha > 0 (none with alpha 0, --online, --student-only-augment)
+    unlabeled_splits: list[str] | None = None
+    labeled_fraction: float | None = None  # None: every label of the training split (kdcache.labels)
     max_steps: int = -1
     resume: bool = False
     overwrite: bool = False
@@ -136,13 +139,24 @@ def check_training_options(
     standardize_logits=False,
     teacher_weights=None,
     caches=1,
+    labeled_fraction=None,
+    unlabeled_splits=None,
     **unchecked,
 ) -> None:
     """Every option of train_student that can be wrong on its own, each refused with one line naming the fix."""
+    from kdcache.labels import check_label_options
     from kdcache.loss import DEFAULT_TEMPERATURES, LOSSES, check_loss_settings
 
     if loss not in LOSSES:
         raise KdcacheError(f"--loss '{loss}' is not one of {', '.join(LOSSES)}")
+    check_label_options(
+        labeled_fraction=labeled_fraction,
+        unlabeled_splits=unlabeled_splits,
+        alpha=alpha,
+        online=online,
+        student_only_augment=student_only_augment,
+        loss=loss,
+    )
     if standardize_logits and loss == "dist":
         raise KdcacheError(
             "--standardize-logits is an option of the KL-based losses (kd, dkd), which its paper "
@@ -330,6 +344,11 @@ class CacheOptions(Options):
     The fingerprint of a cache is taken of what these options produce (kdcache.cache), not of the options."""
 
     splits: list[str] | None = None  # None: all of the dataset's
+    # images without labels added as a split of the cache (kdcache.labels): a hub id, a save_to_disk folder, or a
+    # folder of image files; the split of it to read (None: its only one, or train); the cache's name for it
+    extra_images: str | None = None
+    extra_images_split: str | None = None
+    extra_split: str = "unlabeled"
     batch_size: int = 32
     device: str = "auto"
     precision: str = "fp32"

@@ -39,6 +39,7 @@ from kdcache.devices import OneDeviceArguments
 from kdcache.ensemble import open_ensemble
 from kdcache.errors import KdcacheError, hub_error
 from kdcache.hub import push_folder
+from kdcache.labels import NO_LABEL, labeled_subset, masked_labels
 from kdcache.loss import LOSSES
 from kdcache.manifest import Manifest
 from kdcache.models import align_labels, count_parameters, load_classifier, weights_sha256
@@ -159,8 +160,12 @@ class Collator:
             partner_pixels = self.resized(stack_pixels(row["partner_pixels"] for row in rows))
             pixel_values = self.pipeline.mix(pixels, partner_pixels, weights)
             partner_labels = torch.as_tensor([int(row["partner_labels"]) for row in rows])
-            labels = weights[:, None] * F.one_hot(labels, self.num_classes) + (1 - weights[:, None]) * F.one_hot(
-                partner_labels, self.num_classes
+            # a mixed view is labelled when both its images are (half a label would tell the student "mostly not
+            # this class"); one that is not gets an all-zero row, which the cross-entropy leaves out (kdcache.loss)
+            both = ((labels >= 0) & (partner_labels >= 0))[:, None]
+            labels = both * (
+                weights[:, None] * F.one_hot(labels.clamp(min=0), self.num_classes)
+                + (1 - weights[:, None]) * F.one_hot(partner_labels.clamp(min=0), self.num_classes)
             )
         else:
             pixel_values = self.pipeline.normalize(pixels)
@@ -195,14 +200,21 @@ class ViewRows(torch.utils.data.Dataset):
 
     fresh=True is the inconsistent baseline: a new random view every epoch, paired with the logits the teacher gave
     the clean (unaugmented) view, which is what augmenting the student alone amounts to.
+
+    `rows` may be several cached splits concatenated (the training split and unlabeled ones): `offsets` then gives
+    each row the position of its split's first row, since a mixed view's partner is a row of its own split. `labels`
+    (one per row; -1 for none) replaces the cached labels, of the rows and of their partners (kdcache.labels).
     """
 
-    def __init__(self, rows, recipe: ViewRecipe, seed: int, fresh: bool = False, student_size=None):
+    def __init__(
+        self, rows, recipe: ViewRecipe, seed: int, fresh: bool = False, student_size=None, labels=None, offsets=None
+    ):
         import datasets
 
         self.raw = SOURCE in rows.column_names  # format 3: reduced raw pixels; format 2: the source image file
         self.rows = rows if self.raw else undecoded(rows, IMAGE)
         self.recipe, self.seed, self.fresh, self.epoch = recipe, seed, fresh, 0
+        self.labels, self.offsets = labels, offsets
         self.size = tuple(student_size) if student_size else recipe.size
         self.count = 1 if fresh else rows.features[VIEWS].shape[0]
         self.mixed = MIX_WEIGHTS in rows.column_names
@@ -227,9 +239,13 @@ class ViewRows(torch.utils.data.Dataset):
         chosen = [0 if self.fresh else self.view_index(row) for row in indices]
         partners = {}
         if self.mixed:
-            wanted = sorted({int(batch[MIX_PARTNERS][i][k]) for i, k in enumerate(chosen)})
+            wanted = sorted(
+                {self.partner(row, batch[MIX_PARTNERS][i][k]) for i, (row, k) in enumerate(zip(indices, chosen))}
+            )
             partner_rows = self.partner_rows[wanted]
-            partners = {row: (self.source(partner_rows, i), partner_rows[LABELS][i]) for i, row in enumerate(wanted)}
+            partners = {
+                row: (self.source(partner_rows, i), self.label(partner_rows, i, row)) for i, row in enumerate(wanted)
+            }
         items = []
         logit_columns = [column for column in LOGIT_COLUMNS if column in batch]
         for position, (row, k) in enumerate(zip(indices, chosen)):
@@ -243,11 +259,11 @@ class ViewRows(torch.utils.data.Dataset):
                 logits = {column: np.asarray(value)[k] for column, value in logits.items()}
             item = {
                 PIXELS: torch.from_numpy(self.recipe.render(image, view, self.size)),
-                LABELS: batch[LABELS][position],
+                LABELS: self.label(batch, position, row),
                 **logits,
             }
             if self.mixed:
-                partner, partner_label = partners[int(batch[MIX_PARTNERS][position][k])]
+                partner, partner_label = partners[self.partner(row, batch[MIX_PARTNERS][position][k])]
                 item.update(
                     partner_pixels=torch.from_numpy(
                         self.recipe.render(partner, batch[MIX_VIEWS][position][k], self.size)
@@ -260,6 +276,36 @@ class ViewRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.__getitems__([index])[0]
+
+    def partner(self, row: int, partner) -> int:
+        """The row of `rows` that a mixed view of `row` is mixed with (stored as a row of the same split)."""
+        return int(partner) + (int(self.offsets[row]) if self.offsets is not None else 0)
+
+    def label(self, batch, position: int, row: int):
+        return batch[LABELS][position] if self.labels is None else self.labels[row]
+
+
+class TrainRows(torch.utils.data.Dataset):
+    """The training rows a run serves, out of `rows` (a Dataset or ViewRows): those at `served` (None: all), with
+    their labels replaced by `labels` (one per row of `rows`, -1 for none; None: as they are), for label budgets and
+    unlabeled rows (kdcache.labels). Rows are fetched in batches, as the Dataset (or ViewRows) fetches them."""
+
+    def __init__(self, rows, served=None, labels=None):
+        self.rows, self.served, self.labels = rows, served, labels
+
+    def __len__(self):
+        return len(self.rows) if self.served is None else len(self.served)
+
+    def __getitems__(self, positions):
+        indices = [int(i) for i in (positions if self.served is None else self.served[list(positions)])]
+        items = self.rows.__getitems__(indices)
+        if self.labels is not None:
+            for item, index in zip(items, indices):
+                item[LABELS] = self.labels[index]
+        return items
+
+    def __getitem__(self, position):
+        return self.__getitems__([position])[0]
 
 
 class SetEpoch(TrainerCallback):
@@ -493,9 +539,11 @@ def train_student(
             # every process hashes its share of the chunk files, and agreed() makes a damaged one everyone's error
             share = (processes.index, processes.count) if processes else None
             cache_path, cached, manifest = _open_cache(caches[0], options, share)
+            options = replace(options, unlabeled_splits=unlabeled_splits(manifest, options, cache_path))
             ensemble = None
             if len(caches) > 1:  # from here on the first cache's splits carry the ensemble's teacher logits
-                splits = [split for split in (options.train_split, options.eval_split) if split is not None]
+                splits = [options.train_split, *options.unlabeled_splits]
+                splits += [options.eval_split] if options.eval_split is not None else []
                 cached, ensemble = open_ensemble(
                     caches, cached, manifest, splits, options.teacher_weights, options.temperature, share
                 )
@@ -627,6 +675,7 @@ class TrainingRows:
     teacher_run: str  # the teacher whose outputs the student learns from
     views: int = 1
     online_teacher: torch.nn.Module | None = None
+    labels: "TrainingLabels | None" = None
 
 
 def training_rows(
@@ -641,6 +690,11 @@ def training_rows(
         raise KdcacheError(
             f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
             f"{views} views per image of split '{train_split}'"
+        )
+    if eval_split and manifest.labeled_rows(eval_split) < manifest.split(eval_split)["num_rows"]:
+        raise KdcacheError(
+            f"--eval-split '{eval_split}' has {manifest.split(eval_split)['num_rows'] - manifest.labeled_rows(eval_split)} "
+            "rows without a label, and the best epoch is chosen on its accuracy; give a labelled split"
         )
     if eval_split and manifest.views_of(eval_split) > 1:
         raise KdcacheError(
@@ -661,6 +715,7 @@ def training_rows(
     columns = [PIXELS, LABELS] + (logit_columns(cached[train_split]) if options.alpha > 0 else [])
     # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
     eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
+    labels = training_labels(cached, manifest, options)
     teacher_run = manifest.teacher["name_or_path"]
     if options.online:
         teacher_run = options.teacher or teacher_run
@@ -677,11 +732,17 @@ def training_rows(
             _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
             for split in (train_split, eval_split)
         )
-        return TrainingRows("online", train_rows, eval_rows, teacher_run, views, online_teacher.to(place.device))
-    if views > 1:
-        train_rows = ViewRows(cached[train_split], manifest.view_recipe, options.seed, student_size=size)
         return TrainingRows(
-            "mixed views" if manifest.mixed_views else "views", train_rows, eval_rows, teacher_run, views
+            "online", labels.serve(train_rows), eval_rows, teacher_run, views, online_teacher.to(place.device), labels
+        )
+    rows = labels.concatenated(cached)
+    if views > 1:
+        train_rows = ViewRows(
+            rows, manifest.view_recipe, options.seed, student_size=size, labels=labels.labels, offsets=labels.offsets
+        )
+        mode = "mixed views" if manifest.mixed_views else "views"
+        return TrainingRows(
+            mode, labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
         )
     if options.student_only_augment:
         import datasets
@@ -690,24 +751,133 @@ def training_rows(
         if data["image_column"] != IMAGE:
             images = images.rename_column(data["image_column"], IMAGE)
         train_rows = ViewRows(
-            datasets.concatenate_datasets(
-                [cached[train_split].select_columns([LABELS, *logit_columns(cached[train_split])]), images], axis=1
-            ),
+            datasets.concatenate_datasets([rows.select_columns([LABELS, *logit_columns(rows)]), images], axis=1),
             ViewRecipe(manifest.pixel_shape[1:], getattr(processor, "resample", 3), seed=options.seed),
             options.seed,
             fresh=True,
             student_size=size,
+            labels=labels.labels,
         )
-        return TrainingRows("student-only", train_rows, eval_rows, teacher_run, views)
+        return TrainingRows(
+            "student-only", labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
+        )
     return TrainingRows(
-        "cached", cached[train_split].with_format("numpy", columns=columns), eval_rows, teacher_run, views
+        "cached",
+        labels.serve(rows.with_format("numpy", columns=columns)),
+        eval_rows,
+        teacher_run,
+        views,
+        labels=labels,
     )
+
+
+def unlabeled_splits(manifest: Manifest, options: TrainingOptions, cache_path) -> list[str]:
+    """The cached splits without labels that the run trains on besides the training split: --unlabeled-splits, or by
+    default every split of the cache that has no labelled row (none with alpha 0, --online or --student-only-augment,
+    which cannot use them), each refused in one line when it cannot go with the training split."""
+    given = options.unlabeled_splits
+    if given is None:
+        if options.alpha == 0 or options.online or options.student_only_augment:
+            return []
+        given = [
+            name
+            for name in manifest.splits
+            if manifest.labeled_rows(name) == 0 and name not in (options.train_split, options.eval_split)
+        ]
+    for name in given:
+        if name not in manifest.splits:
+            raise KdcacheError(
+                f"--unlabeled-splits names '{name}', which is not a split of cache '{cache_path}' "
+                f"(splits: {', '.join(manifest.splits)})"
+            )
+        if name in (options.train_split, options.eval_split):
+            raise KdcacheError(
+                f"--unlabeled-splits names '{name}', the {'training' if name == options.train_split else 'evaluation'} "
+                "split; name splits besides those two"
+            )
+        if manifest.views_of(name) != manifest.views_of(options.train_split):
+            raise KdcacheError(
+                f"split '{name}' of cache '{cache_path}' has {manifest.views_of(name)} views per image and the "
+                f"training split '{options.train_split}' {manifest.views_of(options.train_split)}; make the cache with "
+                "the same views for both (--view-splits), or leave that split out of --unlabeled-splits"
+            )
+    return list(given)
+
+
+@dataclass
+class TrainingLabels:
+    """The labels a run trains with, one per row of its training split and unlabeled splits in that order (-1: none),
+    and which of those rows it serves (None: all; with alpha 0, the labelled ones alone)."""
+
+    splits: list[str]
+    labels: np.ndarray
+    offsets: np.ndarray  # the position of each row's split's first row
+    served: np.ndarray | None
+    changed: bool  # labels differ from the cached ones (a label budget) or come from several splits
+
+    @property
+    def labeled_rows(self) -> int:
+        return int((self.labels[self.served] if self.served is not None else self.labels).__ge__(0).sum())
+
+    @property
+    def rows(self) -> int:
+        return len(self.labels) if self.served is None else len(self.served)
+
+    def concatenated(self, cached):
+        """The cached training rows: the training split, followed by the unlabeled splits (no copy: their files are
+        memory-mapped side by side)."""
+        import datasets
+
+        if len(self.splits) == 1:
+            return cached[self.splits[0]]
+        return datasets.concatenate_datasets([cached[name] for name in self.splits])
+
+    def serve(self, rows, relabel: bool = True):
+        """`rows` as the run serves them: as they are when nothing changes, else through TrainRows."""
+        if not self.changed and self.served is None:
+            return rows
+        return TrainRows(rows, self.served, self.labels if relabel else None)
+
+    def recipe(self) -> dict:
+        return {
+            "unlabeled_splits": self.splits[1:],
+            "training_rows": self.rows,
+            "labeled_rows": self.labeled_rows,
+        }
+
+
+def training_labels(cached, manifest: Manifest, options: TrainingOptions) -> TrainingLabels:
+    """Which training rows keep their labels (kdcache.labels): the training split's, less those a --labeled-fraction
+    leaves out, and none of the unlabeled splits'; with alpha 0, only the labelled rows are trained on (the
+    label-budget baseline: the same labelled rows, from scratch)."""
+    splits = [options.train_split, *options.unlabeled_splits]
+    lengths = [len(cached[name]) for name in splits]
+    labels = np.concatenate(
+        [np.asarray(cached[name].with_format("numpy", columns=[LABELS])[LABELS]) for name in splits]
+    )
+    offsets = np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
+    changed = len(splits) > 1
+    if options.labeled_fraction is not None and options.labeled_fraction < 1:
+        train = lengths[0]
+        keep = labeled_subset(labels[:train], options.labeled_fraction, options.seed, manifest.label_names)
+        labels[:train] = masked_labels(labels[:train], keep)
+        changed = True
+    if options.loss == "dkd" and (labels == NO_LABEL).any():
+        raise KdcacheError(
+            "--loss dkd splits the teacher's outputs around each image's labelled class, and "
+            f"{int((labels == NO_LABEL).sum())} training rows have no label; use --loss kd or --loss dist"
+        )
+    served = np.flatnonzero(labels != NO_LABEL) if options.alpha == 0 and (labels == NO_LABEL).any() else None
+    if options.alpha > 0 and not (labels != NO_LABEL).any() and options.alpha < 1:
+        log.warning("no training row has a label: the student learns from the teacher alone")
+    return TrainingLabels(splits, labels, offsets, served, changed)
 
 
 def _callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
     callbacks = list(callbacks or [])
-    if isinstance(rows.train, ViewRows):
-        callbacks.append(SetEpoch(rows.train))
+    view_rows = rows.train.rows if isinstance(rows.train, TrainRows) else rows.train
+    if isinstance(view_rows, ViewRows):
+        callbacks.append(SetEpoch(view_rows))
     if options.ema_decay is not None:
         callbacks.append(StudentEMA(options.ema_decay))
     return callbacks
@@ -731,7 +901,8 @@ def _trainer(
 
     num_workers = options.num_workers
     if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
-        num_workers = 1 if isinstance(rows.train, ViewRows) and cpus_per_process(processes) >= 2 else 0
+        views = isinstance(rows.train.rows if isinstance(rows.train, TrainRows) else rows.train, ViewRows)
+        num_workers = 1 if views and cpus_per_process(processes) >= 2 else 0
     evaluating = rows.eval is not None
     args = OneDeviceArguments(
         output_dir=str(work),
@@ -841,6 +1012,7 @@ def _summary(
             "batch_size": args.train_batch_size * args.world_size,
             "views": rows.views,
             "mixed_views": manifest.mixed_views,
+            **(rows.labels.recipe() if rows.labels else {}),
             "student_size": list(size),
             "precision": place.precision,
             "device": str(args.device),
@@ -994,6 +1166,15 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
         )
         + f", weight decay {recipe['weight_decay']}, seed {recipe['seed']} |",
     ]
+    labeled, training = recipe.get("labeled_rows"), recipe.get("training_rows")
+    if labeled is not None and labeled < training:
+        budget = recipe.get("labeled_fraction")
+        lines.append(
+            f"| labels | {labeled:,} of the {training:,} training images labelled"
+            + (f" (a stratified {budget:g} of the training split, seed {recipe['seed']})" if budget else "")
+            + (f"; unlabeled splits {', '.join(recipe['unlabeled_splits'])}" if recipe.get("unlabeled_splits") else "")
+            + "; images without a label are taught by the teacher alone |"
+        )
     size = recipe.get("student_size")
     if size:
         views = recipe.get("views", 1)
