@@ -179,7 +179,7 @@ def _run_demo(root: Path, quick: bool, seed: int, progress: bool) -> dict:
     started = time.perf_counter()
     say = log.info if progress else (lambda *args, **kwargs: None)
     settings = (
-        dict(teacher_epochs=3, student_epochs=2, limit=300, labeled_fraction=0.2)
+        dict(teacher_epochs=3, student_epochs=2, limit=300, labeled_fraction=LABELED_FRACTION)
         if quick
         else dict(teacher_epochs=20, student_epochs=STUDENT_EPOCHS, limit=None, labeled_fraction=LABELED_FRACTION)
     )
@@ -257,7 +257,7 @@ def _run_demo(root: Path, quick: bool, seed: int, progress: bool) -> dict:
         "steps": {name: summary["steps"] for name, summary in summaries.items()},
         "labeled_fraction": settings["labeled_fraction"],
         "labeled_rows": labeled_rows,
-        "train_rows": distilled["recipe"]["labeled_rows"],
+        "train_rows": distilled["recipe"]["training_rows"],
         "seed": seed,
         "quick": quick,
         "seconds": round(time.perf_counter() - started, 1),
