@@ -1,8 +1,10 @@
 """`kdcache demo`: the whole pipeline, offline, on scikit-learn's handwritten digits, in a few minutes.
 
-A small ViT teacher is fitted first (the one step a real user has already done); then the same functions as the
-real commands run: teacher_logits, train_student twice (distilled, and alpha=0 from scratch, same recipe) plus a
-few online steps for timing, and evaluate_models on all three.
+A small ResNet teacher is fitted first (the one step a real user has already done); then the same functions as the
+real commands run: teacher_logits; train_student distilled and from scratch (alpha=0, same recipe) with every label,
+then again with the labels of 10% of the training rows (the distilled student on every image, the scratch student on
+the labelled rows alone, for as many optimizer steps), plus a few online steps for timing; and evaluate_models on the
+teacher and the four students.
 """
 
 import json
