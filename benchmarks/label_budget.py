@@ -1,7 +1,7 @@
 """What the teacher is worth when labels are few: `benchmarks/results/label-budget.json` and its plot.
 
     nice -n 15 python benchmarks/label_budget.py run --dataset ../shared/data/beans \\
-        --teacher ../shared/teachers/effl0-beans --fractions 0.05 0.1 0.25 1.0 --seeds 0 1 2
+        --teacher ../shared/teachers/effl0-beans --fractions 0.1 1.0 0.05 0.25 --seeds 0 1 2 --epochs 8
     python benchmarks/label_budget.py table      # run ends with it too
 
 One K=1 cache (stage one, ROOT/cache, reused when up to date). For each labelled fraction F of the train split
@@ -52,71 +52,70 @@ def run(args):
     # the distilled student's steps: every train row, each epoch (the Trainer's last partial batch counts as a step)
     steps = args.epochs * math.ceil(train_rows / settings["batch_size"])
     done = {(line["fraction"], line["recipe"], line["seed"]) for line in read_runs() if line["settings"] == settings}
-    for seed in args.seeds:  # seed by seed: a run stopped early still has every fraction of its first seeds
-        for fraction in args.fractions:
-            for recipe in RECIPES:
-                if (fraction, recipe, seed) in done:
-                    continue
-                student = root / "students" / f"{recipe}-f{fraction:g}-s{seed}"
-                training = dict(
-                    labeled_fraction=fraction,
-                    student_size=args.student_size,
-                    epochs=args.epochs,
-                    learning_rate=args.learning_rate,
-                    seed=seed,
-                )
-                callbacks = []
-                if recipe == "scratch":
-                    labeled = labeled_rows(manifest, cache, fraction, seed)
-                    every = epochs_per_validation(
-                        {"steps": steps, "epochs": args.epochs}, labeled, settings["batch_size"]
-                    )
-                    training.update(alpha=0.0, max_steps=steps)
-                    callbacks = [evaluate_every(every)] if every > 1 else []
-                summary = train_student(
-                    cache,
-                    output=student,
-                    overwrite=True,
-                    progress=False,
-                    logging_steps=50,
-                    callbacks=callbacks,
-                    **training,
-                )
-                report = evaluate_models(  # once per final student: every choice was made on validation
-                    [str(student)],
-                    dataset=args.dataset,
-                    split="test",
-                    cache=str(cache),
-                    output=student / "eval-test",
-                    progress=False,
-                )
-                result = report["models"][0]
-                line = {
-                    "fraction": fraction,
-                    "recipe": recipe,
-                    "seed": seed,
-                    "settings": settings,
-                    "training": training,
-                    "labeled_rows": summary["recipe"]["labeled_rows"],
-                    "training_rows": summary["recipe"]["training_rows"],
-                    "steps": summary["steps"],
-                    "epochs": summary["epochs"],
-                    "validated_every_epochs": every if recipe == "scratch" else 1,
-                    "validation_accuracy": summary["best_eval_accuracy"],
-                    "best_epoch": summary["best_epoch"],
-                    "curve": [round(entry["eval_accuracy"], 4) for entry in summary["history"]],
-                    "test_accuracy": result["accuracy"],
-                    "teacher_agreement": result["teacher_agreement"]["top1_agreement"],
-                    "teacher_test_accuracy": result["teacher_agreement"]["teacher_accuracy"],
-                    "stage_two_minutes": round(summary["seconds"] / 60, 2),
-                    "output": str(student),
-                    "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "wall_minutes_so_far": round((time.time() - started) / 60, 2),
-                }
-                RESULTS.mkdir(parents=True, exist_ok=True)
-                with open(RUNS, "a") as runs:
-                    runs.write(json.dumps(line) + "\n")
-                print(json.dumps({key: line[key] for key in line if key not in ("training", "curve")}), flush=True)
+    # fraction by fraction, in the order given: a run stopped early has every seed of its first fractions
+    grid = [(fraction, seed, recipe) for fraction in args.fractions for seed in args.seeds for recipe in RECIPES]
+    index, workers = (int(part) for part in args.worker.split("/"))
+    for fraction, seed, recipe in grid[index::workers]:
+        if (fraction, recipe, seed) in done:
+            continue
+        student = root / "students" / f"{recipe}-f{fraction:g}-s{seed}"
+        training = dict(
+            labeled_fraction=fraction,
+            student_size=args.student_size,
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            seed=seed,
+        )
+        callbacks, every = [], 1
+        if recipe == "scratch":
+            labeled = labeled_rows(manifest, cache, fraction, seed)
+            every = epochs_per_validation({"steps": steps, "epochs": args.epochs}, labeled, settings["batch_size"])
+            training.update(alpha=0.0, max_steps=steps)
+            callbacks = [evaluate_every(every)] if every > 1 else []
+        summary = train_student(
+            cache,
+            output=student,
+            overwrite=True,
+            progress=False,
+            logging_steps=50,
+            callbacks=callbacks,
+            **training,
+        )
+        report = evaluate_models(  # once per final student: every choice was made on validation
+            [str(student)],
+            dataset=args.dataset,
+            split="test",
+            cache=str(cache),
+            output=student / "eval-test",
+            progress=False,
+        )
+        result = report["models"][0]
+        line = {
+            "fraction": fraction,
+            "recipe": recipe,
+            "seed": seed,
+            "settings": settings,
+            "training": training,
+            "labeled_rows": summary["recipe"]["labeled_rows"],
+            "training_rows": summary["recipe"]["training_rows"],
+            "steps": summary["steps"],
+            "epochs": summary["epochs"],
+            "validated_every_epochs": every,
+            "validation_accuracy": summary["best_eval_accuracy"],
+            "best_epoch": summary["best_epoch"],
+            "curve": [round(entry["eval_accuracy"], 4) for entry in summary["history"]],
+            "test_accuracy": result["accuracy"],
+            "teacher_agreement": result["teacher_agreement"]["top1_agreement"],
+            "teacher_test_accuracy": result["teacher_agreement"]["teacher_accuracy"],
+            "stage_two_minutes": round(summary["seconds"] / 60, 2),
+            "output": str(student),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "wall_minutes_so_far": round((time.time() - started) / 60, 2),
+        }
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with open(RUNS, "a") as runs:
+            runs.write(json.dumps(line) + "\n")
+        print(json.dumps({key: line[key] for key in line if key not in ("training", "curve")}), flush=True)
     table(args)
 
 
@@ -232,6 +231,12 @@ def main():
     runner.add_argument("--student-size", type=int, default=64, help="the student's input, pixels")
     runner.add_argument("--epochs", type=int, default=12, help="epochs of the whole train split (the distilled run)")
     runner.add_argument("--learning-rate", type=float, default=1e-3)
+    runner.add_argument(
+        "--worker",
+        default="0/1",
+        metavar="I/N",
+        help="train every N-th student of the grid from the I-th (N processes side by side, one thread each)",
+    )
     commands.add_parser("table")
     args = parser.parse_args()
     run(args) if args.command == "run" else table(args)
