@@ -15,8 +15,9 @@ students at the same number of optimizer steps:
 Every choice (the best checkpoint) is made on the validation split, with its labels; each final student is evaluated
 once on the test split (kdcache.evaluation.evaluate_models). One line per student goes to
 benchmarks/results/label-budget-runs.jsonl as it finishes; a killed run started again skips the students whose line
-is there (same fraction, recipe, seed and settings). `table` averages the seeds into label-budget.json and plots test
-accuracy against the fraction (mean, error bars one sd) to label-budget.png.
+is there (same fraction, recipe, seed and settings). Several processes started side by side (one thread each:
+OMP_NUM_THREADS=1) share the grid, each claiming the next student that none has claimed. `table` averages the seeds
+into label-budget.json and plots test accuracy against the fraction (mean, error bars one sd) to label-budget.png.
 """
 
 import argparse
@@ -51,14 +52,15 @@ def run(args):
     train_rows = manifest.split("train")["num_rows"]
     # the distilled student's steps: every train row, each epoch (the Trainer's last partial batch counts as a step)
     steps = args.epochs * math.ceil(train_rows / settings["batch_size"])
-    done = {(line["fraction"], line["recipe"], line["seed"]) for line in read_runs() if line["settings"] == settings}
     # fraction by fraction, in the order given: a run stopped early has every seed of its first fractions
     grid = [(fraction, seed, recipe) for fraction in args.fractions for seed in args.seeds for recipe in RECIPES]
-    index, workers = (int(part) for part in args.worker.split("/"))
-    for fraction, seed, recipe in grid[index::workers]:
-        if (fraction, recipe, seed) in done:
-            continue
+    for fraction, seed, recipe in grid:
         student = root / "students" / f"{recipe}-f{fraction:g}-s{seed}"
+        claim = claimed(student)
+        if claim is None or (fraction, recipe, seed) in finished(settings):
+            if claim:
+                claim.release()
+            continue
         training = dict(
             labeled_fraction=fraction,
             student_size=args.student_size,
@@ -116,7 +118,34 @@ def run(args):
         with open(RUNS, "a") as runs:
             runs.write(json.dumps(line) + "\n")
         print(json.dumps({key: line[key] for key in line if key not in ("training", "curve")}), flush=True)
+        claim.release()
     table(args)
+
+
+def claimed(student: Path):
+    """The student's claim (a held file lock beside its folder), or None when another process of the benchmark holds
+    it: processes started side by side share the grid, each training the next student nobody has claimed."""
+    import filelock
+
+    from kdcache.outputs import lock_file
+
+    student.parent.mkdir(parents=True, exist_ok=True)
+    claim = filelock.FileLock(str(student.with_name(student.name + ".claim")))
+    try:
+        claim.acquire(timeout=0)
+        # a student being trained by a process that did not claim it (train_student's own lock) is taken too
+        with filelock.FileLock(str(lock_file(student))).acquire(timeout=0):
+            pass
+    except filelock.Timeout:
+        if claim.is_locked:
+            claim.release()
+        return None
+    return claim
+
+
+def finished(settings: dict) -> set:
+    """The students another process has finished since this one started."""
+    return {(line["fraction"], line["recipe"], line["seed"]) for line in read_runs() if line["settings"] == settings}
 
 
 def labeled_rows(manifest, cache, fraction: float, seed: int) -> int:
@@ -231,12 +260,6 @@ def main():
     runner.add_argument("--student-size", type=int, default=64, help="the student's input, pixels")
     runner.add_argument("--epochs", type=int, default=12, help="epochs of the whole train split (the distilled run)")
     runner.add_argument("--learning-rate", type=float, default=1e-3)
-    runner.add_argument(
-        "--worker",
-        default="0/1",
-        metavar="I/N",
-        help="train every N-th student of the grid from the I-th (N processes side by side, one thread each)",
-    )
     commands.add_parser("table")
     args = parser.parse_args()
     run(args) if args.command == "run" else table(args)
