@@ -80,30 +80,14 @@ def _load_from_disk(path: Path):
 
 
 def find_columns(split, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
-    """The image and label column names: given, or found by name (image/img, labels/label), or by feature type."""
-    import datasets
-
-    features = split.features
-    image_column = image_column or _find(features, IMAGE_COLUMNS, datasets.Image)
-    label_column = label_column or _find(features, LABEL_COLUMNS, datasets.ClassLabel)
-    columns = ", ".join(features)
-    if image_column is None:
-        raise KdcacheError(
-            f"no image column found (looked for {'/'.join(IMAGE_COLUMNS)}; columns: {columns}); pass --image-column"
-        )
+    """The image and label column names of a labelled split: given, or found by name (image/img, labels/label), or by
+    feature type."""
+    image_column = find_image_column(split, image_column)
+    label_column = find_label_column({"split": split}, label_column)
     if label_column is None:
         raise KdcacheError(
-            f"no label column found (looked for {'/'.join(LABEL_COLUMNS)}; columns: {columns}); pass --label-column"
-        )
-    for name, flag in ((image_column, "--image-column"), (label_column, "--label-column")):
-        if name not in features:
-            raise KdcacheError(f"{flag} '{name}' is not a column of the dataset (columns: {columns})")
-    if not isinstance(features[image_column], datasets.Image):
-        raise KdcacheError(f"column '{image_column}' holds {features[image_column]}, not images; pass --image-column")
-    if not isinstance(features[label_column], datasets.ClassLabel):
-        raise KdcacheError(
-            f"label column '{label_column}' has no class names ({features[label_column]}); "
-            "cast it with dataset.class_encode_column or cast_column(ClassLabel(names=...)) first"
+            f"no label column found (looked for {'/'.join(LABEL_COLUMNS)}; columns: {', '.join(split.features)}); "
+            "pass --label-column"
         )
     return image_column, label_column
 
@@ -121,11 +105,11 @@ def find_label_column(splits: dict, label_column: str | None = None) -> str | No
     else:
         found = [_find(split.features, LABEL_COLUMNS, datasets.ClassLabel) for split in splits.values()]
         label_column = next((name for name in found if name is not None), None)
-    for name, split in splits.items():
+    for split in splits.values():
         feature = split.features.get(label_column) if label_column else None
         if feature is not None and not isinstance(feature, datasets.ClassLabel):
             raise KdcacheError(
-                f"label column '{label_column}' of split '{name}' has no class names ({feature}); "
+                f"label column '{label_column}' has no class names ({feature}); "
                 "cast it with dataset.class_encode_column or cast_column(ClassLabel(names=...)) first"
             )
     return label_column

@@ -35,6 +35,23 @@ def tiny_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
 
 
 @pytest.fixture(scope="session")
+def row_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
+    """The tiny cache computed one row at a time, for the tests that compare training from it with the teacher run
+    online one row at a time (helpers.teacher_one_row_at_a_time says why)."""
+    from kdcache.cache import teacher_logits
+
+    output = tmp_path_factory.mktemp("caches") / "row-cache"
+    return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, batch_size=1, progress=False)
+
+
+@pytest.fixture
+def teacher_row_by_row(monkeypatch):
+    from helpers import teacher_one_row_at_a_time
+
+    teacher_one_row_at_a_time(monkeypatch)
+
+
+@pytest.fixture(scope="session")
 def compact_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
     """The tiny cache's inputs stored compact: float16, the top logit of 3 and the tail's (read-only)."""
     from kdcache.cache import teacher_logits

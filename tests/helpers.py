@@ -94,3 +94,25 @@ def old_format_copy(cache, target, version: int, rows=None):
     (target / "kdcache.json").write_text(json.dumps(manifest))
     shutil.copy(cache / "preprocessor_config.json", target)
     return target
+
+
+def teacher_one_row_at_a_time(monkeypatch):
+    """Make the online teacher run on one row at a time, in channels_last, as stage one runs it with batch_size=1.
+
+    Tests of "training from the cache is online distillation" compare two runs step by step. The teacher's outputs of
+    a row move in the 7th digit with the other rows of its batch on some CPUs (oneDNN blocks a batch's convolutions
+    and matrix products by its size and content), and AdamW turns such noise into updates of a full step on the
+    parameters whose true gradient is zero (a BatchNorm bias before another BatchNorm): the runs part after a few
+    steps. With every row computed alone in both runs, their teacher logits, and so the runs, are identical."""
+    from kdcache.train import OnlineTeacher
+
+    @torch.no_grad()
+    def forward(self, pixel_values):
+        self.model.to(memory_format=torch.channels_last)
+        rows = [
+            self.model(pixel_values=pixel_values[i : i + 1].contiguous(memory_format=torch.channels_last)).logits
+            for i in range(len(pixel_values))
+        ]
+        return torch.cat(rows).float()[:, self.index]
+
+    monkeypatch.setattr(OnlineTeacher, "forward", forward)

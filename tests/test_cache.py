@@ -385,8 +385,15 @@ def test_options_whole_and_one_by_one(tmp_path, tiny_dataset, tiny_teacher):
 def test_dataset_problems(tmp_path, tiny_teacher):
     unlabeled = make_dataset_dict({"train": 6}).remove_columns("labels")
     unlabeled.save_to_disk(str(tmp_path / "unlabeled"))
-    with pytest.raises(KdcacheError, match="no label column found.*--label-column"):
-        teacher_logits(str(tmp_path / "unlabeled"), str(tiny_teacher), output=tmp_path / "o1", progress=False)
+    with pytest.raises(KdcacheError, match="--label-column 'disease' is not a column of the dataset"):
+        teacher_logits(
+            str(tmp_path / "unlabeled"),
+            str(tiny_teacher),
+            output=tmp_path / "o1",
+            label_column="disease",
+            progress=False,
+        )
+    # without a label column, the images are cached without labels (tests/test_labels.py)
 
     # datasets cannot reload an empty split written by save_to_disk; parquet files are how one arrives.
     empty = make_dataset_dict({"train": 6, "validation": 3})

@@ -121,11 +121,14 @@ def test_cached_loss_equals_online_loss_with_unlabelled_rows(tiny_cache, tiny_da
             assert abs(cached_loss.item() - online_loss.item()) <= 1e-6
 
 
-def test_training_with_a_label_budget_equals_online_and_records_it(tmp_path, tiny_cache):
+def test_training_with_a_label_budget_equals_online_and_records_it(tmp_path, row_cache, teacher_row_by_row):
+    tiny_cache = (
+        row_cache  # computed one row at a time, as the online teacher here (helpers.teacher_one_row_at_a_time)
+    )
     options = dict(max_steps=6, labeled_fraction=0.5, seed=3, **FAST)
     cached = train_student(tiny_cache, output=tmp_path / "cached", **options)
     online = train_student(tiny_cache, output=tmp_path / "online", online=True, **options)
-    assert np.allclose(cached["train_losses"], online["train_losses"], rtol=0, atol=1e-5)
+    assert cached["train_losses"] == online["train_losses"]
     assert cached["recipe"]["labeled_rows"] == 12 and cached["recipe"]["training_rows"] == 24
     assert cached["recipe"]["labeled_fraction"] == 0.5
     full = train_student(tiny_cache, output=tmp_path / "full", max_steps=6, seed=3, **FAST)
@@ -282,3 +285,38 @@ def test_evaluate_on_a_split_without_labels_reports_agreement_and_why_accuracy_i
     with pytest.raises(KdcacheError, match="has no labels, so there is no accuracy to measure") as refused:
         evaluate_models([str(tiny_teacher)], dataset=str(photos), split="train", output=tmp_path / "f", progress=False)
     assert "\n" not in str(refused.value)
+
+
+def test_the_command_line_caches_extra_images_and_trains_with_a_label_budget(
+    tmp_path, tiny_dataset, tiny_teacher, photos
+):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    cache = tmp_path / "cache"
+    command = [
+        "teacher-logits",
+        "--dataset",
+        str(tiny_dataset),
+        "--teacher",
+        str(tiny_teacher),
+        "--output",
+        str(cache),
+    ]
+    result = CliRunner().invoke(app, command + ["--extra-images", str(photos), "--extra-split", "photos"])
+    assert result.exit_code == 0, result.output
+    assert "photos" in result.output and "(no labels)" in result.output
+    train = ["train-student", str(cache), "--batch-size", "8", "--epochs", "1"]
+    result = CliRunner().invoke(app, train + ["--output", str(tmp_path / "s"), "--labeled-fraction", "0.5"])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())["recipe"]
+    assert recipe["unlabeled_splits"] == ["photos"] and recipe["labeled_rows"] == 12 and recipe["training_rows"] == 34
+    result = CliRunner().invoke(app, train + ["--output", str(tmp_path / "n"), "--unlabeled-splits", "none"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "n" / "kdcache_training.json").read_text())["recipe"]["training_rows"] == 24
+    result = CliRunner().invoke(app, train + ["--output", str(tmp_path / "x"), "--labeled-fraction", "2"])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        "kdcache: error: --labeled-fraction 2.0 must be > 0 and <= 1 (the share of the training split's rows whose "
+        "labels are kept)"
+    ]
