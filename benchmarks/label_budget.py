@@ -228,15 +228,25 @@ def plot(rows):
             color=colour,
             marker="o",
             capsize=4,
-            label=f"{label}, {len(points[0]['seeds']) if points else 0} seeds",
+            label=label,
         )
+        for row in points:  # a point with fewer seeds than the others says so
+            if len(row["seeds"]) < 3:
+                axes.annotate(
+                    f"{len(row['seeds'])} seed{'s' if len(row['seeds']) > 1 else ''}",
+                    (row["fraction"], row["test_accuracy_mean"]),
+                    textcoords="offset points",
+                    xytext=(6, -12),
+                    fontsize=7,
+                    color=colour,
+                )
     axes.axhline(rows[0]["teacher_test_accuracy"], color="tab:green", linestyle="--", label="teacher effl0-beans")
     axes.set_xscale("log")
     fractions = sorted({row["fraction"] for row in rows})
     axes.set_xticks(fractions, [f"{fraction:.0%}" for fraction in fractions])
     axes.minorticks_off()
     axes.set_xlabel("labelled share of the train split (1,034 images)")
-    axes.set_ylabel("test accuracy (mean ± sd over seeds)")
+    axes.set_ylabel("test accuracy (mean ± sd over 3 seeds)")
     settings = rows[0]["settings"]
     axes.set_title(
         f"beans: MobileNetV2 at {settings['student_size']} px, {settings['epochs']} epochs' steps, same steps per pair",
