@@ -756,8 +756,9 @@ def demo_command(
     ),
     seed: int = typer.Option(0, help="Seed for the teacher and the students."),
 ):
-    """Run the whole pipeline offline on scikit-learn's digits: fit a small ViT teacher, cache its logits once,
-    distil a MobileNetV2 student, train the same student from scratch, and compare all three on the test split."""
+    """Run the whole pipeline offline on scikit-learn's digits: fit a small ResNet teacher, cache its logits once,
+    distil a MobileNetV2 student and train it from scratch, with every label and with 10% of them, and compare all
+    five models on the test split."""
     from kdcache.demo import run_demo
 
     run_demo(output=output, quick=quick, seed=seed)

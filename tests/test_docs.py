@@ -377,7 +377,37 @@ QUOTES = [
     (("docs/cache-format.md",), "took 0.32 s, 0.0015 of the", "resume-check.json",
      lambda: [statistics.median(results("resume-check.json")["resume_check_seconds"]["warm"]),
               results("resume-check.json")["resume_check_to_teacher"]["warm"]]),
+    # issue 25: label budgets and the demo
+    (("README.md",), "| student from scratch on the labelled rows | 0.503 ± 0.004 | 0.578 ± 0.041 | 0.677 ± 0.037 | **0.781 ± 0.041** |",
+     "label-budget.json", lambda: [v for f in (0.05, 0.1, 0.25, 1.0) for v in budget(f, "scratch")]),
+    (("README.md",), "| student distilled on every image | **0.714 ± 0.066** | **0.747 ± 0.055** | **0.760 ± 0.020** | 0.763 ± 0.025 |",
+     "label-budget.json", lambda: [v for f in (0.05, 0.1, 0.25, 1.0) for v in budget(f, "distilled")]),
+    (("BENCHMARKS.md",), "distilled 0.797, 0.688, 0.758; scratch 0.609, 0.594, 0.531", "label-budget-runs.jsonl",
+     lambda: budget_seeds(0.1, "distilled") + budget_seeds(0.1, "scratch")),
+    (("README.md",), "teacher (ResNet, run once) 0.9973 310,746", "demo.json",
+     lambda: [demo(0)["accuracy"]["teacher"], demo(0)["parameters"]["teacher"]]),
+    (("README.md",), "student distilled, every image 0.9780 700,490", "demo.json",
+     lambda: [demo(0)["accuracy"]["distilled_few_labels"], demo(0)["parameters"]["distilled_few_labels"]]),
+    (("README.md",), "student from scratch on them 0.9258", "demo.json", lambda: [demo(0)["accuracy"]["scratch_few_labels"]]),
+    (("README.md",), "2.38 from the cache, 2.55 with the teacher online (1.07x); demo took 183 s", "demo.json",
+     lambda: [*demo(0)["seconds_per_epoch"].values(), 1.07, demo(0)["seconds"]]),
 ]  # fmt: skip
+
+
+def budget(fraction: float, recipe: str) -> list[float]:
+    (row,) = [row for row in results("label-budget.json") if row["fraction"] == fraction and row["recipe"] == recipe]
+    return [row["test_accuracy_mean"], row["test_accuracy_sd"]]
+
+
+def budget_seeds(fraction: float, recipe: str) -> list[float]:
+    runs = [run for run in results("label-budget-runs.jsonl") if run["fraction"] == fraction and run["recipe"] == recipe]
+    return [run["test_accuracy"] for run in sorted(runs, key=lambda run: run["seed"])]
+
+
+def demo(seed: int) -> dict:
+    (run,) = [run for run in results("demo.json") if run["seed"] == seed]
+    return run
+
 
 # a number as a quote shows it: not part of a word (float32, top-1, fp16), with its thousands separators
 FIGURE = re.compile(r"(?<![\w.])(?<![A-Za-z]-)\d[\d,]*(?:\.\d+)?")
