@@ -400,7 +400,9 @@ def budget(fraction: float, recipe: str) -> list[float]:
 
 
 def budget_seeds(fraction: float, recipe: str) -> list[float]:
-    runs = [run for run in results("label-budget-runs.jsonl") if run["fraction"] == fraction and run["recipe"] == recipe]
+    runs = [
+        run for run in results("label-budget-runs.jsonl") if run["fraction"] == fraction and run["recipe"] == recipe
+    ]
     return [run["test_accuracy"] for run in sorted(runs, key=lambda run: run["seed"])]
 
 
