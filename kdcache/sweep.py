@@ -108,17 +108,27 @@ def open_storage(storage: str | None, output: Path):
         retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=3)}
     # several processes write one SQLite file: wait for its lock instead of failing at once
     engine = {"connect_args": {"timeout": 120}} if storage.startswith("sqlite") else {}
-    try:
-        return storage, storages.RDBStorage(
-            storage,
-            engine_kwargs=engine,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=3 * HEARTBEAT_SECONDS,
-            **retry,
-        )
-    except Exception as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise KdcacheError(f"--storage '{storage}' cannot be opened ({type(error).__name__}: {first})") from None
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(6):
+        try:
+            return storage, storages.RDBStorage(
+                storage,
+                engine_kwargs=engine,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=3 * HEARTBEAT_SECONDS,
+                **retry,
+            )
+        except (OperationalError, IntegrityError) as error:
+            # Processes started together on a new database race to create its tables ("table ... already exists"):
+            # the loser finds them made when it tries again
+            failure = error
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as error:
+            failure = error
+            break
+    first = str(failure).strip().splitlines()[0][:200] if str(failure).strip() else type(failure).__name__
+    raise KdcacheError(f"--storage '{storage}' cannot be opened ({type(failure).__name__}: {first})") from None
 
 
 def check_space(space: list[Param], fixed: TrainingOptions, caches: int, cache_facts) -> None:
