@@ -819,7 +819,7 @@ class TrainingLabels:
 
     @property
     def labeled_rows(self) -> int:
-        return int((self.labels[self.served] if self.served is not None else self.labels).__ge__(0).sum())
+        return int((self.labels != NO_LABEL).sum())  # the rows served without a label are never labelled ones
 
     @property
     def rows(self) -> int:
