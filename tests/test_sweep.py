@@ -285,9 +285,13 @@ def start_sweep(cache, output: Path, trials: int, storage: str | None = None, ep
 
 
 def trials_of(storage: str):
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
     try:
         return optuna.load_study(study_name="kdcache-sweep", storage=storage).get_trials()
     except KeyError:  # not created yet
+        return []
+    except (OperationalError, IntegrityError):  # the sweep is creating the database's tables right now: look again
         return []
 
 
