@@ -53,6 +53,15 @@ def main():
         "--deadline", default=None, help="HH:MM (UTC): start no trial after it, whatever is left of the budget"
     )
     parser.add_argument("--final-seeds", type=int, default=3)
+    parser.add_argument(
+        "--final-student-size",
+        type=int,
+        default=None,
+        help=f"retrain the best options at this size (default: the trials' own, {FIXED['student_size']})",
+    )
+    parser.add_argument(
+        "--final-epochs", type=float, default=None, help="and for this many epochs (default: the trials' own)"
+    )
     parser.add_argument("--test", action="store_true", help="evaluate each final student once on the test split")
     parser.add_argument("--results", default=str(RESULTS), help="where the study, plots and quality table go")
     args = parser.parse_args()
@@ -78,15 +87,26 @@ def main():
         raise SystemExit(f"sweep.py: the budget of {args.budget_cpu_minutes:g} CPU-minutes was spent before any trial")
     sweep_cpu, sweep_wall = round(cpu_minutes(), 1), round((time.time() - started) / 60, 1)
     print(f"sweep: {sweep_cpu} CPU-minutes, {sweep_wall} wall minutes (this process)", flush=True)
-    report = sweep(
+    final_fixed = {
+        **FIXED,
+        **{
+            key: value
+            for key, value in (("student_size", args.final_student_size), ("epochs", args.final_epochs))
+            if value
+        },
+    }
+    same_fidelity = final_fixed == FIXED
+    report = sweep(  # the study's report (and, at the trials' own fidelity, its final seeds)
         cache,
         output,
         SPACE,
         trials=report["trials_wanted"] if report else done,
         sampler_seed=0,
-        final_seeds=args.final_seeds,
+        final_seeds=args.final_seeds if same_fidelity else 0,
         **FIXED,
     )
+    if not same_fidelity and args.final_seeds:
+        report["final_seeds"] = final_seeds_at(cache, root / "final", report, final_fixed, args.final_seeds)
     out = Path(args.results) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     report["budget_cpu_minutes"] = args.budget_cpu_minutes
@@ -98,6 +118,37 @@ def main():
         shutil.copy(path, out / f"{name}.png")
     if args.test and report.get("final_seeds"):
         test_finals(args, cache, report, stage_one_minutes)
+
+
+def final_seeds_at(cache, root: Path, report: dict, fixed: dict, seeds: int) -> dict:
+    """The best trial's options retrained at another fidelity (a larger student, more epochs) with seeds 0..K-1: the
+    trials are cheap low-fidelity runs, the finals what a user would train (a finished seed is reused)."""
+    import statistics
+
+    from kdcache.train import train_student
+
+    best = report["best"]
+    runs = []
+    for seed in range(seeds):
+        folder = root / f"trial-{best['trial']:04d}" / f"seed-{seed}"
+        record = folder / "kdcache_training.json"
+        if record.exists():
+            summary = json.loads(record.read_text())
+        else:
+            options = {**best["options"], **fixed, "seed": seed, "overwrite": True, "resume": False}
+            summary = train_student(cache, output=folder, progress=False, verify=False, **options)
+        runs.append({"seed": seed, "validation_accuracy": summary["best_eval_accuracy"], "student": str(folder)})
+        print(
+            f"final seed {seed} of trial {best['trial']}: validation {summary['best_eval_accuracy']:.4f}", flush=True
+        )
+    values = [run["validation_accuracy"] for run in runs]
+    return {
+        "trial": best["trial"],
+        "fixed": fixed,
+        "runs": runs,
+        "validation_accuracy_mean": round(statistics.mean(values), 4),
+        "validation_accuracy_sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+    }
 
 
 def test_finals(args, cache, report, stage_one_minutes):
@@ -113,7 +164,7 @@ def test_finals(args, cache, report, stage_one_minutes):
     quality.CURVES = Path(args.results) / quality.CURVES.name
     finals = report["final_seeds"]
     best = next(record for record in report["trials"] if record["trial"] == finals["trial"])
-    training = {**FIXED, **best["params"]}
+    training = {**report["final_seeds"].get("fixed", FIXED), **best["params"]}
     training.pop("logging_steps")
     for run in finals["runs"]:
         student = Path(run["student"])
