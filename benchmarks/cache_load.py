@@ -20,7 +20,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
 
-    from kdcache.cache import load_cache
+    from kdcache.format.reader import load_cache
 
     def seconds(path):
         started = time.perf_counter()

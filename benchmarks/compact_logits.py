@@ -8,7 +8,7 @@
 and measures the bytes per image of the logit columns and of whole rows (32 px pixels) from their Arrow buffers.
 
 `kl` reads the float32 logits of full caches (every split, every view) and stores each row as every storage would,
-rebuilt as stage two rebuilds it (kdcache.loss.compress_logits, expand_logits): mean and largest
+rebuilt as stage two rebuilds it (kdcache.format.codec.compress_logits, expand_logits): mean and largest
 KL(softmax(t/T) || softmax(rebuilt/T)) at T=1 and at the loss's T=5, and the teacher's mass at T=5 outside the top K.
 
 `students` makes one cache per storage (ROOT/caches/STORAGE) and trains a student from each for every seed with the
@@ -39,7 +39,7 @@ def storage_options(name: str) -> dict:
 def bytes_per_image(cache) -> tuple[float, float]:
     """The bytes per image of the logit columns (teacher_logits, and a top-K cache's indices and tail) and of whole rows
     (the 32 px pixels and labels too), over every split, from their Arrow buffers as stored."""
-    from kdcache.cache import load_cache, logit_columns
+    from kdcache.format.reader import load_cache, logit_columns
 
     cached, _ = load_cache(cache)
     logits = rows = everything = 0
@@ -74,7 +74,7 @@ def tiny_teacher(path: Path, names: list[str]) -> Path:
 def bytes_table(args):
     import datasets
 
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     results = []
     with tempfile.TemporaryDirectory() as folder:
@@ -111,8 +111,9 @@ def bytes_table(args):
 def kl_table(args):
     import torch
 
-    from kdcache.cache import load_cache, logit_columns
-    from kdcache.loss import compress_logits, expand_logits, soft_target_kl
+    from kdcache.format.codec import compress_logits, expand_logits
+    from kdcache.format.reader import load_cache, logit_columns
+    from kdcache.student.loss import soft_target_kl
 
     results = []
     for cache in args.caches:
@@ -158,9 +159,9 @@ def kl_table(args):
 
 
 def students(args):
-    from kdcache.cache import teacher_logits
-    from kdcache.evaluation import evaluate_models
-    from kdcache.train import train_student
+    from kdcache.evaluation.evaluate import evaluate_models
+    from kdcache.student.train import train_student
+    from kdcache.teacher.run import teacher_logits
 
     root = Path(args.root)
     overrides = dict(parse_setting(item) for item in args.set)

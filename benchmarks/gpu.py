@@ -85,7 +85,8 @@ def loop_images_per_second(manifest: dict) -> float:
 def all_logits(cache: Path):
     import numpy as np
 
-    from kdcache.cache import LOGITS, load_cache
+    from kdcache.format.manifest import LOGITS
+    from kdcache.format.reader import load_cache
 
     cached, _ = load_cache(cache)
     return np.concatenate([np.asarray(cached[name].with_format("numpy")[LOGITS], dtype=np.float32) for name in cached])
@@ -95,9 +96,10 @@ def run(args, work: Path) -> dict:
     import torch
     import transformers
 
-    from kdcache.cache import read_manifest, teacher_logits
-    from kdcache.evaluation import evaluate_models
-    from kdcache.train import train_student
+    from kdcache.evaluation.evaluate import evaluate_models
+    from kdcache.format.reader import read_manifest
+    from kdcache.student.train import train_student
+    from kdcache.teacher.run import teacher_logits
 
     dataset = args.dataset or generated_dataset(
         work / "dataset", {"train": args.train_images, "validation": 64, "test": 128}

@@ -13,7 +13,7 @@ students at the same number of optimizer steps:
   checkpoint from about as many candidates;
 - distilled: the default loss (alpha 0.5) on every train row, the cross-entropy on the labelled ones.
 Every choice (the best checkpoint) is made on the validation split, with its labels; each final student is evaluated
-once on the test split (kdcache.evaluation.evaluate_models). One line per student goes to
+once on the test split (kdcache.evaluation.evaluate.evaluate_models). One line per student goes to
 benchmarks/results/label-budget-runs.jsonl as it finishes; a killed run started again skips the students whose line
 is there (same fraction, recipe, seed and settings). Several processes started side by side (one thread each:
 OMP_NUM_THREADS=1) share the grid, each claiming the next student that none has claimed. `table` averages the seeds
@@ -33,11 +33,12 @@ RECIPES = ("scratch", "distilled")
 
 
 def run(args):
-    from kdcache.cache import read_manifest, teacher_logits
     from kdcache.demo import epochs_per_validation, evaluate_every
-    from kdcache.evaluation import evaluate_models
+    from kdcache.evaluation.evaluate import evaluate_models
+    from kdcache.format.reader import read_manifest
     from kdcache.options import TrainingOptions
-    from kdcache.train import train_student
+    from kdcache.student.train import train_student
+    from kdcache.teacher.run import teacher_logits
 
     root = Path(args.root)
     settings = {

@@ -37,7 +37,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from kdcache.cache import PIXELS, load_cache, logit_columns
+    from kdcache.format.manifest import PIXELS
+    from kdcache.format.reader import load_cache, logit_columns
     from kdcache.runtime import MappedFiles
 
     cached, _ = load_cache(args.cache)

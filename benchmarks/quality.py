@@ -52,9 +52,11 @@ RECIPES = {
 
 
 def run(args):
-    from kdcache.cache import read_manifest, teacher_logits
-    from kdcache.evaluation import evaluate_models
-    from kdcache.train import BATCHNORM_MOMENTUM, train_student
+    from kdcache.evaluation.evaluate import evaluate_models
+    from kdcache.format.reader import read_manifest
+    from kdcache.student.model import BATCHNORM_MOMENTUM
+    from kdcache.student.train import train_student
+    from kdcache.teacher.run import teacher_logits
 
     root = Path(args.root)
     overrides = dict(parse_setting(item) for item in args.set)
@@ -87,7 +89,7 @@ def run(args):
                 "student_size": summary["recipe"]["student_size"][0],
                 "output": str(student),
                 "batchnorm_momentum": BATCHNORM_MOMENTUM,
-                "ema_warmup": True,  # kdcache.train.ema_decay_at; runs before it had an EMA that stayed at chance
+                "ema_warmup": True,  # kdcache.student.ema.ema_decay_at; runs before it had an EMA that stayed at chance
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "wall_minutes": round((time.time() - started) / 60, 2),
             }
@@ -120,7 +122,7 @@ def parse_setting(item: str):
 def table(args):
     lines = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
     final = [line for line in lines if "test_accuracy" in line]
-    for line in final:  # runs before the BatchNorm fix (kdcache.train.BATCHNORM_MOMENTUM) are their own rows
+    for line in final:  # runs before the BatchNorm fix (kdcache.student.model.BATCHNORM_MOMENTUM) are their own rows
         if line.get("batchnorm_momentum", 0.997) != 0.1:
             line["recipe"] += f" (BatchNorm momentum {line.get('batchnorm_momentum', 0.997)})"
         if line["training"].get("ema_decay") and not line.get("ema_warmup"):

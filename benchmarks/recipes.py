@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from kdcache.cache import teacher_logits
-from kdcache.train import train_student
+from kdcache.student.train import train_student
+from kdcache.teacher.run import teacher_logits
 
 
 def main():

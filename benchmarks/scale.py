@@ -170,8 +170,8 @@ def _file_bytes(folder: Path) -> int:
 
 
 def stage_cache(args) -> dict:
-    from kdcache.cache import teacher_logits
     from kdcache.outputs import bytes_under
+    from kdcache.teacher.run import teacher_logits
 
     monitor = Monitor(args.interval).start()
     started = time.perf_counter()
@@ -196,7 +196,7 @@ def stage_cache(args) -> dict:
 def stage_load(args) -> dict:
     import datasets  # noqa: F401 (imported by load_cache on first use: its import is not the load's cost)
 
-    from kdcache.cache import load_cache
+    from kdcache.format.reader import load_cache
 
     monitor = Monitor(args.interval).start()
     started = time.perf_counter()
@@ -209,7 +209,7 @@ def stage_load(args) -> dict:
 def stage_train(args) -> dict:
     from transformers import TrainerCallback
 
-    from kdcache.train import train_student
+    from kdcache.student.train import train_student
 
     class StepTimer(TrainerCallback):
         def __init__(self):

@@ -66,8 +66,9 @@ def main():
     parser.add_argument("--results", default=str(RESULTS), help="where the study, plots and quality table go")
     args = parser.parse_args()
 
-    from kdcache.cache import read_manifest, teacher_logits
+    from kdcache.format.reader import read_manifest
     from kdcache.sweep import sweep
+    from kdcache.teacher.run import teacher_logits
 
     root, started = Path(args.root), time.time()
     cache = teacher_logits(args.dataset, args.teacher, output=root / "caches" / "k1")
@@ -125,7 +126,7 @@ def final_seeds_at(cache, root: Path, report: dict, fixed: dict, seeds: int) -> 
     trials are cheap low-fidelity runs, the finals what a user would train (a finished seed is reused)."""
     import statistics
 
-    from kdcache.train import train_student
+    from kdcache.student.train import train_student
 
     best = report["best"]
     runs = []
@@ -155,7 +156,7 @@ def test_finals(args, cache, report, stage_one_minutes):
     """Each final student evaluated once on test, as lines of quality-runs.jsonl (recipe "swept"); then the table."""
     import sys
 
-    from kdcache.evaluation import evaluate_models
+    from kdcache.evaluation.evaluate import evaluate_models
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import quality

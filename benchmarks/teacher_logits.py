@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from kdcache.cache import teacher_logits
 from kdcache.data import (
     ImagePipeline,
     decode_images,
@@ -30,6 +29,7 @@ from kdcache.data import (
 )
 from kdcache.models import load_classifier
 from kdcache.runtime import tune_malloc
+from kdcache.teacher.run import teacher_logits
 
 
 def vit_b_teacher(folder: Path, names: list[str]) -> str:

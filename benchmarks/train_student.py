@@ -29,11 +29,15 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, TrainerCallback
 
-from kdcache.cache import LOGITS, PIXELS, load_cache, teacher_logits
 from kdcache.data import ImagePipeline
-from kdcache.loss import distillation_loss
+from kdcache.format.manifest import LOGITS, PIXELS
+from kdcache.format.reader import load_cache
 from kdcache.runtime import tune_malloc
-from kdcache.train import Collator, build_student, train_student
+from kdcache.student.loss import distillation_loss
+from kdcache.student.model import build_student
+from kdcache.student.rows import Collator
+from kdcache.student.train import train_student
+from kdcache.teacher.run import teacher_logits
 
 
 class StepTimer(TrainerCallback):

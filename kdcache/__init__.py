@@ -7,9 +7,8 @@ stage two (`train_student`) trains a student from those cached soft targets; `ev
 import logging
 import sys
 
-__version__ = "0.1.0"
-
 from kdcache.errors import KdcacheError  # noqa: F401 (public: `from kdcache import KdcacheError`)
+from kdcache.version import __version__  # noqa: F401 (public: kdcache.__version__)
 
 
 class _Stdout(logging.StreamHandler):
@@ -37,26 +36,23 @@ if not log.handlers:
     log.propagate = False
 
 
+# Where each public name lives; imported on first use, since importing transformers costs seconds and
+# `kdcache --help` should not pay it.
+_PUBLIC = {
+    "teacher_logits": "kdcache.teacher.run",
+    "load_cache": "kdcache.format.reader",
+    "verify_cache": "kdcache.format.reader",
+    "train_student": "kdcache.student.train",
+    "evaluate_models": "kdcache.evaluation.evaluate",
+    "distillation_loss": "kdcache.student.loss",
+}
+
+
 def __getattr__(name):
-    # Lazy: importing transformers costs seconds, and `kdcache --help` should not pay it.
-    if name in ("teacher_logits", "load_cache", "verify_cache"):
-        from kdcache import cache
+    import importlib
 
-        return getattr(cache, name)
-    if name == "train_student":
-        from kdcache.train import train_student
-
-        return train_student
     if name == "sweep":  # the module, callable as the function (kdcache.sweep._CallableModule)
-        import importlib
-
         return importlib.import_module("kdcache.sweep")
-    if name == "evaluate_models":
-        from kdcache.evaluation import evaluate_models
-
-        return evaluate_models
-    if name == "distillation_loss":
-        from kdcache.loss import distillation_loss
-
-        return distillation_loss
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'kdcache' has no attribute {name!r}")

@@ -269,8 +269,9 @@ def teacher_logits_command(
       kdcache teacher-logits --num-processes 4 ...
     """
     relaunch(num_processes, device)
-    from kdcache.cache import describe, teacher_logits
+    from kdcache.format.reader import describe
     from kdcache.runtime import is_main_process
+    from kdcache.teacher.run import teacher_logits
 
     options = CacheOptions(
         splits=_split_list(splits),
@@ -360,7 +361,8 @@ def evaluate_command(
       kdcache evaluate data/students/beans--effl0-beans-distilled --cache data/beans--effl0-beans
       kdcache evaluate ../shared/teachers/effl0-beans data/students/* --cache data/beans--effl0-beans
     """
-    from kdcache.evaluation import describe, evaluate_models
+    from kdcache.evaluation.evaluate import evaluate_models
+    from kdcache.evaluation.report import describe
 
     options = EvaluationOptions(
         dataset=dataset,
@@ -383,7 +385,7 @@ def info_command(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
 ):
     """Print a cache's manifest: what produced it, its splits and their checksums, and its size on disk."""
-    from kdcache.cache import describe
+    from kdcache.format.reader import describe
 
     typer.echo(describe(cache))
 
@@ -418,7 +420,7 @@ def verify_command(
       kdcache verify data/beans--effl0-beans
       kdcache verify data/beans-effl0-mixed16 --sample 256 --teacher ../shared/teachers/effl0-beans
     """
-    from kdcache.verify import describe, verify_teacher_logits
+    from kdcache.teacher.verify import describe, verify_teacher_logits
 
     report = verify_teacher_logits(
         cache, sample=sample, tolerance=tolerance, seed=seed, teacher=teacher, device=device, batch_size=batch_size
@@ -587,7 +589,7 @@ def train_student_command(
       kdcache train-student data/beans--effl0-beans --num-processes 4
     """
     relaunch(num_processes, device)
-    from kdcache.train import train_student
+    from kdcache.student.train import train_student
 
     options = TrainingOptions(
         student=student,

@@ -172,10 +172,10 @@ def epochs_per_validation(reference: dict, labeled_rows: int, batch_size: int) -
 
 
 def _run_demo(root: Path, quick: bool, seed: int, progress: bool) -> dict:
-    from kdcache.cache import teacher_logits
-    from kdcache.evaluation import evaluate_models
+    from kdcache.evaluation.evaluate import evaluate_models
     from kdcache.options import TrainingOptions
-    from kdcache.train import train_student
+    from kdcache.student.train import train_student
+    from kdcache.teacher.run import teacher_logits
 
     tune_malloc()
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Which training rows keep a label: rows without one (the `datasets` convention, -1 in a ClassLabel column), cached
 splits of unlabeled images, and label budgets (`--labeled-fraction`), so that stage two can learn from images that
-nobody labelled: those rows are taught by the teacher alone (kdcache.loss: the cross-entropy skips them).
+nobody labelled: those rows are taught by the teacher alone (kdcache.student.loss: the cross-entropy skips them).
 
 Kept free of heavy imports: the options' checks read it.
 """

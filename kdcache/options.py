@@ -61,8 +61,8 @@ class TrainingOptions(Options):
     """
 
     student: str | None = None
-    loss: str = "kd"  # a name in kdcache.loss.LOSSES
-    temperature: float | None = None  # None: the loss's paper's (kdcache.loss.DEFAULT_TEMPERATURES)
+    loss: str = "kd"  # a name in kdcache.student.loss.LOSSES
+    temperature: float | None = None  # None: the loss's paper's (kdcache.student.loss.DEFAULT_TEMPERATURES)
     alpha: float = 0.5
     standardize_logits: bool = False
     teacher_weights: list[float] | None = None  # one per cache of an ensemble, normalised; None: equal
@@ -100,7 +100,7 @@ class TrainingOptions(Options):
 
     def resolved(self) -> "TrainingOptions":
         """These options with what a default of None stands for filled in (the loss's temperature)."""
-        from kdcache.loss import DEFAULT_TEMPERATURES
+        from kdcache.student.loss import DEFAULT_TEMPERATURES
 
         return replace(
             self, temperature=DEFAULT_TEMPERATURES[self.loss] if self.temperature is None else self.temperature
@@ -145,7 +145,7 @@ def check_training_options(
 ) -> None:
     """Every option of train_student that can be wrong on its own, each refused with one line naming the fix."""
     from kdcache.labels import check_label_options
-    from kdcache.loss import DEFAULT_TEMPERATURES, LOSSES, check_loss_settings
+    from kdcache.student.loss import DEFAULT_TEMPERATURES, LOSSES, check_loss_settings
 
     if loss not in LOSSES:
         raise KdcacheError(f"--loss '{loss}' is not one of {', '.join(LOSSES)}")
@@ -252,7 +252,7 @@ def check_teacher_weights(weights, caches: int) -> None:
 
 def check_ensemble_options(*, alpha, standardize_logits, online) -> None:
     """What a teacher ensemble (several caches) cannot go with: its targets are the teachers' probabilities at T,
-    averaged (kdcache.loss.ensemble_teacher_logits), which kd, dkd and dist read exactly; see each refusal's why."""
+    averaged (kdcache.format.ensemble.ensemble_teacher_logits), which kd, dkd and dist read exactly; see each refusal's why."""
     if alpha == 0:
         raise KdcacheError(
             "--alpha 0 trains from the labels alone, so several caches would make no difference; pass one cache"
@@ -270,7 +270,7 @@ def check_ensemble_options(*, alpha, standardize_logits, online) -> None:
 
 
 def check_loss_for_cache(loss: str, classes: int, mixed_labels: bool, cache) -> None:
-    """What a loss needs of the cache it trains from, refused before training (kdcache.loss.dkd_loss would refuse
+    """What a loss needs of the cache it trains from, refused before training (kdcache.student.loss.dkd_loss would refuse
     the first batch): DKD's non-target part needs a third class, and its target part one label per image."""
     if loss != "dkd":
         return
@@ -341,7 +341,7 @@ def _label(name: str) -> str:
 class CacheOptions(Options):
     """Every option of stage one besides its dataset, teacher and output, with its default: `kdcache teacher-logits`
     and `teacher_logits(dataset, teacher, output=..., **options)` both build one, and `check` refuses a bad one.
-    The fingerprint of a cache is taken of what these options produce (kdcache.cache), not of the options."""
+    The fingerprint of a cache is taken of what these options produce (kdcache.teacher.run), not of the options."""
 
     splits: list[str] | None = None  # None: all of the dataset's
     # images without labels added as a split of the cache (kdcache.labels): a hub id, a save_to_disk folder, or a
@@ -365,7 +365,7 @@ class CacheOptions(Options):
     source_size: int | None = None  # None: 8/7 of the teacher's input; 0: the whole image
     mix_alpha: float = 0.0
     logits_dtype: str = "fp32"
-    top_k: int | None = None  # None: every logit; K: the K largest and the tail's (kdcache.loss.compress_logits)
+    top_k: int | None = None  # None: every logit; K: the K largest and the tail (kdcache.format.codec)
     overwrite: bool = False
     num_workers: int | None = None
     chunk_size: int = 512

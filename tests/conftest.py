@@ -28,7 +28,7 @@ def tiny_teacher(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
     """A complete cache of the tiny dataset by the tiny teacher (read-only for the tests that share it)."""
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     output = tmp_path_factory.mktemp("caches") / "tiny-cache"
     return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, batch_size=8, progress=False)
@@ -38,7 +38,7 @@ def tiny_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
 def row_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
     """The tiny cache computed one row at a time, for the tests that compare training from it with the teacher run
     online one row at a time (helpers.teacher_one_row_at_a_time says why)."""
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     output = tmp_path_factory.mktemp("caches") / "row-cache"
     return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, batch_size=1, progress=False)
@@ -54,7 +54,7 @@ def teacher_row_by_row(monkeypatch):
 @pytest.fixture(scope="session")
 def compact_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
     """The tiny cache's inputs stored compact: float16, the top logit of 3 and the tail's (read-only)."""
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     output = tmp_path_factory.mktemp("caches") / "compact-cache"
     return teacher_logits(

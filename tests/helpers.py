@@ -104,7 +104,7 @@ def teacher_one_row_at_a_time(monkeypatch):
     and matrix products by its size and content), and AdamW turns such noise into updates of a full step on the
     parameters whose true gradient is zero (a BatchNorm bias before another BatchNorm): the runs part after a few
     steps. With every row computed alone in both runs, their teacher logits, and so the runs, are identical."""
-    from kdcache.train import OnlineTeacher
+    from kdcache.student.model import OnlineTeacher
 
     @torch.no_grad()
     def forward(self, pixel_values):

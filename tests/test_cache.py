@@ -11,8 +11,12 @@ from helpers import LABELS, make_dataset_dict, old_format_copy, save_vit_teacher
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from kdcache import KdcacheError
-from kdcache import cache as cache_module
-from kdcache.cache import LOGITS, MANIFEST, PIXELS, describe, load_cache, teacher_logits
+from kdcache.format import manifest as manifest_module
+from kdcache.format.manifest import LOGITS, MANIFEST, PIXELS
+from kdcache.format.reader import describe, load_cache
+from kdcache.teacher import batches as batches_module
+from kdcache.teacher import run as run_module
+from kdcache.teacher.run import teacher_logits
 
 
 def reference_logits(dataset_path, teacher_path, split):
@@ -48,7 +52,7 @@ def test_cache_columns_rows_and_manifest(tiny_cache, tiny_dataset):
         assert cache[split]["row_index"][:] == list(range(len(source[split])))
         assert cache[split].features[PIXELS].dtype == "uint8"
         assert manifest["dataset"]["splits"][split]["num_rows"] == len(source[split])
-    assert manifest["format_version"] == cache_module.FORMAT_VERSION == 5
+    assert manifest["format_version"] == manifest_module.FORMAT_VERSION == 5
     assert manifest["label_names"] == LABELS
     assert manifest["teacher_to_dataset"] == [0, 1, 2]
     assert len(manifest["teacher"]["weights_sha256"]) == 64
@@ -114,7 +118,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_dataset
     whole = teacher_logits(
         str(tiny_dataset), str(tiny_teacher), output=tmp_path / "whole", batch_size=4, chunk_size=8, progress=False
     )
-    real_write = cache_module._write_chunk
+    real_write = batches_module._write_chunk
     written = []
 
     def crash_after_two_chunks(path, columns, names):
@@ -123,7 +127,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_dataset
         written.append(f"{path.parent.name}/{path.name}")
         real_write(path, columns, names)
 
-    monkeypatch.setattr(cache_module, "_write_chunk", crash_after_two_chunks)
+    monkeypatch.setattr(batches_module, "_write_chunk", crash_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
         teacher_logits(
             str(tiny_dataset),
@@ -138,7 +142,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_dataset
 
     recomputed = []
     monkeypatch.setattr(
-        cache_module,
+        batches_module,
         "_write_chunk",
         lambda path, columns, names: (
             recomputed.append(f"{path.parent.name}/{path.name}"),
@@ -177,7 +181,7 @@ def assert_same_chunks(path, reference):
 def test_a_chunk_damaged_between_a_kill_and_the_resume_is_computed_again(
     tmp_path, tiny_dataset, tiny_teacher, chunked_cache, monkeypatch, capsys
 ):
-    real_write = cache_module._write_chunk
+    real_write = batches_module._write_chunk
     written = []
 
     def crash_after_five_chunks(path, *args):
@@ -186,7 +190,7 @@ def test_a_chunk_damaged_between_a_kill_and_the_resume_is_computed_again(
         real_write(path, *args)
         written.append(f"{path.parent.name}/{path.name}")
 
-    monkeypatch.setattr(cache_module, "_write_chunk", crash_after_five_chunks)
+    monkeypatch.setattr(batches_module, "_write_chunk", crash_after_five_chunks)
     output, work = tmp_path / "cache", tmp_path / "cache.partial"
     with pytest.raises(KeyboardInterrupt):
         teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, **CHUNKED)
@@ -207,7 +211,7 @@ def test_a_chunk_damaged_between_a_kill_and_the_resume_is_computed_again(
 
     recomputed = []
     monkeypatch.setattr(
-        cache_module,
+        batches_module,
         "_write_chunk",
         lambda path, *args: (recomputed.append(f"{path.parent.name}/{path.name}"), real_write(path, *args)),
     )
@@ -237,13 +241,13 @@ def test_a_cache_that_fails_its_final_check_is_not_moved_into_place(
 
     from kdcache.cli import app
 
-    real_write_cache = cache_module._write_cache
+    real_write_cache = run_module._write_cache
 
     def damage_after_writing(folder, *args):  # as if a chunk changed on disk after it was hashed
         real_write_cache(folder, *args)
         flip_bit(folder.finished / "train" / "chunk-000001.arrow", 100)
 
-    monkeypatch.setattr(cache_module, "_write_cache", damage_after_writing)
+    monkeypatch.setattr(run_module, "_write_cache", damage_after_writing)
     output, work = tmp_path / "cache", tmp_path / "cache.partial"
     arguments = ["teacher-logits", "--dataset", str(tiny_dataset), "--teacher", str(tiny_teacher)]
     arguments += ["--output", str(output), "--batch-size", "4", "--chunk-size", "8"]
@@ -256,10 +260,10 @@ def test_a_cache_that_fails_its_final_check_is_not_moved_into_place(
     ]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cache.partial"], "no cache, no lock"
 
-    monkeypatch.setattr(cache_module, "_write_cache", real_write_cache)
-    real_write, recomputed = cache_module._write_chunk, []
+    monkeypatch.setattr(run_module, "_write_cache", real_write_cache)
+    real_write, recomputed = batches_module._write_chunk, []
     monkeypatch.setattr(
-        cache_module,
+        batches_module,
         "_write_chunk",
         lambda path, *args: (recomputed.append(f"{path.parent.name}/{path.name}"), real_write(path, *args)),
     )
@@ -326,10 +330,7 @@ def test_the_storage_format_is_not_part_of_the_fingerprint(
     tmp_path, tiny_cache, tiny_dataset, tiny_teacher, monkeypatch, capsys
 ):
     # a new file layout (format 4 was one) must not make every cache of the same inputs look out of date
-    from kdcache import manifest as manifest_module
-
-    for module in (cache_module, manifest_module):
-        monkeypatch.setattr(module, "FORMAT_VERSION", 6)
+    monkeypatch.setattr(manifest_module, "FORMAT_VERSION", 6)
     monkeypatch.setattr(manifest_module, "SUPPORTED_FORMAT_VERSIONS", (1, 2, 3, 4, 5, 6))
     later = teacher_logits(
         str(tiny_dataset), str(tiny_teacher), output=tmp_path / "later", batch_size=8, progress=False
@@ -385,14 +386,14 @@ def test_damaged_cache_is_refused(tmp_path, tiny_cache):
 def test_the_chunks_written_during_the_run_become_the_cache_without_a_copy(
     tmp_path, tiny_dataset, tiny_teacher, monkeypatch
 ):
-    real_write = cache_module._write_chunk
+    real_write = batches_module._write_chunk
     written = {}  # split/file -> (inode, size) of each chunk file as the run wrote it
 
     def write_and_note(path, *args):
         real_write(path, *args)
         written[f"{path.parent.name}/{path.name}"] = (path.stat().st_ino, path.stat().st_size)
 
-    monkeypatch.setattr(cache_module, "_write_chunk", write_and_note)
+    monkeypatch.setattr(batches_module, "_write_chunk", write_and_note)
     output = teacher_logits(
         str(tiny_dataset), str(tiny_teacher), output=tmp_path / "cache", batch_size=4, chunk_size=8, progress=False
     )
@@ -423,7 +424,7 @@ def flip_bit(path, offset, bit=0):
 
 
 def test_a_flipped_bit_in_any_chunk_is_refused_in_one_line_before_training(tmp_path, tiny_dataset, tiny_teacher):
-    from kdcache.train import train_student
+    from kdcache.student.train import train_student
 
     good = teacher_logits(
         str(tiny_dataset), str(tiny_teacher), output=tmp_path / "good", batch_size=8, chunk_size=8, progress=False
@@ -471,7 +472,7 @@ def test_a_flipped_bit_in_any_chunk_is_refused_in_one_line_before_training(tmp_p
 
 
 def test_older_formats_verify_their_logits_checksum_in_blocks(tmp_path, view_cache):
-    from kdcache.manifest import logits_sha256
+    from kdcache.format.manifest import logits_sha256
 
     old = old_format_copy(view_cache, tmp_path / "v3", version=3)
     cache, manifest = load_cache(old)
@@ -611,7 +612,7 @@ def test_view_replay_is_exact(view_cache, tiny_teacher):
     cache, manifest = load_cache(view_cache)
     train = cache["train"]
     assert (
-        manifest["format_version"] == cache_module.FORMAT_VERSION
+        manifest["format_version"] == manifest_module.FORMAT_VERSION
         and manifest["dataset"]["splits"]["train"]["views"] == 3
     )
     assert train.features["teacher_logits"].shape == (3, 3) and train.features["views"].shape == (3, 5)
@@ -656,7 +657,7 @@ def test_caches_of_format_version_1_still_load(tmp_path, tiny_cache):
     ).exists()
     cache, loaded = load_cache(old)
     assert loaded["format_version"] == 1 and len(cache["train"]) == 24
-    from kdcache.train import train_student
+    from kdcache.student.train import train_student
 
     train_student(old, output=tmp_path / "student", max_steps=2, batch_size=8, progress=False)
 
@@ -699,7 +700,8 @@ def test_mixed_view_replay_is_exact(mixed_cache, tiny_teacher):
     cache, manifest = load_cache(mixed_cache)
     train = cache["train"]
     assert (
-        manifest["format_version"] == cache_module.FORMAT_VERSION and manifest["views"]["recipe"]["mix_alpha"] == 1.0
+        manifest["format_version"] == manifest_module.FORMAT_VERSION
+        and manifest["views"]["recipe"]["mix_alpha"] == 1.0
     )
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
     pipeline = ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_teacher), backend="pil"))
@@ -756,7 +758,8 @@ def test_view_caches_of_format_version_2_still_load_and_train(tmp_path, view_cac
     import io
 
     from kdcache.data import ViewRecipe, from_raw_source
-    from kdcache.train import ViewRows, train_student
+    from kdcache.student.rows import ViewRows
+    from kdcache.student.train import train_student
 
     def as_png(row):
         buffer = io.BytesIO()
@@ -811,7 +814,8 @@ def test_an_empty_split_saved_with_save_to_disk_is_named(tmp_path, tiny_teacher)
 PAUSED_RUN = """
 import sys, time
 from pathlib import Path
-from kdcache import cache
+from kdcache.teacher import batches as cache
+from kdcache.teacher.run import teacher_logits
 dataset, teacher, output, go = sys.argv[1:5]
 real_write = cache._write_chunk
 written = []
@@ -823,7 +827,7 @@ def write_then_wait(path, *args):
         while not Path(go).exists():
             time.sleep(0.05)
 cache._write_chunk = write_then_wait
-cache.teacher_logits(dataset, teacher, output=output, batch_size=8, chunk_size=8, num_workers=1, progress=False)
+teacher_logits(dataset, teacher, output=output, batch_size=8, chunk_size=8, num_workers=1, progress=False)
 print("done", flush=True)
 """
 
@@ -921,10 +925,10 @@ def test_a_run_killed_while_it_holds_the_lock_does_not_block_the_next(
     first = start_paused_run(tiny_dataset, tiny_teacher, output, tmp_path / "never")
     os.kill(first.pid, signal.SIGKILL)  # its DataLoader worker outlives it for a few seconds
     first.communicate(timeout=60)
-    real_write = cache_module._write_chunk
+    real_write = batches_module._write_chunk
     recomputed = []
     monkeypatch.setattr(
-        cache_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args))
+        batches_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args))
     )
     teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, batch_size=8, chunk_size=8, progress=False)
     assert len(recomputed) == 3 + 2 + 2 - 1, "the killed run's chunk is kept"
@@ -936,7 +940,7 @@ def test_too_small_a_disk_is_refused_before_the_teacher_runs(tmp_path, tiny_data
 
     monkeypatch.setattr(outputs, "free_bytes", lambda folder: 100_000)
     ran = []
-    monkeypatch.setattr(cache_module, "_run_split", lambda *args: ran.append(args))
+    monkeypatch.setattr(run_module, "_run_split", lambda *args: ran.append(args))
     output = tmp_path / "cache"
     with pytest.raises(KdcacheError) as refused:
         teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, progress=False)
@@ -954,7 +958,7 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(
     tmp_path, tiny_dataset, tiny_teacher, tiny_cache, monkeypatch
 ):
     output, work = tmp_path / "cache", tmp_path / "cache.partial"
-    real_write, real_finish = cache_module._write_chunk, cache_module._finish
+    real_write, real_finish = batches_module._write_chunk, run_module._finish
     written = []
 
     def disk_fills_after_one_chunk(path, *args):
@@ -969,7 +973,7 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     options = dict(output=output, batch_size=8, chunk_size=8, progress=False)
-    monkeypatch.setattr(cache_module, "_write_chunk", disk_fills_after_one_chunk)
+    monkeypatch.setattr(batches_module, "_write_chunk", disk_fills_after_one_chunk)
     with pytest.raises(KdcacheError) as full:
         teacher_logits(str(tiny_dataset), str(tiny_teacher), **options)
     message = str(full.value)
@@ -979,15 +983,15 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(
 
     recomputed = []
     monkeypatch.setattr(
-        cache_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args))
+        batches_module, "_write_chunk", lambda path, *args: (recomputed.append(path.name), real_write(path, *args))
     )
-    monkeypatch.setattr(cache_module, "_finish", disk_fills_after_finishing)
+    monkeypatch.setattr(run_module, "_finish", disk_fills_after_finishing)
     with pytest.raises(KdcacheError, match="is full"):
         teacher_logits(str(tiny_dataset), str(tiny_teacher), **options)
     assert len(recomputed) == 3 + 2 + 2 - 1 and not output.exists()
     assert (work / "cache" / "train" / "chunk-000000.arrow").exists() and not (work / "splits").exists()
 
-    monkeypatch.setattr(cache_module, "_finish", real_finish)
+    monkeypatch.setattr(run_module, "_finish", real_finish)
     teacher_logits(str(tiny_dataset), str(tiny_teacher), **options)
     assert len(recomputed) == 6, "the third run puts the chunks back and finishes again, computing nothing"
     assert_same_cache(output, tiny_cache)
@@ -1000,9 +1004,9 @@ def test_disk_estimate_is_close_to_the_peak_of_a_run(
     from kdcache import outputs
 
     estimates, peaks = [], []
-    real_check, real_finish = cache_module.check_free_space, cache_module._finish
+    real_check, real_finish = run_module.check_free_space, run_module._finish
     monkeypatch.setattr(
-        cache_module,
+        run_module,
         "check_free_space",
         lambda output, needed, *args: (estimates.append(needed), real_check(output, needed, *args)),
     )
@@ -1012,7 +1016,7 @@ def test_disk_estimate_is_close_to_the_peak_of_a_run(
         peaks.append(outputs.bytes_under(folder.work))  # every chunk, its record, the splits' JSON files
         return chunks
 
-    monkeypatch.setattr(cache_module, "_finish", measured)
+    monkeypatch.setattr(run_module, "_finish", measured)
     teacher_logits(
         str(tiny_dataset),
         str(tiny_teacher),
@@ -1027,8 +1031,9 @@ def test_disk_estimate_is_close_to_the_peak_of_a_run(
 
 
 def test_compact_caches_store_the_full_caches_logits_compressed(compact_cache, tiny_cache):
-    from kdcache.cache import LOGIT_INDICES, LOGIT_TAIL, rebuilt_logits
-    from kdcache.loss import compress_logits, expand_logits
+    from kdcache.format.codec import compress_logits, expand_logits
+    from kdcache.format.manifest import LOGIT_INDICES, LOGIT_TAIL
+    from kdcache.format.reader import rebuilt_logits
 
     full, full_manifest = load_cache(tiny_cache)
     compact, manifest = load_cache(compact_cache)
@@ -1074,8 +1079,9 @@ def test_float16_logits_alone_and_their_own_fingerprint(tmp_path, tiny_dataset, 
 
 
 def test_compact_view_caches_compress_each_views_logits(tmp_path, view_cache, tiny_dataset, tiny_teacher):
-    from kdcache.cache import LOGIT_INDICES, LOGIT_TAIL, rebuilt_logits
-    from kdcache.loss import compress_logits
+    from kdcache.format.codec import compress_logits
+    from kdcache.format.manifest import LOGIT_INDICES, LOGIT_TAIL
+    from kdcache.format.reader import rebuilt_logits
 
     compact = teacher_logits(
         str(tiny_dataset),
@@ -1149,7 +1155,7 @@ def test_fsspecs_local_file_urls_are_written_and_remote_urls_refused(tmp_path, t
 
 
 def test_caches_of_format_version_4_still_load_and_train(tmp_path, tiny_cache):
-    from kdcache.train import train_student
+    from kdcache.student.train import train_student
 
     old = tmp_path / "v4"
     shutil.copytree(tiny_cache, old)

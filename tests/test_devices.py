@@ -15,7 +15,8 @@ from transformers import AutoModelForImageClassification, Trainer, TrainingArgum
 
 from kdcache import KdcacheError, devices
 from kdcache.runtime import pick_device
-from kdcache.train import DistillationTrainer, train_student
+from kdcache.student.train import train_student
+from kdcache.student.trainer import DistillationTrainer
 
 FAST = dict(batch_size=8, progress=False, logging_steps=1)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -126,7 +127,8 @@ def test_cached_and_online_training_on_a_gpu(tmp_path, tiny_cache):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_both_stages_on_the_second_gpu(tmp_path, tiny_dataset, tiny_teacher):
-    from kdcache.cache import MANIFEST, teacher_logits
+    from kdcache.format.manifest import MANIFEST
+    from kdcache.teacher.run import teacher_logits
 
     cache = teacher_logits(
         str(tiny_dataset), str(tiny_teacher), output=tmp_path / "cache", device="cuda:1", batch_size=8, progress=False

@@ -17,7 +17,8 @@ import pytest
 import torch
 from helpers import make_dataset_dict
 
-from kdcache.cache import LABELS, LOGITS, MANIFEST, PIXELS, ROW, SOURCE, VIEWS, teacher_logits
+from kdcache.format.manifest import LABELS, LOGITS, MANIFEST, PIXELS, ROW, SOURCE, VIEWS
+from kdcache.teacher.run import teacher_logits
 
 REPO = Path(__file__).resolve().parents[1]
 # accelerate's torchrun-based launcher (--multi_gpu) also starts CPU processes; its --cpu one starts a single process
@@ -148,7 +149,8 @@ def test_two_processes_make_the_same_cache_as_one(tmp_path, tiny_dataset, tiny_t
 CHUNK_LOGGING_STAGE_ONE = (
     """
 import os, sys
-from kdcache import cache
+from kdcache.teacher import batches as cache
+from kdcache.teacher.run import teacher_logits
 from kdcache.runtime import end_process
 
 written, real_write = [], cache._write_chunk
@@ -163,7 +165,7 @@ def write_chunk(path, batches, job):
 
 cache._write_chunk = write_chunk
 dataset, teacher, output = sys.argv[1:4]
-cache.teacher_logits(dataset, teacher, output=output, views=2, progress=False, **%r)
+teacher_logits(dataset, teacher, output=output, views=2, progress=False, **%r)
 end_process(0)  # as kdcache's command line does under a launch
 """
     % STAGE_ONE
@@ -228,7 +230,7 @@ def test_a_stopped_process_resumes_by_chunk_and_a_bad_image_ends_all_with_one_li
 TRAINING = """
 import json, os, sys
 from kdcache.runtime import end_process
-from kdcache.train import train_student
+from kdcache.student.train import train_student
 
 cache, views_cache, student, output = sys.argv[1:5]
 summary = train_student(cache, output=output, student=student, **%r)
@@ -245,7 +247,7 @@ def test_two_processes_train_a_student_like_one_at_the_same_global_batch(tmp_pat
     from PIL import Image
     from transformers import AutoModelForImageClassification, pipeline
 
-    from kdcache.train import train_student
+    from kdcache.student.train import train_student
 
     # A student without BatchNorm (a tiny ViT, no dropout): then a global batch split in two halves, whose gradients
     # DDP averages, is the same computation as the whole batch on one process, and the runs must agree step by step.

@@ -45,8 +45,8 @@ def test_stage_one_takes_one_dataloader_worker_per_process_on_cpu_with_two_cores
     """docs/processes.md: "in stage one, 1 [worker] per process on CPU when that share is 2 cores or more, else 0"."""
     import torch
 
-    import kdcache.cache
-    from kdcache.cache import teacher_logits
+    import kdcache.teacher.run
+    from kdcache.teacher.run import teacher_logits
 
     workers = []
 
@@ -57,7 +57,7 @@ def test_stage_one_takes_one_dataloader_worker_per_process_on_cpu_with_two_cores
 
     monkeypatch.setattr(torch.utils.data, "DataLoader", RecordingLoader)
     for cpus in (1, 2, 4):
-        monkeypatch.setattr(kdcache.cache, "cpus_per_process", lambda processes, cpus=cpus: cpus)
+        monkeypatch.setattr(kdcache.teacher.run, "cpus_per_process", lambda processes, cpus=cpus: cpus)
         teacher_logits(
             str(tiny_dataset),
             str(tiny_teacher),
@@ -78,8 +78,9 @@ def test_the_pixels_do_not_depend_on_whether_torchvision_is_installed(
     import numpy as np
     import transformers.models.auto.image_processing_auto as auto
 
-    from kdcache.cache import PIXELS, teacher_logits
-    from kdcache.train import train_student
+    from kdcache.format.manifest import PIXELS
+    from kdcache.student.train import train_student
+    from kdcache.teacher.run import teacher_logits
 
     original = auto.is_torchvision_available
     auto.is_torchvision_available = lambda: True

@@ -10,17 +10,9 @@ from scipy.special import rel_entr, softmax
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from kdcache import KdcacheError
-from kdcache.evaluation import (
-    COMPARISON_PNG,
-    CONFUSION_PNG,
-    METRICS,
-    RELIABILITY_PNG,
-    calibration,
-    classification_metrics,
-    describe,
-    evaluate_models,
-    teacher_agreement,
-)
+from kdcache.evaluation.evaluate import evaluate_models
+from kdcache.evaluation.quality import calibration, classification_metrics, teacher_agreement
+from kdcache.evaluation.report import COMPARISON_PNG, CONFUSION_PNG, METRICS, RELIABILITY_PNG, describe
 
 
 def save_student(path, teacher):
@@ -278,8 +270,8 @@ def test_cli(tmp_path, tiny_dataset, tiny_teacher):
 def test_agreement_with_each_teacher_and_with_the_ensemble(tmp_path, tiny_dataset, tiny_teacher, tiny_cache):
     from typer.testing import CliRunner
 
-    from kdcache.cache import teacher_logits
     from kdcache.cli import app
+    from kdcache.teacher.run import teacher_logits
 
     second_teacher = save_vit_teacher(tmp_path / "second-teacher", seed=1)  # another tiny teacher, other weights
     second = teacher_logits(
@@ -348,7 +340,7 @@ def test_a_compact_cache_gives_the_teachers_agreement_from_its_rebuilt_logits(tm
 PAUSED_EVALUATION = """
 import sys, time
 from pathlib import Path
-from kdcache import evaluation
+from kdcache.evaluation import evaluate as evaluation
 model, dataset, output, go = sys.argv[1:5]
 real_predict = evaluation.predict
 def wait_then_predict(*args, **kwargs):
@@ -372,8 +364,8 @@ def test_two_evaluations_of_one_output_one_is_refused_in_one_line_before_reading
 
     from typer.testing import CliRunner
 
-    from kdcache import evaluation
     from kdcache.cli import app
+    from kdcache.evaluation import evaluate as evaluation
 
     reports = tmp_path / "reports"
     reports.mkdir()
@@ -410,7 +402,8 @@ def test_two_evaluations_of_one_output_one_is_refused_in_one_line_before_reading
 
 
 def test_evaluate_checks_free_space_and_leaves_nothing_when_refused(tmp_path, tiny_dataset, tiny_teacher, monkeypatch):
-    from kdcache import evaluation, outputs
+    from kdcache import outputs
+    from kdcache.evaluation import evaluate as evaluation
 
     reports = tmp_path / "reports"
     reports.mkdir()
@@ -442,7 +435,7 @@ def test_evaluate_checks_free_space_and_leaves_nothing_when_refused(tmp_path, ti
 
 
 def test_report_estimate_covers_what_an_evaluation_writes(tmp_path, tiny_dataset, tiny_teacher):
-    from kdcache.evaluation import report_bytes
+    from kdcache.evaluation.evaluate import report_bytes
     from kdcache.outputs import bytes_under
 
     student = save_student(tmp_path / "student", tiny_teacher)

@@ -6,7 +6,7 @@ import huggingface_hub
 import pytest
 
 from kdcache import KdcacheError
-from kdcache.train import train_student
+from kdcache.student.train import train_student
 
 FAST = dict(batch_size=8, progress=False, logging_steps=1)
 

@@ -11,12 +11,16 @@ from helpers import LABELS, make_dataset_dict, make_images
 from transformers import AutoImageProcessor
 
 from kdcache import KdcacheError
-from kdcache.cache import LABELS as LABEL_COLUMN
-from kdcache.cache import LOGITS, describe, load_cache, teacher_logits
 from kdcache.data import ImagePipeline, load_image_dataset
+from kdcache.format.manifest import LABELS as LABEL_COLUMN
+from kdcache.format.manifest import LOGITS
+from kdcache.format.reader import describe, load_cache
 from kdcache.labels import NO_LABEL, labeled_subset, masked_labels
 from kdcache.models import align_labels, load_classifier
-from kdcache.train import Collator, OnlineTeacher, TrainRows, _online_rows, train_student
+from kdcache.student.model import OnlineTeacher
+from kdcache.student.rows import Collator, TrainRows, _online_rows
+from kdcache.student.train import train_student
+from kdcache.teacher.run import teacher_logits
 
 FAST = dict(batch_size=8, progress=False, logging_steps=1)
 
@@ -42,7 +46,7 @@ def test_a_budget_that_leaves_a_class_without_a_label_is_refused_in_one_line():
 
 
 def test_cross_entropy_covers_the_labelled_rows_and_distillation_every_row_by_hand():
-    from kdcache.loss import LOSSES, distillation_loss
+    from kdcache.student.loss import LOSSES, distillation_loss
 
     torch.manual_seed(0)
     student, teacher = torch.randn(6, 3), torch.randn(6, 3)
@@ -86,7 +90,7 @@ def test_cached_loss_equals_online_loss_with_unlabelled_rows(tiny_cache, tiny_da
     from helpers import save_mobilenet_student
     from transformers import AutoModelForImageClassification
 
-    from kdcache.loss import distillation_loss
+    from kdcache.student.loss import distillation_loss
 
     cache, _ = load_cache(tiny_cache)
     pipeline_ = ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_cache), backend="pil"))
@@ -180,7 +184,7 @@ def test_extra_images_are_cached_as_an_unlabelled_split(extra_cache, tiny_cache,
 
 
 def test_a_dataset_without_labels_is_cached_verified_and_trained_from(tmp_path, tiny_teacher, photos):
-    from kdcache.verify import verify_teacher_logits
+    from kdcache.teacher.verify import verify_teacher_logits
 
     cache = teacher_logits(str(photos), str(tiny_teacher), output=tmp_path / "cache", batch_size=8, progress=False)
     cached, manifest = load_cache(cache)
@@ -233,7 +237,7 @@ def test_unlabelled_splits_train_by_default_and_are_refused_where_they_cannot_he
 
 
 def test_mixed_views_of_unlabelled_images_pair_with_their_own_split(tmp_path, tiny_dataset, tiny_teacher, photos):
-    from kdcache.train import ViewRows
+    from kdcache.student.rows import ViewRows
 
     cache = teacher_logits(
         str(tiny_dataset),
@@ -267,8 +271,8 @@ def test_mixed_views_of_unlabelled_images_pair_with_their_own_split(tmp_path, ti
 def test_evaluate_on_a_split_without_labels_reports_agreement_and_why_accuracy_is_missing(
     tmp_path, extra_cache, tiny_teacher, photos
 ):
-    from kdcache.evaluation import describe as describe_report
-    from kdcache.evaluation import evaluate_models
+    from kdcache.evaluation.evaluate import evaluate_models
+    from kdcache.evaluation.report import describe as describe_report
 
     report = evaluate_models(
         [str(tiny_teacher)], split="unlabeled", cache=str(extra_cache), output=tmp_path / "e", progress=False

@@ -4,21 +4,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache import KdcacheError
-from kdcache.loss import (
-    DEFAULT_TEMPERATURES,
-    LOSSES,
-    compress_logits,
-    dist_loss,
-    distillation_loss,
-    dkd_loss,
-    ensemble_teacher_logits,
-    expand_logits,
-    soft_target_kl,
-)
+from kdcache.format.codec import compress_logits, expand_logits
+from kdcache.format.ensemble import ensemble_teacher_logits
+from kdcache.student.loss import DEFAULT_TEMPERATURES, LOSSES, dist_loss, distillation_loss, dkd_loss, soft_target_kl
 
 
 def tutorial_loss(student_logits, labels, teacher_logits, temperature, alpha):
-    """Written the Hugging Face tutorial's way, independently of kdcache.loss."""
+    """Written the Hugging Face tutorial's way, independently of kdcache.student.loss."""
     soft_teacher = F.softmax(teacher_logits / temperature, dim=-1)
     soft_student = F.log_softmax(student_logits / temperature, dim=-1)
     distillation = nn.KLDivLoss(reduction="batchmean")(soft_student, soft_teacher) * temperature**2

@@ -1,4 +1,4 @@
-"""kdcache.sweep and kdcache.sweep_space: the space and its one-line refusals, then sweeps on the tiny cache (verified
+"""kdcache.sweep and kdcache.sweep.space: the space and its one-line refusals, then sweeps on the tiny cache (verified
 once, pruned trials, refused trials, best/, resuming after a kill, two processes on one storage). The sweeps need
 Optuna (the 'sweep' extra) and skip without it; the message a user gets without it is tested by hiding it."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kdcache import KdcacheError
-from kdcache.sweep_space import Param, build_space, parse_param, read_space_file
+from kdcache.sweep.space import Param, build_space, parse_param, read_space_file
 
 try:
     import optuna
@@ -112,7 +112,7 @@ def test_without_optuna_the_command_says_in_one_line_how_to_install_it(tmp_path,
 
 @pytest.fixture(scope="module")
 def mixed_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     output = tmp_path_factory.mktemp("mixed") / "cache"
     return teacher_logits(
@@ -154,7 +154,7 @@ def test_bad_spaces_are_refused_in_one_line_before_any_trial(tmp_path, tiny_cach
 @needs_optuna
 def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(tmp_path, tiny_cache, monkeypatch):
     import kdcache
-    from kdcache.manifest import Manifest
+    from kdcache.format.manifest import Manifest
 
     verified = []
     verify_files = Manifest.verify_files

@@ -12,11 +12,15 @@ from helpers import COLOURS, LABELS, save_mobilenet_student, save_vit_teacher
 from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback, pipeline
 
 from kdcache import KdcacheError
-from kdcache.cache import LOGITS, MANIFEST, load_cache, write_chunk_file
 from kdcache.data import ImagePipeline, load_image_dataset
-from kdcache.loss import LOSSES
+from kdcache.format.manifest import LOGITS, MANIFEST
+from kdcache.format.reader import load_cache
 from kdcache.models import align_labels, load_classifier
-from kdcache.train import Collator, OnlineTeacher, _online_rows, train_student
+from kdcache.student.loss import LOSSES
+from kdcache.student.model import OnlineTeacher
+from kdcache.student.rows import Collator, _online_rows
+from kdcache.student.train import train_student
+from kdcache.teacher.work import write_chunk_file
 
 FAST = dict(batch_size=8, progress=False, logging_steps=1)
 
@@ -140,7 +144,7 @@ def test_the_card_names_hub_inputs_by_their_hub_ids_and_a_hub_student_as_base_mo
     network here: the card is written from the summary and manifest alone)."""
     from huggingface_hub import ModelCard
 
-    from kdcache.train import model_card
+    from kdcache.student.card import model_card
 
     recipe = dict(
         teacher="merve/beans-vit-224", cache="/home/someone/caches/beans", cache_fingerprint="0123456789abcdef",
@@ -193,7 +197,7 @@ def test_best_epoch_is_the_one_kept(tmp_path, tiny_cache):
         f"| validation accuracy | best {best['eval_accuracy']:.4f} (epoch {best['epoch']:g}), last "
         f"{last['eval_accuracy']:.4f} (epoch 3); the best epoch's weights are saved |"
     ) in (tmp_path / "s" / "README.md").read_text()
-    from kdcache.train import summary_line
+    from kdcache.student.card import summary_line
 
     assert f"at epoch {best['epoch']:g}, last {last['eval_accuracy']:.4f} at epoch 3 of 3" in summary_line(summary)
 
@@ -220,7 +224,7 @@ class StopAfterFirstSave(TrainerCallback):
 @contextlib.contextmanager
 def crash_after_first_save(monkeypatch):
     """Training runs in the block stop (as a Ctrl-C would) right after their first checkpoint."""
-    from kdcache import train as train_module
+    from kdcache.student import trainer as train_module
 
     original = train_module.DistillationTrainer.__init__
 
@@ -249,7 +253,7 @@ def test_resume_continues_an_interrupted_run(tmp_path, tiny_cache, monkeypatch):
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, tiny_cache, monkeypatch):
     import os
 
-    from kdcache.manifest import Manifest
+    from kdcache.format.manifest import Manifest
     from kdcache.outputs import output_lock
 
     hashed = []
@@ -286,7 +290,7 @@ def test_too_small_a_disk_is_refused_before_training(tmp_path, tiny_cache, monke
     import re
 
     from kdcache import outputs
-    from kdcache import train as train_module
+    from kdcache.student import trainer as train_module
 
     monkeypatch.setattr(outputs, "free_bytes", lambda folder: 1_000_000)
     trained = []
@@ -305,7 +309,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumable(tmp_pat
     import errno
     from pathlib import Path
 
-    from kdcache import train as train_module
+    from kdcache.student import trainer as train_module
 
     whole = train_student(tiny_cache, output=tmp_path / "whole", epochs=2, **FAST)
     real_save = train_module.DistillationTrainer._save_checkpoint
@@ -416,7 +420,7 @@ def test_bad_options_and_existing_output(tmp_path, tiny_cache):
 
 @pytest.fixture(scope="module")
 def view_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     output = tmp_path_factory.mktemp("train-views") / "cache"
     return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, views=4, batch_size=8, progress=False)
@@ -424,7 +428,7 @@ def view_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
 
 def test_view_rows_cover_every_view_once_per_cycle_and_replay_it(view_cache):
     from kdcache.data import ViewRecipe, from_raw_source
-    from kdcache.train import ViewRows
+    from kdcache.student.rows import ViewRows
 
     cache, manifest = load_cache(view_cache)
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
@@ -456,7 +460,7 @@ def test_training_on_views_and_the_inconsistent_baseline(tmp_path, view_cache, t
 
 def test_student_only_augment_pairs_fresh_views_with_the_clean_logits(tiny_cache, tiny_dataset):
     from kdcache.data import ViewRecipe, undecoded
-    from kdcache.train import ViewRows
+    from kdcache.student.rows import ViewRows
 
     cache, _ = load_cache(tiny_cache)
     images = undecoded(load_image_dataset(str(tiny_dataset))["train"], "image").select_columns(["image"])
@@ -473,7 +477,7 @@ def test_student_size_is_the_same_box_resized(tmp_path, view_cache, tiny_cache):
     from PIL import Image
 
     from kdcache.data import ViewRecipe, from_raw_source
-    from kdcache.train import ViewRows, resize_pixels
+    from kdcache.student.rows import ViewRows, resize_pixels
 
     cache, manifest = load_cache(view_cache)
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
@@ -513,7 +517,7 @@ def test_student_size_is_the_same_box_resized(tmp_path, view_cache, tiny_cache):
 def test_ema_is_what_is_saved_and_both_load_as_pipelines(tmp_path, tiny_cache, monkeypatch):
     from PIL import Image
 
-    from kdcache import train as train_module
+    from kdcache.student import trainer as train_module
 
     kept = []
 
@@ -545,7 +549,7 @@ def test_ema_is_what_is_saved_and_both_load_as_pipelines(tmp_path, tiny_cache, m
 def test_the_ema_forgets_the_random_initial_weights_within_a_few_steps():
     from torch.optim.swa_utils import AveragedModel
 
-    from kdcache.train import ema_decay_at, warmed_up_ema
+    from kdcache.student.ema import ema_decay_at, warmed_up_ema
 
     assert ema_decay_at(0.99, 0) == 0.1 and ema_decay_at(0.99, 1000) == 0.99
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
@@ -616,7 +620,7 @@ def test_each_loss_trains_and_logs_its_terms(tmp_path, tiny_cache, loss, tempera
 def test_dkd_is_refused_on_two_classes_before_training(tmp_path, tiny_teacher):
     from helpers import make_images
 
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     images, labels = make_images(8, 0)
     features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=LABELS[:2])})
@@ -636,7 +640,7 @@ def test_dkd_is_refused_on_two_classes_before_training(tmp_path, tiny_teacher):
 
 @pytest.fixture(scope="module")
 def mixed_train_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     output = tmp_path_factory.mktemp("train-mixed") / "cache"
     return teacher_logits(
@@ -646,7 +650,7 @@ def mixed_train_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
 
 def test_mixed_rows_rebuild_the_teachers_input_and_mix_the_labels(mixed_train_cache, tiny_teacher):
     from kdcache.data import ViewRecipe
-    from kdcache.train import ViewRows
+    from kdcache.student.rows import ViewRows
 
     cache, manifest = load_cache(mixed_train_cache)
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
@@ -698,7 +702,7 @@ def test_online_needs_the_teachers_input_size(tmp_path, tiny_cache):
 
 
 def test_the_students_batchnorm_keeps_a_running_average_not_the_last_batch():
-    from kdcache.train import BATCHNORM_MOMENTUM, build_student
+    from kdcache.student.model import BATCHNORM_MOMENTUM, build_student
 
     student = build_student(None, ["a", "b", "c"], (3, 32, 32), seed=0)
     norms = [module for module in student.modules() if isinstance(module, torch.nn.BatchNorm2d)]
@@ -719,7 +723,7 @@ def test_the_students_batchnorm_keeps_a_running_average_not_the_last_batch():
 
 
 def make_cache(folder, dataset, teacher, **settings):
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     return teacher_logits(str(dataset), str(teacher), output=folder, batch_size=8, progress=False, **settings)
 
@@ -734,7 +738,7 @@ def second_cache(tmp_path_factory, tiny_dataset):
 def test_an_ensemble_distils_from_its_teachers_probabilities_averaged_by_hand(
     tmp_path, tiny_cache, second_cache, monkeypatch
 ):
-    from kdcache.train import DistillationTrainer
+    from kdcache.student.trainer import DistillationTrainer
 
     seen = []  # each training step's rows, teacher logits, student logits and loss, as compute_loss had them
     compute_loss = DistillationTrainer.compute_loss
@@ -865,7 +869,7 @@ def test_the_command_line_trains_an_ensemble(tmp_path, tiny_cache, second_cache)
 def compressed_online_teacher(monkeypatch, top_k, dtype):
     """OnlineTeacher giving the teacher's logits compressed as a compact cache stores them, then rebuilt: the online
     equivalent of training from that cache."""
-    from kdcache.loss import compress_logits, expand_logits
+    from kdcache.format.codec import compress_logits, expand_logits
 
     forward = OnlineTeacher.forward
 
@@ -879,8 +883,8 @@ def compressed_online_teacher(monkeypatch, top_k, dtype):
 def test_a_compact_caches_loss_equals_the_online_loss_from_the_same_compressed_targets(
     compact_cache, tiny_dataset, tiny_teacher
 ):
-    from kdcache.cache import logit_columns
-    from kdcache.loss import compress_logits, expand_logits
+    from kdcache.format.codec import compress_logits, expand_logits
+    from kdcache.format.reader import logit_columns
 
     cache, _ = load_cache(compact_cache)
     pipeline_ = ImagePipeline(AutoImageProcessor.from_pretrained(str(compact_cache), backend="pil"))
@@ -916,7 +920,7 @@ def test_a_compact_caches_loss_equals_the_online_loss_from_the_same_compressed_t
 def test_training_from_a_compact_cache_equals_online_distillation_from_the_compressed_targets(
     tmp_path, tiny_dataset, tiny_teacher, teacher_row_by_row, monkeypatch
 ):
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     compact = teacher_logits(
         str(tiny_dataset),
@@ -937,7 +941,7 @@ def test_training_from_a_compact_cache_equals_online_distillation_from_the_compr
 
 
 def test_compact_view_caches_and_ensembles_with_them_train(tmp_path, tiny_dataset, tiny_teacher, view_cache):
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     compact_views = teacher_logits(
         str(tiny_dataset),

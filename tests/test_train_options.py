@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from kdcache import KdcacheError
 from kdcache.options import OPTIONS_FILE
-from kdcache.train import train_student
+from kdcache.student.train import train_student
 
 FAST = dict(batch_size=8, progress=False, logging_steps=1)
 
@@ -167,7 +167,7 @@ def test_online_runs_only_the_teacher_that_made_the_cache(tmp_path, tiny_cache, 
     assert summary["recipe"]["teacher"] == str(copy)
     assert f"from the teacher `{copy.name}`" in (tmp_path / "s" / "README.md").read_text()  # its folder, not its path
 
-    from kdcache.cache import teacher_logits
+    from kdcache.teacher.run import teacher_logits
 
     moved = tmp_path / "teacher"  # the cache's own teacher, replaced since by other weights
     shutil.copytree(tiny_teacher, moved)

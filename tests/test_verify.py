@@ -11,9 +11,12 @@ from helpers import save_vit_teacher
 from typer.testing import CliRunner
 
 from kdcache import KdcacheError
-from kdcache.cache import LOGITS, MANIFEST, load_cache, teacher_logits, write_chunk_file
 from kdcache.cli import app
-from kdcache.verify import describe, verify_teacher_logits
+from kdcache.format.manifest import LOGITS, MANIFEST
+from kdcache.format.reader import load_cache
+from kdcache.teacher.run import teacher_logits
+from kdcache.teacher.verify import describe, verify_teacher_logits
+from kdcache.teacher.work import write_chunk_file
 
 
 @pytest.fixture(scope="module")

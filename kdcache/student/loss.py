@@ -5,8 +5,7 @@ Each takes (student_logits, labels, teacher_logits, temperature, alpha) and retu
 (1-alpha) * CE(student, labels) + alpha * (the loss's distillation part), so alpha=0 is plain cross-entropy
 (teacher_logits may then be None) and alpha=1 is the teacher alone. `LOSSES` maps the names train-student takes
 to the functions; `DEFAULT_TEMPERATURES` gives each its temperature: dkd's and dist's papers', and kd's 5 of the
-Hugging Face distillation tutorial that kdcache started from.
-"""
+Hugging Face distillation tutorial that kdcache started from."""
 
 import torch
 import torch.nn.functional as F
@@ -161,77 +160,6 @@ def dist_loss(
     return (loss, terms) if return_terms else loss
 
 
-def ensemble_teacher_logits(member_logits, weights=None, temperature: float = 1.0) -> torch.Tensor:
-    """The logits of a teacher ensemble whose probabilities at T are the members' probabilities at T, averaged:
-
-        z = T * log(sum_i w_i softmax(z_i / T)) + sum_i w_i * T * logsumexp(z_i / T)
-
-    so that softmax(z / T) = sum_i w_i softmax(z_i / T). The second term is a constant per row, which no softmax
-    sees: it keeps z on the members' scale and makes an ensemble of identical members give back their logits.
-    `member_logits`: one (..., classes) tensor or array per teacher, on the same rows; `weights`: one per teacher,
-    normalised to sum 1 (None: equal). Computed in float64 (log-sum-exp throughout: no probability underflows to
-    log 0), returned in float64.
-
-    The probabilities are averaged, not the logits: a mean of logits is the normalised geometric mean of the
-    probabilities, which puts almost no mass on a class that any one teacher rules out, while the members' mean
-    keeps what each teacher knows. Every loss in LOSSES reads the teacher only through softmax(teacher / T) (kd's
-    KL, dkd's target and non-target distributions, dist's correlations), so each then distils from the average
-    exactly; logit standardisation z-scores the logits themselves, which an average of probabilities does not
-    have, so train-student refuses it for ensembles.
-    """
-    members = torch.stack([torch.as_tensor(logits).double() for logits in member_logits]) / temperature
-    weights = (
-        torch.ones(len(members), dtype=torch.float64)
-        if weights is None
-        else torch.tensor(weights, dtype=torch.float64)
-    )
-    weights = (weights / weights.sum()).reshape(-1, *([1] * (members.ndim - 1)))
-    mean_log_probs = torch.logsumexp(members.log_softmax(dim=-1) + weights.log(), dim=0)
-    shift = (weights * torch.logsumexp(members, dim=-1, keepdim=True)).sum(dim=0)
-    return temperature * (mean_log_probs + shift)
-
-
-def compress_logits(logits: torch.Tensor, top_k: int | None = None, dtype: torch.dtype = torch.float32) -> dict:
-    """The teacher's logits (..., classes) as a compact cache stores them: {"values"} (every logit, in `dtype`), or
-    with top_k=K {"values", "indices", "tail"}: the K largest logits in `dtype` (descending), their class indices
-    (int16 up to 32,767 classes), and one float32 `tail` per row: the log-mean-exp of the other logits, which
-    `expand_logits` gives to every class outside the top K.
-
-    The tail rule is TinyViT's (Wu et al. 2022, its saved sparse soft labels): at T=1 each top-K class keeps its
-    probability exactly and the rest of the mass is spread evenly over the other classes. Stored as a logit rather
-    than a probability, so that the loss's temperature still acts on the rebuilt logits."""
-    logits = logits.float()
-    if top_k is None:
-        return {"values": logits.to(dtype)}
-    values, indices = logits.topk(top_k, dim=-1)
-    index = index_dtype(logits.shape[-1])
-    return {"values": values.to(dtype), "indices": indices.to(index), "tail": tail_logit(logits, indices)}
-
-
-def index_dtype(classes: int) -> torch.dtype:
-    """The dtype a top-K cache stores class indices in: int16 up to 32,767 classes, else int32."""
-    return torch.int16 if classes <= torch.iinfo(torch.int16).max else torch.int32
-
-
-def tail_logit(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The log-mean-exp of the logits outside `indices` (..., K): the one logit that keeps their total probability
-    at T=1 when every one of them is given it."""
-    rest = logits.float().scatter(-1, indices.long(), float("-inf"))
-    return torch.logsumexp(rest, dim=-1) - torch.log(torch.tensor(float(logits.shape[-1] - indices.shape[-1])))
-
-
-def expand_logits(
-    values: torch.Tensor, indices: torch.Tensor | None = None, tail: torch.Tensor | None = None, classes: int = 0
-) -> torch.Tensor:
-    """float32 logits (..., classes) rebuilt from what `compress_logits` stored: the values themselves, or the top K
-    at their indices and the tail's logit everywhere else."""
-    values = values.float()
-    if indices is None:
-        return values
-    full = tail.float().unsqueeze(-1).expand(*values.shape[:-1], classes).clone()
-    return full.scatter(-1, indices.long(), values)
-
-
 def soft_target_kl(teacher_logits: torch.Tensor, rebuilt_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(teacher/T) || softmax(rebuilt/T)) per row: what compressing the teacher's logits costs the targets."""
     target = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
@@ -288,6 +216,8 @@ def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tenso
 
 
 LOSSES = {"kd": distillation_loss, "dkd": dkd_loss, "dist": dist_loss}
+
+
 DEFAULT_TEMPERATURES = {"kd": 5.0, "dkd": 4.0, "dist": 1.0}
 
 

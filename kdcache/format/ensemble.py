@@ -1,5 +1,5 @@
 """Teacher ensembles: several caches of the same rows and views, trained from as one teacher whose probabilities at
-the temperature T are the teachers' probabilities at T, averaged (kdcache.loss.ensemble_teacher_logits says why
+the temperature T are the teachers' probabilities at T, averaged (kdcache.format.ensemble.ensemble_teacher_logits says why
 probabilities and not logits, and why every loss then distils from that average exactly).
 
 `open_ensemble` checks that the caches can be joined (the same rows of the same splits, the same views, the same
@@ -13,21 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from kdcache.cache import (
-    LABELS,
-    LOGITS,
-    MIX_PARTNERS,
-    MIX_VIEWS,
-    MIX_WEIGHTS,
-    PIXELS,
-    VIEWS,
-    load_cache,
-    logit_columns,
-    rebuilt_logits,
-)
 from kdcache.errors import KdcacheError
-from kdcache.manifest import Manifest
+from kdcache.format.manifest import LABELS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, PIXELS, VIEWS, Manifest
+from kdcache.format.reader import load_cache, logit_columns, rebuilt_logits
 
 ROWS_PER_COMPARISON = 256  # pixel rows compared at a time: a few MB read, whatever the split's size
 
@@ -72,7 +62,6 @@ def open_ensemble(
     on `splits` (those the run reads), and the first cache's DatasetDict with those splits' teacher logits replaced
     by the ensemble's at `temperature`. `share`: this process's share of each cache's files to hash (load_cache);
     `verify=False`: none, the caller has verified them."""
-    from kdcache.loss import ensemble_teacher_logits
 
     paths = [Path(path) for path in paths]
     caches, manifests = [first_cached], [first_manifest]
@@ -184,3 +173,33 @@ def _check_same_columns(first_path, first_split, path, split, split_name: str, w
                     f"cache '{path}' split '{split_name}' holds other {what.get(column, column)} than cache "
                     f"'{first_path}' (rows {start} to {stop - 1}); {fix}"
                 )
+
+
+def ensemble_teacher_logits(member_logits, weights=None, temperature: float = 1.0) -> torch.Tensor:
+    """The logits of a teacher ensemble whose probabilities at T are the members' probabilities at T, averaged:
+
+        z = T * log(sum_i w_i softmax(z_i / T)) + sum_i w_i * T * logsumexp(z_i / T)
+
+    so that softmax(z / T) = sum_i w_i softmax(z_i / T). The second term is a constant per row, which no softmax
+    sees: it keeps z on the members' scale and makes an ensemble of identical members give back their logits.
+    `member_logits`: one (..., classes) tensor or array per teacher, on the same rows; `weights`: one per teacher,
+    normalised to sum 1 (None: equal). Computed in float64 (log-sum-exp throughout: no probability underflows to
+    log 0), returned in float64.
+
+    The probabilities are averaged, not the logits: a mean of logits is the normalised geometric mean of the
+    probabilities, which puts almost no mass on a class that any one teacher rules out, while the members' mean
+    keeps what each teacher knows. Every loss in LOSSES reads the teacher only through softmax(teacher / T) (kd's
+    KL, dkd's target and non-target distributions, dist's correlations), so each then distils from the average
+    exactly; logit standardisation z-scores the logits themselves, which an average of probabilities does not
+    have, so train-student refuses it for ensembles.
+    """
+    members = torch.stack([torch.as_tensor(logits).double() for logits in member_logits]) / temperature
+    weights = (
+        torch.ones(len(members), dtype=torch.float64)
+        if weights is None
+        else torch.tensor(weights, dtype=torch.float64)
+    )
+    weights = (weights / weights.sum()).reshape(-1, *([1] * (members.ndim - 1)))
+    mean_log_probs = torch.logsumexp(members.log_softmax(dim=-1) + weights.log(), dim=0)
+    shift = (weights * torch.logsumexp(members, dim=-1, keepdim=True)).sum(dim=0)
+    return temperature * (mean_log_probs + shift)

@@ -5,7 +5,7 @@ scored by its best epoch's validation accuracy (as train-student keeps that epoc
 epoch so that a pruner stops hopeless trials. The study lives in a storage (SQLite in the output folder by default,
 any SQLAlchemy URL, or an Optuna journal file), which is what makes a sweep resumable and shareable: a rerun of the
 same command continues it, and several processes (on one machine or several) pointed at one storage run distinct
-trials of it. What a sweep leaves (sweep.json, the leaderboard, best/, the plots) is in kdcache.sweep_report.
+trials of it. What a sweep leaves (sweep.json, the leaderboard, best/, the plots) is in kdcache.sweep.report.
 """
 
 import contextlib
@@ -23,7 +23,7 @@ from pathlib import Path
 from kdcache.errors import KdcacheError
 from kdcache.options import TrainingOptions, check_loss_for_cache, run_options
 from kdcache.outputs import lock_file
-from kdcache.sweep_space import Param, build_space
+from kdcache.sweep.space import Param, build_space
 
 log = logging.getLogger("kdcache")
 
@@ -177,10 +177,10 @@ def sweep(
     new trial. `final_seeds` K: once the study is complete, retrain the best options with seeds 0..K-1 into
     OUTPUT/final/ and report their validation accuracy (mean and sd). Returns what OUTPUT/sweep.json holds.
     """
-    from kdcache.sweep_report import leaderboard, update_best, write_plots, write_report
+    from kdcache.sweep.report import leaderboard, update_best, write_plots, write_report
 
     optuna = optuna_module()
-    from kdcache.cache import load_cache
+    from kdcache.format.reader import load_cache
     from kdcache.runtime import launched_processes
 
     if launched_processes() > 1:
@@ -229,7 +229,7 @@ def sweep(
 
 def _run_trials(optuna, study, storage_name, caches, output, params, fixed, trials, timeout, final_seeds, progress):
     """Trials one at a time until the study counts `trials` (or `timeout` has passed), then the final seeds."""
-    from kdcache.sweep_report import update_best, write_report
+    from kdcache.sweep.report import update_best, write_report
 
     started = time.monotonic()
     runner = _TrialRunner(caches, output, params, fixed, study, trials, progress)
@@ -355,7 +355,7 @@ class _TrialRunner:
     def __call__(self, trial) -> float:
         import optuna
 
-        from kdcache.train import train_student
+        from kdcache.student.train import train_student
 
         name = (
             f"{trial.number:04d}"
@@ -436,7 +436,7 @@ def _final_seeds(optuna, study, caches, output: Path, fixed, seeds: int, progres
     reused), their validation accuracy as mean and sd. One process does it; another finding it under way skips it."""
     import filelock
 
-    from kdcache.train import train_student
+    from kdcache.student.train import train_student
 
     best = _best_complete(study)
     if best is None:

@@ -9,7 +9,7 @@ Format versions:
   5: the teacher logits may be stored compact (`kdcache teacher-logits --logits-dtype fp16 --top-k K`): float16
      values, or the top K logits with their class indices (teacher_logits_indices) and the log-mean-exp of the other
      logits (teacher_logits_tail); `columns.teacher_logits` says which (dtype, top_k), and stage two rebuilds the
-     full logits (kdcache.loss.expand_logits). A cache of float32 logits is laid out as in format 4.
+     full logits (kdcache.format.codec.expand_logits). A cache of float32 logits is laid out as in format 4.
   4: each split is the chunk files stage one wrote (CACHE/<split>/chunk-NNNNNN.arrow, listed in the split's state.json),
      and the manifest records every chunk file's size and sha256 (`chunks` per split) instead of one logits_sha256 per
      split. Verification hashes the files block by block, before datasets reads them.
@@ -25,8 +25,8 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-import kdcache
 from kdcache.errors import KdcacheError, first_line
+from kdcache.version import __version__
 
 FORMAT_VERSION = 5
 # What the fingerprint's recipe calls its "format_version": the last format that changed what a cache's logits and
@@ -103,7 +103,7 @@ class Manifest(dict):
         version = self.get("format_version")
         if self.get("format") != "kdcache" or version not in SUPPORTED_FORMAT_VERSIONS:
             raise KdcacheError(
-                f"cache '{path}' has format version {version!r}; this kdcache (v{kdcache.__version__}) reads "
+                f"cache '{path}' has format version {version!r}; this kdcache (v{__version__}) reads "
                 f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}: recreate it with kdcache teacher-logits"
             )
 
@@ -140,7 +140,7 @@ class Manifest(dict):
                 "format": "kdcache",
                 "format_version": FORMAT_VERSION,
                 "fingerprint": fingerprint,
-                "kdcache_version": kdcache.__version__,
+                "kdcache_version": __version__,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "teacher": {
                     "name_or_path": teacher["name_or_path"],

@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.cache import (
+from kdcache.data import ImagePipeline, from_raw_source, undecoded
+from kdcache.errors import KdcacheError
+from kdcache.format.codec import tail_logit
+from kdcache.format.manifest import (
     IMAGE,
     LOGIT_INDICES,
     LOGIT_TAIL,
@@ -25,13 +28,8 @@ from kdcache.cache import (
     SOURCE,
     SOURCE_SHAPE,
     VIEWS,
-    load_cache,
-    logit_columns,
-    rebuilt_logits,
 )
-from kdcache.data import ImagePipeline, from_raw_source, undecoded
-from kdcache.errors import KdcacheError
-from kdcache.loss import tail_logit
+from kdcache.format.reader import load_cache, logit_columns, rebuilt_logits
 from kdcache.models import load_classifier, weights_sha256
 from kdcache.runtime import pick_device
 
@@ -54,7 +52,7 @@ def verify_teacher_logits(
 ) -> dict:
     """Rerun the cache's teacher on `sample` random cached inputs of each split and compare with the stored logits.
 
-    Named apart from kdcache.cache.verify_cache, which checks the logits against their checksums (and runs here
+    Named apart from kdcache.format.reader.verify_cache, which checks the logits against their checksums (and runs here
     first, through load_cache). `teacher` loads the teacher from elsewhere (a local copy of a hub teacher, offline);
     its weights must hash as the manifest records. `tolerance` is the largest absolute logit difference that passes
     (default by the cache's precision, DEFAULT_TOLERANCE). Returns per split and overall: the pairs checked, the
@@ -166,7 +164,7 @@ def _compare(logits: torch.Tensor, stored: dict, manifest) -> tuple[np.ndarray, 
 
 def _rebuild(rows, pairs, recipe, pipeline):
     """The teacher's inputs for (row, view) pairs of one split, normalised as stage one fed them, and the stored
-    logits (the columns of kdcache.cache.logit_columns, one row per pair)."""
+    logits (the columns of kdcache.format.reader.logit_columns, one row per pair)."""
     stored_columns = logit_columns(rows)
     if VIEWS not in rows.column_names:  # a clean split stores the teacher's input itself
         data = rows.with_format("numpy", columns=[PIXELS, *stored_columns])[[row for row, _ in pairs]]

@@ -1,0 +1,172 @@
+"""What a trained student says about itself: the summary line, the loss formula, the model card and its metadata."""
+
+from pathlib import Path
+
+
+def summary_line(summary: dict) -> str:
+    if summary["best_eval_accuracy"] is None:
+        quality = "no evaluation split"
+    else:
+        quality = (
+            f"best {summary['eval_split']} accuracy {summary['best_eval_accuracy']:.4f} at epoch "
+            f"{summary['best_epoch']:g}, last {summary['last_eval_accuracy']:.4f} at epoch "
+            f"{summary['last_epoch']:g} of {summary['epochs']:g}"
+        )
+    return f"{quality}; {summary['seconds']:.0f} s; student saved to {summary['output']}"
+
+
+def loss_formula(recipe: dict) -> str:
+    """The training loss as the model card states it (a summary written before --loss existed used kd)."""
+    loss, settings = recipe.get("loss", "kd"), f"T={recipe['temperature']}, alpha={recipe['alpha']}"
+    standardized = "z-scored " if recipe.get("standardize_logits") else ""
+    distillation = {
+        "kd": f"T^2 KL({standardized}teacher/T, {standardized}student/T)",
+        "dkd": f"T^2 (TCKD + 8 NCKD) of the {standardized}logits/T (decoupled KD, Zhao et al. 2022)",
+        "dist": "T^2 (inter + intra), one minus the Pearson correlations of softmax(logits/T) per image and per class "
+        "(DIST, Huang et al. 2022)",
+    }[loss]
+    return f"{loss}: (1-alpha) CE + alpha {distillation}, {settings}" + (
+        ", logits standardised" if standardized else ""
+    )
+
+
+def public_name(name_or_path: str) -> tuple[str, bool]:
+    """How a model card names an input: `(hub id, True)` for one read from the hub, else `(folder name, False)`: the
+    path it was read from would publish the trainer's folder layout with the card. Local is what the loaders took as
+    local (a path that exists, as kdcache.data and from_pretrained decide) or what is written as a path."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() or path.is_absolute() or name_or_path.startswith((".", "~")):
+        return path.resolve().name or name_or_path, False
+    return name_or_path, True
+
+
+def card_metadata(summary: dict, manifest: dict, repo: str | None = None) -> str:
+    """The card's YAML metadata in the Hub's conventions, those of transformers' `Trainer.create_model_card`: the
+    dataset (a hub id only: a folder name would link nowhere), the metric, a model-index with the accuracy of the
+    saved epoch on the split it was chosen on, and `base_model` for a student that started from a hub model."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    recipe = summary["recipe"]
+    dataset, dataset_from_hub = public_name(manifest["dataset"]["name_or_path"])
+    student = recipe.get("student") or ""
+    hub_student = bool(student) and "/" in student and public_name(student)[1]  # a config name has no owner
+    results = []
+    if summary["best_eval_accuracy"] is not None:
+        best = summary.get("saved_epoch", summary["best_epoch"]) == summary["best_epoch"]
+        results.append(
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_split=summary["eval_split"],
+                dataset_revision=manifest["dataset"].get("revision") if dataset_from_hub else None,
+                metric_type="accuracy",
+                metric_name="Accuracy",
+                metric_value=summary["best_eval_accuracy"] if best else summary["last_eval_accuracy"],
+            )
+        )
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["kdcache", "knowledge-distillation", "image-classification"],
+        datasets=[dataset] if dataset_from_hub else None,
+        metrics=["accuracy"],
+        base_model=student if hub_student else None,
+        model_name=repo or Path(summary["output"]).name,
+        eval_results=results or None,
+    )
+    return data.to_yaml()
+
+
+def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None = None) -> str:
+    recipe = summary["recipe"]
+    accuracy = summary["best_eval_accuracy"]
+    ensemble = isinstance(recipe["teacher"], list)  # several caches: their teachers, weights and caches are lists
+    if ensemble:
+        teachers = [public_name(teacher)[0] for teacher in recipe["teacher"]]
+        teacher_intro = (
+            f"an ensemble of {len(teachers)} teachers ("
+            + ", ".join(f"`{teacher}`" for teacher in teachers)
+            + f"), their probabilities at T={recipe['temperature']} averaged"
+        )
+        teacher_row = "| teachers (weight) | " + ", ".join(
+            f"`{teacher}` ({weight:g}, weights sha256 `{sha[:16]}...`)"
+            for teacher, weight, sha in zip(teachers, recipe["teacher_weights"], recipe["teacher_weights_sha256"])
+        )
+        cache_row = "| logit caches | fingerprints " + ", ".join(f"`{f}`" for f in recipe["cache_fingerprint"])
+    else:
+        teacher = public_name(recipe["teacher"])[0]
+        teacher_intro = f"the teacher `{teacher}`"
+        teacher_row = f"| teacher | `{teacher}` (weights sha256 `{manifest['teacher']['weights_sha256'][:16]}...`)"
+        cache_row = f"| logit cache | fingerprint `{recipe['cache_fingerprint']}`"
+    student = recipe["student"]
+    if student != "MobileNetV2Config() from scratch":  # a config name, a hub id or a folder
+        student = f"`{public_name(student)[0]}`"
+    lines = [
+        "---",
+        card_metadata(summary, manifest, repo).rstrip("\n"),
+        "---",
+        "",
+        f"# {Path(summary['output']).name}",
+        "",
+        (
+            f"A student distilled by kdcache from {teacher_intro}"
+            if recipe["alpha"] > 0
+            else "A student trained from labels alone (alpha=0) by kdcache, as a baseline"
+        )
+        + f", on `{public_name(manifest['dataset']['name_or_path'])[0]}` ({', '.join(names)}).",
+        "",
+        "| | |",
+        "|---|---|",
+        teacher_row + " |",
+        cache_row + (" (teacher run online)" if recipe["online"] else "") + " |",
+        f"| student | {student}, {recipe['student_parameters']:,} parameters |",
+        f"| loss | {loss_formula(recipe)} |",
+        f"| training | {summary['epochs']:g} epochs ({summary['steps']} steps), AdamW lr {recipe['learning_rate']}, "
+        f"{recipe['scheduler']} schedule, batch {recipe['batch_size']}"
+        + (
+            f" ({recipe['processes']} processes of {recipe['batch_size'] // recipe['processes']})"
+            if recipe.get("processes", 1) > 1
+            else ""
+        )
+        + f", weight decay {recipe['weight_decay']}, seed {recipe['seed']} |",
+    ]
+    labeled, training = recipe.get("labeled_rows"), recipe.get("training_rows")
+    if labeled is not None and labeled < training:
+        budget = recipe.get("labeled_fraction")
+        lines.append(
+            f"| labels | {labeled:,} of the {training:,} training images labelled"
+            + (f" (a stratified {budget:g} of the training split, seed {recipe['seed']})" if budget else "")
+            + (f"; unlabeled splits {', '.join(recipe['unlabeled_splits'])}" if recipe.get("unlabeled_splits") else "")
+            + "; images without a label are taught by the teacher alone |"
+        )
+    size = recipe.get("student_size")
+    if size:
+        views = recipe.get("views", 1)
+        lines.append(
+            f"| input | {size[0]}x{size[1]} pixels"
+            + (
+                f"; {views} {'mixed ' if recipe.get('mixed_views') else ''}views per image, each the teacher's own"
+                if views > 1
+                else ""
+            )
+            + (f"; weights: EMA with decay {recipe['ema_decay']}" if recipe.get("ema_decay") else "")
+            + " |"
+        )
+    if accuracy is not None:
+        saved = "best" if summary.get("saved_epoch", summary["best_epoch"]) == summary["best_epoch"] else "last"
+        lines.append(
+            f"| {summary['eval_split']} accuracy | best {accuracy:.4f} (epoch {summary['best_epoch']:g}), last "
+            f"{summary['last_eval_accuracy']:.4f} (epoch {summary['last_epoch']:g}); the {saved} epoch's weights are saved |"
+        )
+    lines += [
+        "",
+        "```python",
+        "from transformers import pipeline",
+        # the hub id once pushed; before, the folder this card is in
+        f'classifier = pipeline("image-classification", model="{repo or Path(summary["output"]).name}")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,433 @@
+"""What stage two trains on: the cache's rows (stored views replayed, a mix partner paired), the labels kept for a
+label budget, the splits without labels, and the collator that makes them batches."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, load_image_dataset, undecoded
+from kdcache.errors import KdcacheError
+from kdcache.format.manifest import (
+    IMAGE,
+    LABELS,
+    LOGIT_COLUMNS,
+    LOGITS,
+    MIX_PARTNERS,
+    MIX_VIEWS,
+    MIX_WEIGHTS,
+    PIXELS,
+    SOURCE,
+    SOURCE_SHAPE,
+    VIEWS,
+    Manifest,
+)
+from kdcache.format.reader import logit_columns, rebuilt_logits
+from kdcache.labels import NO_LABEL, labeled_subset, masked_labels
+from kdcache.models import align_labels, load_classifier
+from kdcache.options import TrainingOptions, check_loss_for_cache
+from kdcache.student.model import OnlineTeacher, check_same_teacher
+
+log = logging.getLogger("kdcache")
+
+
+class Collator:
+    """Rows of uint8 pixels (+ labels, + cached logits) to a batch in channels_last; the per-pixel normalisation
+    happens here, on the whole batch at once, through the teacher processor's lookup table.
+
+    Pixels of another size than `student_size` (height, width) are resized to it first: the cache's clean views are
+    stored at the teacher's size, and a student trained at a lower resolution sees the same crop, smaller. Mixed
+    views (rows with a partner) become weight * view + (1 - weight) * partner, with labels mixed the same way.
+    `mapped` (kdcache.runtime.MappedFiles) is told of every batch read, to keep the cache's mapped pages in check.
+    """
+
+    def __init__(self, pipeline: ImagePipeline, student_size=None, num_classes=None, mapped=None):
+        self.pipeline, self.num_classes, self.mapped = pipeline, num_classes, mapped
+        self.student_size = tuple(student_size) if student_size else None
+        self.resample = int(getattr(pipeline.processor, "resample", 3))
+
+    def resized(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.student_size is None or tuple(pixels.shape[-2:]) == self.student_size:
+            return pixels
+        return torch.stack(
+            [torch.from_numpy(resize_pixels(image.numpy(), self.student_size, self.resample)) for image in pixels]
+        )
+
+    def __call__(self, rows):
+        pixels = self.resized(stack_pixels(row[PIXELS] for row in rows))
+        labels = torch.as_tensor([int(row[LABELS]) for row in rows])
+        if MIX_WEIGHTS in rows[0]:
+            weights = torch.as_tensor([float(row[MIX_WEIGHTS]) for row in rows], dtype=torch.float32)
+            partner_pixels = self.resized(stack_pixels(row["partner_pixels"] for row in rows))
+            pixel_values = self.pipeline.mix(pixels, partner_pixels, weights)
+            partner_labels = torch.as_tensor([int(row["partner_labels"]) for row in rows])
+            # a mixed view is labelled when both its images are (half a label would tell the student "mostly not
+            # this class"); one that is not gets an all-zero row, which the cross-entropy leaves out (kdcache.student.loss)
+            both = ((labels >= 0) & (partner_labels >= 0))[:, None]
+            labels = both * (
+                weights[:, None] * F.one_hot(labels.clamp(min=0), self.num_classes)
+                + (1 - weights[:, None]) * F.one_hot(partner_labels.clamp(min=0), self.num_classes)
+            )
+        else:
+            pixel_values = self.pipeline.normalize(pixels)
+        # channels_last: oneDNN's and cuDNN's faster convolutions for the student's forward and backward (BENCHMARKS.md)
+        batch = {"pixel_values": pixel_values.contiguous(memory_format=torch.channels_last), "labels": labels}
+        if LOGITS in rows[0]:
+            stored = {column: np.stack([row[column] for row in rows]) for column in LOGIT_COLUMNS if column in rows[0]}
+            batch["teacher_logits"] = rebuilt_logits(stored, self.num_classes)
+        if self.mapped is not None:  # the rows were read (in this process) from the cache's memory-mapped files
+            self.mapped.read()
+        return batch
+
+
+def stack_pixels(pixels) -> torch.Tensor:
+    """uint8 (batch, 3, H, W) from rows' pixels (numpy arrays read from the cache's memory map, or tensors)."""
+    return torch.from_numpy(np.stack([np.asarray(image, dtype=np.uint8) for image in pixels]))
+
+
+def resize_pixels(pixels: np.ndarray, size, resample: int) -> np.ndarray:
+    """uint8 (3, H, W) pixels resized to size (height, width) with PIL, as the image processors resize."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), "RGB")
+    return np.array(image.resize((size[1], size[0]), resample), dtype=np.uint8).transpose(2, 0, 1)
+
+
+class ViewRows(torch.utils.data.Dataset):
+    """Training rows of a split cached with K views per image. Each epoch uses one view of each image, drawn so that
+    all K views come up once in every K epochs; the view is rebuilt from the (reduced) source image and its stored
+    parameters, at the student's size, and paired with the teacher's logits on exactly that view. A mixed view
+    also rebuilds its partner's view (the collator mixes them).
+
+    fresh=True is the inconsistent baseline: a new random view every epoch, paired with the logits the teacher gave
+    the clean (unaugmented) view, which is what augmenting the student alone amounts to.
+
+    `rows` may be several cached splits concatenated (the training split and unlabeled ones): `offsets` then gives
+    each row the position of its split's first row, since a mixed view's partner is a row of its own split. `labels`
+    (one per row; -1 for none) replaces the cached labels, of the rows and of their partners (kdcache.labels).
+    """
+
+    def __init__(
+        self, rows, recipe: ViewRecipe, seed: int, fresh: bool = False, student_size=None, labels=None, offsets=None
+    ):
+        import datasets
+
+        self.raw = SOURCE in rows.column_names  # format 3: reduced raw pixels; format 2: the source image file
+        self.rows = rows if self.raw else undecoded(rows, IMAGE)
+        self.recipe, self.seed, self.fresh, self.epoch = recipe, seed, fresh, 0
+        self.labels, self.offsets = labels, offsets
+        self.size = tuple(student_size) if student_size else recipe.size
+        self.count = 1 if fresh else rows.features[VIEWS].shape[0]
+        self.mixed = MIX_WEIGHTS in rows.column_names
+        if self.mixed:  # partners are any rows of the split: read only what a partner needs
+            self.partner_rows = rows.select_columns([SOURCE, SOURCE_SHAPE, LABELS])
+        self.decoder = datasets.Image()
+
+    def __len__(self):
+        return len(self.rows)
+
+    def view_index(self, row: int) -> int:
+        cycle, position = divmod(self.epoch, self.count)
+        return int(np.random.default_rng([self.seed, row, cycle]).permutation(self.count)[position])
+
+    def source(self, batch, position):
+        if self.raw:
+            return from_raw_source(batch[SOURCE][position], batch[SOURCE_SHAPE][position])
+        return self.decoder.decode_example(batch[IMAGE][position]).convert("RGB")
+
+    def __getitems__(self, indices):
+        batch = self.rows[list(indices)]
+        chosen = [0 if self.fresh else self.view_index(row) for row in indices]
+        partners = {}
+        if self.mixed:
+            wanted = sorted(
+                {self.partner(row, batch[MIX_PARTNERS][i][k]) for i, (row, k) in enumerate(zip(indices, chosen))}
+            )
+            partner_rows = self.partner_rows[wanted]
+            partners = {
+                row: (self.source(partner_rows, i), self.label(partner_rows, i, row)) for i, row in enumerate(wanted)
+            }
+        items = []
+        logit_columns = [column for column in LOGIT_COLUMNS if column in batch]
+        for position, (row, k) in enumerate(zip(indices, chosen)):
+            image = self.source(batch, position)
+            # the clean view's logits (fresh), or those of view k (and a top-K cache's indices and tail of view k)
+            logits = {column: batch[column][position] for column in logit_columns}
+            if self.fresh:
+                view = self.recipe.sample(*image.size, (row, self.epoch), 1)[0]
+            else:
+                view = batch[VIEWS][position][k]
+                logits = {column: np.asarray(value)[k] for column, value in logits.items()}
+            item = {
+                PIXELS: torch.from_numpy(self.recipe.render(image, view, self.size)),
+                LABELS: self.label(batch, position, row),
+                **logits,
+            }
+            if self.mixed:
+                partner, partner_label = partners[self.partner(row, batch[MIX_PARTNERS][position][k])]
+                item.update(
+                    partner_pixels=torch.from_numpy(
+                        self.recipe.render(partner, batch[MIX_VIEWS][position][k], self.size)
+                    ),
+                    partner_labels=partner_label,
+                    **{MIX_WEIGHTS: batch[MIX_WEIGHTS][position][k]},
+                )
+            items.append(item)
+        return items
+
+    def __getitem__(self, index):
+        return self.__getitems__([index])[0]
+
+    def partner(self, row: int, partner) -> int:
+        """The row of `rows` that a mixed view of `row` is mixed with (stored as a row of the same split)."""
+        return int(partner) + (int(self.offsets[row]) if self.offsets is not None else 0)
+
+    def label(self, batch, position: int, row: int):
+        return batch[LABELS][position] if self.labels is None else self.labels[row]
+
+
+class TrainRows(torch.utils.data.Dataset):
+    """The training rows a run serves, out of `rows` (a Dataset or ViewRows): those at `served` (None: all), with
+    their labels replaced by `labels` (one per row of `rows`, -1 for none; None: as they are), for label budgets and
+    unlabeled rows (kdcache.labels). Rows are fetched in batches, as the Dataset (or ViewRows) fetches them."""
+
+    def __init__(self, rows, served=None, labels=None):
+        self.rows, self.served, self.labels = rows, served, labels
+
+    def __len__(self):
+        return len(self.rows) if self.served is None else len(self.served)
+
+    def __getitems__(self, positions):
+        indices = [int(i) for i in (positions if self.served is None else self.served[list(positions)])]
+        items = self.rows.__getitems__(indices)
+        if self.labels is not None:
+            for item, index in zip(items, indices):
+                item[LABELS] = self.labels[index]
+        return items
+
+    def __getitem__(self, position):
+        return self.__getitems__([position])[0]
+
+
+def _online_rows(split, image_column, label_column, pipeline):
+    """The original images, decoded and resized on every access: the tutorial's data path."""
+    import datasets
+
+    decoder = datasets.Image()
+
+    def transform(batch):
+        images = [decoder.decode_example(value).convert("RGB") for value in batch[image_column]]
+        return {PIXELS: list(pipeline.pixels(images)), LABELS: batch[label_column]}
+
+    return undecoded(split, image_column).with_transform(transform)
+
+
+@dataclass
+class TrainingRows:
+    """What the student learns from and is evaluated on, and the teacher behind it."""
+
+    mode: str  # cached, views, mixed views, online, student-only
+    train: object
+    eval: object | None
+    teacher_run: str  # the teacher whose outputs the student learns from
+    views: int = 1
+    online_teacher: torch.nn.Module | None = None
+    labels: "TrainingLabels | None" = None
+
+
+def training_rows(
+    cached, manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, processor, size, place
+) -> TrainingRows:
+    """The one place that picks the training rows: cached (one clean view), views or mixed views (K consistent views
+    per image), online (the teacher run on every batch) or student-only (random views for the student, the clean
+    view's logits); contradictory modes are refused."""
+    data, train_split, eval_split = manifest.dataset, options.train_split, options.eval_split
+    views = manifest.views_of(train_split)
+    if views > 1 and (options.online or options.student_only_augment):
+        raise KdcacheError(
+            f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
+            f"{views} views per image of split '{train_split}'"
+        )
+    if eval_split and manifest.labeled_rows(eval_split) < manifest.split(eval_split)["num_rows"]:
+        raise KdcacheError(
+            f"--eval-split '{eval_split}' has {manifest.split(eval_split)['num_rows'] - manifest.labeled_rows(eval_split)} "
+            "rows without a label, and the best epoch is chosen on its accuracy; give a labelled split"
+        )
+    if eval_split and manifest.views_of(eval_split) > 1:
+        raise KdcacheError(
+            f"--eval-split '{eval_split}' is cached with views; evaluate on a split with one clean view"
+        )
+    check_loss_for_cache(options.loss, len(manifest.label_names), views > 1 and manifest.mixed_views, cache_path)
+
+    def source_split(split):
+        """The original rows the cache was made from, for the modes that need the images themselves."""
+        rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
+        if rows._fingerprint != manifest.split(split)["fingerprint"]:
+            raise KdcacheError(
+                f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
+                "this mode must see the same rows"
+            )
+        return rows
+
+    columns = [PIXELS, LABELS] + (logit_columns(cached[train_split]) if options.alpha > 0 else [])
+    # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
+    eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
+    labels = training_labels(cached, manifest, options)
+    teacher_run = manifest.teacher["name_or_path"]
+    if options.online:
+        teacher_run = options.teacher or teacher_run
+        teacher_model = load_classifier(
+            teacher_run,
+            revision=None if options.teacher else manifest.teacher.get("revision"),
+            trust_remote_code=manifest.teacher.get("trust_remote_code", False),
+        )
+        check_same_teacher(teacher_model, options.teacher, manifest, cache_path)
+        online_teacher = OnlineTeacher(
+            teacher_model, align_labels(teacher_model.config.id2label, manifest.label_names)
+        )
+        train_rows, eval_rows = (
+            _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
+            for split in (train_split, eval_split)
+        )
+        return TrainingRows(
+            "online", labels.serve(train_rows), eval_rows, teacher_run, views, online_teacher.to(place.device), labels
+        )
+    rows = labels.concatenated(cached)
+    if views > 1:
+        train_rows = ViewRows(
+            rows, manifest.view_recipe, options.seed, student_size=size, labels=labels.labels, offsets=labels.offsets
+        )
+        mode = "mixed views" if manifest.mixed_views else "views"
+        return TrainingRows(
+            mode, labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
+        )
+    if options.student_only_augment:
+        import datasets
+
+        images = undecoded(source_split(train_split), data["image_column"]).select_columns([data["image_column"]])
+        if data["image_column"] != IMAGE:
+            images = images.rename_column(data["image_column"], IMAGE)
+        train_rows = ViewRows(
+            datasets.concatenate_datasets([rows.select_columns([LABELS, *logit_columns(rows)]), images], axis=1),
+            ViewRecipe(manifest.pixel_shape[1:], getattr(processor, "resample", 3), seed=options.seed),
+            options.seed,
+            fresh=True,
+            student_size=size,
+            labels=labels.labels,
+        )
+        return TrainingRows(
+            "student-only", labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
+        )
+    return TrainingRows(
+        "cached",
+        labels.serve(rows.with_format("numpy", columns=columns)),
+        eval_rows,
+        teacher_run,
+        views,
+        labels=labels,
+    )
+
+
+def unlabeled_splits(manifest: Manifest, options: TrainingOptions, cache_path) -> list[str]:
+    """The cached splits without labels that the run trains on besides the training split: --unlabeled-splits, or by
+    default every split of the cache that has no labelled row (none with alpha 0, --online or --student-only-augment,
+    which cannot use them), each refused in one line when it cannot go with the training split."""
+    given = options.unlabeled_splits
+    if given is None:
+        if options.alpha == 0 or options.online or options.student_only_augment:
+            return []
+        given = [
+            name
+            for name in manifest.splits
+            if manifest.labeled_rows(name) == 0 and name not in (options.train_split, options.eval_split)
+        ]
+    for name in given:
+        if name not in manifest.splits:
+            raise KdcacheError(
+                f"--unlabeled-splits names '{name}', which is not a split of cache '{cache_path}' "
+                f"(splits: {', '.join(manifest.splits)})"
+            )
+        if name in (options.train_split, options.eval_split):
+            raise KdcacheError(
+                f"--unlabeled-splits names '{name}', the {'training' if name == options.train_split else 'evaluation'} "
+                "split; name splits besides those two"
+            )
+        if manifest.views_of(name) != manifest.views_of(options.train_split):
+            raise KdcacheError(
+                f"split '{name}' of cache '{cache_path}' has {manifest.views_of(name)} views per image and the "
+                f"training split '{options.train_split}' {manifest.views_of(options.train_split)}; make the cache with "
+                "the same views for both (--view-splits), or leave that split out of --unlabeled-splits"
+            )
+    return list(given)
+
+
+@dataclass
+class TrainingLabels:
+    """The labels a run trains with, one per row of its training split and unlabeled splits in that order (-1: none),
+    and which of those rows it serves (None: all; with alpha 0, the labelled ones alone)."""
+
+    splits: list[str]
+    labels: np.ndarray
+    offsets: np.ndarray  # the position of each row's split's first row
+    served: np.ndarray | None
+    changed: bool  # labels differ from the cached ones (a label budget) or come from several splits
+
+    @property
+    def labeled_rows(self) -> int:
+        return int((self.labels != NO_LABEL).sum())  # the rows served without a label are never labelled ones
+
+    @property
+    def rows(self) -> int:
+        return len(self.labels) if self.served is None else len(self.served)
+
+    def concatenated(self, cached):
+        """The cached training rows: the training split, followed by the unlabeled splits (no copy: their files are
+        memory-mapped side by side)."""
+        import datasets
+
+        if len(self.splits) == 1:
+            return cached[self.splits[0]]
+        return datasets.concatenate_datasets([cached[name] for name in self.splits])
+
+    def serve(self, rows, relabel: bool = True):
+        """`rows` as the run serves them: as they are when nothing changes, else through TrainRows."""
+        if not self.changed and self.served is None:
+            return rows
+        return TrainRows(rows, self.served, self.labels if relabel else None)
+
+    def recipe(self) -> dict:
+        return {
+            "unlabeled_splits": self.splits[1:],
+            "training_rows": self.rows,
+            "labeled_rows": self.labeled_rows,
+        }
+
+
+def training_labels(cached, manifest: Manifest, options: TrainingOptions) -> TrainingLabels:
+    """Which training rows keep their labels (kdcache.labels): the training split's, less those a --labeled-fraction
+    leaves out, and none of the unlabeled splits'; with alpha 0, only the labelled rows are trained on (the
+    label-budget baseline: the same labelled rows, from scratch)."""
+    splits = [options.train_split, *options.unlabeled_splits]
+    lengths = [len(cached[name]) for name in splits]
+    labels = np.concatenate(
+        [np.asarray(cached[name].with_format("numpy", columns=[LABELS])[LABELS]) for name in splits]
+    )
+    offsets = np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
+    changed = len(splits) > 1
+    if options.labeled_fraction is not None and options.labeled_fraction < 1:
+        train = lengths[0]
+        keep = labeled_subset(labels[:train], options.labeled_fraction, options.seed, manifest.label_names)
+        labels[:train] = masked_labels(labels[:train], keep)
+        changed = True
+    if options.loss == "dkd" and (labels == NO_LABEL).any():
+        raise KdcacheError(
+            "--loss dkd splits the teacher's outputs around each image's labelled class, and "
+            f"{int((labels == NO_LABEL).sum())} training rows have no label; use --loss kd or --loss dist"
+        )
+    served = np.flatnonzero(labels != NO_LABEL) if options.alpha == 0 and (labels == NO_LABEL).any() else None
+    if options.alpha > 0 and not (labels != NO_LABEL).any() and options.alpha < 1:
+        log.warning("no training row has a label: the student learns from the teacher alone")
+    return TrainingLabels(splits, labels, offsets, served, changed)

@@ -1,0 +1,170 @@
+"""The Hugging Face Trainer, distilling: the loss read from the batch's cached teacher logits (or, online, from the
+teacher run on the batch: the tutorial's way, kept as the reference the tests compare against), every term logged."""
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from kdcache.devices import OneDeviceArguments
+from kdcache.options import TrainingOptions
+from kdcache.runtime import (
+    MappedFiles,
+    cpus_per_process,
+)
+from kdcache.student.ema import StudentEMA
+from kdcache.student.loss import LOSSES
+from kdcache.student.rows import Collator, TrainingRows, TrainRows, ViewRows
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss is one of kdcache's distillation losses (kdcache.student.loss.LOSSES) over the batch's
+    `teacher_logits`."""
+
+    loss_is_scaled_for_ga = False  # every kdcache loss is a per-batch mean
+
+    def __init__(self, *args, temperature=5.0, alpha=0.5, teacher=None, loss="kd", standardize=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.temperature, self.alpha, self.teacher = temperature, alpha, teacher
+        self.loss_function, self.standardize = LOSSES[loss], standardize
+        self.loss_terms, self.loss_term_steps = {}, 0  # summed since the last log: what each term contributes
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher_logits = inputs.get("teacher_logits")
+        if self.teacher is not None and self.alpha > 0:
+            teacher_logits = self.teacher(inputs["pixel_values"])
+        outputs = model(pixel_values=inputs["pixel_values"])
+        loss, terms = self.loss_function(
+            outputs.logits,
+            inputs["labels"],
+            teacher_logits,
+            self.temperature,
+            self.alpha,
+            return_terms=True,
+            standardize=self.standardize,
+        )
+        if model.training:
+            for name, value in terms.items():
+                self.loss_terms[name] = self.loss_terms.get(name, 0.0) + value
+            self.loss_term_steps += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        """Every training log line also gets the unweighted terms (loss_ce, loss_kl; loss_tckd, loss_nckd for dkd;
+        loss_inter, loss_intra for dist), averaged over its steps and
+        processes, beside the weighted total: which term dominates is the first question when distillation fails."""
+        if "loss" in logs and self.loss_term_steps:
+            for name, total in self.loss_terms.items():
+                mean = self.accelerator.reduce(
+                    torch.as_tensor(total, device=self.args.device) / self.loss_term_steps, "mean"
+                )
+                logs[f"loss_{name}"] = round(float(mean), 6)
+            self.loss_terms, self.loss_term_steps = {}, 0
+        super().log(logs, start_time)
+
+
+class SetEpoch(TrainerCallback):
+    """Tells the view rows which epoch is starting (Trainer tells samplers, not map-style datasets)."""
+
+    def __init__(self, rows: ViewRows):
+        self.rows = rows
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.rows.epoch = int(math.floor((state.epoch or 0) + 1e-6))
+
+
+def accuracy_metric(prediction):
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
+
+
+def _callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
+    callbacks = list(callbacks or [])
+    view_rows = rows.train.rows if isinstance(rows.train, TrainRows) else rows.train
+    if isinstance(view_rows, ViewRows):
+        callbacks.append(SetEpoch(view_rows))
+    if options.ema_decay is not None:
+        callbacks.append(StudentEMA(options.ema_decay))
+    return callbacks
+
+
+def _trainer(
+    model,
+    rows: TrainingRows,
+    work: Path,
+    options: TrainingOptions,
+    place,
+    pipeline,
+    size,
+    classes: int,
+    callbacks: list,
+    progress: bool,
+    processes,
+    cache_folders: list,
+) -> "DistillationTrainer":
+    import importlib.util
+
+    num_workers = options.num_workers
+    if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
+        views = isinstance(rows.train.rows if isinstance(rows.train, TrainRows) else rows.train, ViewRows)
+        num_workers = 1 if views and cpus_per_process(processes) >= 2 else 0
+    evaluating = rows.eval is not None
+    args = OneDeviceArguments(
+        output_dir=str(work),
+        kdcache_device=str(place.device),
+        # Under DDP the Trainer gives each process its share of every batch (and averages the gradients), so the
+        # optimiser steps, the learning rate and the loss are those of one process at the same --batch-size.
+        per_device_train_batch_size=options.batch_size // place.processes,
+        per_device_eval_batch_size=options.batch_size // place.processes,
+        learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay,
+        warmup_steps=options.warmup_ratio,
+        lr_scheduler_type=options.scheduler,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
+        eval_strategy="epoch" if evaluating else "no",
+        save_strategy="epoch" if options.save_checkpoints else "no",
+        save_total_limit=2,
+        load_best_model_at_end=evaluating and options.save_checkpoints,
+        metric_for_best_model="accuracy" if evaluating else None,
+        greater_is_better=True,
+        logging_steps=options.logging_steps,
+        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
+        seed=options.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=num_workers,
+        use_cpu=place.device.type == "cpu",
+        bf16=place.precision == "bf16",
+        fp16=place.precision == "fp16",
+        disable_tqdm=not progress,
+        push_to_hub=False,  # kdcache pushes the finished student folder itself, once (kdcache.hub)
+    )
+    trainer = DistillationTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows.train,
+        eval_dataset=rows.eval,
+        data_collator=Collator(pipeline, size, classes, MappedFiles(cache_folders)),
+        compute_metrics=accuracy_metric if evaluating else None,
+        temperature=options.temperature,
+        alpha=options.alpha,
+        teacher=rows.online_teacher,
+        loss=options.loss,
+        standardize=options.standardize_logits,
+        callbacks=callbacks,
+    )
+    if not progress:  # Trainer prints every log line when its bar is off; quiet means quiet
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _train(trainer, options: TrainingOptions) -> float:
+    """Train (continuing from the last checkpoint with --resume); returns the wall time in seconds."""
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if options.resume else None)  # check_resumable found a checkpoint
+    return time.perf_counter() - started

@@ -1,0 +1,243 @@
+"""Stage one's teacher loop: the rows of a split in batches (decoded, viewed, through the image processor on loader
+workers), the teacher run on them, the logits written chunk by chunk."""
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache.data import (
+    ImagePipeline,
+    ViewRecipe,
+    decode_images,
+    raw_source,
+    undecoded,
+)
+from kdcache.errors import KdcacheError
+from kdcache.format.codec import compress_logits
+from kdcache.format.manifest import (
+    LABELS,
+    LOGIT_INDICES,
+    LOGIT_TAIL,
+    LOGITS,
+    MIX_PARTNERS,
+    MIX_VIEWS,
+    MIX_WEIGHTS,
+    PIXELS,
+    ROW,
+    SOURCE,
+    SOURCE_SHAPE,
+    VIEWS,
+)
+from kdcache.labels import NO_LABEL
+from kdcache.teacher.work import _chunk_path, _features, _record_path, _write_json, write_chunk_file
+
+
+@dataclass
+class _Job:
+    """What every split's pass shares."""
+
+    model: torch.nn.Module
+    pipeline: ImagePipeline
+    mapping: list
+    names: list
+    image_column: str
+    label_column: str | None  # of the split at work; None: its images have no labels
+    device: torch.device
+    precision: str
+    num_workers: int | None
+    batch_size: int
+    chunk_size: int
+    progress: bool
+    cpus: int  # the cores this process may count on (shared with the other processes of a launch)
+    processes: int
+    views: int = 1
+    view_recipe: ViewRecipe | None = None
+    logits_dtype: str = "float32"  # as stored
+    top_k: int | None = None
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch i of a list of row spans, decoded and resized (or cut into views): what a DataLoader worker prepares
+    ahead of the teacher."""
+
+    def __init__(self, split, split_name, spans, job):
+        self.split = undecoded(split, job.image_column)
+        self.split_name, self.spans = split_name, spans
+        self.image_column, self.label_column = job.image_column, job.label_column
+        self.pipeline, self.views, self.view_recipe = job.pipeline, job.views, job.view_recipe
+
+    def __len__(self):
+        return len(self.spans)
+
+    def __getitem__(self, index):
+        start, end = self.spans[index]
+        rows = list(range(start, end))
+        try:
+            images = decode_images(self.split, self.image_column, rows, self.split_name)
+            batch = {
+                "rows": np.asarray(rows, dtype=np.int64),
+                "labels": (
+                    np.asarray(self.split[start:end][self.label_column], dtype=np.int64)
+                    if self.label_column
+                    else np.full(end - start, NO_LABEL, dtype=np.int64)  # images nobody labelled
+                ),
+            }
+            if self.view_recipe is None:
+                batch["pixels"] = self.pipeline.pixels(images)
+                return batch
+            recipe = self.view_recipe
+            images = [recipe.reduce(image) for image in images]
+            views = np.stack([recipe.sample(*image.size, row, self.views) for image, row in zip(images, rows)])
+            batch["views"] = views
+            batch["pixels"] = np.stack(
+                [recipe.render(image, view) for image, row_views in zip(images, views) for view in row_views]
+            )
+            batch["sources"] = [raw_source(image) for image in images]
+            if recipe.mixed:
+                drawn = [recipe.sample_partners(row, len(self.split), self.views) for row in rows]
+                partners = np.stack([partner_rows for partner_rows, _ in drawn])
+                wanted = sorted(set(partners.ravel().tolist()))
+                partner_images = dict(
+                    zip(
+                        wanted,
+                        (
+                            recipe.reduce(image)
+                            for image in decode_images(self.split, self.image_column, wanted, self.split_name)
+                        ),
+                    )
+                )
+                mix_views = np.stack(
+                    [
+                        [
+                            recipe.sample_partner_view(*partner_images[int(b)].size, row, k)
+                            for k, b in enumerate(row_partners)
+                        ]
+                        for row, row_partners in zip(rows, partners)
+                    ]
+                )
+                batch["partner_pixels"] = np.stack(
+                    [
+                        recipe.render(partner_images[int(b)], view)
+                        for row_partners, row_views in zip(partners, mix_views)
+                        for b, view in zip(row_partners, row_views)
+                    ]
+                )
+                batch["mix_partners"], batch["mix_views"] = partners, mix_views
+                batch["mix_weights"] = np.stack([weights for _, weights in drawn])
+            return batch
+        except KdcacheError as error:  # carried to the main process as data: a worker's traceback is not a message
+            return {"error": str(error)}
+
+
+def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
+    """Compute and write the given chunks of one split; returns (images, seconds), or None when there were none."""
+    from tqdm.auto import tqdm
+
+    rows = len(split)
+    images_per_batch = max(1, job.batch_size // job.views)  # a forward pass still sees about batch_size images
+    spans = []
+    for k in chunks:  # batches never cross a chunk's bounds: a chunk's logits do not depend on who computes it
+        start, end = k * job.chunk_size, min(rows, (k + 1) * job.chunk_size)
+        spans += [(s, min(end, s + images_per_batch)) for s in range(start, end, images_per_batch)]
+    if not spans:
+        return None
+    num_workers = job.num_workers
+    if num_workers is None:
+        num_workers = min(8, job.cpus - 1) if job.device.type == "cuda" else (1 if job.cpus >= 2 else 0)
+    loader = torch.utils.data.DataLoader(
+        _Batches(split, name, spans, job),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=job.device.type == "cuda",
+        prefetch_factor=4 if num_workers else None,
+    )
+    index = torch.tensor(job.mapping, device=job.device)
+    pending = []
+    todo_rows = sum(end - start for start, end in spans)
+    description = f"teacher logits [{name}" + (f", {job.views} views per image" if job.views > 1 else "")
+    description += f", process 0 of {job.processes}]" if job.processes > 1 else "]"
+    started = time.perf_counter()
+    # closed on an error too, so that the error's message starts a line of its own
+    with (
+        tqdm(total=todo_rows * job.views, unit="img", desc=description, disable=not job.progress) as bar,
+        _current_device(job.device),  # the loader pins memory for the current device, from its first batch on
+    ):
+        for batch in loader:
+            if "error" in batch:
+                raise KdcacheError(batch["error"])
+            if "partner_pixels" in batch:  # mixed on CPU, by the same function that mixes the student's input
+                pixel_values = job.pipeline.mix(
+                    torch.as_tensor(batch["pixels"]),
+                    torch.as_tensor(batch["partner_pixels"]),
+                    torch.as_tensor(batch["mix_weights"]).reshape(-1),
+                )
+            else:
+                pixel_values = job.pipeline.normalize(torch.as_tensor(batch["pixels"]))
+            pixel_values = pixel_values.to(job.device, non_blocking=True)
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), _autocast(job.device, job.precision):
+                logits = job.model(pixel_values=pixel_values).logits
+            logits = logits.float()[:, index]
+            if job.views > 1:
+                logits = logits.reshape(len(batch["rows"]), job.views, -1)
+            stored = compress_logits(logits, job.top_k, getattr(torch, job.logits_dtype))
+            batch["logits"] = stored["values"].cpu().numpy()
+            if job.top_k:
+                batch["logit_indices"] = stored["indices"].cpu().numpy()
+                batch["logit_tail"] = stored["tail"].cpu().numpy()
+            pending.append(batch)
+            bar.update(len(pixel_values))
+            chunk = int(pending[0]["rows"][0]) // job.chunk_size
+            if int(pending[-1]["rows"][-1]) + 1 == min(rows, (chunk + 1) * job.chunk_size):
+                _write_chunk(_chunk_path(work, name, chunk), pending, job)
+                pending = []
+    return todo_rows * job.views, time.perf_counter() - started
+
+
+def _images_per_second(timings: list) -> float | None:
+    """Images per second of all processes on one split: their images over the time of the slowest."""
+    done = [timing for timing in timings if timing is not None]
+    if not done:
+        return None
+    return round(sum(images for images, _ in done) / max(seconds for _, seconds in done), 2)
+
+
+def _write_chunk(path: Path, batches: list[dict], job: _Job) -> None:
+    """Write one chunk's rows as the Arrow file `path`, and then its record (rows, bytes, sha256)."""
+    import datasets
+
+    def joined(key):
+        return np.concatenate([batch[key] for batch in batches])
+
+    columns = {ROW: joined("rows"), LABELS: joined("labels"), LOGITS: joined("logits")}
+    if job.top_k:
+        columns[LOGIT_INDICES], columns[LOGIT_TAIL] = joined("logit_indices"), joined("logit_tail")
+    if job.views > 1:
+        columns[VIEWS] = joined("views")
+        columns[SOURCE] = [data for batch in batches for data, _ in batch["sources"]]
+        columns[SOURCE_SHAPE] = [shape for batch in batches for _, shape in batch["sources"]]
+        if job.view_recipe.mixed:
+            for key in (MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS):
+                columns[key] = joined(key)
+    else:
+        columns[PIXELS] = joined("pixels")
+    mixed = bool(job.view_recipe and job.view_recipe.mixed)
+    features = _features(job.names, job.views, mixed, batches[0]["pixels"].shape[1:], job.logits_dtype, job.top_k)
+    record = write_chunk_file(path, datasets.Dataset.from_dict(columns, features=features))
+    _write_json(_record_path(path), record)  # the chunk counts as written from here on
+
+
+def _current_device(device: torch.device):
+    """Make `device` the current CUDA device for the block. The DataLoader pins memory for the current device, which
+    is cuda:0 unless set: a run on cuda:1 would open a CUDA context (and take its memory) on cuda:0 as well."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _autocast(device, precision):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

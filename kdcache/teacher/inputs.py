@@ -1,0 +1,212 @@
+"""Stage one's inputs, checked before any work: the dataset, the teacher and its image processor, the labels, the
+views; and what they fingerprint (the recipe) and need on disk."""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from kdcache.data import (
+    ImagePipeline,
+    ViewRecipe,
+    find_image_column,
+    find_label_column,
+    label_names,
+    labeled_rows,
+    load_extra_images,
+    load_image_dataset,
+    load_image_processor,
+)
+from kdcache.errors import KdcacheError
+from kdcache.format.codec import index_dtype
+from kdcache.format.manifest import RECIPE_VERSION_CLEAN, RECIPE_VERSION_VIEWS
+from kdcache.models import align_labels, load_classifier, weights_sha256
+from kdcache.options import CacheOptions
+from kdcache.outputs import (
+    stage_one_bytes,
+)
+from kdcache.runtime import slug
+
+
+def default_cache_path(dataset: str, teacher: str) -> Path:
+    return Path("data") / f"{slug(dataset)}--{slug(teacher)}"
+
+
+@dataclass
+class _Inputs:
+    """What stage one reads, checked: the dataset's splits and columns, the teacher, its processor and the views."""
+
+    dataset_dict: object  # a datasets.DatasetDict
+    splits: list[str]
+    view_splits: list[str]
+    image_column: str
+    label_column: str | None  # None: no split has labels
+    label_columns: dict  # split -> its label column, or None for a split of images without labels
+    labeled_rows: dict  # split -> how many of its rows have a label
+    names: list[str]
+    processor: object
+    model: torch.nn.Module
+    mapping: list[int]  # the teacher's output index of each dataset label
+    pipeline: ImagePipeline
+    pixel_shape: tuple[int, int, int]
+    view_recipe: ViewRecipe | None
+
+
+def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
+    """The dataset and the teacher, refused in one line when they do not fit together or with the options."""
+    import datasets
+
+    dataset_dict = load_image_dataset(dataset, revision=options.dataset_revision)
+    splits = list(dataset_dict) if not options.splits else list(options.splits)
+    for name in splits:
+        if name not in dataset_dict:
+            raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
+        if len(dataset_dict[name]) == 0:
+            raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
+    image_column = find_image_column(dataset_dict[splits[0]], options.image_column)
+    for name in splits[1:]:
+        find_image_column(dataset_dict[name], image_column)
+    label_column = find_label_column({name: dataset_dict[name] for name in splits}, options.label_column)
+    if options.extra_images:  # a split of images without labels, beside the dataset's (kdcache.labels)
+        if options.extra_split in splits:
+            raise KdcacheError(
+                f"--extra-split '{options.extra_split}' is already a split of dataset '{dataset}'; name the extra "
+                "images' split otherwise with --extra-split"
+            )
+        dataset_dict = datasets.DatasetDict(dataset_dict)  # the loaded DatasetDict stays as it was
+        dataset_dict[options.extra_split] = load_extra_images(
+            options.extra_images, options.extra_images_split, image_column
+        )
+        splits.append(options.extra_split)
+    label_columns = {name: label_column if label_column in dataset_dict[name].features else None for name in splits}
+    labelled = [name for name in splits if label_columns[name]]
+    names = label_names(dataset_dict[labelled[0]], label_column) if labelled else None
+    for name in labelled[1:]:
+        if label_names(dataset_dict[name], label_column) != names:
+            raise KdcacheError(f"split '{name}' has other label names than split '{labelled[0]}'")
+    # the splits a student trains on: the training split, and the extra images (kdcache.labels)
+    default_view_splits = [
+        name for name in splits if name == "train" or (options.extra_images and name == options.extra_split)
+    ]
+    view_splits = (
+        (default_view_splits if options.view_splits is None else list(options.view_splits))
+        if options.views > 1
+        else []
+    )
+    for name in view_splits:
+        if name not in splits:
+            raise KdcacheError(
+                f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})"
+            )
+
+    loading = dict(revision=options.revision, trust_remote_code=options.trust_remote_code)
+    processor = load_image_processor(teacher, **loading)
+    model = load_classifier(teacher, **loading)
+    if names is None:  # no split has labels: the classes are the teacher's, in its order
+        names = [str(model.config.id2label[index]) for index in range(len(model.config.id2label))]
+    mapping = align_labels(model.config.id2label, names, "teacher", by_index=options.match_labels_by_index)
+    if options.top_k is not None and options.top_k >= len(names):
+        raise KdcacheError(
+            f"--top-k {options.top_k} keeps every one of the {len(names)} classes; give a K below {len(names)}, "
+            "or leave --top-k out to store every logit"
+        )
+    pipeline = ImagePipeline(processor)
+    pixel_shape = tuple(pipeline.pixels([Image.new("RGB", (333, 257))]).shape[1:])
+    source_size = round(max(pixel_shape[1:]) * 8 / 7) if options.source_size is None else options.source_size
+    if options.mix_alpha and not view_splits:
+        raise KdcacheError("--mix-alpha mixes augmented views: give --views K (K > 1) as well")
+    view_recipe = (
+        ViewRecipe(
+            pixel_shape[1:],
+            getattr(processor, "resample", 3),
+            scale=options.view_scale,
+            seed=options.view_seed,
+            source_size=source_size or None,
+            mix_alpha=options.mix_alpha,
+        )
+        if view_splits
+        else None
+    )
+    return _Inputs(
+        dataset_dict=dataset_dict,
+        splits=splits,
+        view_splits=view_splits,
+        image_column=image_column,
+        label_column=label_column,
+        label_columns=label_columns,
+        labeled_rows={name: labeled_rows(dataset_dict[name], label_columns[name]) for name in splits},
+        names=names,
+        processor=processor,
+        model=model,
+        mapping=mapping,
+        pipeline=pipeline,
+        pixel_shape=pixel_shape,
+        view_recipe=view_recipe,
+    )
+
+
+def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
+    """What the logits depend on, and its fingerprint: a cache with the same fingerprint need not be made again."""
+    recipe = {
+        "format_version": RECIPE_VERSION_VIEWS if inputs.view_recipe else RECIPE_VERSION_CLEAN,
+        "teacher_weights_sha256": weights_sha256(inputs.model),
+        "teacher_class": type(inputs.model).__name__,
+        "image_processor": json.loads(inputs.processor.to_json_string()),
+        "split_fingerprints": {name: inputs.dataset_dict[name]._fingerprint for name in inputs.splits},
+        "image_column": inputs.image_column,
+        "label_column": inputs.label_column,
+        "label_names": inputs.names,
+        **_unlabeled(inputs),
+        "teacher_to_dataset": inputs.mapping,
+        "precision": options.precision,
+        **_stored_logits(options),
+        "views": (
+            {"count": options.views, "splits": inputs.view_splits, "recipe": inputs.view_recipe.to_dict()}
+            if inputs.view_recipe
+            else None
+        ),
+    }
+    return recipe, hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _unlabeled(inputs: _Inputs) -> dict:
+    """Which splits have no label column, for the fingerprint (their rows' -1 labels are not in the data's
+    fingerprints): nothing when every split has one, so that such a cache keeps the fingerprint it had before
+    unlabeled splits existed."""
+    unlabeled = [name for name in inputs.splits if inputs.label_columns[name] is None]
+    return {"splits_without_labels": unlabeled} if unlabeled else {}
+
+
+def _stored_logits(options: CacheOptions) -> dict:
+    """How compact logits are stored, for the fingerprint: nothing for float32 logits of every class, so that a cache
+    of those keeps the fingerprint it had before compact logits existed."""
+    if options.logits_dtype == "fp32" and options.top_k is None:
+        return {}
+    return {"stored_logits": {"dtype": options.logits_dtype, "top_k": options.top_k}}
+
+
+def _logit_bytes(classes: int, options: CacheOptions) -> int:
+    """The bytes of one view's logits as stored: values, and for top K their class indices and the tail's logit."""
+    value = getattr(torch, options.stored_dtype).itemsize
+    if options.top_k is None:
+        return value * classes
+    return (value + index_dtype(classes).itemsize) * options.top_k + 4
+
+
+def _needed_bytes(inputs: _Inputs, options: CacheOptions) -> int:
+    return stage_one_bytes(
+        inputs.dataset_dict,
+        inputs.splits,
+        inputs.image_column,
+        inputs.pixel_shape,
+        len(inputs.names),
+        options.views,
+        inputs.view_splits,
+        options.chunk_size,
+        inputs.view_recipe.source_size if inputs.view_recipe else None,
+        bool(inputs.view_recipe and inputs.view_recipe.mixed),
+        logit_bytes=_logit_bytes(len(inputs.names), options),
+    )
