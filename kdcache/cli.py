@@ -1,18 +1,18 @@
 """The `kdcache` command: thin typer wrappers over the library functions, one per stage."""
 
 import functools
+import inspect
 import os
 import sys
+import typing
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from kdcache.errors import KdcacheError
-from kdcache.options import CacheOptions, EvaluationOptions, TrainingOptions
-
-DEFAULT = TrainingOptions.default  # each stage's defaults are declared once, in kdcache.options
-CACHE_DEFAULT, EVALUATION_DEFAULT = CacheOptions.default, EvaluationOptions.default
+from kdcache.options import CacheOptions, EvaluationOptions, TrainingOptions, VerifyOptions
 
 app = typer.Typer(
     help=(
@@ -51,12 +51,6 @@ def friendly(command):
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-NUM_PROCESSES_HELP = (
-    "Start this command as N processes through accelerate's launcher, on this machine (one per GPU, "
-    "or N CPU processes); for several machines use accelerate launch (README)."
-)
 
 
 def relaunch(num_processes: Optional[int], device: str) -> None:
@@ -123,30 +117,74 @@ def relaunch(num_processes: Optional[int], device: str) -> None:
     raise typer.Exit(0)
 
 
-def _split_list(value: Optional[str]) -> Optional[list[str]]:
-    return [part.strip() for part in value.split(",") if part.strip()] if value else None
-
-
-def _weights(value: Optional[str]) -> Optional[list[float]]:
-    """--teacher-weights 0.5,0.5: one number per cache (checked by kdcache.options.check_teacher_weights)."""
-    if value is None:
-        return None
-    try:
-        return [float(part) for part in _split_list(value) or [""]]
-    except ValueError:
-        raise KdcacheError(
-            f"--teacher-weights '{value}' is not a comma-separated list of numbers, one per cache (e.g. 0.5,0.5)"
-        ) from None
-
-
-TEACHER_WEIGHTS_HELP = (
-    "With several caches: the weight of each cache's teacher in the ensemble, comma-separated in the caches' order "
-    "(e.g. 0.7,0.3); normalised to sum 1."
+NUM_PROCESSES = typer.Option(
+    None,
+    show_default="1, or as accelerate launch says",
+    help=(
+        "Start this command as N processes through accelerate's launcher, on this machine (one per GPU, "
+        "or N CPU processes); for several machines use accelerate launch (README)."
+    ),
 )
+
+
+def with_options(options_class, *, sweep: bool = False, after: dict | None = None):
+    """A command's parameter `options` becomes one command-line option per field of `options_class` declared with a
+    help (kdcache.options.fields.option), in the fields' order and at that parameter's place, and the command gets
+    the options object built from them: each option written once, in the spirit of transformers'
+    HfArgumentParser. `sweep`: the fields marked for `kdcache sweep`, with its overrides. `after`: {a parameter of
+    the command's own: a field} places that parameter after that field's option (evaluate's --output)."""
+
+    def decorate(command):
+        declared = [(field, spec) for field in fields(options_class) if (spec := _spec(field, sweep))]
+        generated = {field.name: _parameter(field, spec) for field, spec in declared}
+        own = inspect.signature(command).parameters
+        moved = after or {}
+        parameters = []
+        for parameter in own.values():
+            if parameter.name == "options":
+                for name, option in generated.items():
+                    parameters += [option, *(own[mine] for mine, field in moved.items() if field == name)]
+            elif parameter.name not in moved:
+                parameters.append(parameter)
+        parameters = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in parameters]
+
+        @functools.wraps(command)
+        def wrapper(**values):
+            given = {field.name: spec.get("parse", _same)(values.pop(field.name)) for field, spec in declared}
+            return command(**values, options=options_class(**given))
+
+        wrapper.__signature__ = inspect.Signature(parameters)
+        wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+        return wrapper
+
+    return decorate
+
+
+def _spec(field, sweep: bool) -> dict | None:
+    """How `field` is an option of this command (its metadata, with the sweep's overrides), or None."""
+    if sweep:
+        return {**field.metadata, **field.metadata["sweep"]} if "sweep" in field.metadata else None
+    return dict(field.metadata) if field.metadata.get("help") else None
+
+
+def _parameter(field, spec: dict) -> inspect.Parameter:
+    kind = spec.get("type") or next(t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
+    default = spec.get("cli_default", _same)(field.default)
+    flags = spec.get("flags") or (("--" + field.name.replace("_", "-"),) if kind is bool else ())
+    option = typer.Option(
+        default, *flags, help=spec["help"], show_default=spec.get("show_default", True), metavar=spec.get("metavar")
+    )
+    annotation = Optional[kind] if default is None else kind
+    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _same(value):
+    return value
 
 
 @app.command("teacher-logits")
 @friendly
+@with_options(CacheOptions)
 def teacher_logits_command(
     dataset: str = typer.Option(
         "beans",
@@ -158,87 +196,8 @@ def teacher_logits_command(
     output: Optional[Path] = typer.Option(
         None, show_default="data/<dataset>--<teacher>", help="Cache folder to write."
     ),
-    splits: Optional[str] = typer.Option(None, show_default="all", help="Comma-separated splits to cache."),
-    extra_images: Optional[str] = typer.Option(
-        None,
-        metavar="SOURCE",
-        help="Images without labels to cache beside the dataset's splits, as the split --extra-split: a hub dataset id, a save_to_disk folder, or a folder of image files. train-student then teaches them by the teacher alone.",
-    ),
-    extra_images_split: Optional[str] = typer.Option(
-        None, show_default="its only split, or train", help="The split of --extra-images to read."
-    ),
-    extra_split: str = typer.Option(
-        CACHE_DEFAULT("extra_split"), help="The cache's name for the split of --extra-images."
-    ),
-    batch_size: int = typer.Option(CACHE_DEFAULT("batch_size"), help="Images per teacher forward pass."),
-    device: str = typer.Option(
-        CACHE_DEFAULT("device"), help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
-    ),
-    precision: str = typer.Option(
-        CACHE_DEFAULT("precision"), help="fp32, or on CUDA bf16/fp16 autocast (recorded in the manifest)."
-    ),
-    revision: Optional[str] = typer.Option(None, help="Teacher revision (branch, tag or commit) on the hub."),
-    dataset_revision: Optional[str] = typer.Option(None, help="Dataset revision on the hub."),
-    image_column: Optional[str] = typer.Option(None, show_default="image or img", help="Image column."),
-    label_column: Optional[str] = typer.Option(
-        None,
-        show_default="labels or label",
-        help="Label column, a ClassLabel. A split without it, and a row whose label is -1, holds images without labels.",
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Allow a teacher whose repository ships its own model code."
-    ),
-    match_labels_by_index: bool = typer.Option(
-        False,
-        "--match-labels-by-index",
-        help="Trust that the teacher's outputs follow the dataset's label order even though the names differ.",
-    ),
-    views: int = typer.Option(
-        CACHE_DEFAULT("views"),
-        help="Augmented views per training image (random resized crop + flip), each with the teacher's logits on exactly that view; 1 = the one clean view. Costs K teacher passes per image.",
-    ),
-    view_splits: Optional[str] = typer.Option(
-        None,
-        show_default="train and --extra-split",
-        help="Comma-separated splits that get --views; the others keep one clean view.",
-    ),
-    view_scale: float = typer.Option(
-        CACHE_DEFAULT("view_scale")[0],
-        help="Smallest crop area of a view, as a fraction of the image (the largest is 1).",
-    ),
-    view_seed: int = typer.Option(
-        CACHE_DEFAULT("view_seed"), help="Seed of the views (a row's views depend on it and the row alone)."
-    ),
-    mix_alpha: float = typer.Option(
-        CACHE_DEFAULT("mix_alpha"),
-        help="Mix every view with a view of another image (mixup, weight ~ Beta(a, a) folded to >= 0.5) and store the teacher's logits on the mixed image: 'function matching'. 0 = no mixing; 1 = uniform weights.",
-    ),
-    source_size: Optional[int] = typer.Option(
-        None,
-        show_default="8/7 of the teacher's input (256 for 224)",
-        help="With --views: the shorter side the source image is reduced to once, stored as raw pixels that both stages render views from; 0 keeps it whole.",
-    ),
-    logits_dtype: str = typer.Option(
-        CACHE_DEFAULT("logits_dtype"),
-        help="How the logits are stored: fp32, or fp16 (half the bytes; the soft targets move by a KL of 2e-8 at T=5 on a 100-class teacher).",
-    ),
-    top_k: Optional[int] = typer.Option(
-        None,
-        show_default="every class",
-        help="Store only the teacher's K largest logits per image (with their classes) and one logit for the other classes' share, spread evenly over them: for teachers of thousands of classes. On a 100-class teacher at T=5, top 10 moved the soft targets by a KL of 0.047 and trained students as good as full logits did; top 1 did not (BENCHMARKS.md, 'Compact logits').",
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache made from other inputs."),
-    num_workers: Optional[int] = typer.Option(
-        None,
-        show_default="1 on CPU (0 when a process has 1 core), up to 8 on CUDA",
-        help="Processes decoding images ahead of the teacher (per process).",
-    ),
-    chunk_size: int = typer.Option(
-        CACHE_DEFAULT("chunk_size"), help="Rows per chunk: the unit of resuming, and one file of the cache."
-    ),
-    num_processes: Optional[int] = typer.Option(
-        None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP
-    ),
+    options: CacheOptions = None,
+    num_processes: Optional[int] = NUM_PROCESSES,
 ):
     """Run the teacher once over the dataset and store its logits as an Arrow column, with a manifest.
 
@@ -268,37 +227,11 @@ def teacher_logits_command(
       accelerate launch --num_processes 4 -m kdcache teacher-logits ...
       kdcache teacher-logits --num-processes 4 ...
     """
-    relaunch(num_processes, device)
+    relaunch(num_processes, options.device)
     from kdcache.format.reader import describe
     from kdcache.runtime import is_main_process
     from kdcache.teacher.run import teacher_logits
 
-    options = CacheOptions(
-        splits=_split_list(splits),
-        extra_images=extra_images,
-        extra_images_split=extra_images_split,
-        extra_split=extra_split,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        revision=revision,
-        dataset_revision=dataset_revision,
-        image_column=image_column,
-        label_column=label_column,
-        trust_remote_code=trust_remote_code,
-        match_labels_by_index=match_labels_by_index,
-        views=views,
-        view_splits=_split_list(view_splits),
-        view_scale=(view_scale, 1.0),
-        view_seed=view_seed,
-        mix_alpha=mix_alpha,
-        source_size=source_size,
-        logits_dtype=logits_dtype,
-        top_k=top_k,
-        overwrite=overwrite,
-        num_workers=num_workers,
-        chunk_size=chunk_size,
-    )
     path = teacher_logits(dataset=dataset, teacher=teacher, output=output, options=options)
     if is_main_process():
         typer.echo(describe(path))
@@ -306,6 +239,7 @@ def teacher_logits_command(
 
 @app.command("evaluate")
 @friendly
+@with_options(EvaluationOptions, after={"output": "device"})
 def evaluate_command(
     models: list[str] = typer.Argument(
         ...,
@@ -313,37 +247,12 @@ def evaluate_command(
         help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher).",
         show_default=False,
     ),
-    dataset: Optional[str] = typer.Option(
-        None, help="Hub dataset id or local folder.", show_default="the one --cache was made from, else beans"
-    ),
-    split: str = typer.Option(EVALUATION_DEFAULT("split"), help="Split to evaluate on."),
-    cache: Optional[list[Path]] = typer.Option(
-        None,
-        help="A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher. Repeat it for a teacher ensemble: agreement with each teacher and with the ensemble (probabilities averaged at T=1).",
-    ),
-    teacher_weights: Optional[str] = typer.Option(None, show_default="equal", help=TEACHER_WEIGHTS_HELP),
-    batch_size: int = typer.Option(
-        EVALUATION_DEFAULT("batch_size"), help="Images per forward pass (the throughput is measured at this size)."
-    ),
-    device: str = typer.Option(
-        EVALUATION_DEFAULT("device"), help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
-    ),
     output: Optional[Path] = typer.Option(
         None,
         help="Folder to write.",
         show_default="MODEL/eval-SPLIT for a local model, data/eval/NAME-SPLIT for a hub id, data/eval/compare-SPLIT for several models",
     ),
-    image_column: Optional[str] = typer.Option(
-        None, help="Image column.", show_default="the cache's, else image or img"
-    ),
-    label_column: Optional[str] = typer.Option(
-        None, help="Label column, a ClassLabel.", show_default="the cache's, else labels or label"
-    ),
-    match_labels_by_index: bool = typer.Option(
-        False,
-        "--match-labels-by-index",
-        help="Trust that a model's outputs follow the dataset's label order even though the names differ.",
-    ),
+    options: EvaluationOptions = None,
 ):
     """Measure models on a split: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix,
     expected calibration error (15 bins), parameters, size on disk and images/s; with --cache, how close each is
@@ -364,19 +273,7 @@ def evaluate_command(
     from kdcache.evaluation.evaluate import evaluate_models
     from kdcache.evaluation.report import describe
 
-    options = EvaluationOptions(
-        dataset=dataset,
-        split=split,
-        cache=list(cache or []),
-        batch_size=batch_size,
-        device=device,
-        image_column=image_column,
-        label_column=label_column,
-        match_labels_by_index=match_labels_by_index,
-        teacher_weights=_weights(teacher_weights),
-    )
-    report = evaluate_models(models, output=output, options=options)
-    typer.echo(describe(report))
+    typer.echo(describe(evaluate_models(models, output=output, options=options)))
 
 
 @app.command("info")
@@ -392,22 +289,10 @@ def info_command(
 
 @app.command("verify")
 @friendly
+@with_options(VerifyOptions)
 def verify_command(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
-    sample: int = typer.Option(64, help="Random (row, view) pairs rechecked per split."),
-    tolerance: Optional[float] = typer.Option(
-        None,
-        show_default="1e-3 for an fp32 cache, 2e-2 fp16, 1e-1 bf16",
-        help="Largest |logit difference| that passes; above it the command exits with status 1.",
-    ),
-    seed: int = typer.Option(0, help="Seed of the sample."),
-    teacher: Optional[str] = typer.Option(
-        None,
-        show_default="the one recorded in the cache",
-        help="Load the cache's teacher from here instead (a local copy of a hub teacher, offline); its weights must match the cache's.",
-    ),
-    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
-    batch_size: int = typer.Option(32, help="Inputs per teacher forward pass."),
+    options: VerifyOptions = None,
 ):
     """Rerun the cache's teacher on a random sample of its inputs and compare with the cached logits.
 
@@ -422,9 +307,7 @@ def verify_command(
     """
     from kdcache.teacher.verify import describe, verify_teacher_logits
 
-    report = verify_teacher_logits(
-        cache, sample=sample, tolerance=tolerance, seed=seed, teacher=teacher, device=device, batch_size=batch_size
-    )
+    report = verify_teacher_logits(cache, options)
     typer.echo(describe(report))
     if not report["passed"]:
         raise typer.Exit(1)
@@ -432,6 +315,7 @@ def verify_command(
 
 @app.command("train-student")
 @friendly
+@with_options(TrainingOptions)
 def train_student_command(
     cache: list[Path] = typer.Argument(
         ...,
@@ -442,114 +326,8 @@ def train_student_command(
     output: Optional[Path] = typer.Option(
         None, show_default="data/students/<cache>-distilled", help="Folder for the trained student."
     ),
-    student: Optional[str] = typer.Option(
-        None,
-        show_default="MobileNetV2Config() from scratch",
-        help="Student: a model type from scratch (e.g. mobilenet_v2), a config-only folder, or a hub id / folder with weights.",
-    ),
-    loss: str = typer.Option(
-        DEFAULT("loss"),
-        help="Distillation loss. kd: KL to the teacher's softened outputs (Hinton). dkd: decoupled KD, the target class and the other classes weighted apart (1:8), for 3+ classes and unmixed caches. dist: matches the correlations of student and teacher probabilities, not their values, for a much stronger teacher.",
-    ),
-    temperature: Optional[float] = typer.Option(
-        DEFAULT("temperature"),
-        "--temperature",
-        "-T",
-        show_default="5 for kd, 4 for dkd, 1 for dist",
-        help="Softmax temperature T of the distillation term.",
-    ),
-    alpha: float = typer.Option(
-        DEFAULT("alpha"),
-        "--alpha",
-        "--lambda",
-        help="Weight of the distillation part against the labels' cross-entropy, for every --loss: 0 = labels only (a from-scratch baseline), 1 = teacher only; 0.5 is the DKD and DIST papers' 1:1.",
-    ),
-    standardize_logits: bool = typer.Option(
-        DEFAULT("standardize_logits"),
-        "--standardize-logits",
-        help="z-score each image's logits, student's and teacher's, before the softmax: the student matches the teacher's ranking of the classes, not the range of its logits, and T becomes a base temperature (Sun et al. 2024 use 2). kd and dkd.",
-    ),
-    teacher_weights: Optional[str] = typer.Option(None, show_default="equal", help=TEACHER_WEIGHTS_HELP),
-    epochs: float = typer.Option(DEFAULT("epochs"), help="Training epochs."),
-    learning_rate: float = typer.Option(DEFAULT("learning_rate"), help="Peak AdamW learning rate."),
-    batch_size: int = typer.Option(
-        DEFAULT("batch_size"),
-        help="Images per training step: the global batch, of all processes together when there are several (each takes its share).",
-    ),
-    weight_decay: float = typer.Option(DEFAULT("weight_decay"), help="AdamW weight decay."),
-    warmup_ratio: float = typer.Option(
-        DEFAULT("warmup_ratio"), help="Fraction of steps spent warming the learning rate up (>= 0 and < 1)."
-    ),
-    scheduler: str = typer.Option(
-        DEFAULT("scheduler"),
-        help="Learning-rate schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt.",
-    ),
-    seed: int = typer.Option(DEFAULT("seed"), help="Seed for the student's initial weights and the data order."),
-    eval_split: str = typer.Option(
-        "validation", help="Split evaluated after each epoch; the best epoch is kept. 'none' to skip."
-    ),
-    labeled_fraction: Optional[float] = typer.Option(
-        None,
-        show_default="every label",
-        help="Keep the labels of this share of the training split's rows (seeded by --seed, stratified by class; e.g. 0.1) and train on the others without labels, taught by the teacher alone: a label budget. With --alpha 0, trains on the labelled share alone (the from-scratch baseline at the same budget).",
-    ),
-    unlabeled_splits: Optional[str] = typer.Option(
-        None,
-        show_default="every cached split without labels (none with --alpha 0)",
-        help="Cached splits of images without labels to train on besides the training split, comma-separated (e.g. unlabeled, from teacher-logits --extra-images); 'none' for none. Their rows add the distillation term alone.",
-    ),
-    resume: bool = typer.Option(
-        False,
-        "--resume",
-        help="Continue an interrupted run from its last checkpoint; refused if it was started with other options (workers, device and logging may change).",
-    ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an existing output folder (or discard an interrupted run)."
-    ),
-    online: bool = typer.Option(
-        False,
-        "--online",
-        help="Reference mode: run the teacher on every batch, as the tutorial does (for tests and benchmarks).",
-    ),
-    teacher: Optional[str] = typer.Option(
-        None,
-        show_default="the one recorded in the cache",
-        help="With --online: where to load the teacher from (the cache's teacher elsewhere; its weights must match the cache's).",
-    ),
-    student_only_augment: bool = typer.Option(
-        False,
-        "--student-only-augment",
-        help="Baseline for experiments: random views for the student, paired with the teacher's logits of the clean view (inconsistent teaching).",
-    ),
-    student_size: Optional[int] = typer.Option(
-        None,
-        show_default="the teacher's input size",
-        help="Train the student at S x S pixels: each view is the teacher's crop, resized to S (cheaper steps; saved with a processor that feeds S).",
-    ),
-    ema_decay: Optional[float] = typer.Option(
-        None,
-        show_default="no EMA",
-        help="Keep an exponential moving average of the student's weights with this decay per step (e.g. 0.998); it is evaluated each epoch and saved as the student.",
-    ),
-    num_workers: Optional[int] = typer.Option(
-        None, show_default="1 for caches with views, else 0", help="DataLoader worker processes."
-    ),
-    device: str = typer.Option(
-        DEFAULT("device"),
-        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps: one device, also on a machine with several GPUs (use them all with --num-processes).",
-    ),
-    precision: str = typer.Option(
-        DEFAULT("precision"),
-        help="auto (bf16 on CUDA GPUs that compute in it natively, Ampere or newer; else fp32), fp32, bf16, fp16.",
-    ),
-    push_to_hub: Optional[str] = typer.Option(
-        None,
-        metavar="REPO",
-        help="Once the student is saved, upload its folder (weights, image processor, model card) to this hub repository, created if needed (needs a login: hf auth login).",
-    ),
-    num_processes: Optional[int] = typer.Option(
-        None, show_default="1, or as accelerate launch says", help=NUM_PROCESSES_HELP
-    ),
+    options: TrainingOptions = None,
+    num_processes: Optional[int] = NUM_PROCESSES,
 ):
     """Train a student from the cached soft targets and save it for pipeline("image-classification").
 
@@ -588,43 +366,15 @@ def train_student_command(
       accelerate launch --num_processes 4 -m kdcache train-student data/beans--effl0-beans
       kdcache train-student data/beans--effl0-beans --num-processes 4
     """
-    relaunch(num_processes, device)
+    relaunch(num_processes, options.device)
     from kdcache.student.train import train_student
 
-    options = TrainingOptions(
-        student=student,
-        loss=loss,
-        temperature=temperature,
-        alpha=alpha,
-        standardize_logits=standardize_logits,
-        teacher_weights=_weights(teacher_weights),
-        epochs=epochs,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        scheduler=scheduler,
-        seed=seed,
-        eval_split=None if eval_split.lower() == "none" else eval_split,
-        labeled_fraction=labeled_fraction,
-        unlabeled_splits=[] if (unlabeled_splits or "").lower() == "none" else _split_list(unlabeled_splits),
-        resume=resume,
-        overwrite=overwrite,
-        online=online,
-        teacher=teacher,
-        student_only_augment=student_only_augment,
-        student_size=student_size,
-        ema_decay=ema_decay,
-        num_workers=num_workers,
-        device=device,
-        precision=precision,
-        push_to_hub=push_to_hub,
-    )
     train_student(cache[0] if len(cache) == 1 else cache, output=output, options=options, progress=True)
 
 
 @app.command("sweep")
 @friendly
+@with_options(TrainingOptions, sweep=True)
 def sweep_command(
     cache: list[Path] = typer.Argument(
         ...,
@@ -660,31 +410,7 @@ def sweep_command(
         help="Once the study is complete, retrain the best options with seeds 0..K-1 (OUTPUT/final) and report validation mean ± sd.",
     ),
     sampler_seed: Optional[int] = typer.Option(None, show_default="random", help="Seed of Optuna's TPE sampler."),
-    student: Optional[str] = typer.Option(
-        None, show_default="MobileNetV2Config() from scratch", help="As in train-student."
-    ),
-    loss: str = typer.Option(DEFAULT("loss"), help="kd, dkd or dist (as in train-student)."),
-    temperature: Optional[float] = typer.Option(
-        DEFAULT("temperature"), "--temperature", "-T", show_default="the loss's", help="Softmax temperature T."
-    ),
-    alpha: float = typer.Option(DEFAULT("alpha"), help="Weight of the distillation part against the labels' CE."),
-    standardize_logits: bool = typer.Option(DEFAULT("standardize_logits"), "--standardize-logits"),
-    teacher_weights: Optional[str] = typer.Option(None, show_default="equal", help=TEACHER_WEIGHTS_HELP),
-    epochs: float = typer.Option(DEFAULT("epochs"), help="Training epochs of every trial."),
-    learning_rate: float = typer.Option(DEFAULT("learning_rate"), help="Peak AdamW learning rate."),
-    batch_size: int = typer.Option(DEFAULT("batch_size"), help="Images per training step."),
-    weight_decay: float = typer.Option(DEFAULT("weight_decay"), help="AdamW weight decay."),
-    warmup_ratio: float = typer.Option(DEFAULT("warmup_ratio"), help="Fraction of steps warming up."),
-    scheduler: str = typer.Option(DEFAULT("scheduler"), help="Learning-rate schedule (as in train-student)."),
-    seed: int = typer.Option(DEFAULT("seed"), help="Seed of every trial's student (unless swept)."),
-    eval_split: str = typer.Option("validation", help="Split each trial is scored on, at its best epoch."),
-    student_size: Optional[int] = typer.Option(
-        None, show_default="the teacher's input size", help="Train the students at S x S pixels."
-    ),
-    ema_decay: Optional[float] = typer.Option(None, show_default="no EMA", help="EMA decay of the weights."),
-    num_workers: Optional[int] = typer.Option(None, show_default="as train-student", help="DataLoader workers."),
-    device: str = typer.Option(DEFAULT("device"), help="auto, cpu, cuda, cuda:1, mps: one device per process."),
-    precision: str = typer.Option(DEFAULT("precision"), help="auto, fp32, bf16, fp16."),
+    options: TrainingOptions = None,
 ):
     """Train many students from one cache: an Optuna study over train-student's options, resumable, on one
     machine or many.
@@ -709,27 +435,6 @@ def sweep_command(
     from kdcache.sweep import optuna_module, sweep
 
     optuna_module()  # without Optuna: one line saying how to install it, before anything else
-    options = TrainingOptions(
-        student=student,
-        loss=loss,
-        temperature=temperature,
-        alpha=alpha,
-        standardize_logits=standardize_logits,
-        teacher_weights=_weights(teacher_weights),
-        epochs=epochs,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        scheduler=scheduler,
-        seed=seed,
-        eval_split=None if eval_split.lower() == "none" else eval_split,
-        student_size=student_size,
-        ema_decay=ema_decay,
-        num_workers=num_workers,
-        device=device,
-        precision=precision,
-    )
     sweep(
         cache[0] if len(cache) == 1 else cache,
         output,

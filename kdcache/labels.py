@@ -8,6 +8,7 @@ Kept free of heavy imports: the options' checks read it.
 import numpy as np
 
 from kdcache.errors import KdcacheError
+from kdcache.losses import LOSS_SPECS, others
 
 # A row without a label, as `datasets` writes it in a ClassLabel column.
 NO_LABEL = -1
@@ -64,8 +65,10 @@ def check_label_options(*, labeled_fraction, unlabeled_splits, alpha, online, st
                 f"{flag} reads the training split's images from the dataset the cache was made from; it cannot "
                 "add --unlabeled-splits: leave them out"
             )
-    if loss == "dkd" and (unlabeled_splits or (labeled_fraction is not None and labeled_fraction < 1)):
+    if LOSS_SPECS[loss].needs_target_class and (
+        unlabeled_splits or (labeled_fraction is not None and labeled_fraction < 1)
+    ):
         raise KdcacheError(
-            "--loss dkd splits the teacher's outputs around each image's labelled class, which rows without a "
-            "label do not have; use --loss kd or --loss dist with unlabeled rows"
+            f"--loss {loss} splits the teacher's outputs around each image's labelled class, which rows without a "
+            f"label do not have; use {others(loss)} with unlabeled rows"
         )

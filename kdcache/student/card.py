@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from kdcache.losses import LOSS_SPECS
+
 
 def summary_line(summary: dict) -> str:
     if summary["best_eval_accuracy"] is None:
@@ -19,12 +21,7 @@ def loss_formula(recipe: dict) -> str:
     """The training loss as the model card states it (a summary written before --loss existed used kd)."""
     loss, settings = recipe.get("loss", "kd"), f"T={recipe['temperature']}, alpha={recipe['alpha']}"
     standardized = "z-scored " if recipe.get("standardize_logits") else ""
-    distillation = {
-        "kd": f"T^2 KL({standardized}teacher/T, {standardized}student/T)",
-        "dkd": f"T^2 (TCKD + 8 NCKD) of the {standardized}logits/T (decoupled KD, Zhao et al. 2022)",
-        "dist": "T^2 (inter + intra), one minus the Pearson correlations of softmax(logits/T) per image and per class "
-        "(DIST, Huang et al. 2022)",
-    }[loss]
+    distillation = LOSS_SPECS[loss].formula.format(z=standardized)
     return f"{loss}: (1-alpha) CE + alpha {distillation}, {settings}" + (
         ", logits standardised" if standardized else ""
     )

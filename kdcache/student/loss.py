@@ -4,13 +4,14 @@ Each takes (student_logits, labels, teacher_logits, temperature, alpha) and retu
 (loss, terms): the unweighted terms, detached, for logging. alpha means the same in all of them: the loss is
 (1-alpha) * CE(student, labels) + alpha * (the loss's distillation part), so alpha=0 is plain cross-entropy
 (teacher_logits may then be None) and alpha=1 is the teacher alone. `LOSSES` maps the names train-student takes
-to the functions; `DEFAULT_TEMPERATURES` gives each its temperature: dkd's and dist's papers', and kd's 5 of the
-Hugging Face distillation tutorial that kdcache started from."""
+to the functions; each loss's name, default temperature (DEFAULT_TEMPERATURES), needs and formula text are declared
+once, in kdcache.losses."""
 
 import torch
 import torch.nn.functional as F
 
 from kdcache.errors import KdcacheError
+from kdcache.losses import DEFAULT_TEMPERATURES, check_loss_settings
 
 
 def distillation_loss(
@@ -215,14 +216,14 @@ def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tenso
     return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
 
 
+# the names declared in kdcache.losses, each with its function
 LOSSES = {"kd": distillation_loss, "dkd": dkd_loss, "dist": dist_loss}
-
-
-DEFAULT_TEMPERATURES = {"kd": 5.0, "dkd": 4.0, "dist": 1.0}
-
-
-def check_loss_settings(temperature: float, alpha: float) -> None:
-    if not temperature > 0:
-        raise KdcacheError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise KdcacheError(f"alpha (lambda) must be in [0, 1], got {alpha}")
+__all__ = [
+    "DEFAULT_TEMPERATURES",
+    "LOSSES",
+    "distillation_loss",
+    "dkd_loss",
+    "dist_loss",
+    "soft_target_kl",
+    "standardized",
+]

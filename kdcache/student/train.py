@@ -7,7 +7,7 @@ for tests and benchmarks) the batch is built from the original images and the te
 import json
 import logging
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -66,8 +66,8 @@ def train_student(
 
     The options are a TrainingOptions (kdcache.options: every option, its default and its checks), given whole as
     `options`, one by one as keywords (`train_student(cache, output=..., seed=1, alpha=0)`), or both (the keywords
-    win). `loss` is a name in kdcache.student.loss.LOSSES (kd, dkd, dist); `temperature` None is that loss's paper's
-    (DEFAULT_TEMPERATURES); `alpha` weights the loss's distillation part against the labels' cross-entropy;
+    win). `loss` is a name in kdcache.losses (kd, dkd, dist); `temperature` None is that loss's paper's
+    (kdcache.losses.DEFAULT_TEMPERATURES); `alpha` weights the loss's distillation part against the labels' cross-entropy;
     `standardize_logits` z-scores student and teacher logits before the softmax (kd and dkd). `student_size` S trains (and saves) the student at S x S pixels: each view is the same crop as the
     teacher's, resized to S. `ema_decay` (e.g. 0.998) keeps an exponential moving average of the weights, evaluated
     each epoch and saved as the student. `callbacks` are transformers TrainerCallbacks (or classes), passed to the
@@ -259,7 +259,7 @@ def _summary(
         ],
         "recipe": {
             # the options as given (those that say what is trained), then what they resolved to
-            **{name: value for name, value in asdict(options).items() if name not in NOT_RECORDED},
+            **options.recipe(),
             "teacher": rows.teacher_run,
             "cache": str(cache_path),
             "cache_fingerprint": manifest.fingerprint,
@@ -278,21 +278,6 @@ def _summary(
             **(ensemble.recipe() if ensemble else {}),
         },
     }
-
-
-# Options that say how a run goes, not what it trains, or that the recipe gives resolved (teacher: the run's teacher)
-NOT_RECORDED = (
-    "resume",
-    "overwrite",
-    "num_workers",
-    "device",
-    "logging_steps",
-    "push_to_hub",
-    "save_checkpoints",
-    "train_split",
-    "eval_split",
-    "teacher",
-)
 
 
 def _save(

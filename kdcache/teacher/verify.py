@@ -8,6 +8,7 @@ row's stored pixels; a view rebuilt from its source and box; a mixed view from b
 weight), in the dataset's label order.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from kdcache.format.manifest import (
 )
 from kdcache.format.reader import load_cache, logit_columns, rebuilt_logits
 from kdcache.models import load_classifier, weights_sha256
+from kdcache.options import VerifyOptions
 from kdcache.runtime import pick_device
 
 # Absolute, in logit units, by the precision the cache was computed in. fp32: the teacher rerun on another device,
@@ -41,34 +43,27 @@ DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1}
 
 
 def verify_teacher_logits(
-    cache: str | Path,
-    sample: int = 64,
-    tolerance: float | None = None,
-    seed: int = 0,
-    teacher: str | None = None,
-    device: str = "auto",
-    batch_size: int = 32,
-    progress: bool = True,
+    cache: str | Path, options: VerifyOptions | None = None, *, progress: bool = True, **overrides
 ) -> dict:
     """Rerun the cache's teacher on `sample` random cached inputs of each split and compare with the stored logits.
 
+    The options are a VerifyOptions (kdcache.options: sample, tolerance, seed, teacher, device, batch_size, with
+    their defaults), given whole as `options`, one by one as keywords, or both (the keywords win).
     Named apart from kdcache.format.reader.verify_cache, which checks the logits against their checksums (and runs here
     first, through load_cache). `teacher` loads the teacher from elsewhere (a local copy of a hub teacher, offline);
     its weights must hash as the manifest records. `tolerance` is the largest absolute logit difference that passes
     (default by the cache's precision, DEFAULT_TOLERANCE). Returns per split and overall: the pairs checked, the
     max |logit difference|, the top-1 mismatches, and `passed`.
     """
-    if sample < 1:
-        raise KdcacheError(f"--sample {sample} must be at least 1")
-    if batch_size < 1:
-        raise KdcacheError(f"--batch-size {batch_size} must be at least 1")
+    options = replace(options or VerifyOptions(), **overrides)
+    options.check()
+    sample, tolerance, seed, teacher = options.sample, options.tolerance, options.seed, options.teacher
+    device, batch_size = options.device, options.batch_size
     cache_path = Path(cache)
     cached, manifest = load_cache(cache_path)
     recorded, precision = manifest.teacher, manifest.precision
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE.get(precision, DEFAULT_TOLERANCE["fp32"])
-    if not tolerance >= 0:
-        raise KdcacheError(f"--tolerance {tolerance} must be >= 0 (a largest absolute logit difference)")
     model = load_classifier(
         teacher or recorded["name_or_path"],
         revision=None if teacher else recorded.get("revision"),
