@@ -1,4 +1,5 @@
-"""The `kdcache` command: thin typer wrappers over the library functions, one per stage."""
+"""The `kdcache` command: thin typer wrappers over the library functions, one per stage, whose options are generated
+from the stages' options dataclasses (kdcache.options: each field's help and flags in its metadata; `with_options`)."""
 
 import functools
 import inspect
@@ -168,6 +169,8 @@ def _spec(field, sweep: bool) -> dict | None:
 
 
 def _parameter(field, spec: dict) -> inspect.Parameter:
+    """The typer option of `field`: the type the command line reads (its own, less None, unless `type` says), the
+    default as the command line takes it, and a bool as a plain flag (--online, not --online/--no-online)."""
     kind = spec.get("type") or next(t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
     default = spec.get("cli_default", _same)(field.default)
     flags = spec.get("flags") or (("--" + field.name.replace("_", "-"),) if kind is bool else ())

@@ -356,3 +356,17 @@ def test_top_k_keeps_the_k_largest_exactly_and_the_rest_of_the_mass_spread_evenl
     assert costs[0] > costs[1] > costs[2] > 0
     # class indices past int16's range are stored as int32
     assert compress_logits(torch.randn(2, 40000), top_k=3)["indices"].dtype == torch.int32
+
+
+def test_each_declared_loss_has_its_function_with_its_declared_temperature():
+    import inspect
+
+    from kdcache.losses import LOSS_SPECS
+
+    assert list(LOSSES) == list(LOSS_SPECS)
+    for name, spec in LOSS_SPECS.items():
+        assert (
+            inspect.signature(LOSSES[name]).parameters["temperature"].default
+            == spec.temperature
+            == DEFAULT_TEMPERATURES[name]
+        )

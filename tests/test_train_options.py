@@ -178,3 +178,34 @@ def test_online_runs_only_the_teacher_that_made_the_cache(tmp_path, tiny_cache, 
         KdcacheError, match=r"the cache's teacher '.*teacher' no longer has the weights that made cache"
     ):
         train_student(cache, output=tmp_path / "t", online=True, eval_split=None, max_steps=1, **FAST)
+
+
+def test_the_fields_say_once_what_resume_may_change_and_what_the_recipe_leaves_out():
+    from dataclasses import fields
+
+    from kdcache.options import TrainingOptions
+
+    names = {field.name for field in fields(TrainingOptions)}
+    how_it_runs = {"resume", "overwrite", "num_workers", "device", "logging_steps", "push_to_hub"}
+    resolved_in_the_recipe = {"save_checkpoints", "train_split", "eval_split", "teacher"}
+    assert set(TrainingOptions().compared()) == names - how_it_runs
+    assert set(TrainingOptions().recipe()) == names - how_it_runs - resolved_in_the_recipe
+
+
+def test_the_command_line_parses_its_options_into_the_dataclass(monkeypatch, tmp_path):
+    # the generated options reach train_student parsed as their fields take them (lists, 'none', weights)
+    from typer.testing import CliRunner
+
+    import kdcache.student.train
+    from kdcache.cli import app
+
+    received = {}
+    monkeypatch.setattr(kdcache.student.train, "train_student", lambda cache, **given: received.update(given))
+    arguments = ["train-student", str(tmp_path / "a"), str(tmp_path / "b"), "--teacher-weights", "0.7,0.3", "-T", "2"]
+    arguments += ["--eval-split", "none", "--unlabeled-splits", "none", "--lambda", "0.9", "--online"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    options = received["options"]
+    assert options.teacher_weights == [0.7, 0.3] and options.temperature == 2 and options.alpha == 0.9
+    assert options.eval_split is None and options.unlabeled_splits == [] and options.online
+    assert options.train_split == "train" and options.logging_steps == 10  # not on the command line: their defaults

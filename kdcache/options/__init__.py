@@ -9,7 +9,6 @@ from kdcache.options.fields import (
     LOGITS_DTYPES,
     PRECISIONS,
     SCHEDULERS,
-    Options,
     check_teacher_weights,
     option,
 )
@@ -32,7 +31,6 @@ __all__ = [
     "SCHEDULERS",
     "CacheOptions",
     "EvaluationOptions",
-    "Options",
     "TrainingOptions",
     "VerifyOptions",
     "check_ensemble_options",

@@ -7,7 +7,6 @@ from kdcache.errors import KdcacheError
 from kdcache.options.fields import (
     DEVICE_HELP,
     TEACHER_WEIGHTS_HELP,
-    Options,
     check_teacher_weights,
     option,
     parse_teacher_weights,
@@ -15,7 +14,7 @@ from kdcache.options.fields import (
 
 
 @dataclass
-class EvaluationOptions(Options):
+class EvaluationOptions:
     """Every option of `kdcache evaluate` besides its models and output, with its default: the command and
     `evaluate_models(models, output=..., **options)` both build one, and `check` refuses a bad one."""
 

@@ -3,7 +3,7 @@ parsing (kdcache.cli builds the commands from them, in the spirit of transformer
 stages' options share. Free of heavy imports, as all of kdcache.options: `kdcache --help` stays instant."""
 
 import math
-from dataclasses import field, fields
+from dataclasses import field
 
 from kdcache.errors import KdcacheError
 
@@ -74,16 +74,7 @@ def parse_teacher_weights(value: str | None) -> list[float] | None:
         ) from None
 
 
-class Options:
-    """What every stage's options dataclass shares."""
-
-    @classmethod
-    def default(cls, name: str):
-        """The default of option `name`."""
-        return next(field.default for field in fields(cls) if field.name == name)
-
-
-def _finite(value) -> bool:
+def finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -91,7 +82,7 @@ def check_teacher_weights(weights, caches: int) -> None:
     """--teacher-weights: one finite weight > 0 per cache of an ensemble (train-student and evaluate)."""
     if weights is None:
         return
-    given = ",".join(f"{weight:g}" if _finite(weight) else str(weight) for weight in weights)
+    given = ",".join(f"{weight:g}" if finite(weight) else str(weight) for weight in weights)
     if caches < 2:
         raise KdcacheError(
             f"--teacher-weights {given} weighs the teachers of several caches against each other, and "
@@ -102,7 +93,7 @@ def check_teacher_weights(weights, caches: int) -> None:
             f"--teacher-weights {given} gives {len(weights)} weights for {caches} caches; give one per cache, "
             "in the caches' order"
         )
-    if not all(_finite(weight) and weight > 0 for weight in weights):
+    if not all(finite(weight) and weight > 0 for weight in weights):
         raise KdcacheError(
             f"--teacher-weights {given}: every weight must be a number > 0 (they are normalised to sum 1); "
             "leave a teacher out by leaving out its cache"

@@ -8,15 +8,14 @@ from kdcache.options.fields import (
     CACHE_PRECISIONS,
     DEVICE_HELP,
     LOGITS_DTYPES,
-    Options,
-    _finite,
+    finite,
     option,
     split_list,
 )
 
 
 @dataclass
-class CacheOptions(Options):
+class CacheOptions:
     """Every option of stage one besides its dataset, teacher and output, with its default: `kdcache teacher-logits`
     and `teacher_logits(dataset, teacher, output=..., **options)` both build one, and `check` refuses a bad one.
     The fingerprint of a cache is taken of what these options produce (kdcache.teacher.run), not of the options."""
@@ -126,12 +125,12 @@ class CacheOptions(Options):
             raise KdcacheError(f"--top-k {self.top_k} must be at least 1 (leave it out to store every class's logit)")
         if self.view_seed < 0:
             raise KdcacheError(f"--view-seed {self.view_seed} must be >= 0")
-        if not (_finite(self.mix_alpha) and self.mix_alpha >= 0):
+        if not (finite(self.mix_alpha) and self.mix_alpha >= 0):
             raise KdcacheError(f"--mix-alpha {self.mix_alpha} must be >= 0 (0: no mixing)")
 
 
 @dataclass
-class VerifyOptions(Options):
+class VerifyOptions:
     """The options of `kdcache verify` and `verify_teacher_logits(cache, **options)` (kdcache.teacher.verify)."""
 
     sample: int = option(64, "Random (row, view) pairs rechecked per split.")

@@ -12,10 +12,9 @@ from kdcache.options.fields import (
     PRECISIONS,
     SCHEDULERS,
     TEACHER_WEIGHTS_HELP,
-    Options,
-    _finite,
     check_teacher_weights,
     either,
+    finite,
     none_or_name,
     none_or_split_list,
     option,
@@ -26,7 +25,7 @@ OPTIONS_FILE = "kdcache_options.json"
 
 
 @dataclass
-class TrainingOptions(Options):
+class TrainingOptions:
     """Every option of stage two, with its default and its command-line help: `kdcache train-student` (and, for
     those marked `sweep`, `kdcache sweep`) and `train_student(cache, **options)` all build one, `check` refuses a bad
     one, and the run's record (--resume), summary and model card read it.
@@ -201,17 +200,18 @@ class TrainingOptions(Options):
 
     def compared(self) -> dict:
         """The options a --resume must repeat: all but those marked `how_it_runs`."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("how_it_runs")}
-
-    def recipe(self) -> dict:
-        """The options as the summary's recipe records them: those that say what is trained, as given."""
         return {
-            name: value for name, value in self.compared().items() if self._field(name).metadata.get("in_recipe", True)
+            field.name: getattr(self, field.name) for field in fields(self) if not field.metadata.get("how_it_runs")
         }
 
-    @classmethod
-    def _field(cls, name: str):
-        return next(f for f in fields(cls) if f.name == name)
+    def recipe(self) -> dict:
+        """The options as the summary's recipe records them, as given: those a --resume must repeat, less those the
+        recipe gives resolved (marked `in_recipe=False`: the run's teacher, its splits)."""
+        return {
+            name: value
+            for name, value in self.compared().items()
+            if self.__dataclass_fields__[name].metadata.get("in_recipe", True)
+        }
 
     def check(self, processes: int = 1, caches: int = 1) -> None:
         """Every option that can be wrong on its own, each refused with one line naming the fix. `processes`: how
@@ -246,9 +246,9 @@ class TrainingOptions(Options):
         epochs, max_steps, batch_size = self.epochs, self.max_steps, self.batch_size
         if max_steps != -1 and max_steps < 1:
             raise KdcacheError(f"max_steps={max_steps} must be at least 1 (or -1, the default, to train for --epochs)")
-        if max_steps == -1 and not (_finite(epochs) and epochs > 0):
+        if max_steps == -1 and not (finite(epochs) and epochs > 0):
             raise KdcacheError(f"--epochs {epochs} must be > 0")
-        if not (_finite(self.learning_rate) and self.learning_rate > 0):
+        if not (finite(self.learning_rate) and self.learning_rate > 0):
             raise KdcacheError(f"--learning-rate {self.learning_rate} must be > 0")
         if batch_size < 1:
             raise KdcacheError(f"--batch-size {batch_size} must be at least 1")
@@ -257,10 +257,10 @@ class TrainingOptions(Options):
                 f"--batch-size {batch_size} is the batch of all {processes} processes together; "
                 f"make it a multiple of {processes}"
             )
-        if not (_finite(self.weight_decay) and self.weight_decay >= 0):
+        if not (finite(self.weight_decay) and self.weight_decay >= 0):
             raise KdcacheError(f"--weight-decay {self.weight_decay} must be >= 0")
         # transformers reads warmup_steps < 1 as a fraction of the steps and >= 1 as a number of steps.
-        if not (_finite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+        if not (finite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise KdcacheError(
                 f"--warmup-ratio {self.warmup_ratio} is the fraction of the steps spent warming up: it must be >= 0 "
                 "and < 1"
@@ -280,7 +280,7 @@ class TrainingOptions(Options):
             raise KdcacheError(
                 f"--student-size {self.student_size} is too small; give the student's input side in pixels (e.g. 128)"
             )
-        if self.ema_decay is not None and not (_finite(self.ema_decay) and 0 < self.ema_decay < 1):
+        if self.ema_decay is not None and not (finite(self.ema_decay) and 0 < self.ema_decay < 1):
             raise KdcacheError(
                 f"--ema-decay {self.ema_decay} must be between 0 and 1 (e.g. 0.99); leave it out for no EMA"
             )
