@@ -1,5 +1,8 @@
 """What the tests build: tiny models from configs and tiny generated images, so the suite needs no network and no
-real dataset. Imported by the tests as `from helpers import ...`; the fixtures that share them are in conftest.py."""
+real dataset, and the small checks and tools that test files of several folders share. Imported by the tests as
+`from helpers import ...`; the fixtures that share them are in conftest.py."""
+
+import contextlib
 
 import numpy as np
 import torch
@@ -116,3 +119,64 @@ def teacher_one_row_at_a_time(monkeypatch):
         return torch.cat(rows).float()[:, self.index]
 
     monkeypatch.setattr(OnlineTeacher, "forward", forward)
+
+
+def cached_logits(path, split):
+    """A split's stored teacher logits as one numpy array."""
+    import datasets
+
+    from kdcache.format.manifest import LOGITS
+
+    return datasets.load_from_disk(str(path))[split].with_format("numpy")[:][LOGITS]
+
+
+def flip_bit(path, offset, bit=0):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+# Stage two's options for a quick run that logs every step.
+FAST = dict(batch_size=8, progress=False, logging_steps=1)
+
+
+def weights(folder):
+    """A saved model's weights, by name."""
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(str(folder)).state_dict()
+
+
+@contextlib.contextmanager
+def crash_after_first_save(monkeypatch):
+    """Training runs in the block stop (as a Ctrl-C would) right after their first checkpoint."""
+    from transformers import TrainerCallback
+
+    from kdcache.student import trainer as train_module
+
+    class StopAfterFirstSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    original = train_module.DistillationTrainer.__init__
+
+    def with_crash(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(StopAfterFirstSave)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.DistillationTrainer, "__init__", with_crash)
+        yield
+
+
+def direct_ece(probabilities, references, bins=15):
+    """Guo et al. 2017, eq. (3), with a loop over the bins (lower, upper]."""
+    total, error = len(probabilities), 0.0
+    for b in range(bins):
+        lower, upper = b / bins, (b + 1) / bins
+        members = [i for i in range(total) if lower < max(probabilities[i]) <= upper]
+        if members:
+            accuracy = sum(int(np.argmax(probabilities[i]) == references[i]) for i in members) / len(members)
+            confidence = sum(max(probabilities[i]) for i in members) / len(members)
+            error += len(members) / total * abs(accuracy - confidence)
+    return error

@@ -126,13 +126,10 @@ def test_cached_and_online_training_on_a_gpu(tmp_path, tiny_cache):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_both_stages_on_the_second_gpu(tmp_path, tiny_dataset, tiny_teacher):
+def test_both_stages_on_the_second_gpu(tmp_path, make_cache):
     from kdcache.format.manifest import MANIFEST
-    from kdcache.teacher.run import teacher_logits
 
-    cache = teacher_logits(
-        str(tiny_dataset), str(tiny_teacher), output=tmp_path / "cache", device="cuda:1", batch_size=8, progress=False
-    )
+    cache = make_cache(tmp_path / "cache", device="cuda:1")
     assert json.loads((cache / MANIFEST).read_text())["device"] == "cuda:1"
     summary = train_student(cache, output=tmp_path / "s", device="cuda:1", online=True, max_steps=3, **FAST)
     assert (summary["recipe"]["device"], summary["recipe"]["processes"], summary["steps"]) == ("cuda:1", 1, 3)

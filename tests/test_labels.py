@@ -163,11 +163,9 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def extra_cache(tmp_path_factory, tiny_dataset, tiny_teacher, photos):
+def extra_cache(tmp_path_factory, photos, make_cache):
     output = tmp_path_factory.mktemp("extra") / "cache"
-    return teacher_logits(
-        str(tiny_dataset), str(tiny_teacher), output=output, extra_images=str(photos), batch_size=8, progress=False
-    )
+    return make_cache(output, extra_images=str(photos))
 
 
 def test_extra_images_are_cached_as_an_unlabelled_split(extra_cache, tiny_cache, photos):
@@ -183,10 +181,10 @@ def test_extra_images_are_cached_as_an_unlabelled_split(extra_cache, tiny_cache,
     assert "(no labels)" in describe(extra_cache) and "images from" in describe(extra_cache)
 
 
-def test_a_dataset_without_labels_is_cached_verified_and_trained_from(tmp_path, tiny_teacher, photos):
+def test_a_dataset_without_labels_is_cached_verified_and_trained_from(tmp_path, photos, make_cache):
     from kdcache.teacher.verify import verify_teacher_logits
 
-    cache = teacher_logits(str(photos), str(tiny_teacher), output=tmp_path / "cache", batch_size=8, progress=False)
+    cache = make_cache(tmp_path / "cache", dataset=photos)
     cached, manifest = load_cache(cache)
     assert manifest.label_names == LABELS, "no split has labels: the teacher's classes"
     assert manifest.labeled_rows("train") == 0 and manifest["fingerprint"]
@@ -236,19 +234,10 @@ def test_unlabelled_splits_train_by_default_and_are_refused_where_they_cannot_he
         assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.partial").exists()
 
 
-def test_mixed_views_of_unlabelled_images_pair_with_their_own_split(tmp_path, tiny_dataset, tiny_teacher, photos):
+def test_mixed_views_of_unlabelled_images_pair_with_their_own_split(tmp_path, photos, make_cache):
     from kdcache.student.rows import ViewRows
 
-    cache = teacher_logits(
-        str(tiny_dataset),
-        str(tiny_teacher),
-        output=tmp_path / "cache",
-        extra_images=str(photos),
-        views=2,
-        mix_alpha=1.0,
-        batch_size=8,
-        progress=False,
-    )
+    cache = make_cache(tmp_path / "cache", extra_images=str(photos), views=2, mix_alpha=1.0)
     cached, manifest = load_cache(cache)
     assert manifest.views_of("unlabeled") == 2 and manifest.views_of("validation") == 1
     joined = datasets.concatenate_datasets([cached["train"], cached["unlabeled"]])

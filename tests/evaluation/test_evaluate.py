@@ -1,17 +1,20 @@
+"""kdcache evaluate (kdcache.evaluation.evaluate): models side by side on a split, with their cache's teacher, from the
+command line; one evaluation per output, the free space it needs."""
+
 import json
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import LABELS, make_dataset_dict, save_mobilenet_student, save_vit_teacher
+from helpers import LABELS, direct_ece, make_dataset_dict, save_mobilenet_student, save_vit_teacher
 from PIL import Image
 from scipy.special import rel_entr, softmax
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from kdcache import KdcacheError
 from kdcache.evaluation.evaluate import evaluate_models
-from kdcache.evaluation.quality import calibration, classification_metrics, teacher_agreement
+from kdcache.evaluation.quality import classification_metrics, teacher_agreement
 from kdcache.evaluation.report import COMPARISON_PNG, CONFUSION_PNG, METRICS, RELIABILITY_PNG, describe
 
 
@@ -32,84 +35,6 @@ def plain_logits(model_path, dataset_path, split="test"):
     images = [image.convert("RGB") for image in datasets.load_from_disk(str(dataset_path))[split]["image"]]
     with torch.no_grad():
         return model(**processor(images, return_tensors="pt")).logits.numpy()
-
-
-def test_classification_metrics_equal_a_hand_computation():
-    references = [0, 0, 0, 1, 1, 1, 2, 2]
-    predictions = [0, 0, 1, 1, 1, 0, 1, 0]  # class 2 is never predicted: its precision is 0/0, counted as 0
-    got = classification_metrics(predictions, references, LABELS)
-    assert got["confusion_matrix"] == [[2, 1, 0], [1, 2, 0], [1, 1, 0]]  # rows: true, columns: predicted
-    assert got["accuracy"] == pytest.approx(4 / 8)
-    first, second, third = (got["per_class"][name] for name in LABELS)
-    for figures in (first, second):  # 2 right of 4 predicted, 2 right of 3 true
-        assert figures["precision"] == pytest.approx(2 / 4)
-        assert figures["recall"] == pytest.approx(2 / 3)
-        assert figures["f1"] == pytest.approx(2 * (1 / 2) * (2 / 3) / (1 / 2 + 2 / 3))
-        assert figures["support"] == 3
-    assert third == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
-    assert got["macro_f1"] == pytest.approx((4 / 7 + 4 / 7 + 0) / 3)
-    with pytest.raises(KdcacheError, match="need as many"):
-        classification_metrics([0, 1], [0], LABELS)
-
-
-def test_metrics_need_no_network(monkeypatch):
-    import socket
-
-    def refuse(*args, **kwargs):
-        raise OSError("no network in this test")
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline by the code path, not by a setting
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    assert classification_metrics([0, 1, 2], [0, 1, 1], LABELS)["accuracy"] == pytest.approx(2 / 3)
-
-
-def test_teacher_agreement_equals_a_direct_computation():
-    rng = np.random.default_rng(0)
-    teacher = rng.normal(0, 3, (50, 3)).astype(np.float32)
-    student = (teacher + rng.normal(0, 2, (50, 3))).astype(np.float32)
-    labels = rng.integers(0, 3, 50)
-    got = teacher_agreement(student, teacher, labels)
-    p, q = softmax(teacher.astype(np.float64), axis=1), softmax(student.astype(np.float64), axis=1)
-    assert got["kl_teacher_student"] == pytest.approx(rel_entr(p, q).sum(axis=1).mean(), rel=1e-9)
-    assert got["top1_agreement"] == np.mean([np.argmax(s) == np.argmax(t) for s, t in zip(student, teacher)])
-    assert got["teacher_accuracy"] == np.mean([np.argmax(t) == y for t, y in zip(teacher, labels)])
-    assert 0 < got["top1_agreement"] < 1 and got["kl_teacher_student"] > 0
-    same = teacher_agreement(teacher, teacher, labels)
-    assert same["top1_agreement"] == 1.0 and same["kl_teacher_student"] == pytest.approx(0, abs=1e-12)
-
-
-def direct_ece(probabilities, references, bins=15):
-    """Guo et al. 2017, eq. (3), with a loop over the bins (lower, upper]."""
-    total, error = len(probabilities), 0.0
-    for b in range(bins):
-        lower, upper = b / bins, (b + 1) / bins
-        members = [i for i in range(total) if lower < max(probabilities[i]) <= upper]
-        if members:
-            accuracy = sum(int(np.argmax(probabilities[i]) == references[i]) for i in members) / len(members)
-            confidence = sum(max(probabilities[i]) for i in members) / len(members)
-            error += len(members) / total * abs(accuracy - confidence)
-    return error
-
-
-def test_expected_calibration_error_equals_a_direct_computation():
-    rng = np.random.default_rng(0)
-    for classes, scale in ((3, 1.0), (10, 4.0), (2, 0.3)):
-        logits = rng.normal(0, scale, (500, classes))
-        references = rng.integers(0, classes, 500)
-        result = calibration(logits, references)
-        probabilities = softmax(logits, -1)
-        assert result["expected_calibration_error"] == pytest.approx(direct_ece(probabilities, references), abs=1e-12)
-        assert result["expected_calibration_error"] > 0.01
-        assert sum(b["count"] for b in result["calibration_bins"]) == 500 and len(result["calibration_bins"]) == 15
-    # a model that is right exactly as often as it is sure: every row's confidence is 0.9 and 9 rows in 10 are right
-    sure = np.log(np.array([[0.9, 0.05, 0.05]] * 100))
-    assert calibration(sure, np.array([0] * 90 + [1] * 10))["expected_calibration_error"] == pytest.approx(
-        0.0, abs=1e-9
-    )
-    assert calibration(sure, np.array([0] * 50 + [1] * 50))["expected_calibration_error"] == pytest.approx(
-        0.4, abs=1e-9
-    )
 
 
 def test_one_model_with_its_cache(tmp_path, tiny_dataset, tiny_teacher, tiny_cache):
@@ -371,7 +296,7 @@ def test_two_evaluations_of_one_output_one_is_refused_in_one_line_before_reading
     reports.mkdir()
     (reports / "notes.txt").write_text("mine")
     output = reports / "eval"
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     first = subprocess.Popen(
         [sys.executable, "-c", PAUSED_EVALUATION, str(tiny_teacher), str(tiny_dataset), str(output), tmp_path / "go"],

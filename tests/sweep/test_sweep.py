@@ -21,7 +21,7 @@ except ImportError:  # the sweeps below skip; the space, and the message without
     optuna = None
 
 needs_optuna = pytest.mark.skipif(optuna is None, reason="Optuna is not installed: pip install -e '.[sweep]'")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = dict(epochs=2, batch_size=8, logging_steps=1)
 SPACE = ["learning_rate=loguniform(1e-3,3e-2)"]
 
@@ -111,13 +111,8 @@ def test_without_optuna_the_command_says_in_one_line_how_to_install_it(tmp_path,
 
 
 @pytest.fixture(scope="module")
-def mixed_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
-    from kdcache.teacher.run import teacher_logits
-
-    output = tmp_path_factory.mktemp("mixed") / "cache"
-    return teacher_logits(
-        str(tiny_dataset), str(tiny_teacher), output=output, views=2, mix_alpha=1.0, batch_size=8, progress=False
-    )
+def mixed_cache(make_cache):
+    return make_cache(views=2, mix_alpha=1.0)
 
 
 @needs_optuna

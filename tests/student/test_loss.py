@@ -1,12 +1,14 @@
+"""The distillation losses (kdcache.student.loss): kd, dkd and dist against the tutorial's and the papers' formulas,
+and against a teacher ensemble's averaged probabilities (kdcache.format.ensemble)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdcache import KdcacheError
-from kdcache.format.codec import compress_logits, expand_logits
 from kdcache.format.ensemble import ensemble_teacher_logits
-from kdcache.student.loss import DEFAULT_TEMPERATURES, LOSSES, dist_loss, distillation_loss, dkd_loss, soft_target_kl
+from kdcache.student.loss import DEFAULT_TEMPERATURES, LOSSES, dist_loss, distillation_loss, dkd_loss
 
 
 def tutorial_loss(student_logits, labels, teacher_logits, temperature, alpha):
@@ -318,44 +320,6 @@ def test_every_loss_distils_from_the_averaged_probabilities(name, reference, tem
         (expected_grad,) = torch.autograd.grad(expected, student)
         assert torch.allclose(ours.double(), expected, atol=1e-5, rtol=1e-5)
         assert torch.allclose(ours_grad.double(), expected_grad.double(), atol=1e-6, rtol=1e-4)
-
-
-def test_float32_logits_are_stored_as_they_are_and_float16_within_its_rounding():
-    logits = torch.randn(6, 40) * 4
-    assert torch.equal(expand_logits(**compress_logits(logits)), logits)
-    half = compress_logits(logits, dtype=torch.float16)
-    assert half["values"].dtype == torch.float16 and set(half) == {"values"}
-    rebuilt = expand_logits(**half)
-    assert rebuilt.dtype == torch.float32
-    assert (rebuilt - logits).abs().max() <= logits.abs().max() * 2**-11  # half a float16 step
-    assert soft_target_kl(logits, rebuilt, 5.0).max() < 1e-5
-
-
-def test_top_k_keeps_the_k_largest_exactly_and_the_rest_of_the_mass_spread_evenly():
-    torch.manual_seed(0)
-    logits = torch.randn(5, 3, 50) * 3  # (rows, views, classes): any leading shape
-    stored = compress_logits(logits, top_k=4)
-    assert stored["values"].shape == stored["indices"].shape == (5, 3, 4) and stored["tail"].shape == (5, 3)
-    assert stored["indices"].dtype == torch.int16
-    values, indices = logits.topk(4, dim=-1)
-    assert torch.equal(stored["values"], values) and torch.equal(stored["indices"].long(), indices)
-    rebuilt = expand_logits(**stored, classes=50)
-    assert rebuilt.shape == logits.shape
-    p, q = logits.softmax(-1), rebuilt.softmax(-1)
-    # at T=1 (TinyViT's rule): each top-K class keeps its probability, the others share the rest of the mass equally
-    assert torch.allclose(q.gather(-1, indices), p.gather(-1, indices), atol=1e-6)
-    outside = torch.ones_like(p, dtype=torch.bool).scatter(-1, indices, False)
-    tail = q[outside].reshape(5, 3, 46)
-    assert torch.allclose(tail, tail[..., :1].expand_as(tail))
-    assert torch.allclose(tail.sum(-1), p[outside].reshape(5, 3, 46).sum(-1), atol=1e-6)
-    # the cost shrinks as K grows, and at T=5 as at T=1
-    costs = [
-        soft_target_kl(logits, expand_logits(**compress_logits(logits, k), classes=50), 5.0).mean()
-        for k in (1, 10, 40)
-    ]
-    assert costs[0] > costs[1] > costs[2] > 0
-    # class indices past int16's range are stored as int32
-    assert compress_logits(torch.randn(2, 40000), top_k=3)["indices"].dtype == torch.int32
 
 
 def test_each_declared_loss_has_its_function_with_its_declared_temperature():

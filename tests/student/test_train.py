@@ -1,4 +1,6 @@
-import contextlib
+"""Stage two (kdcache.student.train): training from the cache equals online distillation; checkpoints, resume, locks
+and full disks; refusals before training; views, mixed views and compact caches."""
+
 import json
 import re
 import shutil
@@ -8,8 +10,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import COLOURS, LABELS, save_mobilenet_student, save_vit_teacher
-from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback, pipeline
+from helpers import FAST, LABELS, crash_after_first_save, save_mobilenet_student, save_vit_teacher, weights
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from kdcache import KdcacheError
 from kdcache.data import ImagePipeline, load_image_dataset
@@ -21,12 +23,6 @@ from kdcache.student.model import OnlineTeacher
 from kdcache.student.rows import Collator, _online_rows
 from kdcache.student.train import train_student
 from kdcache.teacher.work import write_chunk_file
-
-FAST = dict(batch_size=8, progress=False, logging_steps=1)
-
-
-def weights(folder):
-    return AutoModelForImageClassification.from_pretrained(str(folder)).state_dict()
 
 
 def test_cached_loss_equals_online_loss_batch_by_batch(tiny_cache, tiny_dataset, tiny_teacher):
@@ -80,96 +76,6 @@ def test_training_from_the_cache_equals_online_distillation_with_dkd(tmp_path, r
     assert [set(entry) for entry in online["train_log"]] == [{"step", "loss", "loss_ce", "loss_tckd", "loss_nckd"}] * 4
 
 
-def test_trained_student_is_a_pipeline_with_label_names_and_a_model_card(tmp_path, tiny_cache):
-    summary = train_student(tiny_cache, output=tmp_path / "student", epochs=2, learning_rate=3e-3, **FAST)
-    out = tmp_path / "student"
-    assert summary["best_eval_accuracy"] is not None and len(summary["history"]) == 2
-    classifier = pipeline("image-classification", model=str(out))
-    from PIL import Image
-
-    predictions = classifier(Image.new("RGB", (40, 36), COLOURS[0]))
-    assert {p["label"] for p in predictions} == set(LABELS)
-    card = (out / "README.md").read_text()
-    manifest = json.loads((tiny_cache / MANIFEST).read_text())
-    for fact in (
-        manifest["fingerprint"],
-        "T=5.0",
-        "alpha=0.5",
-        "2 epochs",
-        f"{summary['best_eval_accuracy']:.4f}",
-        f"`{Path(manifest['teacher']['name_or_path']).name}`",
-    ):
-        assert fact in card
-    recorded = json.loads((out / "kdcache_training.json").read_text())
-    assert recorded["recipe"]["cache_fingerprint"] == manifest["fingerprint"]
-    assert any((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs are kept with the model"
-    assert not (tmp_path / "student.partial").exists()
-
-
-def test_the_model_card_has_the_hubs_metadata_and_no_absolute_path(tmp_path, tiny_cache):
-    """The card as the Hub reads it (huggingface_hub.ModelCard): the metric, a model-index with the accuracy of the
-    epoch kept on the split it was chosen on; inputs read from folders named by their folder's name, never by the
-    path they were read from (a pushed card would publish it)."""
-    from huggingface_hub import ModelCard
-
-    output = tmp_path / "students" / "tiny-distilled"
-    summary = train_student(tiny_cache, output=output, epochs=2, learning_rate=3e-3, **FAST)
-    card = ModelCard.load(output / "README.md")
-    metadata = card.data.to_dict()
-    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-classification"
-    assert metadata["metrics"] == ["accuracy"] and "kdcache" in metadata["tags"]
-    assert "datasets" not in metadata and "base_model" not in metadata, "a local dataset and a student from scratch"
-    (result,) = card.data.eval_results
-    assert (result.task_type, result.metric_type, result.dataset_split) == (
-        "image-classification",
-        "accuracy",
-        "validation",
-    )
-    assert result.metric_value == summary["best_eval_accuracy"] and result.dataset_name == "tiny"
-    assert card.data.model_name == "tiny-distilled"
-    manifest = json.loads((tiny_cache / MANIFEST).read_text())
-    for absolute in (
-        str(tmp_path),
-        str(tiny_cache),
-        manifest["teacher"]["name_or_path"],
-        manifest["dataset"]["name_or_path"],
-    ):
-        assert absolute not in card.content
-    assert not re.search(r"(^|[\s`'\"(])/[A-Za-z]", card.content), "no absolute path of any kind"
-    assert 'pipeline("image-classification", model="tiny-distilled")' in card.content
-
-
-def test_the_card_names_hub_inputs_by_their_hub_ids_and_a_hub_student_as_base_model():
-    """card_metadata and model_card on a summary of a run whose dataset, teacher and student came from the hub (no
-    network here: the card is written from the summary and manifest alone)."""
-    from huggingface_hub import ModelCard
-
-    from kdcache.student.card import model_card
-
-    recipe = dict(
-        teacher="merve/beans-vit-224", cache="/home/someone/caches/beans", cache_fingerprint="0123456789abcdef",
-        student="google/mobilenet_v2_1.0_224", student_parameters=2_230_000, online=False, alpha=0.5,
-        temperature=5.0, loss="kd", learning_rate=1e-3, scheduler="cosine", batch_size=32, weight_decay=0.05,
-        seed=42, processes=1,
-    )  # fmt: skip
-    summary = dict(
-        output="/home/someone/students/beans-student", recipe=recipe, eval_split="validation", epochs=20.0,
-        steps=660, best_eval_accuracy=0.95, best_epoch=14.0, last_eval_accuracy=0.93, last_epoch=20.0,
-        saved_epoch=14.0,
-    )  # fmt: skip
-    manifest = {
-        "dataset": {"name_or_path": "beans", "revision": "abc123"},
-        "teacher": {"name_or_path": "merve/beans-vit-224", "weights_sha256": "f" * 64},
-    }
-    card = ModelCard(model_card(summary, manifest, ["angular_leaf_spot", "bean_rust", "healthy"], "me/beans-student"))
-    assert card.data.datasets == ["beans"] and card.data.base_model == "google/mobilenet_v2_1.0_224"
-    (result,) = card.data.eval_results
-    assert (result.dataset_type, result.dataset_revision, result.metric_value) == ("beans", "abc123", 0.95)
-    assert card.data.model_name == "me/beans-student"
-    assert "`merve/beans-vit-224`" in card.content and "on `beans`" in card.content
-    assert 'model="me/beans-student"' in card.content and "/home/someone" not in card.content
-
-
 def test_best_epoch_is_the_one_kept(tmp_path, tiny_cache):
     summary = train_student(tiny_cache, output=tmp_path / "s", epochs=3, learning_rate=3e-3, **FAST)
     best = max(summary["history"], key=lambda entry: entry["eval_accuracy"])
@@ -214,27 +120,6 @@ def test_without_checkpoints_the_last_epoch_is_saved_and_said_so(tmp_path, tiny_
 def test_scratch_baseline_needs_no_teacher_logits(tmp_path, tiny_cache):
     summary = train_student(tiny_cache, output=tmp_path / "scratch", max_steps=3, alpha=0.0, **FAST)
     assert summary["recipe"]["alpha"] == 0.0 and len(summary["train_losses"]) == 3
-
-
-class StopAfterFirstSave(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def crash_after_first_save(monkeypatch):
-    """Training runs in the block stop (as a Ctrl-C would) right after their first checkpoint."""
-    from kdcache.student import trainer as train_module
-
-    original = train_module.DistillationTrainer.__init__
-
-    def with_crash(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.add_callback(StopAfterFirstSave)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train_module.DistillationTrainer, "__init__", with_crash)
-        yield
 
 
 def test_resume_continues_an_interrupted_run(tmp_path, tiny_cache, monkeypatch):
@@ -287,8 +172,6 @@ def test_a_run_leaves_only_its_student_and_a_refused_one_nothing(tmp_path, tiny_
 
 
 def test_too_small_a_disk_is_refused_before_training(tmp_path, tiny_cache, monkeypatch):
-    import re
-
     from kdcache import outputs
     from kdcache.student import trainer as train_module
 
@@ -307,7 +190,6 @@ def test_too_small_a_disk_is_refused_before_training(tmp_path, tiny_cache, monke
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumable(tmp_path, tiny_cache, monkeypatch):
     import errno
-    from pathlib import Path
 
     from kdcache.student import trainer as train_module
 
@@ -418,37 +300,6 @@ def test_bad_options_and_existing_output(tmp_path, tiny_cache):
     assert [path.name for path in precious.iterdir()] == ["notes.txt"], "never replaced, even with --overwrite"
 
 
-@pytest.fixture(scope="module")
-def view_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
-    from kdcache.teacher.run import teacher_logits
-
-    output = tmp_path_factory.mktemp("train-views") / "cache"
-    return teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, views=4, batch_size=8, progress=False)
-
-
-def test_view_rows_cover_every_view_once_per_cycle_and_replay_it(view_cache):
-    from kdcache.data import ViewRecipe, from_raw_source
-    from kdcache.student.rows import ViewRows
-
-    cache, manifest = load_cache(view_cache)
-    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
-    rows = ViewRows(cache["train"], recipe, seed=3)
-    train = cache["train"].with_format("numpy")
-    used = {row: [] for row in range(len(rows))}
-    for epoch in range(8):
-        rows.epoch = epoch
-        items = rows.__getitems__(list(range(len(rows))))
-        for row, item in enumerate(items):
-            k = rows.view_index(row)
-            used[row].append(k)
-            image = from_raw_source(cache["train"][row]["source"], cache["train"][row]["source_shape"])
-            assert torch.equal(item["pixel_values"], torch.from_numpy(recipe.render(image, train[row]["views"][k])))
-            assert np.allclose(item[LOGITS], train[row][LOGITS][k])
-    for ks in used.values():
-        assert sorted(ks[:4]) == [0, 1, 2, 3] and sorted(ks[4:]) == [0, 1, 2, 3]
-    assert len({tuple(ks) for ks in used.values()}) > 1, "images do not all walk their views in the same order"
-
-
 def test_training_on_views_and_the_inconsistent_baseline(tmp_path, view_cache, tiny_cache):
     summary = train_student(view_cache, output=tmp_path / "views", epochs=2, **FAST)
     assert summary["recipe"]["views"] == 4 and len(summary["history"]) == 2
@@ -456,124 +307,6 @@ def test_training_on_views_and_the_inconsistent_baseline(tmp_path, view_cache, t
     assert baseline["recipe"]["student_only_augment"] is True
     with pytest.raises(KdcacheError, match="need a cache without views"):
         train_student(view_cache, output=tmp_path / "x", max_steps=1, online=True, **FAST)
-
-
-def test_student_only_augment_pairs_fresh_views_with_the_clean_logits(tiny_cache, tiny_dataset):
-    from kdcache.data import ViewRecipe, undecoded
-    from kdcache.student.rows import ViewRows
-
-    cache, _ = load_cache(tiny_cache)
-    images = undecoded(load_image_dataset(str(tiny_dataset))["train"], "image").select_columns(["image"])
-    merged = datasets.concatenate_datasets([cache["train"].select_columns(["labels", LOGITS]), images], axis=1)
-    rows = ViewRows(merged, ViewRecipe((32, 32), 2), seed=0, fresh=True)
-    first = rows.__getitems__([0, 1])
-    rows.epoch = 1
-    second = rows.__getitems__([0, 1])
-    assert not torch.equal(first[0]["pixel_values"], second[0]["pixel_values"]), "a new view each epoch"
-    assert first[0][LOGITS] == second[0][LOGITS] == cache["train"][0][LOGITS], "always the clean view's logits"
-
-
-def test_student_size_is_the_same_box_resized(tmp_path, view_cache, tiny_cache):
-    from PIL import Image
-
-    from kdcache.data import ViewRecipe, from_raw_source
-    from kdcache.student.rows import ViewRows, resize_pixels
-
-    cache, manifest = load_cache(view_cache)
-    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
-    rows = ViewRows(cache["train"], recipe, seed=0, student_size=(20, 20))
-    train = cache["train"]
-    for row, item in zip((2, 17), rows.__getitems__([2, 17])):
-        view = train[row]["views"][rows.view_index(row)]
-        x0, y0, x1, y1, flip = view
-        source = from_raw_source(train[row]["source"], train[row]["source_shape"])
-        expected = np.asarray(source.resize((20, 20), recipe.resample, box=(x0, y0, x1, y1))).transpose(2, 0, 1)
-        assert torch.equal(item["pixel_values"], torch.from_numpy(expected[:, :, ::-1].copy() if flip else expected))
-    # a clean cached view (the teacher's 32 px) is resized whole to the student's size
-    clean, _ = load_cache(tiny_cache)
-    collate = Collator(ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_cache), backend="pil")), (20, 20), 3)
-    batch = collate(clean["validation"].with_format("torch", columns=["pixel_values", "labels"]).__getitems__([0, 1]))
-    stored = clean["validation"][0]["pixel_values"]
-    assert batch["pixel_values"].shape == (2, 3, 20, 20)
-    assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(
-        batch["pixel_values"][0],
-        collate.pipeline.normalize(
-            torch.from_numpy(
-                resize_pixels(np.asarray(stored, dtype=np.uint8), (20, 20), collate.pipeline.processor.resample)
-            )[None]
-        )[0],
-    )
-    # trained and saved at that size: the saved processor feeds the student 20x20 pixels
-    train_student(view_cache, output=tmp_path / "small", max_steps=2, student_size=20, **FAST)
-    classifier = pipeline("image-classification", model=str(tmp_path / "small"))
-    assert classifier.image_processor(Image.new("RGB", (50, 40)), return_tensors="pt")["pixel_values"].shape[-2:] == (
-        20,
-        20,
-    )
-    assert len(classifier(Image.new("RGB", (50, 40)))) == 3
-
-
-def test_ema_is_what_is_saved_and_both_load_as_pipelines(tmp_path, tiny_cache, monkeypatch):
-    from PIL import Image
-
-    from kdcache.student import trainer as train_module
-
-    kept = []
-
-    class Recorded(train_module.StudentEMA):
-        def __init__(self, decay):
-            super().__init__(decay)
-            kept.append(self)
-
-    monkeypatch.setattr(train_module, "StudentEMA", Recorded)
-    train_student(
-        tiny_cache, output=tmp_path / "ema", epochs=2, ema_decay=0.5, eval_split=None, save_checkpoints=False, **FAST
-    )
-    train_student(tiny_cache, output=tmp_path / "plain", epochs=2, eval_split=None, save_checkpoints=False, **FAST)
-    averaged = kept[0].ema.module.state_dict()
-    saved, plain = weights(tmp_path / "ema"), weights(tmp_path / "plain")
-    for name, value in saved.items():
-        assert torch.allclose(value.float(), averaged[name].float()), name
-    assert any(not torch.allclose(saved[name].float(), plain[name].float()) for name in saved), (
-        "the EMA is not the last step"
-    )
-    for folder in ("ema", "plain"):
-        assert len(pipeline("image-classification", model=str(tmp_path / folder))(Image.new("RGB", (40, 36)))) == 3
-    recorded = json.loads((tmp_path / "ema" / "kdcache_training.json").read_text())
-    assert (
-        recorded["recipe"]["ema_decay"] == 0.5 and "EMA with decay 0.5" in (tmp_path / "ema" / "README.md").read_text()
-    )
-
-
-def test_the_ema_forgets_the_random_initial_weights_within_a_few_steps():
-    from torch.optim.swa_utils import AveragedModel
-
-    from kdcache.student.ema import ema_decay_at, warmed_up_ema
-
-    assert ema_decay_at(0.99, 0) == 0.1 and ema_decay_at(0.99, 1000) == 0.99
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    averaged = AveragedModel(model, multi_avg_fn=warmed_up_ema(0.999), use_buffers=True)
-    averaged.update_parameters(model)  # the first update copies the weights as they are: the random ones
-    with torch.no_grad():
-        for step in range(30):
-            model[0].weight.fill_(1.0)
-            model[1].num_batches_tracked.fill_(step + 1)
-            averaged.update_parameters(model)
-    # the random weights' share is the product of the warmed-up decays (2/11 * 3/12 * ... < 1e-4), not 0.999**30
-    assert torch.allclose(averaged.module[0].weight, torch.ones(3, 4), atol=1e-3)
-    assert averaged.module[1].num_batches_tracked.item() == 30, "integer buffers follow the model"
-
-
-def test_ema_with_evaluation_and_resume(tmp_path, tiny_cache, monkeypatch):
-    whole = train_student(tiny_cache, output=tmp_path / "whole", epochs=2, ema_decay=0.8, **FAST)
-    with crash_after_first_save(monkeypatch), pytest.raises(KeyboardInterrupt):
-        train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, ema_decay=0.8, **FAST)
-    resumed = train_student(tiny_cache, output=tmp_path / "resumed", epochs=2, ema_decay=0.8, resume=True, **FAST)
-    assert resumed["train_losses"][-3:] == whole["train_losses"][-3:], "training resumed from the training weights"
-    assert [e["eval_accuracy"] for e in resumed["history"]] == [e["eval_accuracy"] for e in whole["history"]]
-    a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
-    assert all(torch.allclose(a[name].float(), b[name].float(), atol=1e-6) for name in a)
 
 
 def test_loss_terms_are_logged_beside_the_total(tmp_path, tiny_cache):
@@ -638,42 +371,6 @@ def test_dkd_is_refused_on_two_classes_before_training(tmp_path, tiny_teacher):
     assert summary["recipe"]["loss"] == "dist"
 
 
-@pytest.fixture(scope="module")
-def mixed_train_cache(tmp_path_factory, tiny_dataset, tiny_teacher):
-    from kdcache.teacher.run import teacher_logits
-
-    output = tmp_path_factory.mktemp("train-mixed") / "cache"
-    return teacher_logits(
-        str(tiny_dataset), str(tiny_teacher), output=output, views=2, mix_alpha=1.0, batch_size=8, progress=False
-    )
-
-
-def test_mixed_rows_rebuild_the_teachers_input_and_mix_the_labels(mixed_train_cache, tiny_teacher):
-    from kdcache.data import ViewRecipe
-    from kdcache.student.rows import ViewRows
-
-    cache, manifest = load_cache(mixed_train_cache)
-    recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
-    rows = ViewRows(cache["train"], recipe, seed=1)
-    collate = Collator(
-        ImagePipeline(AutoImageProcessor.from_pretrained(str(mixed_train_cache), backend="pil")), None, 3
-    )
-    teacher_model = load_classifier(str(tiny_teacher))
-    teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, LABELS))
-    for epoch in (0, 1):
-        rows.epoch = epoch
-        items = rows.__getitems__(list(range(8)))
-        batch = collate(items)
-        assert (batch["teacher_logits"] - teacher(batch["pixel_values"])).abs().max() <= 1e-5, (
-            "the teacher's own input"
-        )
-        for item, labels in zip(items, batch["labels"]):
-            expected = torch.zeros(3)
-            expected[int(item["labels"])] += float(item["mix_weights"])
-            expected[int(item["partner_labels"])] += 1 - float(item["mix_weights"])
-            assert torch.allclose(labels, expected)
-
-
 def test_training_on_mixed_views_with_and_without_labels(tmp_path, mixed_train_cache):
     for alpha in (1.0, 0.5):
         summary = train_student(mixed_train_cache, output=tmp_path / f"a{alpha}", epochs=1, alpha=alpha, **FAST)
@@ -699,171 +396,6 @@ def test_same_seed_same_machine_same_student(tmp_path, view_cache):
 def test_online_needs_the_teachers_input_size(tmp_path, tiny_cache):
     with pytest.raises(KdcacheError, match="--online runs the teacher on the student's input"):
         train_student(tiny_cache, output=tmp_path / "x", max_steps=1, online=True, student_size=24, **FAST)
-
-
-def test_the_students_batchnorm_keeps_a_running_average_not_the_last_batch():
-    from kdcache.student.model import BATCHNORM_MOMENTUM, build_student
-
-    student = build_student(None, ["a", "b", "c"], (3, 32, 32), seed=0)
-    norms = [module for module in student.modules() if isinstance(module, torch.nn.BatchNorm2d)]
-    assert norms and all(norm.momentum == BATCHNORM_MOMENTUM for norm in norms)
-    batch_means = []
-    norms[0].register_forward_hook(lambda module, inputs, output: batch_means.append(inputs[0].mean((0, 2, 3))))
-    student.train()
-    with torch.no_grad():  # two batches with very different statistics: the running mean must remember the first
-        student(pixel_values=torch.zeros(4, 3, 32, 32))
-        student(pixel_values=torch.full((4, 3, 32, 32), 5.0))
-    assert not torch.allclose(norms[0].running_mean, batch_means[-1], atol=1e-3)
-    # from zeros: m * first, then (1 - m) * that + m * second
-    expected = (1 - BATCHNORM_MOMENTUM) * BATCHNORM_MOMENTUM * batch_means[0] + BATCHNORM_MOMENTUM * batch_means[1]
-    assert torch.allclose(norms[0].running_mean, expected, atol=1e-5)
-
-
-# Teacher ensembles: several caches of the same rows and views, their teachers' probabilities averaged at T.
-
-
-def make_cache(folder, dataset, teacher, **settings):
-    from kdcache.teacher.run import teacher_logits
-
-    return teacher_logits(str(dataset), str(teacher), output=folder, batch_size=8, progress=False, **settings)
-
-
-@pytest.fixture(scope="module")
-def second_cache(tmp_path_factory, tiny_dataset):
-    """The tiny dataset cached by another tiny teacher (other initial weights): a second member of an ensemble."""
-    folder = tmp_path_factory.mktemp("ensemble")
-    return make_cache(folder / "cache", tiny_dataset, save_vit_teacher(folder / "teacher", seed=1))
-
-
-def test_an_ensemble_distils_from_its_teachers_probabilities_averaged_by_hand(
-    tmp_path, tiny_cache, second_cache, monkeypatch
-):
-    from kdcache.student.trainer import DistillationTrainer
-
-    seen = []  # each training step's rows, teacher logits, student logits and loss, as compute_loss had them
-    compute_loss = DistillationTrainer.compute_loss
-
-    def recording(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = compute_loss(self, model, inputs, return_outputs=True)
-        if model.training:
-            seen.append({key: value.detach().clone() for key, value in inputs.items()})
-            seen[-1].update(student=outputs.logits.detach().clone(), loss=loss.detach().clone())
-        return (loss, outputs) if return_outputs else loss
-
-    monkeypatch.setattr(DistillationTrainer, "compute_loss", recording)
-    temperature, alpha = 4.0, 0.7
-    summary = train_student(
-        [tiny_cache, second_cache],
-        output=tmp_path / "ensemble",
-        teacher_weights=[1, 3],
-        temperature=temperature,
-        alpha=alpha,
-        max_steps=3,
-        eval_split=None,
-        **FAST,
-    )
-    # by hand: each cache's rows, the student's input as the collator makes it, and the average of the teachers'
-    # softmax at T with the weights normalised (1/4, 3/4)
-    collate = Collator(ImagePipeline(AutoImageProcessor.from_pretrained(str(tiny_cache), backend="pil")))
-    rows = collate(load_cache(tiny_cache)[0]["train"].with_format("numpy").__getitems__(list(range(24))))
-    member_logits = [
-        torch.as_tensor(np.asarray(load_cache(cache)[0]["train"].with_format("numpy")[LOGITS])).double()
-        for cache in (tiny_cache, second_cache)
-    ]
-    averaged = 0.25 * torch.softmax(member_logits[0] / temperature, -1) + 0.75 * torch.softmax(
-        member_logits[1] / temperature, -1
-    )
-    assert not torch.allclose(member_logits[0], member_logits[1], atol=0.1), "two different teachers"
-    assert len(seen) == 3
-    for step in seen:
-        order = [  # which cache row each of the batch's images is, found by its pixels
-            next(row for row in range(24) if torch.equal(rows["pixel_values"][row], image))
-            for image in step["pixel_values"]
-        ]
-        assert torch.equal(step["labels"], rows["labels"][order])
-        targets = torch.softmax(step["teacher_logits"].double() / temperature, -1)
-        assert torch.allclose(targets, averaged[order], rtol=0, atol=1e-6), "the targets the loss sees"
-        student = step["student"].double()
-        kl = (averaged[order] * (averaged[order].log() - torch.log_softmax(student / temperature, -1))).sum(-1)
-        by_hand = (1 - alpha) * torch.nn.functional.cross_entropy(
-            student, step["labels"]
-        ) + alpha * temperature**2 * kl.mean()
-        assert step["loss"].item() == pytest.approx(by_hand.item(), rel=1e-5), "the loss value"
-    recipe = summary["recipe"]
-    fingerprints = [json.loads((cache / MANIFEST).read_text())["fingerprint"] for cache in (tiny_cache, second_cache)]
-    assert recipe["cache"] == [str(tiny_cache), str(second_cache)] and recipe["cache_fingerprint"] == fingerprints
-    assert recipe["teacher_weights"] == [0.25, 0.75] and len(recipe["teacher"]) == 2
-    card = (tmp_path / "ensemble" / "README.md").read_text()
-    assert "an ensemble of 2 teachers" in card and all(fingerprint in card for fingerprint in fingerprints)
-    assert "(0.25, weights sha256" in card and "(0.75, weights sha256" in card
-
-
-@pytest.mark.parametrize("cache", ["tiny_cache", "view_cache"])
-def test_an_ensemble_of_a_cache_with_itself_trains_exactly_like_the_cache(tmp_path, request, cache):
-    cache = request.getfixturevalue(cache)
-    options = dict(epochs=2, learning_rate=3e-3, **FAST)
-    alone = train_student(cache, output=tmp_path / "alone", **options)
-    twice = train_student([cache, cache], output=tmp_path / "twice", **options)
-    assert twice["recipe"]["cache"] == [str(cache)] * 2, "the ensemble's path was taken"
-    assert twice["train_losses"] == alone["train_losses"] and len(alone["train_losses"]) == 6
-    assert twice["history"] == alone["history"]
-    a, b = weights(tmp_path / "alone"), weights(tmp_path / "twice")
-    assert all(torch.equal(a[name], b[name]) for name in a)
-
-
-@pytest.fixture(scope="module")
-def mismatched_caches(tmp_path_factory, tiny_dataset, tiny_teacher):
-    """Caches that cannot join the tiny cache, or the view cache, in an ensemble: each differs in one way."""
-    from helpers import make_dataset_dict
-
-    folder = tmp_path_factory.mktemp("mismatched")
-    make_dataset_dict(seed=7).save_to_disk(str(folder / "other-data"))  # same splits and sizes, other images
-    smaller_teacher = save_vit_teacher(folder / "teacher-24", seed=1, image_size=24)
-    return {
-        "other rows": make_cache(folder / "other-rows", folder / "other-data", tiny_teacher),
-        "other pixels": make_cache(folder / "other-pixels", tiny_dataset, smaller_teacher),
-        "other view seed": make_cache(folder / "other-seed", tiny_dataset, tiny_teacher, views=4, view_seed=1),
-    }
-
-
-@pytest.mark.parametrize(
-    "first,other,message",
-    [
-        (
-            "tiny_cache",
-            "other rows",
-            r"split 'train' was made from other rows than cache '.*tiny-cache' \(fingerprint",
-        ),
-        ("tiny_cache", "view_cache", r"has 4 views per image of split 'train' and cache '.*tiny-cache' 1; make"),
-        ("view_cache", "other view seed", r"draws the views of split 'train' otherwise than cache .*\(seed 1 vs 0\)"),
-        ("tiny_cache", "other pixels", r"split 'train' holds other pixels than cache '.*tiny-cache' \(rows 0 to 23\)"),
-    ],
-)
-def test_caches_of_other_rows_or_views_are_refused(tmp_path, request, mismatched_caches, first, other, message):
-    first = request.getfixturevalue(first)
-    other = mismatched_caches[other] if other in mismatched_caches else request.getfixturevalue(other)
-    with pytest.raises(KdcacheError, match=message) as refused:
-        train_student([first, other], output=tmp_path / "s", max_steps=1, **FAST)
-    assert "\n" not in str(refused.value) and str(other) in str(refused.value)
-    assert not (tmp_path / "s").exists() and not (tmp_path / "s.partial").exists()
-
-
-def test_the_command_line_trains_an_ensemble(tmp_path, tiny_cache, second_cache):
-    from typer.testing import CliRunner
-
-    from kdcache.cli import app
-
-    command = ["train-student", str(tiny_cache), str(second_cache), "--output", str(tmp_path / "s"), "--epochs", "1"]
-    command += ["--batch-size", "8", "--eval-split", "none"]
-    result = CliRunner().invoke(app, command + ["--teacher-weights", "0.5,x"])
-    assert result.exit_code == 1 and result.output.strip().splitlines() == [
-        "kdcache: error: --teacher-weights '0.5,x' is not a comma-separated list of numbers, one per cache (e.g. 0.5,0.5)"
-    ]
-    result = CliRunner().invoke(app, command + ["--teacher-weights", "2,1"])
-    assert result.exit_code == 0, result.output
-    recorded = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())["recipe"]
-    assert recorded["cache"] == [str(tiny_cache), str(second_cache)]
-    assert recorded["teacher_weights"] == pytest.approx([2 / 3, 1 / 3])
 
 
 def compressed_online_teacher(monkeypatch, top_k, dtype):
@@ -918,18 +450,10 @@ def test_a_compact_caches_loss_equals_the_online_loss_from_the_same_compressed_t
 
 
 def test_training_from_a_compact_cache_equals_online_distillation_from_the_compressed_targets(
-    tmp_path, tiny_dataset, tiny_teacher, teacher_row_by_row, monkeypatch
+    tmp_path, teacher_row_by_row, monkeypatch, make_cache
 ):
-    from kdcache.teacher.run import teacher_logits
-
-    compact = teacher_logits(
-        str(tiny_dataset),
-        str(tiny_teacher),
-        output=tmp_path / "cache",
-        top_k=1,
-        logits_dtype="fp16",
-        batch_size=1,
-        progress=False,
+    compact = make_cache(
+        tmp_path / "cache", top_k=1, logits_dtype="fp16", batch_size=1
     )  # one row at a time, as the online teacher (helpers.teacher_one_row_at_a_time)
     cached = train_student(compact, output=tmp_path / "cached", max_steps=6, **FAST)
     compressed_online_teacher(monkeypatch, top_k=1, dtype=torch.float16)
@@ -940,19 +464,8 @@ def test_training_from_a_compact_cache_equals_online_distillation_from_the_compr
         assert torch.equal(a[name], b[name]), name
 
 
-def test_compact_view_caches_and_ensembles_with_them_train(tmp_path, tiny_dataset, tiny_teacher, view_cache):
-    from kdcache.teacher.run import teacher_logits
-
-    compact_views = teacher_logits(
-        str(tiny_dataset),
-        str(tiny_teacher),
-        output=tmp_path / "compact-views",
-        views=4,
-        batch_size=8,
-        top_k=2,
-        logits_dtype="fp16",
-        progress=False,
-    )
+def test_compact_view_caches_and_ensembles_with_them_train(tmp_path, view_cache, make_cache):
+    compact_views = make_cache(tmp_path / "compact-views", views=4, top_k=2, logits_dtype="fp16")
     summary = train_student(compact_views, output=tmp_path / "s", epochs=1, **FAST)
     assert summary["recipe"]["views"] == 4 and np.isfinite(summary["train_losses"]).all()
     # 2 of 3 classes and the tail's logit (the third class's own) rebuild the logits to float16's rounding: an ensemble

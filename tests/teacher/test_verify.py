@@ -14,34 +14,16 @@ from kdcache import KdcacheError
 from kdcache.cli import app
 from kdcache.format.manifest import LOGITS, MANIFEST
 from kdcache.format.reader import load_cache
-from kdcache.teacher.run import teacher_logits
 from kdcache.teacher.verify import describe, verify_teacher_logits
 from kdcache.teacher.work import write_chunk_file
 
 
 @pytest.fixture(scope="module")
-def view_caches(tmp_path_factory, tiny_dataset, tiny_teacher):
+def view_caches(tmp_path_factory, make_cache):
     """A cache with views of train and a clean validation split, and one of mixed views."""
     folder = tmp_path_factory.mktemp("verify")
-    views = teacher_logits(
-        str(tiny_dataset),
-        str(tiny_teacher),
-        output=folder / "views",
-        views=2,
-        batch_size=8,
-        splits=["train", "validation"],
-        progress=False,
-    )
-    mixed = teacher_logits(
-        str(tiny_dataset),
-        str(tiny_teacher),
-        output=folder / "mixed",
-        views=2,
-        mix_alpha=1.0,
-        batch_size=8,
-        splits=["train"],
-        progress=False,
-    )
+    views = make_cache(folder / "views", views=2, splits=["train", "validation"])
+    mixed = make_cache(folder / "mixed", views=2, mix_alpha=1.0, splits=["train"])
     return views, mixed
 
 
