@@ -9,15 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, load_image_dataset, undecoded
+from kdcache.data import ImagePipeline, ViewRecipe, load_image_dataset, undecoded
 from kdcache.errors import KdcacheError
 from kdcache.format.manifest import (
     IMAGE,
     LABELS,
     LOGIT_COLUMNS,
     LOGITS,
-    MIX_PARTNERS,
-    MIX_VIEWS,
     MIX_WEIGHTS,
     PIXELS,
     SOURCE,
@@ -26,6 +24,7 @@ from kdcache.format.manifest import (
     Manifest,
 )
 from kdcache.format.reader import logit_columns, rebuilt_logits
+from kdcache.format.views import View, readable_sources, render_views, source_image, stored_view
 from kdcache.labels import NO_LABEL, labeled_subset, masked_labels
 from kdcache.models import align_labels, load_classifier
 from kdcache.options import TrainingOptions, check_loss_for_cache
@@ -113,10 +112,7 @@ class ViewRows(torch.utils.data.Dataset):
     def __init__(
         self, rows, recipe: ViewRecipe, seed: int, fresh: bool = False, student_size=None, labels=None, offsets=None
     ):
-        import datasets
-
-        self.raw = SOURCE in rows.column_names  # format 3: reduced raw pixels; format 2: the source image file
-        self.rows = rows if self.raw else undecoded(rows, IMAGE)
+        self.rows = readable_sources(rows)
         self.recipe, self.seed, self.fresh, self.epoch = recipe, seed, fresh, 0
         self.labels, self.offsets = labels, offsets
         self.size = tuple(student_size) if student_size else recipe.size
@@ -124,7 +120,6 @@ class ViewRows(torch.utils.data.Dataset):
         self.mixed = MIX_WEIGHTS in rows.column_names
         if self.mixed:  # partners are any rows of the split: read only what a partner needs
             self.partner_rows = rows.select_columns([SOURCE, SOURCE_SHAPE, LABELS])
-        self.decoder = datasets.Image()
 
     def __len__(self):
         return len(self.rows)
@@ -133,47 +128,31 @@ class ViewRows(torch.utils.data.Dataset):
         cycle, position = divmod(self.epoch, self.count)
         return int(np.random.default_rng([self.seed, row, cycle]).permutation(self.count)[position])
 
-    def source(self, batch, position):
-        if self.raw:
-            return from_raw_source(batch[SOURCE][position], batch[SOURCE_SHAPE][position])
-        return self.decoder.decode_example(batch[IMAGE][position]).convert("RGB")
-
     def __getitems__(self, indices):
         batch = self.rows[list(indices)]
-        chosen = [0 if self.fresh else self.view_index(row) for row in indices]
-        partners = {}
-        if self.mixed:
-            wanted = sorted(
-                {self.partner(row, batch[MIX_PARTNERS][i][k]) for i, (row, k) in enumerate(zip(indices, chosen))}
-            )
-            partner_rows = self.partner_rows[wanted]
-            partners = {
-                row: (self.source(partner_rows, i), self.label(partner_rows, i, row)) for i, row in enumerate(wanted)
-            }
+        records = [{column: values[position] for column, values in batch.items()} for position in range(len(indices))]
+        sources = {row: source_image(record) for row, record in zip(indices, records)}
+        if self.fresh:  # a new view of the clean image, with the clean view's logits
+            views = [View(row, self.recipe.sample(*sources[row].size, (row, self.epoch), 1)[0]) for row in indices]
+            logits = [{column: record[column] for column in LOGIT_COLUMNS if column in record} for record in records]
+        else:  # view k of each row, with the logits of view k (and a top-K cache's indices and tail of view k)
+            chosen = [self.view_index(row) for row in indices]
+            views = [self.view(record, row, k) for record, row, k in zip(records, indices, chosen)]
+            logits = [
+                {column: np.asarray(record[column])[k] for column in LOGIT_COLUMNS if column in record}
+                for record, k in zip(records, chosen)
+            ]
+        partner_labels = self.read_partners(views, sources) if self.mixed else {}
+        pixels, partner_pixels, weights = render_views(self.recipe, views, sources, self.size)
         items = []
-        logit_columns = [column for column in LOGIT_COLUMNS if column in batch]
-        for position, (row, k) in enumerate(zip(indices, chosen)):
-            image = self.source(batch, position)
-            # the clean view's logits (fresh), or those of view k (and a top-K cache's indices and tail of view k)
-            logits = {column: batch[column][position] for column in logit_columns}
-            if self.fresh:
-                view = self.recipe.sample(*image.size, (row, self.epoch), 1)[0]
-            else:
-                view = batch[VIEWS][position][k]
-                logits = {column: np.asarray(value)[k] for column, value in logits.items()}
-            item = {
-                PIXELS: torch.from_numpy(self.recipe.render(image, view, self.size)),
-                LABELS: self.label(batch, position, row),
-                **logits,
-            }
+        for position, (row, view) in enumerate(zip(indices, views)):
+            item = {PIXELS: torch.from_numpy(pixels[position]), LABELS: self.label(batch, position, row)}
+            item.update(logits[position])
             if self.mixed:
-                partner, partner_label = partners[self.partner(row, batch[MIX_PARTNERS][position][k])]
                 item.update(
-                    partner_pixels=torch.from_numpy(
-                        self.recipe.render(partner, batch[MIX_VIEWS][position][k], self.size)
-                    ),
-                    partner_labels=partner_label,
-                    **{MIX_WEIGHTS: batch[MIX_WEIGHTS][position][k]},
+                    partner_pixels=torch.from_numpy(partner_pixels[position]),
+                    partner_labels=partner_labels[view.partner],
+                    **{MIX_WEIGHTS: weights[position]},
                 )
             items.append(item)
         return items
@@ -181,9 +160,19 @@ class ViewRows(torch.utils.data.Dataset):
     def __getitem__(self, index):
         return self.__getitems__([index])[0]
 
-    def partner(self, row: int, partner) -> int:
-        """The row of `rows` that a mixed view of `row` is mixed with (stored as a row of the same split)."""
-        return int(partner) + (int(self.offsets[row]) if self.offsets is not None else 0)
+    def view(self, record, row: int, k: int) -> View:
+        """View k of `row`, its partner (if mixed) a row of `rows`: stored as a row of the same split."""
+        return stored_view(record, row, k, int(self.offsets[row]) if self.offsets is not None else 0)
+
+    def read_partners(self, views: list[View], sources: dict) -> dict:
+        """Add the sources of the views' partners to `sources`; returns the partners' labels."""
+        wanted = sorted({view.partner for view in views})
+        partner_rows = self.partner_rows[wanted]
+        labels = {}
+        for position, row in enumerate(wanted):
+            sources[row] = source_image({column: values[position] for column, values in partner_rows.items()})
+            labels[row] = self.label(partner_rows, position, row)
+        return labels
 
     def label(self, batch, position: int, row: int):
         return batch[LABELS][position] if self.labels is None else self.labels[row]

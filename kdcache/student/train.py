@@ -43,7 +43,7 @@ from kdcache.runtime import (
 from kdcache.student.card import model_card, summary_line
 from kdcache.student.model import build_student, student_processor
 from kdcache.student.rows import TrainingRows, training_rows, unlabeled_splits
-from kdcache.student.trainer import _callbacks, _train, _trainer
+from kdcache.student.trainer import build_trainer, run_training, training_callbacks
 
 log = logging.getLogger("kdcache")
 
@@ -112,7 +112,7 @@ def train_student(
             rows = training_rows(
                 cached, manifest, cache_path, options, ImagePipeline(processor), processor, size, place
             )
-            callbacks = _callbacks(callbacks, rows, options)
+            callbacks = training_callbacks(callbacks, rows, options)
         # once every check has passed on every process: a refused run leaves no work folder (a damaged chunk file may
         # be found by another process than the main one, which learns of it only when the step above is agreed)
         with agreed(processes):
@@ -120,7 +120,7 @@ def train_student(
                 record_options(
                     folder.work, run_options(options, cache_fingerprint=fingerprint, precision=place.precision)
                 )
-        trainer = _trainer(
+        trainer = build_trainer(
             model,
             rows,
             folder.work,
@@ -136,7 +136,7 @@ def train_student(
         )
         if progress and is_main(processes):
             log.info(place.describe(trainer.args.train_batch_size))
-        seconds = _train(trainer, options)
+        seconds = run_training(trainer, options)
         summary = _summary(
             trainer, seconds, folder.path, cache_path, manifest, model, rows, options, place, size, ensemble
         )
@@ -208,7 +208,9 @@ def _student_input(cache_path: Path, manifest: Manifest, options: TrainingOption
 
 
 def _check_space(model, output: Path, work: Path, options: TrainingOptions, processes) -> None:
-    space = training_bytes(model, checkpoints=2 if options.save_checkpoints else 0)  # save_total_limit in _trainer
+    space = training_bytes(
+        model, checkpoints=2 if options.save_checkpoints else 0
+    )  # save_total_limit in build_trainer
     if is_main(processes):
         check_free_space(output, space, "its checkpoints and the student", work)
     report_disk_full(

@@ -81,7 +81,7 @@ def accuracy_metric(prediction):
     return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
-def _callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
+def training_callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
     callbacks = list(callbacks or [])
     view_rows = rows.train.rows if isinstance(rows.train, TrainRows) else rows.train
     if isinstance(view_rows, ViewRows):
@@ -91,7 +91,7 @@ def _callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
     return callbacks
 
 
-def _trainer(
+def build_trainer(
     model,
     rows: TrainingRows,
     work: Path,
@@ -163,7 +163,7 @@ def _trainer(
     return trainer
 
 
-def _train(trainer, options: TrainingOptions) -> float:
+def run_training(trainer, options: TrainingOptions) -> float:
     """Train (continuing from the last checkpoint with --resume); returns the wall time in seconds."""
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if options.resume else None)  # check_resumable found a checkpoint

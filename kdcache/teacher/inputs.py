@@ -1,8 +1,11 @@
 """Stage one's inputs, checked before any work: the dataset, the teacher and its image processor, the labels, the
 views; and what they fingerprint (the recipe) and need on disk."""
 
+import contextlib
 import hashlib
+import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +22,18 @@ from kdcache.data import (
     load_extra_images,
     load_image_dataset,
     load_image_processor,
+    undecoded,
 )
 from kdcache.errors import KdcacheError
 from kdcache.format.codec import index_dtype
 from kdcache.format.manifest import RECIPE_VERSION_CLEAN, RECIPE_VERSION_VIEWS
 from kdcache.models import align_labels, load_classifier, weights_sha256
 from kdcache.options import CacheOptions
-from kdcache.outputs import (
-    stage_one_bytes,
-)
 from kdcache.runtime import slug
+
+# What each chunk of stage one costs besides its rows: its Arrow schema (with datasets' features as metadata) and
+# the last partly used disk block, and the record of its checksum (a block of its own).
+CHUNK_FILES_BYTES = 12 * 1024
 
 
 def default_cache_path(dataset: str, teacher: str) -> Path:
@@ -36,7 +41,7 @@ def default_cache_path(dataset: str, teacher: str) -> Path:
 
 
 @dataclass
-class _Inputs:
+class Inputs:
     """What stage one reads, checked: the dataset's splits and columns, the teacher, its processor and the views."""
 
     dataset_dict: object  # a datasets.DatasetDict
@@ -55,7 +60,7 @@ class _Inputs:
     view_recipe: ViewRecipe | None
 
 
-def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
+def load_inputs(dataset: str, teacher: str, options: CacheOptions) -> Inputs:
     """The dataset and the teacher, refused in one line when they do not fit together or with the options."""
     import datasets
 
@@ -130,7 +135,7 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
         if view_splits
         else None
     )
-    return _Inputs(
+    return Inputs(
         dataset_dict=dataset_dict,
         splits=splits,
         view_splits=view_splits,
@@ -148,7 +153,7 @@ def _load_inputs(dataset: str, teacher: str, options: CacheOptions) -> _Inputs:
     )
 
 
-def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
+def cache_recipe(inputs: Inputs, options: CacheOptions) -> tuple[dict, str]:
     """What the logits depend on, and its fingerprint: a cache with the same fingerprint need not be made again."""
     recipe = {
         "format_version": RECIPE_VERSION_VIEWS if inputs.view_recipe else RECIPE_VERSION_CLEAN,
@@ -172,7 +177,7 @@ def _recipe(inputs: _Inputs, options: CacheOptions) -> tuple[dict, str]:
     return recipe, hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _unlabeled(inputs: _Inputs) -> dict:
+def _unlabeled(inputs: Inputs) -> dict:
     """Which splits have no label column, for the fingerprint (their rows' -1 labels are not in the data's
     fingerprints): nothing when every split has one, so that such a cache keeps the fingerprint it had before
     unlabeled splits existed."""
@@ -196,17 +201,54 @@ def _logit_bytes(classes: int, options: CacheOptions) -> int:
     return (value + index_dtype(classes).itemsize) * options.top_k + 4
 
 
-def _needed_bytes(inputs: _Inputs, options: CacheOptions) -> int:
-    return stage_one_bytes(
-        inputs.dataset_dict,
-        inputs.splits,
-        inputs.image_column,
-        inputs.pixel_shape,
-        len(inputs.names),
-        options.views,
-        inputs.view_splits,
-        options.chunk_size,
-        inputs.view_recipe.source_size if inputs.view_recipe else None,
-        bool(inputs.view_recipe and inputs.view_recipe.mixed),
-        logit_bytes=_logit_bytes(len(inputs.names), options),
-    )
+def needed_bytes(inputs: Inputs, options: CacheOptions) -> int:
+    """The disk stage one needs: the cache, written once (its chunks become the cache's files), plus for each chunk
+    its Arrow schema and the record of its checksum, and each split's small JSON files.
+
+    A row of a split with one clean view holds row_index and labels (int64), the logits (one view's stored logits:
+    float32 x classes, less for compact logits) and the uint8 pixels; a row with K views holds K logit vectors, K
+    view boxes (5 x int32), the source's raw pixels and their shape, and with mixing K partners (int32), K partner
+    boxes and K weights (float32).
+    """
+    classes, views, recipe = len(inputs.names), options.views, inputs.view_recipe
+    logit_bytes = _logit_bytes(classes, options)
+    cache = files = 0
+    for name in inputs.splits:
+        split = inputs.dataset_dict[name]
+        if name in inputs.view_splits:
+            row = 16 + views * logit_bytes + _list_offsets((views, classes)) + 20 * views + _list_offsets((views, 5))
+            source = average_source_bytes(split, inputs.image_column, recipe.source_size if recipe else None)
+            row += source + 8 + 12  # bytes, offsets, shape
+            if recipe and recipe.mixed:
+                row += 28 * views + 2 * _list_offsets((views,)) + _list_offsets((views, 5))
+        else:
+            row = 16 + logit_bytes + math.prod(inputs.pixel_shape) + _list_offsets(inputs.pixel_shape)
+        cache += len(split) * row
+        # the split's chunks, and its state.json and dataset_info.json
+        files += -(-len(split) // options.chunk_size) + 1
+    return int(cache + files * CHUNK_FILES_BYTES)
+
+
+def _list_offsets(shape) -> int:
+    """Bytes of the Arrow offsets of one row of a datasets ArrayXD (nested lists): 4 per list at every level."""
+    lists, product = 0, 1
+    for size in shape[:-1]:
+        lists += product
+        product *= size
+    return 4 * (lists + product)
+
+
+def average_source_bytes(split, image_column: str, source_size: int | None, sample: int = 64) -> float:
+    """The mean size of a split's sources as a view split stores them: raw RGB pixels of the image with its shorter
+    side reduced to `source_size` (never enlarged), from up to `sample` rows spread over it (headers only are read)."""
+    if len(split) == 0:
+        return 0.0
+    rows = sorted({round(i * (len(split) - 1) / max(1, sample - 1)) for i in range(min(sample, len(split)))})
+    sizes = []
+    for value in undecoded(split, image_column).select(rows)[image_column]:
+        with contextlib.suppress(OSError, ValueError):  # an unreadable image is stage one's to report, with its row
+            opened = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
+            width, height = opened.size
+            scale = min(1.0, source_size / min(width, height)) if source_size else 1.0
+            sizes.append(round(width * scale) * round(height * scale) * 3)
+    return sum(sizes) / len(sizes) if sizes else 0.0

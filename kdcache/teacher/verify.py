@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.data import ImagePipeline, from_raw_source, undecoded
+from kdcache.data import ImagePipeline
 from kdcache.errors import KdcacheError
 from kdcache.format.codec import tail_logit
 from kdcache.format.manifest import (
-    IMAGE,
     LOGIT_INDICES,
     LOGIT_TAIL,
     LOGITS,
@@ -25,13 +24,13 @@ from kdcache.format.manifest import (
     MIX_VIEWS,
     MIX_WEIGHTS,
     PIXELS,
-    SOURCE,
-    SOURCE_SHAPE,
     VIEWS,
 )
 from kdcache.format.reader import load_cache, logit_columns, rebuilt_logits
+from kdcache.format.views import readable_sources, render_views, source_image, stored_view
 from kdcache.models import load_classifier, weights_sha256
 from kdcache.runtime import pick_device
+from kdcache.teacher.batches import autocast
 
 # Absolute, in logit units, by the precision the cache was computed in. fp32: the teacher rerun on another device,
 # batch size or kernel (oneDNN, cuDNN with TF32 convolutions) differs by up to about 1e-4 on logits of order 10, and
@@ -115,7 +114,11 @@ def verify_teacher_logits(
             for start in range(0, len(pairs), batch_size):
                 batch = pairs[start : start + batch_size]
                 inputs, stored = _rebuild(cached[name], batch, recipe, pipeline)
-                with torch.inference_mode(), _autocast(torch_device, precision):
+                # the cache's autocast where it can be repeated (CUDA); elsewhere fp32, within the precision's tolerance
+                with (
+                    torch.inference_mode(),
+                    autocast(torch_device, precision if torch_device.type == "cuda" else "fp32"),
+                ):
                     logits = model(pixel_values=inputs.to(torch_device)).logits
                 logits = logits.float()[:, index].cpu()
                 difference, top1_differs = _compare(logits, stored, manifest)
@@ -170,44 +173,17 @@ def _rebuild(rows, pairs, recipe, pipeline):
         data = rows.with_format("numpy", columns=[PIXELS, *stored_columns])[[row for row, _ in pairs]]
         pixels = pipeline.normalize(torch.from_numpy(np.asarray(data[PIXELS])))
         return pixels, {column: np.asarray(data[column]) for column in stored_columns}
-    raw = SOURCE in rows.column_names  # format 3: the reduced source's raw pixels; format 2: the source image file
-    sources = rows if raw else undecoded(rows, IMAGE)
-
-    def source(row):
-        record = sources[row]
-        if raw:
-            return from_raw_source(record[SOURCE], record[SOURCE_SHAPE])
-        import datasets
-
-        return datasets.Image().decode_example(record[IMAGE]).convert("RGB")
-
     parameters = rows.select_columns(
         [c for c in (VIEWS, *stored_columns, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS) if c in rows.column_names]
     )
-    own, partners, weights, stored = [], [], [], {column: [] for column in stored_columns}
-    for row, k in pairs:
-        record = parameters[row]
-        own.append(recipe.render(source(row), np.asarray(record[VIEWS])[k]))
-        for column in stored_columns:
-            stored[column].append(np.asarray(record[column])[k])
-        if MIX_WEIGHTS in record:
-            partners.append(recipe.render(source(int(record[MIX_PARTNERS][k])), np.asarray(record[MIX_VIEWS])[k]))
-            weights.append(float(record[MIX_WEIGHTS][k]))
-    own = torch.from_numpy(np.stack(own))
-    if partners:
-        inputs = pipeline.mix(own, torch.from_numpy(np.stack(partners)), torch.tensor(weights, dtype=torch.float32))
-    else:
-        inputs = pipeline.normalize(own)
-    return inputs, {column: np.stack(values) for column, values in stored.items()}
-
-
-def _autocast(device, precision):
-    """The cache's autocast where it can be repeated (CUDA); elsewhere fp32, within the precision's tolerance."""
-    import contextlib
-
-    if precision == "fp32" or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    records = {row: parameters[row] for row in sorted({row for row, _ in pairs})}
+    views = [stored_view(records[row], row, k) for row, k in pairs]
+    sources = readable_sources(rows)
+    needed = {view.row for view in views} | {view.partner for view in views if view.partner is not None}
+    images = {row: source_image(sources[row]) for row in sorted(needed)}
+    inputs = pipeline.inputs(*render_views(recipe, views, images))
+    stored = {column: np.stack([np.asarray(records[row][column])[k] for row, k in pairs]) for column in stored_columns}
+    return inputs, stored
 
 
 def describe(report: dict) -> str:
