@@ -44,6 +44,8 @@ def default_cache_path(dataset: str, teacher: str) -> Path:
 class Inputs:
     """What stage one reads, checked: the dataset's splits and columns, the teacher, its processor and the views."""
 
+    dataset: str  # as given: a hub id or a local path
+    teacher: str
     dataset_dict: object  # a datasets.DatasetDict
     splits: list[str]
     view_splits: list[str]
@@ -62,50 +64,14 @@ class Inputs:
 
 def load_inputs(dataset: str, teacher: str, options: CacheOptions) -> Inputs:
     """The dataset and the teacher, refused in one line when they do not fit together or with the options."""
-    import datasets
-
-    dataset_dict = load_image_dataset(dataset, revision=options.dataset_revision)
-    splits = list(dataset_dict) if not options.splits else list(options.splits)
-    for name in splits:
-        if name not in dataset_dict:
-            raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
-        if len(dataset_dict[name]) == 0:
-            raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
-    image_column = find_image_column(dataset_dict[splits[0]], options.image_column)
-    for name in splits[1:]:
-        find_image_column(dataset_dict[name], image_column)
-    label_column = find_label_column({name: dataset_dict[name] for name in splits}, options.label_column)
-    if options.extra_images:  # a split of images without labels, beside the dataset's (kdcache.labels)
-        if options.extra_split in splits:
-            raise KdcacheError(
-                f"--extra-split '{options.extra_split}' is already a split of dataset '{dataset}'; name the extra "
-                "images' split otherwise with --extra-split"
-            )
-        dataset_dict = datasets.DatasetDict(dataset_dict)  # the loaded DatasetDict stays as it was
-        dataset_dict[options.extra_split] = load_extra_images(
-            options.extra_images, options.extra_images_split, image_column
-        )
-        splits.append(options.extra_split)
+    dataset_dict, splits, image_column, label_column = _dataset_splits(dataset, options)
     label_columns = {name: label_column if label_column in dataset_dict[name].features else None for name in splits}
     labelled = [name for name in splits if label_columns[name]]
     names = label_names(dataset_dict[labelled[0]], label_column) if labelled else None
     for name in labelled[1:]:
         if label_names(dataset_dict[name], label_column) != names:
             raise KdcacheError(f"split '{name}' has other label names than split '{labelled[0]}'")
-    # the splits a student trains on: the training split, and the extra images (kdcache.labels)
-    default_view_splits = [
-        name for name in splits if name == "train" or (options.extra_images and name == options.extra_split)
-    ]
-    view_splits = (
-        (default_view_splits if options.view_splits is None else list(options.view_splits))
-        if options.views > 1
-        else []
-    )
-    for name in view_splits:
-        if name not in splits:
-            raise KdcacheError(
-                f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})"
-            )
+    view_splits = _view_splits(splits, options)
 
     loading = dict(revision=options.revision, trust_remote_code=options.trust_remote_code)
     processor = load_image_processor(teacher, **loading)
@@ -136,6 +102,8 @@ def load_inputs(dataset: str, teacher: str, options: CacheOptions) -> Inputs:
         else None
     )
     return Inputs(
+        dataset=dataset,
+        teacher=teacher,
         dataset_dict=dataset_dict,
         splits=splits,
         view_splits=view_splits,
@@ -151,6 +119,51 @@ def load_inputs(dataset: str, teacher: str, options: CacheOptions) -> Inputs:
         pixel_shape=pixel_shape,
         view_recipe=view_recipe,
     )
+
+
+def _dataset_splits(dataset: str, options: CacheOptions):
+    """The dataset's splits to cache (with the extra images' split, if any), checked: (the DatasetDict, the split
+    names, the image column, the label column or None)."""
+    import datasets
+
+    dataset_dict = load_image_dataset(dataset, revision=options.dataset_revision)
+    splits = list(dataset_dict) if not options.splits else list(options.splits)
+    for name in splits:
+        if name not in dataset_dict:
+            raise KdcacheError(f"split '{name}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)})")
+        if len(dataset_dict[name]) == 0:
+            raise KdcacheError(f"split '{name}' of dataset '{dataset}' is empty; leave it out with --splits")
+    image_column = find_image_column(dataset_dict[splits[0]], options.image_column)
+    for name in splits[1:]:
+        find_image_column(dataset_dict[name], image_column)
+    label_column = find_label_column({name: dataset_dict[name] for name in splits}, options.label_column)
+    if options.extra_images:  # a split of images without labels, beside the dataset's (kdcache.labels)
+        if options.extra_split in splits:
+            raise KdcacheError(
+                f"--extra-split '{options.extra_split}' is already a split of dataset '{dataset}'; name the extra "
+                "images' split otherwise with --extra-split"
+            )
+        dataset_dict = datasets.DatasetDict(dataset_dict)  # the loaded DatasetDict stays as it was
+        dataset_dict[options.extra_split] = load_extra_images(
+            options.extra_images, options.extra_images_split, image_column
+        )
+        splits.append(options.extra_split)
+    return dataset_dict, splits, image_column, label_column
+
+
+def _view_splits(splits: list[str], options: CacheOptions) -> list[str]:
+    """The splits cached with views: --view-splits, or by default the splits a student trains on (the training split,
+    and the extra images: kdcache.labels); none without --views."""
+    if options.views <= 1:
+        return []
+    if options.view_splits is None:
+        return [name for name in splits if name == "train" or (options.extra_images and name == options.extra_split)]
+    for name in options.view_splits:
+        if name not in splits:
+            raise KdcacheError(
+                f"--view-splits names '{name}', which is not among the splits cached ({', '.join(splits)})"
+            )
+    return list(options.view_splits)
 
 
 def cache_recipe(inputs: Inputs, options: CacheOptions) -> tuple[dict, str]:

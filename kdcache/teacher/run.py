@@ -104,7 +104,7 @@ def teacher_logits(
         speed = _compute_chunks(inputs, plan, folder, space, options, place, processes, progress)
         with agreed(processes), quiet_datasets():
             if is_main(processes):
-                _write_cache(folder, inputs, recipe, fingerprint, dataset, teacher, options, place, speed, started)
+                _write_cache(folder, inputs, recipe, fingerprint, options, place, speed, started)
         with agreed(processes):  # the processes of a launch hash a share of the files each
             _check_finished(folder, processes)
     return output
@@ -169,9 +169,7 @@ def _compute_chunks(inputs: Inputs, plan: dict, folder: OutputFolder, space: int
     return {name: split_images_per_second([timings[name] for timings in everyone]) for name in inputs.splits}
 
 
-def _write_cache(
-    folder: OutputFolder, inputs: Inputs, recipe, fingerprint, dataset, teacher, options, place, speed, started
-) -> None:
+def _write_cache(folder: OutputFolder, inputs: Inputs, recipe, fingerprint, options, place, speed, started) -> None:
     """Make the chunks the finished cache, with its manifest and the teacher's image processor."""
     chunks = _finish(folder, inputs, options, fingerprint)
     manifest = Manifest.build(
@@ -181,13 +179,13 @@ def _write_cache(
         fingerprint=fingerprint,
         pixel_shape=inputs.pixel_shape,
         teacher={
-            "name_or_path": teacher,
+            "name_or_path": inputs.teacher,
             "revision": options.revision,
             "trust_remote_code": options.trust_remote_code,
             "id2label": {str(k): v for k, v in inputs.model.config.id2label.items()},
         },
         dataset={
-            "name_or_path": dataset,
+            "name_or_path": inputs.dataset,
             "revision": options.dataset_revision,
             **(
                 {

@@ -68,33 +68,13 @@ def verify_teacher_logits(
         tolerance = DEFAULT_TOLERANCE.get(precision, DEFAULT_TOLERANCE["fp32"])
     if not tolerance >= 0:
         raise KdcacheError(f"--tolerance {tolerance} must be >= 0 (a largest absolute logit difference)")
-    model = load_classifier(
-        teacher or recorded["name_or_path"],
-        revision=None if teacher else recorded.get("revision"),
-        trust_remote_code=recorded.get("trust_remote_code", False),
-    )
-    found = weights_sha256(model)
-    if found != recorded["weights_sha256"]:
-        source = f"--teacher '{teacher}'" if teacher else f"the cache's teacher '{recorded['name_or_path']}'"
-        raise KdcacheError(
-            f"{source} has other weights than the teacher that made cache '{cache_path}' (weights sha256 "
-            f"{found[:16]}..., the cache's {recorded['weights_sha256'][:16]}...); pass the teacher that "
-            "made it with --teacher"
-        )
+    model = _recorded_teacher(manifest, teacher, cache_path)
     torch_device = pick_device(device)
     model.to(torch_device)
-    index = torch.tensor(manifest.teacher_to_dataset, device=torch_device)
     from transformers import AutoImageProcessor
 
     pipeline = ImagePipeline(AutoImageProcessor.from_pretrained(str(cache_path), backend="pil"))
-    recipe = manifest.view_recipe
-    rng = np.random.default_rng(seed)
-    plan = {}
-    for name in manifest.splits:
-        rows, views = cached[name], manifest.views_of(name)
-        picked = np.sort(rng.choice(len(rows) * views, size=min(sample, len(rows) * views), replace=False))
-        plan[name] = [(int(k) // views, int(k) % views) for k in picked]
-
+    plan = _sampled_pairs(cached, manifest, sample, seed)
     from tqdm.auto import tqdm
 
     report = {
@@ -110,33 +90,66 @@ def verify_teacher_logits(
         total=sum(map(len, plan.values())), unit="img", desc="verify: rerunning the teacher", disable=not progress
     ) as bar:
         for name, pairs in plan.items():
-            differences, mismatches = [], 0
-            for start in range(0, len(pairs), batch_size):
-                batch = pairs[start : start + batch_size]
-                inputs, stored = _rebuild(cached[name], batch, recipe, pipeline)
-                # the cache's autocast where it can be repeated (CUDA); elsewhere fp32, within the precision's tolerance
-                with (
-                    torch.inference_mode(),
-                    autocast(torch_device, precision if torch_device.type == "cuda" else "fp32"),
-                ):
-                    logits = model(pixel_values=inputs.to(torch_device)).logits
-                logits = logits.float()[:, index].cpu()
-                difference, top1_differs = _compare(logits, stored, manifest)
-                differences.append(difference)
-                mismatches += int(top1_differs.sum())
-                bar.update(len(batch))
-            difference = np.concatenate(differences)
-            report["splits"][name] = {
-                "checked": len(pairs),
-                "max_abs_difference": float(difference.max()),
-                "top1_mismatches": mismatches,
-            }
+            report["splits"][name] = _rerun_split(
+                model, torch_device, cached[name], pairs, manifest, pipeline, batch_size, bar
+            )
     splits = report["splits"].values()
     report["checked"] = sum(split["checked"] for split in splits)
     report["max_abs_difference"] = max(split["max_abs_difference"] for split in splits)
     report["top1_mismatches"] = sum(split["top1_mismatches"] for split in splits)
     report["passed"] = report["max_abs_difference"] <= tolerance
     return report
+
+
+def _recorded_teacher(manifest, teacher: str | None, cache_path: Path):
+    """The teacher that made the cache, from where the manifest says or from `teacher`; its weights must hash as
+    recorded."""
+    recorded = manifest.teacher
+    model = load_classifier(
+        teacher or recorded["name_or_path"],
+        revision=None if teacher else recorded.get("revision"),
+        trust_remote_code=recorded.get("trust_remote_code", False),
+    )
+    found = weights_sha256(model)
+    if found != recorded["weights_sha256"]:
+        source = f"--teacher '{teacher}'" if teacher else f"the cache's teacher '{recorded['name_or_path']}'"
+        raise KdcacheError(
+            f"{source} has other weights than the teacher that made cache '{cache_path}' (weights sha256 "
+            f"{found[:16]}..., the cache's {recorded['weights_sha256'][:16]}...); pass the teacher that "
+            "made it with --teacher"
+        )
+    return model
+
+
+def _sampled_pairs(cached, manifest, sample: int, seed: int) -> dict:
+    """Split name -> up to `sample` (row, view) pairs drawn without replacement from (seed), in row order."""
+    rng = np.random.default_rng(seed)
+    plan = {}
+    for name in manifest.splits:
+        rows, views = cached[name], manifest.views_of(name)
+        picked = np.sort(rng.choice(len(rows) * views, size=min(sample, len(rows) * views), replace=False))
+        plan[name] = [(int(k) // views, int(k) % views) for k in picked]
+    return plan
+
+
+def _rerun_split(model, device, rows, pairs, manifest, pipeline, batch_size: int, bar) -> dict:
+    """The teacher rerun on the (row, view) pairs of one split, batch by batch: how many were checked, the largest
+    |logit difference| and the top-1 mismatches."""
+    index = torch.tensor(manifest.teacher_to_dataset, device=device)
+    # the cache's autocast where it can be repeated (CUDA); elsewhere fp32, within the precision's tolerance
+    precision = manifest.precision if device.type == "cuda" else "fp32"
+    differences, mismatches = [], 0
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        inputs, stored = _rebuild(rows, batch, manifest.view_recipe, pipeline)
+        with torch.inference_mode(), autocast(device, precision):
+            logits = model(pixel_values=inputs.to(device)).logits
+        difference, top1_differs = _compare(logits.float()[:, index].cpu(), stored, manifest)
+        differences.append(difference)
+        mismatches += int(top1_differs.sum())
+        bar.update(len(batch))
+    difference = np.concatenate(differences)
+    return {"checked": len(pairs), "max_abs_difference": float(difference.max()), "top1_mismatches": mismatches}
 
 
 def _compare(logits: torch.Tensor, stored: dict, manifest) -> tuple[np.ndarray, np.ndarray]:
