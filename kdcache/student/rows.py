@@ -227,14 +227,48 @@ class TrainingRows:
     labels: "TrainingLabels | None" = None
 
 
-def training_rows(
-    cached, manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, processor, size, place
-) -> TrainingRows:
-    """The one place that picks the training rows: cached (one clean view), views or mixed views (K consistent views
-    per image), online (the teacher run on every batch) or student-only (random views for the student, the clean
-    view's logits); contradictory modes are refused."""
-    data, train_split, eval_split = manifest.dataset, options.train_split, options.eval_split
+def training_rows(cached, manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, size, place):
+    """The one place that picks the training rows (a TrainingRows): cached (one clean view), views or mixed views (K
+    consistent views per image), online (the teacher run on every batch) or student-only (random views for the
+    student, the clean view's logits); contradictory modes are refused."""
+    train_split, eval_split = options.train_split, options.eval_split
     views = manifest.views_of(train_split)
+    _check_modes(manifest, options, cache_path, views)
+    columns = [PIXELS, LABELS] + (logit_columns(cached[train_split]) if options.alpha > 0 else [])
+    # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
+    eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
+    labels = training_labels(cached, manifest, options)
+    teacher_run = manifest.teacher["name_or_path"]
+    if options.online:
+        return _online_training_rows(manifest, cache_path, options, pipeline, labels, place)
+    rows = labels.concatenated(cached)
+    if views > 1:
+        train_rows = ViewRows(
+            rows, manifest.view_recipe, options.seed, student_size=size, labels=labels.labels, offsets=labels.offsets
+        )
+        mode = "mixed views" if manifest.mixed_views else "views"
+        return TrainingRows(
+            mode, labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
+        )
+    if options.student_only_augment:
+        train_rows = _fresh_view_rows(rows, manifest, options, pipeline, size, labels)
+        return TrainingRows(
+            "student-only", labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
+        )
+    return TrainingRows(
+        "cached",
+        labels.serve(rows.with_format("numpy", columns=columns)),
+        eval_rows,
+        teacher_run,
+        views,
+        labels=labels,
+    )
+
+
+def _check_modes(manifest: Manifest, options: TrainingOptions, cache_path: Path, views: int) -> None:
+    """Refuse a mode the cache cannot serve: views with --online or --student-only-augment, an evaluation split
+    with unlabelled rows or with views, a loss the cache's labels cannot feed."""
+    train_split, eval_split = options.train_split, options.eval_split
     if views > 1 and (options.online or options.student_only_augment):
         raise KdcacheError(
             f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
@@ -251,72 +285,59 @@ def training_rows(
         )
     check_loss_for_cache(options.loss, len(manifest.label_names), views > 1 and manifest.mixed_views, cache_path)
 
-    def source_split(split):
-        """The original rows the cache was made from, for the modes that need the images themselves."""
-        rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
-        if rows._fingerprint != manifest.split(split)["fingerprint"]:
-            raise KdcacheError(
-                f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
-                "this mode must see the same rows"
-            )
-        return rows
 
-    columns = [PIXELS, LABELS] + (logit_columns(cached[train_split]) if options.alpha > 0 else [])
-    # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
-    eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
-    labels = training_labels(cached, manifest, options)
-    teacher_run = manifest.teacher["name_or_path"]
-    if options.online:
-        teacher_run = options.teacher or teacher_run
-        teacher_model = load_classifier(
-            teacher_run,
-            revision=None if options.teacher else manifest.teacher.get("revision"),
-            trust_remote_code=manifest.teacher.get("trust_remote_code", False),
+def _source_split(manifest: Manifest, split: str):
+    """The original rows the cache was made from, for the modes that need the images themselves."""
+    data = manifest.dataset
+    rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
+    if rows._fingerprint != manifest.split(split)["fingerprint"]:
+        raise KdcacheError(
+            f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
+            "this mode must see the same rows"
         )
-        check_same_teacher(teacher_model, options.teacher, manifest, cache_path)
-        online_teacher = OnlineTeacher(
-            teacher_model, align_labels(teacher_model.config.id2label, manifest.label_names)
-        )
-        train_rows, eval_rows = (
-            _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
-            for split in (train_split, eval_split)
-        )
-        return TrainingRows(
-            "online", labels.serve(train_rows), eval_rows, teacher_run, views, online_teacher.to(place.device), labels
-        )
-    rows = labels.concatenated(cached)
-    if views > 1:
-        train_rows = ViewRows(
-            rows, manifest.view_recipe, options.seed, student_size=size, labels=labels.labels, offsets=labels.offsets
-        )
-        mode = "mixed views" if manifest.mixed_views else "views"
-        return TrainingRows(
-            mode, labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
-        )
-    if options.student_only_augment:
-        import datasets
+    return rows
 
-        images = undecoded(source_split(train_split), data["image_column"]).select_columns([data["image_column"]])
-        if data["image_column"] != IMAGE:
-            images = images.rename_column(data["image_column"], IMAGE)
-        train_rows = ViewRows(
-            datasets.concatenate_datasets([rows.select_columns([LABELS, *logit_columns(rows)]), images], axis=1),
-            ViewRecipe(manifest.pixel_shape[1:], getattr(processor, "resample", 3), seed=options.seed),
-            options.seed,
-            fresh=True,
-            student_size=size,
-            labels=labels.labels,
-        )
-        return TrainingRows(
-            "student-only", labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
-        )
-    return TrainingRows(
-        "cached",
-        labels.serve(rows.with_format("numpy", columns=columns)),
-        eval_rows,
+
+def _online_training_rows(manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, labels, place):
+    """The online mode's rows: the original images, with the teacher (the cache's, or --teacher with its weights)
+    run on every batch."""
+    data = manifest.dataset
+    teacher_run = options.teacher or manifest.teacher["name_or_path"]
+    teacher_model = load_classifier(
         teacher_run,
-        views,
-        labels=labels,
+        revision=None if options.teacher else manifest.teacher.get("revision"),
+        trust_remote_code=manifest.teacher.get("trust_remote_code", False),
+    )
+    check_same_teacher(teacher_model, options.teacher, manifest, cache_path)
+    online_teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, manifest.label_names))
+    train_rows, eval_rows = (
+        _online_rows(_source_split(manifest, split), data["image_column"], data["label_column"], pipeline)
+        if split
+        else None
+        for split in (options.train_split, options.eval_split)
+    )
+    views = manifest.views_of(options.train_split)
+    return TrainingRows(
+        "online", labels.serve(train_rows), eval_rows, teacher_run, views, online_teacher.to(place.device), labels
+    )
+
+
+def _fresh_view_rows(rows, manifest: Manifest, options: TrainingOptions, pipeline, size, labels) -> "ViewRows":
+    """The student-only baseline's rows: a new random view of each original image every epoch (the training split's
+    images joined to its cached rows), with the clean view's logits."""
+    import datasets
+
+    image_column = manifest.dataset["image_column"]
+    images = undecoded(_source_split(manifest, options.train_split), image_column).select_columns([image_column])
+    if image_column != IMAGE:
+        images = images.rename_column(image_column, IMAGE)
+    return ViewRows(
+        datasets.concatenate_datasets([rows.select_columns([LABELS, *logit_columns(rows)]), images], axis=1),
+        ViewRecipe(manifest.pixel_shape[1:], getattr(pipeline.processor, "resample", 3), seed=options.seed),
+        options.seed,
+        fresh=True,
+        student_size=size,
+        labels=labels.labels,
     )
 
 

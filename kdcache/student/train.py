@@ -132,7 +132,7 @@ def _prepare(caches, folder, options, place, processes, callbacks, progress, ver
     model = model.to(memory_format=torch.channels_last)
     _check_space(model, folder.path, folder.work, options, processes)
     pipeline = ImagePipeline(processor)
-    rows = training_rows(cached, manifest, cache_path, options, pipeline, processor, size, place)
+    rows = training_rows(cached, manifest, cache_path, options, pipeline, size, place)
     return StudentRun(
         options=options,
         place=place,
