@@ -5,7 +5,7 @@
 
 (a) The resume check: a run stopped once every chunk is written (before it finishes) leaves them all in
 CACHE.partial; the next run hashes each against its record before it carries it over. Timed here over all the
-chunks, as `_plan_work` does it (`_carried_over`), from the page cache (warm: a resume soon after a kill) and with the
+chunks, as `_plan_work` does it (`carried_over`), from the page cache (warm: a resume soon after a kill) and with the
 chunk files evicted from it first (cold: a resume after a reboot; posix_fadvise DONTNEED on the fsynced files, so
 the reads go to the disk, or to whatever caches it below this machine's page cache),
 against the teacher's work the chunks carried over save: the time of the chunk loop (decode, resize, forward, chunk
@@ -63,7 +63,7 @@ def significant(value: float) -> float:
 
 def check_all(work: Path, chunks: list[tuple[str, int, int]]) -> float:
     started = time.perf_counter()
-    kept = [cache_module._carried_over(work, split, index, rows) for split, index, rows in chunks]
+    kept = [cache_module.carried_over(work, split, index, rows) for split, index, rows in chunks]
     seconds = time.perf_counter() - started
     if not all(kept):
         raise SystemExit("resume_check.py: error: a chunk written by this run did not pass its own check")
@@ -106,7 +106,7 @@ def main():
             pass
         cache_module._write_cache = real_write_cache
         work = root / "resumed.partial"
-        files = [cache_module._chunk_path(work, name, index) for name, index, _ in chunks]
+        files = [cache_module.chunk_path(work, name, index) for name, index, _ in chunks]
         warm, cold = [], []
         for _ in range(args.rounds):
             warm.append(check_all(work, chunks))

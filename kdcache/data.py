@@ -253,6 +253,13 @@ class ImagePipeline:
         weights = weights.to(torch.float32).view(-1, 1, 1, 1)
         return self.normalize(pixels) * weights + self.normalize(partner_pixels) * (1 - weights)
 
+    def inputs(self, pixels, partner_pixels=None, weights=None) -> torch.Tensor:
+        """float32 model input of 8-bit views (numpy or torch): mixed with their partners' when there are any."""
+        pixels = torch.as_tensor(pixels)
+        if partner_pixels is None:
+            return self.normalize(pixels)
+        return self.mix(pixels, torch.as_tensor(partner_pixels), torch.as_tensor(weights))
+
     def __call__(self, images: list) -> torch.Tensor:
         return self.normalize(torch.from_numpy(self.pixels(images)))
 

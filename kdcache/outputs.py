@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import errno
 import functools
-import math
+import json
 import os
 import shutil
 import socket
@@ -29,9 +29,6 @@ LOCK_SUFFIX = ".lock"
 # What datasets writes into each saved folder besides the rows (dataset_info.json, state.json, the Arrow schema and
 # footer), each file taking whole disk blocks.
 SAVED_FOLDER_BYTES = 16 * 1024
-# What each chunk of stage one costs besides its rows: its Arrow schema (with datasets' features as metadata) and
-# the last partly used disk block, and the record of its checksum (a block of its own).
-CHUNK_FILES_BYTES = 12 * 1024
 # torch's zip writer reports a full disk without an errno ("PytorchStreamWriter failed writing file ..."): such an
 # error counts as a full disk when the file system is left with less than this.
 NEARLY_FULL_BYTES = 64 * 1024**2
@@ -393,74 +390,11 @@ def human_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _list_offsets(shape) -> int:
-    """Bytes of the Arrow offsets of one row of a datasets ArrayXD (nested lists): 4 per list at every level."""
-    lists, product = 0, 1
-    for size in shape[:-1]:
-        lists += product
-        product *= size
-    return 4 * (lists + product)
-
-
-def average_source_bytes(split, image_column: str, source_size: int | None, sample: int = 64) -> float:
-    """The mean size of a split's sources as a view split stores them: raw RGB pixels of the image with its shorter
-    side reduced to `source_size` (never enlarged), from up to `sample` rows spread over it (headers only are read)."""
-    import io
-
-    from PIL import Image
-
-    from kdcache.data import undecoded
-
-    if len(split) == 0:
-        return 0.0
-    rows = sorted({round(i * (len(split) - 1) / max(1, sample - 1)) for i in range(min(sample, len(split)))})
-    sizes = []
-    for value in undecoded(split, image_column).select(rows)[image_column]:
-        with contextlib.suppress(OSError, ValueError):  # an unreadable image is stage one's to report, with its row
-            opened = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
-            width, height = opened.size
-            scale = min(1.0, source_size / min(width, height)) if source_size else 1.0
-            sizes.append(round(width * scale) * round(height * scale) * 3)
-    return sum(sizes) / len(sizes) if sizes else 0.0
-
-
-def stage_one_bytes(
-    dataset_dict,
-    splits,
-    image_column: str,
-    pixel_shape,
-    classes: int,
-    views: int,
-    view_splits,
-    chunk_size: int,
-    source_size: int | None = None,
-    mixed: bool = False,
-    logit_bytes: int | None = None,
-) -> int:
-    """The disk stage one needs: the cache, written once (its chunks become the cache's files), plus for each chunk
-    its Arrow schema and the record of its checksum, and each split's small JSON files.
-
-    `logit_bytes`: one view's stored logits (default float32 x classes; less for compact logits).
-    A row of a split with one clean view holds row_index and labels (int64), the logits (float32 x classes) and the
-    uint8 pixels; a row with K views holds K logit vectors, K view boxes (5 x int32), the source's raw pixels and
-    their shape, and with mixing K partners (int32), K partner boxes and K weights (float32).
-    """
-    cache = files = 0
-    logit_bytes = 4 * classes if logit_bytes is None else logit_bytes
-    for name in splits:
-        rows = len(dataset_dict[name])
-        if name in view_splits:
-            row = 16 + views * logit_bytes + _list_offsets((views, classes)) + 20 * views + _list_offsets((views, 5))
-            row += (
-                average_source_bytes(dataset_dict[name], image_column, source_size) + 8 + 12
-            )  # bytes, offsets, shape
-            if mixed:
-                row += 28 * views + 2 * _list_offsets((views,)) + _list_offsets((views, 5))
-        else:
-            row = 16 + logit_bytes + math.prod(pixel_shape) + _list_offsets(pixel_shape)
-        cache += rows * row
-        files += -(-rows // chunk_size) + 1  # the split's chunks, and its state.json and dataset_info.json
-    return int(cache + files * CHUNK_FILES_BYTES)
+def write_json(path: Path, content: dict) -> None:
+    """Write `content` as indented JSON to `path` through a temporary file: a reader never finds half of it."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(content, indent=2) + "\n")
+    partial.replace(path)
 
 
 def training_bytes(model, checkpoints: int) -> int:

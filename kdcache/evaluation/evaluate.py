@@ -5,7 +5,6 @@ image processor. Its logits are put in the dataset's label order (by label name)
 ordered heads, and the cached teacher logits, compare row for row. Metrics come from kdcache.evaluation.metrics (`evaluate`
 modules that work offline). The teacher is never run: agreement with it comes from a logit cache of the same rows."""
 
-import json
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -26,10 +25,10 @@ from kdcache.data import (
 )
 from kdcache.errors import KdcacheError, hub_error
 from kdcache.evaluation.quality import (
-    _metrics_library,
     calibration,
     classification_metrics,
     ensemble_agreement,
+    metrics_library_name,
     teacher_agreement,
 )
 from kdcache.evaluation.report import (
@@ -53,6 +52,7 @@ from kdcache.outputs import (
     guards_output,
     report_disk_full,
     safe_output,
+    write_json,
 )
 from kdcache.runtime import output_path, pick_device, slug, tune_malloc
 from kdcache.version import __version__
@@ -209,7 +209,7 @@ def _evaluate_model(name, processor, mapping, short_name, output, data: _Rows, o
         "parameters": count_parameters(model),
         "weights_bytes": weights_bytes(name),
         "speed": {"device": str(device), "batch_size": options.batch_size, **speed, "timed": TIMED},
-        "metrics_library": _metrics_library(),
+        "metrics_library": metrics_library_name(),
         "kdcache_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "output": str(output),
@@ -257,7 +257,7 @@ def _write_report(folder: OutputFolder, results: list[dict], folders: list[str],
     try:
         for result, subfolder in zip(results, folders):
             (work / subfolder).mkdir(exist_ok=True)
-            _write_json(work / subfolder / METRICS, result)
+            write_json(work / subfolder / METRICS, result)
             if result["accuracy"] is not None:  # a split without labels has neither
                 plot_confusion(result, work / subfolder / CONFUSION_PNG)
                 plot_reliability(result, work / subfolder / RELIABILITY_PNG)
@@ -269,7 +269,7 @@ def _write_report(folder: OutputFolder, results: list[dict], folders: list[str],
             "models": results,
         }
         if len(results) > 1:
-            _write_json(work / METRICS, report)
+            write_json(work / METRICS, report)
             plot_comparison(
                 results, work / COMPARISON_PNG, f"{slug(data.dataset)} {data.split} ({len(data.rows)} rows)"
             )
@@ -400,7 +400,3 @@ def _unique(labels: list[str]) -> list[str]:
         seen[label] = seen.get(label, 0) + 1
         unique.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
     return unique
-
-
-def _write_json(path: Path, content: dict) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")

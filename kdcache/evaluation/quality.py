@@ -122,7 +122,7 @@ def ensemble_agreement(logits, members, references, weights=None) -> dict:
     }
 
 
-def _metrics_library() -> str:
+def metrics_library_name() -> str:
     import evaluate
     import sklearn
 

@@ -21,42 +21,51 @@ def describe(report: dict) -> str:
     """The human summary: per-class figures for one model, a side-by-side table for several."""
     results = report["models"]
     lines = [f"{slug(report['dataset'])} / {report['split']} ({report['rows']} rows)"]
-    if len(results) == 1:
-        result = results[0]
-        speed = result["speed"]
-        lines += [
-            f"  model       {result['model']} ({result['model_class']}, {result['parameters']:,} parameters, "
-            f"{_megabytes(result)} MB on disk)",
-            (
-                f"  accuracy    {result['accuracy']:.4f}    macro-F1 {result['macro_f1']:.4f}    "
-                f"ECE {result['expected_calibration_error']:.4f} ({len(result['calibration_bins'])} bins)"
-                + (f", on the {result['labeled_rows']} rows with a label" if "labeled_rows" in result else "")
-                if result["accuracy"] is not None
-                else f"  accuracy    none: {result['no_accuracy']}"
-            ),
-            f"  speed       {speed['forward_images_per_second']:.1f} img/s forward, "
-            f"{speed['end_to_end_images_per_second']:.1f} img/s with decoding and preprocessing "
-            f"(batch {speed['batch_size']}, {speed['device']})",
+    lines += _one_model(report, results[0]) if len(results) == 1 else _several_models(report, results)
+    return "\n".join(lines)
+
+
+def _one_model(report: dict, result: dict) -> list[str]:
+    """The summary's lines for one model: its figures, its speed, its agreement with the teacher, per class."""
+    speed = result["speed"]
+    lines = [
+        f"  model       {result['model']} ({result['model_class']}, {result['parameters']:,} parameters, "
+        f"{_megabytes(result)} MB on disk)",
+        (
+            f"  accuracy    {result['accuracy']:.4f}    macro-F1 {result['macro_f1']:.4f}    "
+            f"ECE {result['expected_calibration_error']:.4f} ({len(result['calibration_bins'])} bins)"
+            + (f", on the {result['labeled_rows']} rows with a label" if "labeled_rows" in result else "")
+            if result["accuracy"] is not None
+            else f"  accuracy    none: {result['no_accuracy']}"
+        ),
+        f"  speed       {speed['forward_images_per_second']:.1f} img/s forward, "
+        f"{speed['end_to_end_images_per_second']:.1f} img/s with decoding and preprocessing "
+        f"(batch {speed['batch_size']}, {speed['device']})",
+    ]
+    if "teacher_agreement" in result:
+        agreement = result["teacher_agreement"]
+        lines += _ensemble_lines(result) or [
+            f"  teacher     top-1 agreement {agreement['top1_agreement']:.4f}, KL(teacher||model) "
+            f"{agreement['kl_teacher_student']:.4f} nats at T=1, teacher accuracy "
+            f"{_figure(agreement['teacher_accuracy'])} (cache {agreement['cache']})"
         ]
-        if "teacher_agreement" in result:
-            agreement = result["teacher_agreement"]
-            lines += _ensemble_lines(result) or [
-                f"  teacher     top-1 agreement {agreement['top1_agreement']:.4f}, KL(teacher||model) "
-                f"{agreement['kl_teacher_student']:.4f} nats at T=1, teacher accuracy "
-                f"{_figure(agreement['teacher_accuracy'])} (cache {agreement['cache']})"
-            ]
-        if result["accuracy"] is None:
-            lines.append(f"  written to {report['output']}/ ({METRICS})")
-            return "\n".join(lines)
-        width = max(len(name) for name in result["per_class"])
-        lines.append(f"  {'class':<{width}}  precision  recall      f1  support")
-        for name, figures in result["per_class"].items():
-            lines.append(
-                f"  {name:<{width}}  {figures['precision']:9.4f}  {figures['recall']:6.4f}  "
-                f"{figures['f1']:6.4f}  {figures['support']:7d}"
-            )
-        lines.append(f"  written to {report['output']}/ ({METRICS}, {CONFUSION_PNG}, {RELIABILITY_PNG})")
-        return "\n".join(lines)
+    if result["accuracy"] is None:
+        lines.append(f"  written to {report['output']}/ ({METRICS})")
+        return lines
+    width = max(len(name) for name in result["per_class"])
+    lines.append(f"  {'class':<{width}}  precision  recall      f1  support")
+    for name, figures in result["per_class"].items():
+        lines.append(
+            f"  {name:<{width}}  {figures['precision']:9.4f}  {figures['recall']:6.4f}  "
+            f"{figures['f1']:6.4f}  {figures['support']:7d}"
+        )
+    lines.append(f"  written to {report['output']}/ ({METRICS}, {CONFUSION_PNG}, {RELIABILITY_PNG})")
+    return lines
+
+
+def _several_models(report: dict, results: list[dict]) -> list[str]:
+    """The summary's lines for several models: one row each, side by side."""
+    lines = []
     agreement = all("teacher_agreement" in result for result in results)
     header = ["model", "params", "MB", "accuracy", "macro-F1", "ECE", "img/s fwd", "img/s e2e"] + (
         ["agree", "KL"] if agreement else []
@@ -93,7 +102,7 @@ def describe(report: dict) -> str:
             lines.append("  (the teacher is the ensemble of the caches; with each teacher alone:)")
             lines += [line for result in results for line in _ensemble_lines(result, result["name"] + ": ")]
     lines.append(f"  written to {report['output']}/ ({METRICS}, {COMPARISON_PNG}, one folder per model)")
-    return "\n".join(lines)
+    return lines
 
 
 def _figure(value) -> str:

@@ -40,7 +40,7 @@ def load_cache(path: str | Path, verify: bool = True, share: tuple[int, int] | N
     if verify:
         manifest.verify_files(path, share)  # before datasets maps the files: a damaged one is reported as such
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             cache = datasets.load_from_disk(str(path))
     except Exception as error:
         raise KdcacheError(
@@ -139,7 +139,7 @@ def describe(path: str | Path) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_datasets():
+def quiet_datasets():
     """datasets prints a progress bar for every chunk it saves; ours is the one that matters."""
     import datasets
 

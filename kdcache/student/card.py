@@ -77,26 +77,9 @@ def card_metadata(summary: dict, manifest: dict, repo: str | None = None) -> str
 
 
 def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None = None) -> str:
+    """The student's README.md: the hub metadata, what it was distilled from and how, and how to use it."""
     recipe = summary["recipe"]
-    accuracy = summary["best_eval_accuracy"]
-    ensemble = isinstance(recipe["teacher"], list)  # several caches: their teachers, weights and caches are lists
-    if ensemble:
-        teachers = [public_name(teacher)[0] for teacher in recipe["teacher"]]
-        teacher_intro = (
-            f"an ensemble of {len(teachers)} teachers ("
-            + ", ".join(f"`{teacher}`" for teacher in teachers)
-            + f"), their probabilities at T={recipe['temperature']} averaged"
-        )
-        teacher_row = "| teachers (weight) | " + ", ".join(
-            f"`{teacher}` ({weight:g}, weights sha256 `{sha[:16]}...`)"
-            for teacher, weight, sha in zip(teachers, recipe["teacher_weights"], recipe["teacher_weights_sha256"])
-        )
-        cache_row = "| logit caches | fingerprints " + ", ".join(f"`{f}`" for f in recipe["cache_fingerprint"])
-    else:
-        teacher = public_name(recipe["teacher"])[0]
-        teacher_intro = f"the teacher `{teacher}`"
-        teacher_row = f"| teacher | `{teacher}` (weights sha256 `{manifest['teacher']['weights_sha256'][:16]}...`)"
-        cache_row = f"| logit cache | fingerprint `{recipe['cache_fingerprint']}`"
+    teacher_intro, teacher_row, cache_row = _teacher_rows(recipe, manifest)
     student = recipe["student"]
     if student != "MobileNetV2Config() from scratch":  # a config name, a hub id or a folder
         student = f"`{public_name(student)[0]}`"
@@ -129,6 +112,47 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
         )
         + f", weight decay {recipe['weight_decay']}, seed {recipe['seed']} |",
     ]
+    lines += _optional_rows(summary, recipe)
+    lines += [
+        "",
+        "```python",
+        "from transformers import pipeline",
+        # the hub id once pushed; before, the folder this card is in
+        f'classifier = pipeline("image-classification", model="{repo or Path(summary["output"]).name}")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _teacher_rows(recipe: dict, manifest: dict) -> tuple[str, str, str]:
+    """How the card names the teacher (or the ensemble of teachers) in its first sentence, and its table's teacher
+    and cache rows (without their closing bar)."""
+    ensemble = isinstance(recipe["teacher"], list)  # several caches: their teachers, weights and caches are lists
+    if ensemble:
+        teachers = [public_name(teacher)[0] for teacher in recipe["teacher"]]
+        teacher_intro = (
+            f"an ensemble of {len(teachers)} teachers ("
+            + ", ".join(f"`{teacher}`" for teacher in teachers)
+            + f"), their probabilities at T={recipe['temperature']} averaged"
+        )
+        teacher_row = "| teachers (weight) | " + ", ".join(
+            f"`{teacher}` ({weight:g}, weights sha256 `{sha[:16]}...`)"
+            for teacher, weight, sha in zip(teachers, recipe["teacher_weights"], recipe["teacher_weights_sha256"])
+        )
+        cache_row = "| logit caches | fingerprints " + ", ".join(f"`{f}`" for f in recipe["cache_fingerprint"])
+    else:
+        teacher = public_name(recipe["teacher"])[0]
+        teacher_intro = f"the teacher `{teacher}`"
+        teacher_row = f"| teacher | `{teacher}` (weights sha256 `{manifest['teacher']['weights_sha256'][:16]}...`)"
+        cache_row = f"| logit cache | fingerprint `{recipe['cache_fingerprint']}`"
+    return teacher_intro, teacher_row, cache_row
+
+
+def _optional_rows(summary: dict, recipe: dict) -> list[str]:
+    """The table's rows that only some students have: a label budget, the input size and views, the accuracy."""
+    lines = []
+    accuracy = summary["best_eval_accuracy"]
     labeled, training = recipe.get("labeled_rows"), recipe.get("training_rows")
     if labeled is not None and labeled < training:
         budget = recipe.get("labeled_fraction")
@@ -157,13 +181,4 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
             f"| {summary['eval_split']} accuracy | best {accuracy:.4f} (epoch {summary['best_epoch']:g}), last "
             f"{summary['last_eval_accuracy']:.4f} (epoch {summary['last_epoch']:g}); the {saved} epoch's weights are saved |"
         )
-    lines += [
-        "",
-        "```python",
-        "from transformers import pipeline",
-        # the hub id once pushed; before, the folder this card is in
-        f'classifier = pipeline("image-classification", model="{repo or Path(summary["output"]).name}")',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines

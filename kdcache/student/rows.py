@@ -9,15 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcache.data import ImagePipeline, ViewRecipe, from_raw_source, load_image_dataset, undecoded
+from kdcache.data import ImagePipeline, ViewRecipe, load_image_dataset, undecoded
 from kdcache.errors import KdcacheError
 from kdcache.format.manifest import (
     IMAGE,
     LABELS,
     LOGIT_COLUMNS,
     LOGITS,
-    MIX_PARTNERS,
-    MIX_VIEWS,
     MIX_WEIGHTS,
     PIXELS,
     SOURCE,
@@ -26,6 +24,7 @@ from kdcache.format.manifest import (
     Manifest,
 )
 from kdcache.format.reader import logit_columns, rebuilt_logits
+from kdcache.format.views import View, readable_sources, render_views, source_image, stored_view
 from kdcache.labels import NO_LABEL, labeled_subset, masked_labels
 from kdcache.models import align_labels, load_classifier
 from kdcache.options import TrainingOptions, check_loss_for_cache
@@ -113,10 +112,7 @@ class ViewRows(torch.utils.data.Dataset):
     def __init__(
         self, rows, recipe: ViewRecipe, seed: int, fresh: bool = False, student_size=None, labels=None, offsets=None
     ):
-        import datasets
-
-        self.raw = SOURCE in rows.column_names  # format 3: reduced raw pixels; format 2: the source image file
-        self.rows = rows if self.raw else undecoded(rows, IMAGE)
+        self.rows = readable_sources(rows)
         self.recipe, self.seed, self.fresh, self.epoch = recipe, seed, fresh, 0
         self.labels, self.offsets = labels, offsets
         self.size = tuple(student_size) if student_size else recipe.size
@@ -124,7 +120,6 @@ class ViewRows(torch.utils.data.Dataset):
         self.mixed = MIX_WEIGHTS in rows.column_names
         if self.mixed:  # partners are any rows of the split: read only what a partner needs
             self.partner_rows = rows.select_columns([SOURCE, SOURCE_SHAPE, LABELS])
-        self.decoder = datasets.Image()
 
     def __len__(self):
         return len(self.rows)
@@ -133,47 +128,31 @@ class ViewRows(torch.utils.data.Dataset):
         cycle, position = divmod(self.epoch, self.count)
         return int(np.random.default_rng([self.seed, row, cycle]).permutation(self.count)[position])
 
-    def source(self, batch, position):
-        if self.raw:
-            return from_raw_source(batch[SOURCE][position], batch[SOURCE_SHAPE][position])
-        return self.decoder.decode_example(batch[IMAGE][position]).convert("RGB")
-
     def __getitems__(self, indices):
         batch = self.rows[list(indices)]
-        chosen = [0 if self.fresh else self.view_index(row) for row in indices]
-        partners = {}
-        if self.mixed:
-            wanted = sorted(
-                {self.partner(row, batch[MIX_PARTNERS][i][k]) for i, (row, k) in enumerate(zip(indices, chosen))}
-            )
-            partner_rows = self.partner_rows[wanted]
-            partners = {
-                row: (self.source(partner_rows, i), self.label(partner_rows, i, row)) for i, row in enumerate(wanted)
-            }
+        records = [{column: values[position] for column, values in batch.items()} for position in range(len(indices))]
+        sources = {row: source_image(record) for row, record in zip(indices, records)}
+        if self.fresh:  # a new view of the clean image, with the clean view's logits
+            views = [View(row, self.recipe.sample(*sources[row].size, (row, self.epoch), 1)[0]) for row in indices]
+            logits = [{column: record[column] for column in LOGIT_COLUMNS if column in record} for record in records]
+        else:  # view k of each row, with the logits of view k (and a top-K cache's indices and tail of view k)
+            chosen = [self.view_index(row) for row in indices]
+            views = [self.view(record, row, k) for record, row, k in zip(records, indices, chosen)]
+            logits = [
+                {column: np.asarray(record[column])[k] for column in LOGIT_COLUMNS if column in record}
+                for record, k in zip(records, chosen)
+            ]
+        partner_labels = self.read_partners(views, sources) if self.mixed else {}
+        pixels, partner_pixels, weights = render_views(self.recipe, views, sources, self.size)
         items = []
-        logit_columns = [column for column in LOGIT_COLUMNS if column in batch]
-        for position, (row, k) in enumerate(zip(indices, chosen)):
-            image = self.source(batch, position)
-            # the clean view's logits (fresh), or those of view k (and a top-K cache's indices and tail of view k)
-            logits = {column: batch[column][position] for column in logit_columns}
-            if self.fresh:
-                view = self.recipe.sample(*image.size, (row, self.epoch), 1)[0]
-            else:
-                view = batch[VIEWS][position][k]
-                logits = {column: np.asarray(value)[k] for column, value in logits.items()}
-            item = {
-                PIXELS: torch.from_numpy(self.recipe.render(image, view, self.size)),
-                LABELS: self.label(batch, position, row),
-                **logits,
-            }
+        for position, (row, view) in enumerate(zip(indices, views)):
+            item = {PIXELS: torch.from_numpy(pixels[position]), LABELS: self.label(batch, position, row)}
+            item.update(logits[position])
             if self.mixed:
-                partner, partner_label = partners[self.partner(row, batch[MIX_PARTNERS][position][k])]
                 item.update(
-                    partner_pixels=torch.from_numpy(
-                        self.recipe.render(partner, batch[MIX_VIEWS][position][k], self.size)
-                    ),
-                    partner_labels=partner_label,
-                    **{MIX_WEIGHTS: batch[MIX_WEIGHTS][position][k]},
+                    partner_pixels=torch.from_numpy(partner_pixels[position]),
+                    partner_labels=partner_labels[view.partner],
+                    **{MIX_WEIGHTS: weights[position]},
                 )
             items.append(item)
         return items
@@ -181,9 +160,19 @@ class ViewRows(torch.utils.data.Dataset):
     def __getitem__(self, index):
         return self.__getitems__([index])[0]
 
-    def partner(self, row: int, partner) -> int:
-        """The row of `rows` that a mixed view of `row` is mixed with (stored as a row of the same split)."""
-        return int(partner) + (int(self.offsets[row]) if self.offsets is not None else 0)
+    def view(self, record, row: int, k: int) -> View:
+        """View k of `row`, its partner (if mixed) a row of `rows`: stored as a row of the same split."""
+        return stored_view(record, row, k, int(self.offsets[row]) if self.offsets is not None else 0)
+
+    def read_partners(self, views: list[View], sources: dict) -> dict:
+        """Add the sources of the views' partners to `sources`; returns the partners' labels."""
+        wanted = sorted({view.partner for view in views})
+        partner_rows = self.partner_rows[wanted]
+        labels = {}
+        for position, row in enumerate(wanted):
+            sources[row] = source_image({column: values[position] for column, values in partner_rows.items()})
+            labels[row] = self.label(partner_rows, position, row)
+        return labels
 
     def label(self, batch, position: int, row: int):
         return batch[LABELS][position] if self.labels is None else self.labels[row]
@@ -238,14 +227,48 @@ class TrainingRows:
     labels: "TrainingLabels | None" = None
 
 
-def training_rows(
-    cached, manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, processor, size, place
-) -> TrainingRows:
-    """The one place that picks the training rows: cached (one clean view), views or mixed views (K consistent views
-    per image), online (the teacher run on every batch) or student-only (random views for the student, the clean
-    view's logits); contradictory modes are refused."""
-    data, train_split, eval_split = manifest.dataset, options.train_split, options.eval_split
+def training_rows(cached, manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, size, place):
+    """The one place that picks the training rows (a TrainingRows): cached (one clean view), views or mixed views (K
+    consistent views per image), online (the teacher run on every batch) or student-only (random views for the
+    student, the clean view's logits); contradictory modes are refused."""
+    train_split, eval_split = options.train_split, options.eval_split
     views = manifest.views_of(train_split)
+    _check_modes(manifest, options, cache_path, views)
+    columns = [PIXELS, LABELS] + (logit_columns(cached[train_split]) if options.alpha > 0 else [])
+    # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
+    eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
+    labels = training_labels(cached, manifest, options)
+    teacher_run = manifest.teacher["name_or_path"]
+    if options.online:
+        return _online_training_rows(manifest, cache_path, options, pipeline, labels, place)
+    rows = labels.concatenated(cached)
+    if views > 1:
+        train_rows = ViewRows(
+            rows, manifest.view_recipe, options.seed, student_size=size, labels=labels.labels, offsets=labels.offsets
+        )
+        mode = "mixed views" if manifest.mixed_views else "views"
+        return TrainingRows(
+            mode, labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
+        )
+    if options.student_only_augment:
+        train_rows = _fresh_view_rows(rows, manifest, options, pipeline, size, labels)
+        return TrainingRows(
+            "student-only", labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
+        )
+    return TrainingRows(
+        "cached",
+        labels.serve(rows.with_format("numpy", columns=columns)),
+        eval_rows,
+        teacher_run,
+        views,
+        labels=labels,
+    )
+
+
+def _check_modes(manifest: Manifest, options: TrainingOptions, cache_path: Path, views: int) -> None:
+    """Refuse a mode the cache cannot serve: views with --online or --student-only-augment, an evaluation split
+    with unlabelled rows or with views, a loss the cache's labels cannot feed."""
+    train_split, eval_split = options.train_split, options.eval_split
     if views > 1 and (options.online or options.student_only_augment):
         raise KdcacheError(
             f"--online and --student-only-augment need a cache without views; '{cache_path}' has "
@@ -262,72 +285,59 @@ def training_rows(
         )
     check_loss_for_cache(options.loss, len(manifest.label_names), views > 1 and manifest.mixed_views, cache_path)
 
-    def source_split(split):
-        """The original rows the cache was made from, for the modes that need the images themselves."""
-        rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
-        if rows._fingerprint != manifest.split(split)["fingerprint"]:
-            raise KdcacheError(
-                f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
-                "this mode must see the same rows"
-            )
-        return rows
 
-    columns = [PIXELS, LABELS] + (logit_columns(cached[train_split]) if options.alpha > 0 else [])
-    # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
-    eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
-    labels = training_labels(cached, manifest, options)
-    teacher_run = manifest.teacher["name_or_path"]
-    if options.online:
-        teacher_run = options.teacher or teacher_run
-        teacher_model = load_classifier(
-            teacher_run,
-            revision=None if options.teacher else manifest.teacher.get("revision"),
-            trust_remote_code=manifest.teacher.get("trust_remote_code", False),
+def _source_split(manifest: Manifest, split: str):
+    """The original rows the cache was made from, for the modes that need the images themselves."""
+    data = manifest.dataset
+    rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
+    if rows._fingerprint != manifest.split(split)["fingerprint"]:
+        raise KdcacheError(
+            f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
+            "this mode must see the same rows"
         )
-        check_same_teacher(teacher_model, options.teacher, manifest, cache_path)
-        online_teacher = OnlineTeacher(
-            teacher_model, align_labels(teacher_model.config.id2label, manifest.label_names)
-        )
-        train_rows, eval_rows = (
-            _online_rows(source_split(split), data["image_column"], data["label_column"], pipeline) if split else None
-            for split in (train_split, eval_split)
-        )
-        return TrainingRows(
-            "online", labels.serve(train_rows), eval_rows, teacher_run, views, online_teacher.to(place.device), labels
-        )
-    rows = labels.concatenated(cached)
-    if views > 1:
-        train_rows = ViewRows(
-            rows, manifest.view_recipe, options.seed, student_size=size, labels=labels.labels, offsets=labels.offsets
-        )
-        mode = "mixed views" if manifest.mixed_views else "views"
-        return TrainingRows(
-            mode, labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
-        )
-    if options.student_only_augment:
-        import datasets
+    return rows
 
-        images = undecoded(source_split(train_split), data["image_column"]).select_columns([data["image_column"]])
-        if data["image_column"] != IMAGE:
-            images = images.rename_column(data["image_column"], IMAGE)
-        train_rows = ViewRows(
-            datasets.concatenate_datasets([rows.select_columns([LABELS, *logit_columns(rows)]), images], axis=1),
-            ViewRecipe(manifest.pixel_shape[1:], getattr(processor, "resample", 3), seed=options.seed),
-            options.seed,
-            fresh=True,
-            student_size=size,
-            labels=labels.labels,
-        )
-        return TrainingRows(
-            "student-only", labels.serve(train_rows, relabel=False), eval_rows, teacher_run, views, labels=labels
-        )
-    return TrainingRows(
-        "cached",
-        labels.serve(rows.with_format("numpy", columns=columns)),
-        eval_rows,
+
+def _online_training_rows(manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, labels, place):
+    """The online mode's rows: the original images, with the teacher (the cache's, or --teacher with its weights)
+    run on every batch."""
+    data = manifest.dataset
+    teacher_run = options.teacher or manifest.teacher["name_or_path"]
+    teacher_model = load_classifier(
         teacher_run,
-        views,
-        labels=labels,
+        revision=None if options.teacher else manifest.teacher.get("revision"),
+        trust_remote_code=manifest.teacher.get("trust_remote_code", False),
+    )
+    check_same_teacher(teacher_model, options.teacher, manifest, cache_path)
+    online_teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, manifest.label_names))
+    train_rows, eval_rows = (
+        _online_rows(_source_split(manifest, split), data["image_column"], data["label_column"], pipeline)
+        if split
+        else None
+        for split in (options.train_split, options.eval_split)
+    )
+    views = manifest.views_of(options.train_split)
+    return TrainingRows(
+        "online", labels.serve(train_rows), eval_rows, teacher_run, views, online_teacher.to(place.device), labels
+    )
+
+
+def _fresh_view_rows(rows, manifest: Manifest, options: TrainingOptions, pipeline, size, labels) -> "ViewRows":
+    """The student-only baseline's rows: a new random view of each original image every epoch (the training split's
+    images joined to its cached rows), with the clean view's logits."""
+    import datasets
+
+    image_column = manifest.dataset["image_column"]
+    images = undecoded(_source_split(manifest, options.train_split), image_column).select_columns([image_column])
+    if image_column != IMAGE:
+        images = images.rename_column(image_column, IMAGE)
+    return ViewRows(
+        datasets.concatenate_datasets([rows.select_columns([LABELS, *logit_columns(rows)]), images], axis=1),
+        ViewRecipe(manifest.pixel_shape[1:], getattr(pipeline.processor, "resample", 3), seed=options.seed),
+        options.seed,
+        fresh=True,
+        student_size=size,
+        labels=labels.labels,
     )
 
 

@@ -42,8 +42,8 @@ from kdcache.runtime import (
 )
 from kdcache.student.card import model_card, summary_line
 from kdcache.student.model import build_student, student_processor
-from kdcache.student.rows import TrainingRows, training_rows, unlabeled_splits
-from kdcache.student.trainer import _callbacks, _train, _trainer
+from kdcache.student.rows import training_rows, unlabeled_splits
+from kdcache.student.trainer import StudentRun, build_trainer, run_training, training_callbacks
 
 log = logging.getLogger("kdcache")
 
@@ -90,62 +90,72 @@ def train_student(
         place = placement(options.device, options.precision, processes, training=True)
     with safe_output(_output_path(output, caches, options), STUDENT_OUTPUT, processes) as folder:
         with agreed(processes):
-            # every process hashes its share of the chunk files, and agreed() makes a damaged one everyone's error
-            share = (processes.index, processes.count) if processes else None
-            cache_path, cached, manifest = _open_cache(caches[0], options, share, verify)
-            options = replace(options, unlabeled_splits=unlabeled_splits(manifest, options, cache_path))
-            ensemble = None
-            if len(caches) > 1:  # from here on the first cache's splits carry the ensemble's teacher logits
-                splits = [options.train_split, *options.unlabeled_splits]
-                splits += [options.eval_split] if options.eval_split is not None else []
-                cached, ensemble = open_ensemble(
-                    caches, cached, manifest, splits, options.teacher_weights, options.temperature, share, verify
-                )
-            fingerprint = ensemble.fingerprints if ensemble else manifest.fingerprint
-            _claim_output(folder, fingerprint, options, place, processes)
-            processor, size = _student_input(cache_path, manifest, options)
-            model = build_student(options.student, manifest.label_names, (3, *size), options.seed)
-            # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's
-            # .to(device) keeps the format, and the collator hands it channels_last batches
-            model = model.to(memory_format=torch.channels_last)
-            _check_space(model, folder.path, folder.work, options, processes)
-            rows = training_rows(
-                cached, manifest, cache_path, options, ImagePipeline(processor), processor, size, place
-            )
-            callbacks = _callbacks(callbacks, rows, options)
+            run = _prepare(caches, folder, options, place, processes, callbacks, progress, verify)
         # once every check has passed on every process: a refused run leaves no work folder (a damaged chunk file may
         # be found by another process than the main one, which learns of it only when the step above is agreed)
         with agreed(processes):
-            if is_main(processes) and not options.resume:
-                record_options(
-                    folder.work, run_options(options, cache_fingerprint=fingerprint, precision=place.precision)
-                )
-        trainer = _trainer(
-            model,
-            rows,
-            folder.work,
-            options,
-            place,
-            ImagePipeline(processor),
-            size,
-            len(manifest.label_names),
-            callbacks,
-            progress,
-            processes,
-            caches,
-        )
+            if is_main(processes) and not run.options.resume:
+                record_options(folder.work, _run_options(run))
+        trainer = build_trainer(run)
         if progress and is_main(processes):
             log.info(place.describe(trainer.args.train_batch_size))
-        seconds = _train(trainer, options)
-        summary = _summary(
-            trainer, seconds, folder.path, cache_path, manifest, model, rows, options, place, size, ensemble
-        )
-        _save(trainer, summary, folder, manifest, processor, size, options, processes)
+        seconds = run_training(trainer, run.options)
+        summary = _summary(run, trainer, seconds)
+        _save(run, trainer, summary)
     # the student is in place now, on every process (safe_output waits for the main one's rename)
     if progress and is_main(processes):
         log.info(summary_line(summary))
-    _push(folder.path, options, progress, processes)
+    _push(folder.path, run.options, progress, processes)
     return summary
+
+
+def _prepare(caches, folder, options, place, processes, callbacks, progress, verify) -> StudentRun:
+    """Every input of the run, each checked before any work: the cache (or the ensemble of caches) opened and
+    verified, the output claimed, the student built, the disk checked, the training rows picked."""
+    # every process hashes its share of the chunk files, and agreed() makes a damaged one everyone's error
+    share = (processes.index, processes.count) if processes else None
+    cache_path, cached, manifest = _open_cache(caches[0], options, share, verify)
+    options = replace(options, unlabeled_splits=unlabeled_splits(manifest, options, cache_path))
+    ensemble = None
+    if len(caches) > 1:  # from here on the first cache's splits carry the ensemble's teacher logits
+        splits = [options.train_split, *options.unlabeled_splits]
+        splits += [options.eval_split] if options.eval_split is not None else []
+        cached, ensemble = open_ensemble(
+            caches, cached, manifest, splits, options.teacher_weights, options.temperature, share, verify
+        )
+    fingerprint = ensemble.fingerprints if ensemble else manifest.fingerprint
+    _claim_output(folder, fingerprint, options, place, processes)
+    processor, size = _student_input(cache_path, manifest, options)
+    model = build_student(options.student, manifest.label_names, (3, *size), options.seed)
+    # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's
+    # .to(device) keeps the format, and the collator hands it channels_last batches
+    model = model.to(memory_format=torch.channels_last)
+    _check_space(model, folder.path, folder.work, options, processes)
+    pipeline = ImagePipeline(processor)
+    rows = training_rows(cached, manifest, cache_path, options, pipeline, size, place)
+    return StudentRun(
+        options=options,
+        place=place,
+        processes=processes,
+        folder=folder,
+        caches=caches,
+        cache_path=cache_path,
+        manifest=manifest,
+        ensemble=ensemble,
+        fingerprint=fingerprint,
+        processor=processor,
+        pipeline=pipeline,
+        size=size,
+        model=model,
+        rows=rows,
+        callbacks=training_callbacks(callbacks, rows, options),
+        progress=progress,
+    )
+
+
+def _run_options(run: StudentRun) -> dict:
+    """The options as recorded for --resume to compare with."""
+    return run_options(run.options, cache_fingerprint=run.fingerprint, precision=run.place.precision)
 
 
 # The student's folder: written as OUTPUT.partial/final beside the run's checkpoints, which --resume continues from.
@@ -208,7 +218,9 @@ def _student_input(cache_path: Path, manifest: Manifest, options: TrainingOption
 
 
 def _check_space(model, output: Path, work: Path, options: TrainingOptions, processes) -> None:
-    space = training_bytes(model, checkpoints=2 if options.save_checkpoints else 0)  # save_total_limit in _trainer
+    space = training_bytes(
+        model, checkpoints=2 if options.save_checkpoints else 0
+    )  # save_total_limit in build_trainer
     if is_main(processes):
         check_free_space(output, space, "its checkpoints and the student", work)
     report_disk_full(
@@ -219,25 +231,15 @@ def _check_space(model, output: Path, work: Path, options: TrainingOptions, proc
     )
 
 
-def _summary(
-    trainer,
-    seconds,
-    output,
-    cache_path,
-    manifest: Manifest,
-    model,
-    rows: TrainingRows,
-    options: TrainingOptions,
-    place,
-    size,
-    ensemble=None,
-) -> dict:
+def _summary(run: StudentRun, trainer, seconds: float) -> dict:
+    """What the run did and what it trained (kdcache_training.json): accuracies, epochs, losses, and the recipe."""
+    options, manifest = run.options, run.manifest
     history = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
     best = max(history, key=lambda entry: entry["eval_accuracy"]) if history else None
     last = history[-1] if history else None
     args = trainer.args
     return {
-        "output": str(output),
+        "output": str(run.folder.path),
         "best_eval_accuracy": best["eval_accuracy"] if best else None,
         "best_epoch": best["epoch"] if best else None,
         # the last epoch beside the best: a best epoch far from the last says the schedule overshot, or it was luck
@@ -260,39 +262,37 @@ def _summary(
         "recipe": {
             # the options as given (those that say what is trained), then what they resolved to
             **options.recipe(),
-            "teacher": rows.teacher_run,
-            "cache": str(cache_path),
+            "teacher": run.rows.teacher_run,
+            "cache": str(run.cache_path),
             "cache_fingerprint": manifest.fingerprint,
             "student": options.student or "MobileNetV2Config() from scratch",
-            "student_parameters": count_parameters(model),
+            "student_parameters": count_parameters(run.model),
             # the batch and processes as the Trainer ran them (one device per process: kdcache.devices)
             "batch_size": args.train_batch_size * args.world_size,
-            "views": rows.views,
+            "views": run.rows.views,
             "mixed_views": manifest.mixed_views,
-            **(rows.labels.recipe() if rows.labels else {}),
-            "student_size": list(size),
-            "precision": place.precision,
+            **(run.rows.labels.recipe() if run.rows.labels else {}),
+            "student_size": list(run.size),
+            "precision": run.place.precision,
             "device": str(args.device),
             "processes": args.world_size,
             # an ensemble: its teachers, their normalised weights and their caches, as lists in the caches' order
-            **(ensemble.recipe() if ensemble else {}),
+            **(run.ensemble.recipe() if run.ensemble else {}),
         },
     }
 
 
-def _save(
-    trainer, summary: dict, folder: OutputFolder, manifest: Manifest, processor, size, options, processes
-) -> None:
-    """The final student (the best epoch's, or the EMA's) with its processor and model card, in `folder.finished`,
-    which safe_output moves into place."""
-    final, work = folder.finished, folder.work
+def _save(run: StudentRun, trainer, summary: dict) -> None:
+    """The final student (the best epoch's, or the EMA's) with its processor and model card, in the output folder's
+    `finished`, which safe_output moves into place."""
+    final, work, processes, manifest = run.folder.finished, run.folder.work, run.processes, run.manifest
     if is_main(processes):
         shutil.rmtree(final, ignore_errors=True)
     trainer.save_model(str(final))  # on every process: under DDP the Trainer has the main one write
     if is_main(processes):
-        student_processor(processor, manifest.pixel_shape[1:], size).save_pretrained(str(final))
+        student_processor(run.processor, manifest.pixel_shape[1:], run.size).save_pretrained(str(final))
         (final / "kdcache_training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (final / "README.md").write_text(model_card(summary, manifest, manifest.label_names, options.push_to_hub))
+        (final / "README.md").write_text(model_card(summary, manifest, manifest.label_names, run.options.push_to_hub))
         if (work / "runs").exists():
             shutil.move(str(work / "runs"), str(final / "runs"))
 

@@ -3,18 +3,19 @@ teacher run on the batch: the tutorial's way, kept as the reference the tests co
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
+from kdcache.data import ImagePipeline
 from kdcache.devices import OneDeviceArguments
+from kdcache.format.manifest import Manifest
 from kdcache.options import TrainingOptions
-from kdcache.runtime import (
-    MappedFiles,
-    cpus_per_process,
-)
+from kdcache.outputs import OutputFolder
+from kdcache.runtime import MappedFiles, Placement, Processes, cpus_per_process
 from kdcache.student.ema import StudentEMA
 from kdcache.student.loss import LOSSES
 from kdcache.student.rows import Collator, TrainingRows, TrainRows, ViewRows
@@ -81,7 +82,7 @@ def accuracy_metric(prediction):
     return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
-def _callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
+def training_callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
     callbacks = list(callbacks or [])
     view_rows = rows.train.rows if isinstance(rows.train, TrainRows) else rows.train
     if isinstance(view_rows, ViewRows):
@@ -91,29 +92,40 @@ def _callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
     return callbacks
 
 
-def _trainer(
-    model,
-    rows: TrainingRows,
-    work: Path,
-    options: TrainingOptions,
-    place,
-    pipeline,
-    size,
-    classes: int,
-    callbacks: list,
-    progress: bool,
-    processes,
-    cache_folders: list,
-) -> "DistillationTrainer":
+@dataclass
+class StudentRun:
+    """What the steps of one training run share (kdcache.student.train), as its checks and inputs produced it."""
+
+    options: TrainingOptions  # resolved: the loss's temperature, the unlabeled splits
+    place: Placement
+    processes: Processes | None
+    folder: OutputFolder
+    caches: list  # the cache folders (several: a teacher ensemble)
+    cache_path: Path  # the first
+    manifest: Manifest  # the first cache's
+    ensemble: object | None  # kdcache.format.ensemble's, for several caches
+    fingerprint: object  # the cache's, or the list of an ensemble's caches'
+    processor: object  # the teacher's image processor, saved in the cache
+    pipeline: ImagePipeline
+    size: tuple  # the student's input (height, width)
+    model: torch.nn.Module
+    rows: TrainingRows
+    callbacks: list
+    progress: bool
+
+
+def build_trainer(run: StudentRun) -> "DistillationTrainer":
+    """The Trainer of a run: its arguments from the options, the rows, the collator, the loss and the callbacks."""
+    options, place, rows = run.options, run.place, run.rows
     import importlib.util
 
     num_workers = options.num_workers
     if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
         views = isinstance(rows.train.rows if isinstance(rows.train, TrainRows) else rows.train, ViewRows)
-        num_workers = 1 if views and cpus_per_process(processes) >= 2 else 0
+        num_workers = 1 if views and cpus_per_process(run.processes) >= 2 else 0
     evaluating = rows.eval is not None
     args = OneDeviceArguments(
-        output_dir=str(work),
+        output_dir=str(run.folder.work),
         kdcache_device=str(place.device),
         # Under DDP the Trainer gives each process its share of every batch (and averages the gradients), so the
         # optimiser steps, the learning rate and the loss are those of one process at the same --batch-size.
@@ -139,31 +151,31 @@ def _trainer(
         use_cpu=place.device.type == "cpu",
         bf16=place.precision == "bf16",
         fp16=place.precision == "fp16",
-        disable_tqdm=not progress,
+        disable_tqdm=not run.progress,
         push_to_hub=False,  # kdcache pushes the finished student folder itself, once (kdcache.hub)
     )
     trainer = DistillationTrainer(
-        model=model,
+        model=run.model,
         args=args,
         train_dataset=rows.train,
         eval_dataset=rows.eval,
-        data_collator=Collator(pipeline, size, classes, MappedFiles(cache_folders)),
+        data_collator=Collator(run.pipeline, run.size, len(run.manifest.label_names), MappedFiles(run.caches)),
         compute_metrics=accuracy_metric if evaluating else None,
         temperature=options.temperature,
         alpha=options.alpha,
         teacher=rows.online_teacher,
         loss=options.loss,
         standardize=options.standardize_logits,
-        callbacks=callbacks,
+        callbacks=run.callbacks,
     )
-    if not progress:  # Trainer prints every log line when its bar is off; quiet means quiet
+    if not run.progress:  # Trainer prints every log line when its bar is off; quiet means quiet
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
     return trainer
 
 
-def _train(trainer, options: TrainingOptions) -> float:
+def run_training(trainer, options: TrainingOptions) -> float:
     """Train (continuing from the last checkpoint with --resume); returns the wall time in seconds."""
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if options.resume else None)  # check_resumable found a checkpoint

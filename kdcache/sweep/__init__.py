@@ -21,18 +21,23 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
-from kdcache.options import TrainingOptions, check_loss_for_cache, run_options
+from kdcache.options import TrainingOptions, check_loss_for_cache
 from kdcache.outputs import lock_file
 from kdcache.sweep.space import Param, build_space
+from kdcache.sweep.study import (
+    REFUSED,
+    counted,
+    fail_dead_local_trials,
+    open_storage,
+    open_study,
+    quiet_optuna,
+)
 
 log = logging.getLogger("kdcache")
 
 INSTALL = "kdcache sweep needs Optuna, an optional extra; install it with pip install -e '.[sweep]'"
 PRUNERS = ("median", "hyperband", "none")
-STUDY_FILE = "study.db"
 DEFAULT_STUDY = "kdcache-sweep"
-HEARTBEAT_SECONDS = 60  # a trial whose process stops beating for 3 of these is failed and retried by the next sweep
-REFUSED = "refused"  # a failed trial's user attribute: the one-line reason its options were refused
 
 
 def optuna_module():
@@ -86,51 +91,6 @@ def make_pruner(pruner, epochs: float):
     raise KdcacheError(f"--pruner '{pruner}' is not one of {', '.join(PRUNERS)}")
 
 
-def open_storage(storage: str | None, output: Path):
-    """The study's storage: SQLite in `output` by default; a URL with '://' is an SQLAlchemy database (with a
-    heartbeat, so that trials of a dead process are failed and retried); anything else is an Optuna journal file."""
-    optuna = optuna_module()
-    if storage is None:
-        storage = f"sqlite:///{(output / STUDY_FILE).resolve()}"
-    if "://" not in storage:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        try:
-            Path(storage).parent.mkdir(parents=True, exist_ok=True)
-            return storage, JournalStorage(JournalFileBackend(str(storage)))
-        except OSError as error:
-            raise KdcacheError(f"--storage '{storage}' cannot be opened as a journal file ({error})") from None
-    storages = optuna.storages
-    # Optuna 4.9 renamed the stale-trial callback and its argument; 4.0 to 4.8 know the old names only.
-    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
-        retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
-    else:
-        retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=3)}
-    # several processes write one SQLite file: wait for its lock instead of failing at once
-    engine = {"connect_args": {"timeout": 120}} if storage.startswith("sqlite") else {}
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
-    for attempt in range(6):
-        try:
-            return storage, storages.RDBStorage(
-                storage,
-                engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=3 * HEARTBEAT_SECONDS,
-                **retry,
-            )
-        except (OperationalError, IntegrityError) as error:
-            # Processes started together on a new database race to create its tables ("table ... already exists"):
-            # the loser finds them made when it tries again
-            failure = error
-            time.sleep(0.5 * (attempt + 1))
-        except Exception as error:
-            failure = error
-            break
-    first = str(failure).strip().splitlines()[0][:200] if str(failure).strip() else type(failure).__name__
-    raise KdcacheError(f"--storage '{storage}' cannot be opened ({type(failure).__name__}: {first})") from None
-
-
 def check_space(space: list[Param], fixed: TrainingOptions, caches: int, cache_facts) -> None:
     """Refuse, before any trial, a value that the options' checks (or the cache) would refuse whatever else is
     drawn: each parameter's bounds and choices, with every other option as fixed. Combinations refused only together
@@ -180,6 +140,30 @@ def sweep(
     from kdcache.sweep.report import leaderboard, update_best, write_plots, write_report
 
     optuna = optuna_module()
+    fixed, params, caches, manifests = _checked(
+        cache, space, space_file, options, overrides, trials, final_seeds, pruner
+    )
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    with quiet_optuna(optuna):
+        storage_name, opened = open_storage(storage, output)
+        fingerprints = [manifest.fingerprint for manifest in manifests]
+        pruner = make_pruner(pruner, fixed.epochs)
+        study = open_study(optuna, opened, storage_name, study_name, params, fixed, fingerprints, pruner, sampler_seed)
+        fail_dead_local_trials(optuna, study)
+        runner = _TrialRunner(caches, output, params, fixed, study, trials, progress)
+        finals = _run_trials(optuna, runner, storage_name, timeout, final_seeds)
+    update_best(study, output)
+    plots = write_plots(study, output)
+    report = write_report(study, output, trials, storage_name, params, finals=finals, plots=plots)
+    if progress:
+        log.info(leaderboard(report))
+    return report
+
+
+def _checked(cache, space, space_file, options, overrides: dict, trials: int, final_seeds: int, pruner):
+    """Everything a sweep is refused for before the storage is touched, in one line each: (the fixed options as
+    every trial starts from them, the space's parameters, the caches, their manifests)."""
     from kdcache.format.reader import load_cache
     from kdcache.runtime import launched_processes
 
@@ -200,149 +184,31 @@ def sweep(
     caches = [cache] if isinstance(cache, (str, Path)) else list(cache)
     if not caches:
         raise KdcacheError("name at least one cache to train from (a folder written by kdcache teacher-logits)")
-    output = Path(output)
     # Verified once for the whole process: each trial then opens the caches without hashing their files again.
     manifests = [load_cache(path)[1] for path in caches]
     views = manifests[0].views_of(fixed.train_split) if fixed.train_split in manifests[0].splits else 1
     facts = (len(manifests[0].label_names), views > 1 and manifests[0].mixed_views, caches[0])
     check_space(params, fixed, len(caches), facts)
     make_pruner(pruner, fixed.epochs)  # a bad --pruner is refused before the storage is touched
-
-    output.mkdir(parents=True, exist_ok=True)
-    with _quiet_optuna(optuna):
-        storage_name, opened = open_storage(storage, output)
-        fingerprints = [manifest.fingerprint for manifest in manifests]
-        study = _open_study(
-            optuna, opened, storage_name, study_name, params, fixed, fingerprints, pruner, sampler_seed
-        )
-        _fail_dead_local_trials(optuna, study)
-        finals = _run_trials(
-            optuna, study, storage_name, caches, output, params, fixed, trials, timeout, final_seeds, progress
-        )
-    update_best(study, output)
-    plots = write_plots(study, output)
-    report = write_report(study, output, trials, storage_name, params, finals=finals, plots=plots)
-    if progress:
-        log.info(leaderboard(report))
-    return report
+    return fixed, params, caches, manifests
 
 
-def _run_trials(optuna, study, storage_name, caches, output, params, fixed, trials, timeout, final_seeds, progress):
+def _run_trials(optuna, runner: "_TrialRunner", storage_name: str, timeout, final_seeds: int):
     """Trials one at a time until the study counts `trials` (or `timeout` has passed), then the final seeds."""
     from kdcache.sweep.report import update_best, write_report
 
+    study, output, trials = runner.study, runner.output, runner.trials
     started = time.monotonic()
-    runner = _TrialRunner(caches, output, params, fixed, study, trials, progress)
-    while _counted(optuna, study) < trials:
+    while counted(optuna, study) < trials:
         if timeout is not None and time.monotonic() - started >= timeout:
             log.info(f"sweep: --timeout {timeout:g} s reached; run the same command again to continue")
             break
         study.optimize(runner, n_trials=1, catch=(TrialRefused,))
         update_best(study, output)
-        write_report(study, output, trials, storage_name, params)
-    if final_seeds and _counted(optuna, study) >= trials:
-        return _final_seeds(optuna, study, caches, output, fixed, final_seeds, progress)
+        write_report(study, output, trials, storage_name, runner.params)
+    if final_seeds and counted(optuna, study) >= trials:
+        return _final_seeds(optuna, study, runner.caches, output, runner.fixed, final_seeds, runner.progress)
     return None
-
-
-@contextlib.contextmanager
-def _quiet_optuna(optuna):
-    """Optuna's and transformers' own lines off while the sweep runs: each trial has its progress line."""
-    import warnings
-
-    from transformers.utils import logging as transformers_logging
-
-    verbosity, bars = optuna.logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    transformers_logging.disable_progress_bar()  # a bar per checkpoint written
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's
-            yield
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-        if bars:
-            transformers_logging.enable_progress_bar()
-
-
-def _open_study(optuna, storage, storage_name, study_name, params, fixed, fingerprints, pruner, sampler_seed):
-    """The study named `study_name` in `storage`, created if new; refused when it was started with another space,
-    other fixed options or other caches (a rerun must be the same command to continue it)."""
-    recorded = {
-        "space": [param.spec for param in params],
-        "options": run_options(fixed, cache_fingerprint=fingerprints),
-    }
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-        pruner=make_pruner(pruner, fixed.epochs),
-    )
-    if sampler_seed is not None:  # reproducible, yet not the same draws again in a rerun or a second process
-        study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.get_trials(deepcopy=False)))
-    before = study.user_attrs.get("kdcache")
-    if before is None:
-        study.set_user_attr("kdcache", recorded)
-    elif before != recorded:
-        changed = [key for key in ("space", "options") if before.get(key) != recorded[key]]
-        names = sorted(
-            name
-            for name in set(before.get("options", {})) | set(recorded["options"])
-            if before.get("options", {}).get(name) != recorded["options"].get(name)
-        )
-        detail = "the space" if "space" in changed else ""
-        if names:
-            detail += (" and " if detail else "") + ", ".join(names)
-        raise KdcacheError(
-            f"study '{study_name}' in '{storage_name}' was started with other settings ({detail} differ); rerun the "
-            "same command to continue it, or start another with --study-name or another --output"
-        )
-    return study
-
-
-def _counted(optuna, study) -> int:
-    """Trials that count towards --trials: completed, pruned, refused, and those running now (in any process),
-    so that several processes stop at the study's total together. Trials failed by a crash or a kill do not count."""
-    state = optuna.trial.TrialState
-    return sum(
-        trial.state in (state.COMPLETE, state.PRUNED, state.RUNNING)
-        or (trial.state == state.FAIL and REFUSED in trial.user_attrs)
-        for trial in study.get_trials(deepcopy=False)
-    )
-
-
-def _fail_dead_local_trials(optuna, study) -> None:
-    """Trials left RUNNING by a process of this machine that no longer exists (killed): failed now, their unfinished
-    folder removed, and queued again with the same options. (A dead process of another machine is found by the
-    storage's heartbeat instead; a journal file has none, so there this is the only recovery.)"""
-    state, host = optuna.trial.TrialState, socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(state.RUNNING,)):
-        attrs = trial.user_attrs
-        if attrs.get("host") != host or _alive(attrs.get("pid")):
-            continue
-        try:
-            study._storage.set_trial_state_values(trial._trial_id, state=state.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process failed it first
-        if attrs.get("work"):  # OUTPUT/trials/NNNN.partial, and the lock file of OUTPUT/trials/NNNN
-            work = Path(attrs["work"])
-            shutil.rmtree(work, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                lock_file(work.with_name(work.name.removesuffix(".partial"))).unlink()
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return True  # not known: leave it to the heartbeat
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _TrialRunner:

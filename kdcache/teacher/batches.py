@@ -32,12 +32,14 @@ from kdcache.format.manifest import (
     SOURCE_SHAPE,
     VIEWS,
 )
+from kdcache.format.views import View, render_views
 from kdcache.labels import NO_LABEL
-from kdcache.teacher.work import _chunk_path, _features, _record_path, _write_json, write_chunk_file
+from kdcache.outputs import write_json
+from kdcache.teacher.work import chunk_features, chunk_path, chunk_record_path, write_chunk_file
 
 
 @dataclass
-class _Job:
+class Job:
     """What every split's pass shares."""
 
     model: torch.nn.Module
@@ -88,52 +90,46 @@ class _Batches(torch.utils.data.Dataset):
             }
             if self.view_recipe is None:
                 batch["pixels"] = self.pipeline.pixels(images)
-                return batch
-            recipe = self.view_recipe
-            images = [recipe.reduce(image) for image in images]
-            views = np.stack([recipe.sample(*image.size, row, self.views) for image, row in zip(images, rows)])
-            batch["views"] = views
-            batch["pixels"] = np.stack(
-                [recipe.render(image, view) for image, row_views in zip(images, views) for view in row_views]
-            )
-            batch["sources"] = [raw_source(image) for image in images]
-            if recipe.mixed:
-                drawn = [recipe.sample_partners(row, len(self.split), self.views) for row in rows]
-                partners = np.stack([partner_rows for partner_rows, _ in drawn])
-                wanted = sorted(set(partners.ravel().tolist()))
-                partner_images = dict(
-                    zip(
-                        wanted,
-                        (
-                            recipe.reduce(image)
-                            for image in decode_images(self.split, self.image_column, wanted, self.split_name)
-                        ),
-                    )
-                )
-                mix_views = np.stack(
-                    [
-                        [
-                            recipe.sample_partner_view(*partner_images[int(b)].size, row, k)
-                            for k, b in enumerate(row_partners)
-                        ]
-                        for row, row_partners in zip(rows, partners)
-                    ]
-                )
-                batch["partner_pixels"] = np.stack(
-                    [
-                        recipe.render(partner_images[int(b)], view)
-                        for row_partners, row_views in zip(partners, mix_views)
-                        for b, view in zip(row_partners, row_views)
-                    ]
-                )
-                batch["mix_partners"], batch["mix_views"] = partners, mix_views
-                batch["mix_weights"] = np.stack([weights for _, weights in drawn])
+            else:
+                batch.update(self.viewed(rows, images))
             return batch
         except KdcacheError as error:  # carried to the main process as data: a worker's traceback is not a message
             return {"error": str(error)}
 
+    def viewed(self, rows: list[int], images: list) -> dict:
+        """The views of a batch's rows, drawn from (seed, row) and rendered, with what is stored of them: their boxes,
+        the reduced sources, and for mixed views the partners, the partners' boxes and the weights."""
+        recipe, count = self.view_recipe, self.views
+        sources = {row: recipe.reduce(image) for row, image in zip(rows, images)}
+        boxes = np.stack([recipe.sample(*sources[row].size, row, count) for row in rows])
+        batch = {"views": boxes, "sources": [raw_source(sources[row]) for row in rows]}
+        if not recipe.mixed:
+            views = [View(row, box) for row, row_boxes in zip(rows, boxes) for box in row_boxes]
+            batch["pixels"], _, _ = render_views(recipe, views, sources)
+            return batch
+        drawn = [recipe.sample_partners(row, len(self.split), count) for row in rows]
+        partners = np.stack([partner_rows for partner_rows, _ in drawn])
+        weights = np.stack([row_weights for _, row_weights in drawn])
+        wanted = sorted(set(partners.ravel().tolist()) - set(sources))  # a partner in the batch is reduced already
+        decoded = decode_images(self.split, self.image_column, wanted, self.split_name)
+        sources.update((row, recipe.reduce(image)) for row, image in zip(wanted, decoded))
+        mix_views = np.stack(
+            [
+                [recipe.sample_partner_view(*sources[int(b)].size, row, k) for k, b in enumerate(row_partners)]
+                for row, row_partners in zip(rows, partners)
+            ]
+        )
+        views = [
+            View(row, box, int(partner), partner_box, float(weight))
+            for row, *of_row in zip(rows, boxes, partners, mix_views, weights)
+            for box, partner, partner_box, weight in zip(*of_row)
+        ]
+        batch["pixels"], batch["partner_pixels"], _ = render_views(recipe, views, sources)
+        batch.update(mix_partners=partners, mix_views=mix_views, mix_weights=weights)
+        return batch
 
-def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
+
+def run_split(job: Job, split, name: str, work: Path, chunks: list[int]):
     """Compute and write the given chunks of one split; returns (images, seconds), or None when there were none."""
     from tqdm.auto import tqdm
 
@@ -169,17 +165,11 @@ def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
         for batch in loader:
             if "error" in batch:
                 raise KdcacheError(batch["error"])
-            if "partner_pixels" in batch:  # mixed on CPU, by the same function that mixes the student's input
-                pixel_values = job.pipeline.mix(
-                    torch.as_tensor(batch["pixels"]),
-                    torch.as_tensor(batch["partner_pixels"]),
-                    torch.as_tensor(batch["mix_weights"]).reshape(-1),
-                )
-            else:
-                pixel_values = job.pipeline.normalize(torch.as_tensor(batch["pixels"]))
+            # mixed (if it is) on CPU, by the same function that mixes the student's input
+            pixel_values = job.pipeline.inputs(batch["pixels"], batch.get("partner_pixels"), batch.get("mix_weights"))
             pixel_values = pixel_values.to(job.device, non_blocking=True)
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), _autocast(job.device, job.precision):
+            with torch.inference_mode(), autocast(job.device, job.precision):
                 logits = job.model(pixel_values=pixel_values).logits
             logits = logits.float()[:, index]
             if job.views > 1:
@@ -193,12 +183,12 @@ def _run_split(job: _Job, split, name: str, work: Path, chunks: list[int]):
             bar.update(len(pixel_values))
             chunk = int(pending[0]["rows"][0]) // job.chunk_size
             if int(pending[-1]["rows"][-1]) + 1 == min(rows, (chunk + 1) * job.chunk_size):
-                _write_chunk(_chunk_path(work, name, chunk), pending, job)
+                _write_chunk(chunk_path(work, name, chunk), pending, job)
                 pending = []
     return todo_rows * job.views, time.perf_counter() - started
 
 
-def _images_per_second(timings: list) -> float | None:
+def split_images_per_second(timings: list) -> float | None:
     """Images per second of all processes on one split: their images over the time of the slowest."""
     done = [timing for timing in timings if timing is not None]
     if not done:
@@ -206,7 +196,7 @@ def _images_per_second(timings: list) -> float | None:
     return round(sum(images for images, _ in done) / max(seconds for _, seconds in done), 2)
 
 
-def _write_chunk(path: Path, batches: list[dict], job: _Job) -> None:
+def _write_chunk(path: Path, batches: list[dict], job: Job) -> None:
     """Write one chunk's rows as the Arrow file `path`, and then its record (rows, bytes, sha256)."""
     import datasets
 
@@ -226,9 +216,9 @@ def _write_chunk(path: Path, batches: list[dict], job: _Job) -> None:
     else:
         columns[PIXELS] = joined("pixels")
     mixed = bool(job.view_recipe and job.view_recipe.mixed)
-    features = _features(job.names, job.views, mixed, batches[0]["pixels"].shape[1:], job.logits_dtype, job.top_k)
+    features = chunk_features(job.names, job.views, mixed, batches[0]["pixels"].shape[1:], job.logits_dtype, job.top_k)
     record = write_chunk_file(path, datasets.Dataset.from_dict(columns, features=features))
-    _write_json(_record_path(path), record)  # the chunk counts as written from here on
+    write_json(chunk_record_path(path), record)  # the chunk counts as written from here on
 
 
 def _current_device(device: torch.device):
@@ -237,7 +227,8 @@ def _current_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _autocast(device, precision):
+def autocast(device: torch.device, precision: str):
+    """The teacher's forward in `precision`: fp32 as it is, bf16/fp16 as autocast on `device`."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -18,7 +18,7 @@ as float32 logits over every class, which is all stage two, evaluation and verif
 model input with a per-pixel lookup table (data.ImagePipeline) instead of decoding and resizing every epoch.
 The work happens in `CACHE.partial/`, chunk by chunk, so a killed run resumes: each chunk file is hashed as it is
 written, and its checksum kept beside it (`CACHE.partial/records/`) until the manifest records it; a resumed run
-hashes each chunk again before it carries it over, and computes again any that does not match (_carried_over). The
+hashes each chunk again before it carries it over, and computes again any that does not match (carried_over). The
 chunks are written once: finishing a run writes the small JSON files and renames the folder of chunks into place
 (_finish), once the finished cache has passed the checks `load_cache` makes (_check_finished)."""
 
@@ -35,7 +35,7 @@ import torch
 
 from kdcache.errors import KdcacheError
 from kdcache.format.manifest import MANIFEST, Manifest
-from kdcache.format.reader import _quiet_datasets, load_cache, read_manifest
+from kdcache.format.reader import load_cache, quiet_datasets, read_manifest
 from kdcache.options import CacheOptions
 from kdcache.outputs import (
     OutputFolder,
@@ -43,22 +43,22 @@ from kdcache.outputs import (
     guards_output,
     report_disk_full,
     safe_output,
+    write_json,
 )
 from kdcache.runtime import agreed, cpus_per_process, distributed, is_main, output_path, placement
-from kdcache.teacher.batches import _images_per_second, _Job, _run_split
-from kdcache.teacher.inputs import _Inputs, _load_inputs, _needed_bytes, _recipe, default_cache_path
+from kdcache.teacher.batches import Job, run_split, split_images_per_second
+from kdcache.teacher.inputs import Inputs, cache_recipe, default_cache_path, load_inputs, needed_bytes
 from kdcache.teacher.work import (
     CACHE_OUTPUT,
     RECORDS,
     SPLITS,
-    _carried_over,
-    _chunk_path,
-    _features,
-    _is_written,
-    _partial,
-    _record_path,
-    _undo_unfinished_finish,
-    _write_json,
+    carried_over,
+    chunk_features,
+    chunk_path,
+    chunk_record_path,
+    is_written,
+    partial_path,
+    undo_unfinished_finish,
 )
 
 log = logging.getLogger("kdcache")
@@ -94,23 +94,23 @@ def teacher_logits(
     output = output_path(output) if output is not None else default_cache_path(dataset, teacher)
     with safe_output(output, CACHE_OUTPUT, processes) as folder:
         with agreed(processes):
-            inputs = _load_inputs(dataset, teacher, options)
-        recipe, fingerprint = _recipe(inputs, options)
-        space = _needed_bytes(inputs, options)
+            inputs = load_inputs(dataset, teacher, options)
+        recipe, fingerprint = cache_recipe(inputs, options)
+        space = needed_bytes(inputs, options)
         plan = _plan(folder, fingerprint, space, inputs, options, processes)
         if plan is None:
             return output  # up to date
         started = time.perf_counter()
         speed = _compute_chunks(inputs, plan, folder, space, options, place, processes, progress)
-        with agreed(processes), _quiet_datasets():
+        with agreed(processes), quiet_datasets():
             if is_main(processes):
-                _write_cache(folder, inputs, recipe, fingerprint, dataset, teacher, options, place, speed, started)
+                _write_cache(folder, inputs, recipe, fingerprint, options, place, speed, started)
         with agreed(processes):  # the processes of a launch hash a share of the files each
             _check_finished(folder, processes)
     return output
 
 
-def _plan(folder: OutputFolder, fingerprint: str, space: int, inputs: _Inputs, options: CacheOptions, processes):
+def _plan(folder: OutputFolder, fingerprint: str, space: int, inputs: Inputs, options: CacheOptions, processes):
     """The chunks still to compute, as the main process alone decides them (see _plan_work) for every process; None
     when the output already holds this cache."""
     plan = None
@@ -123,15 +123,13 @@ def _plan(folder: OutputFolder, fingerprint: str, space: int, inputs: _Inputs, o
     return processes.share(plan) if processes else plan
 
 
-def _compute_chunks(
-    inputs: _Inputs, plan: dict, folder: OutputFolder, space: int, options, place, processes, progress
-):
+def _compute_chunks(inputs: Inputs, plan: dict, folder: OutputFolder, space: int, options, place, processes, progress):
     """Run the teacher over this process's share of the chunks still to do, writing each into the work folder;
     returns the images per second of each split, of all processes together."""
     # channels_last lets oneDNN (CPU) and cuDNN pick their faster convolution kernels: about 1.2x on a CNN
     # teacher on CPU (BENCHMARKS.md); a ViT only has its patch embedding as a convolution.
     inputs.model.to(place.device, memory_format=torch.channels_last)
-    job = _Job(
+    job = Job(
         model=inputs.model,
         pipeline=inputs.pipeline,
         mapping=inputs.mapping,
@@ -154,9 +152,9 @@ def _compute_chunks(
     mine = plan["todo"][processes.index :: processes.count] if processes else plan["todo"]
     work = folder.work
     # A full disk keeps the finished chunks; only this process's half-written ones are removed.
-    report_disk_full(work, space, scratch=lambda: [_partial(_chunk_path(work, name, k)) for name, k in mine])
+    report_disk_full(work, space, scratch=lambda: [partial_path(chunk_path(work, name, k)) for name, k in mine])
     timings = {}
-    with _quiet_datasets():
+    with quiet_datasets():
         for name in inputs.splits:
             if name in inputs.view_splits:
                 job.views, job.view_recipe = options.views, inputs.view_recipe
@@ -164,16 +162,14 @@ def _compute_chunks(
                 job.views, job.view_recipe = 1, None
             job.label_column = inputs.label_columns[name]
             split = inputs.dataset_dict[name]
-            timings[name] = _run_split(job, split, name, work, [k for part, k in mine if part == name])
+            timings[name] = run_split(job, split, name, work, [k for part, k in mine if part == name])
     # A failure above (an unreadable image) ends this process at once, with its message; the launcher then ends the
     # others, and a process waiting here learns that its peer is gone. Nothing is lost: finished chunks are kept.
     everyone = processes.gather(timings) if processes else [timings]  # also: every chunk is written
-    return {name: _images_per_second([timings[name] for timings in everyone]) for name in inputs.splits}
+    return {name: split_images_per_second([timings[name] for timings in everyone]) for name in inputs.splits}
 
 
-def _write_cache(
-    folder: OutputFolder, inputs: _Inputs, recipe, fingerprint, dataset, teacher, options, place, speed, started
-) -> None:
+def _write_cache(folder: OutputFolder, inputs: Inputs, recipe, fingerprint, options, place, speed, started) -> None:
     """Make the chunks the finished cache, with its manifest and the teacher's image processor."""
     chunks = _finish(folder, inputs, options, fingerprint)
     manifest = Manifest.build(
@@ -183,13 +179,13 @@ def _write_cache(
         fingerprint=fingerprint,
         pixel_shape=inputs.pixel_shape,
         teacher={
-            "name_or_path": teacher,
+            "name_or_path": inputs.teacher,
             "revision": options.revision,
             "trust_remote_code": options.trust_remote_code,
             "id2label": {str(k): v for k, v in inputs.model.config.id2label.items()},
         },
         dataset={
-            "name_or_path": dataset,
+            "name_or_path": inputs.dataset,
             "revision": options.dataset_revision,
             **(
                 {
@@ -254,11 +250,11 @@ def _plan_work(
     output: Path, work: Path, fingerprint: str, overwrite: bool, chunk_size: int, rows: dict, space: int
 ) -> dict | None:
     """Check the output and the free space (`space` bytes in all), set up `work` (resuming a partial run of the same
-    inputs, whose chunks are checked against their records: _carried_over) and list the chunks still to compute, as
+    inputs, whose chunks are checked against their records: carried_over) and list the chunks still to compute, as
     [split, chunk index] pairs; None when `output` already holds this cache and it passes load_cache's checks (one
     that fails them is made again; safe_output has refused a folder that is not a cache). A refusal leaves the work
     folder as it found it."""
-    _undo_unfinished_finish(work)  # first: safe_output would move a half-finished cache into place
+    undo_unfinished_finish(work)  # first: safe_output would move a half-finished cache into place
     if (output / MANIFEST).exists():
         existing = read_manifest(output)
         if existing.get("fingerprint") == fingerprint:
@@ -283,7 +279,7 @@ def _plan_work(
             shutil.rmtree(work)
     try:
         work.mkdir(parents=True, exist_ok=True)
-        _write_json(work / "plan.json", plan)
+        write_json(work / "plan.json", plan)
         for name in rows:
             (work / SPLITS / name).mkdir(parents=True, exist_ok=True)
             (work / RECORDS / name).mkdir(parents=True, exist_ok=True)
@@ -294,12 +290,12 @@ def _plan_work(
         [name, k]
         for name, count in rows.items()
         for k in range(math.ceil(count / size))
-        if not _carried_over(work, name, k, min(size, count - k * size))
+        if not carried_over(work, name, k, min(size, count - k * size))
     ]
     return {**plan, "todo": todo}
 
 
-def _finish(folder: OutputFolder, inputs: _Inputs, options: CacheOptions, fingerprint: str) -> dict:
+def _finish(folder: OutputFolder, inputs: Inputs, options: CacheOptions, fingerprint: str) -> dict:
     """Make the written chunks the finished cache, without copying them: write each split's state.json (its chunk
     files, in row order) and dataset_info.json (its features), and dataset_dict.json, as `DatasetDict.save_to_disk`
     would, then rename the folder of chunks to `folder.finished`. Returns each split's chunk records, in row order."""
@@ -313,8 +309,8 @@ def _finish(folder: OutputFolder, inputs: _Inputs, options: CacheOptions, finger
         for stray in split.glob("*.tmp"):  # a chunk half-written by a killed run, not listed anywhere
             stray.unlink()
         count = math.ceil(len(inputs.dataset_dict[name]) / plan["chunk_size"])
-        paths = [_chunk_path(work, name, k) for k in range(count)]
-        records = [json.loads(_record_path(path).read_text()) if _is_written(path) else None for path in paths]
+        paths = [chunk_path(work, name, k) for k in range(count)]
+        records = [json.loads(chunk_record_path(path).read_text()) if is_written(path) else None for path in paths]
         expected = [
             min(plan["chunk_size"], len(inputs.dataset_dict[name]) - k * plan["chunk_size"]) for k in range(count)
         ]
@@ -325,9 +321,9 @@ def _finish(folder: OutputFolder, inputs: _Inputs, options: CacheOptions, finger
         chunks[name] = records
         views = options.views if name in inputs.view_splits else 1
         mixed = bool(inputs.view_recipe and inputs.view_recipe.mixed and name in inputs.view_splits)
-        features = _features(inputs.names, views, mixed, inputs.pixel_shape, options.stored_dtype, options.top_k)
+        features = chunk_features(inputs.names, views, mixed, inputs.pixel_shape, options.stored_dtype, options.top_k)
         info = asdict(DatasetInfo(features=features))
-        _write_json(split / "dataset_info.json", {key: info[key] for key in sorted(info)})
+        write_json(split / "dataset_info.json", {key: info[key] for key in sorted(info)})
         files = [record["sha256"] for record in records]
         state = {
             "_data_files": [{"filename": record["file"]} for record in records],
@@ -339,8 +335,8 @@ def _finish(folder: OutputFolder, inputs: _Inputs, options: CacheOptions, finger
             "_output_all_columns": False,
             "_split": None,
         }
-        _write_json(split / "state.json", state)
-    _write_json(work / SPLITS / "dataset_dict.json", {"splits": inputs.splits})
+        write_json(split / "state.json", state)
+    write_json(work / SPLITS / "dataset_dict.json", {"splits": inputs.splits})
     (work / SPLITS).rename(folder.finished)  # the one step that makes the chunks the cache: no byte is copied
     return chunks
 

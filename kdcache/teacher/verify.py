@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.data import ImagePipeline, from_raw_source, undecoded
+from kdcache.data import ImagePipeline
 from kdcache.errors import KdcacheError
 from kdcache.format.codec import tail_logit
 from kdcache.format.manifest import (
-    IMAGE,
     LOGIT_INDICES,
     LOGIT_TAIL,
     LOGITS,
@@ -26,14 +25,14 @@ from kdcache.format.manifest import (
     MIX_VIEWS,
     MIX_WEIGHTS,
     PIXELS,
-    SOURCE,
-    SOURCE_SHAPE,
     VIEWS,
 )
 from kdcache.format.reader import load_cache, logit_columns, rebuilt_logits
+from kdcache.format.views import readable_sources, render_views, source_image, stored_view
 from kdcache.models import load_classifier, weights_sha256
 from kdcache.options import VerifyOptions
 from kdcache.runtime import pick_device
+from kdcache.teacher.batches import autocast
 
 # Absolute, in logit units, by the precision the cache was computed in. fp32: the teacher rerun on another device,
 # batch size or kernel (oneDNN, cuDNN with TF32 convolutions) differs by up to about 1e-4 on logits of order 10, and
@@ -64,33 +63,13 @@ def verify_teacher_logits(
     recorded, precision = manifest.teacher, manifest.precision
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE.get(precision, DEFAULT_TOLERANCE["fp32"])
-    model = load_classifier(
-        teacher or recorded["name_or_path"],
-        revision=None if teacher else recorded.get("revision"),
-        trust_remote_code=recorded.get("trust_remote_code", False),
-    )
-    found = weights_sha256(model)
-    if found != recorded["weights_sha256"]:
-        source = f"--teacher '{teacher}'" if teacher else f"the cache's teacher '{recorded['name_or_path']}'"
-        raise KdcacheError(
-            f"{source} has other weights than the teacher that made cache '{cache_path}' (weights sha256 "
-            f"{found[:16]}..., the cache's {recorded['weights_sha256'][:16]}...); pass the teacher that "
-            "made it with --teacher"
-        )
+    model = _recorded_teacher(manifest, teacher, cache_path)
     torch_device = pick_device(device)
     model.to(torch_device)
-    index = torch.tensor(manifest.teacher_to_dataset, device=torch_device)
     from transformers import AutoImageProcessor
 
     pipeline = ImagePipeline(AutoImageProcessor.from_pretrained(str(cache_path), backend="pil"))
-    recipe = manifest.view_recipe
-    rng = np.random.default_rng(seed)
-    plan = {}
-    for name in manifest.splits:
-        rows, views = cached[name], manifest.views_of(name)
-        picked = np.sort(rng.choice(len(rows) * views, size=min(sample, len(rows) * views), replace=False))
-        plan[name] = [(int(k) // views, int(k) % views) for k in picked]
-
+    plan = _sampled_pairs(cached, manifest, sample, seed)
     from tqdm.auto import tqdm
 
     report = {
@@ -106,29 +85,66 @@ def verify_teacher_logits(
         total=sum(map(len, plan.values())), unit="img", desc="verify: rerunning the teacher", disable=not progress
     ) as bar:
         for name, pairs in plan.items():
-            differences, mismatches = [], 0
-            for start in range(0, len(pairs), batch_size):
-                batch = pairs[start : start + batch_size]
-                inputs, stored = _rebuild(cached[name], batch, recipe, pipeline)
-                with torch.inference_mode(), _autocast(torch_device, precision):
-                    logits = model(pixel_values=inputs.to(torch_device)).logits
-                logits = logits.float()[:, index].cpu()
-                difference, top1_differs = _compare(logits, stored, manifest)
-                differences.append(difference)
-                mismatches += int(top1_differs.sum())
-                bar.update(len(batch))
-            difference = np.concatenate(differences)
-            report["splits"][name] = {
-                "checked": len(pairs),
-                "max_abs_difference": float(difference.max()),
-                "top1_mismatches": mismatches,
-            }
+            report["splits"][name] = _rerun_split(
+                model, torch_device, cached[name], pairs, manifest, pipeline, batch_size, bar
+            )
     splits = report["splits"].values()
     report["checked"] = sum(split["checked"] for split in splits)
     report["max_abs_difference"] = max(split["max_abs_difference"] for split in splits)
     report["top1_mismatches"] = sum(split["top1_mismatches"] for split in splits)
     report["passed"] = report["max_abs_difference"] <= tolerance
     return report
+
+
+def _recorded_teacher(manifest, teacher: str | None, cache_path: Path):
+    """The teacher that made the cache, from where the manifest says or from `teacher`; its weights must hash as
+    recorded."""
+    recorded = manifest.teacher
+    model = load_classifier(
+        teacher or recorded["name_or_path"],
+        revision=None if teacher else recorded.get("revision"),
+        trust_remote_code=recorded.get("trust_remote_code", False),
+    )
+    found = weights_sha256(model)
+    if found != recorded["weights_sha256"]:
+        source = f"--teacher '{teacher}'" if teacher else f"the cache's teacher '{recorded['name_or_path']}'"
+        raise KdcacheError(
+            f"{source} has other weights than the teacher that made cache '{cache_path}' (weights sha256 "
+            f"{found[:16]}..., the cache's {recorded['weights_sha256'][:16]}...); pass the teacher that "
+            "made it with --teacher"
+        )
+    return model
+
+
+def _sampled_pairs(cached, manifest, sample: int, seed: int) -> dict:
+    """Split name -> up to `sample` (row, view) pairs drawn without replacement from (seed), in row order."""
+    rng = np.random.default_rng(seed)
+    plan = {}
+    for name in manifest.splits:
+        rows, views = cached[name], manifest.views_of(name)
+        picked = np.sort(rng.choice(len(rows) * views, size=min(sample, len(rows) * views), replace=False))
+        plan[name] = [(int(k) // views, int(k) % views) for k in picked]
+    return plan
+
+
+def _rerun_split(model, device, rows, pairs, manifest, pipeline, batch_size: int, bar) -> dict:
+    """The teacher rerun on the (row, view) pairs of one split, batch by batch: how many were checked, the largest
+    |logit difference| and the top-1 mismatches."""
+    index = torch.tensor(manifest.teacher_to_dataset, device=device)
+    # the cache's autocast where it can be repeated (CUDA); elsewhere fp32, within the precision's tolerance
+    precision = manifest.precision if device.type == "cuda" else "fp32"
+    differences, mismatches = [], 0
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        inputs, stored = _rebuild(rows, batch, manifest.view_recipe, pipeline)
+        with torch.inference_mode(), autocast(device, precision):
+            logits = model(pixel_values=inputs.to(device)).logits
+        difference, top1_differs = _compare(logits.float()[:, index].cpu(), stored, manifest)
+        differences.append(difference)
+        mismatches += int(top1_differs.sum())
+        bar.update(len(batch))
+    difference = np.concatenate(differences)
+    return {"checked": len(pairs), "max_abs_difference": float(difference.max()), "top1_mismatches": mismatches}
 
 
 def _compare(logits: torch.Tensor, stored: dict, manifest) -> tuple[np.ndarray, np.ndarray]:
@@ -165,44 +181,17 @@ def _rebuild(rows, pairs, recipe, pipeline):
         data = rows.with_format("numpy", columns=[PIXELS, *stored_columns])[[row for row, _ in pairs]]
         pixels = pipeline.normalize(torch.from_numpy(np.asarray(data[PIXELS])))
         return pixels, {column: np.asarray(data[column]) for column in stored_columns}
-    raw = SOURCE in rows.column_names  # format 3: the reduced source's raw pixels; format 2: the source image file
-    sources = rows if raw else undecoded(rows, IMAGE)
-
-    def source(row):
-        record = sources[row]
-        if raw:
-            return from_raw_source(record[SOURCE], record[SOURCE_SHAPE])
-        import datasets
-
-        return datasets.Image().decode_example(record[IMAGE]).convert("RGB")
-
     parameters = rows.select_columns(
         [c for c in (VIEWS, *stored_columns, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS) if c in rows.column_names]
     )
-    own, partners, weights, stored = [], [], [], {column: [] for column in stored_columns}
-    for row, k in pairs:
-        record = parameters[row]
-        own.append(recipe.render(source(row), np.asarray(record[VIEWS])[k]))
-        for column in stored_columns:
-            stored[column].append(np.asarray(record[column])[k])
-        if MIX_WEIGHTS in record:
-            partners.append(recipe.render(source(int(record[MIX_PARTNERS][k])), np.asarray(record[MIX_VIEWS])[k]))
-            weights.append(float(record[MIX_WEIGHTS][k]))
-    own = torch.from_numpy(np.stack(own))
-    if partners:
-        inputs = pipeline.mix(own, torch.from_numpy(np.stack(partners)), torch.tensor(weights, dtype=torch.float32))
-    else:
-        inputs = pipeline.normalize(own)
-    return inputs, {column: np.stack(values) for column, values in stored.items()}
-
-
-def _autocast(device, precision):
-    """The cache's autocast where it can be repeated (CUDA); elsewhere fp32, within the precision's tolerance."""
-    import contextlib
-
-    if precision == "fp32" or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    records = {row: parameters[row] for row in sorted({row for row, _ in pairs})}
+    views = [stored_view(records[row], row, k) for row, k in pairs]
+    sources = readable_sources(rows)
+    needed = {view.row for view in views} | {view.partner for view in views if view.partner is not None}
+    images = {row: source_image(sources[row]) for row in sorted(needed)}
+    inputs = pipeline.inputs(*render_views(recipe, views, images))
+    stored = {column: np.stack([np.asarray(records[row][column])[k] for row, k in pairs]) for column in stored_columns}
+    return inputs, stored
 
 
 def describe(report: dict) -> str:

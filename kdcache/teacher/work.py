@@ -38,13 +38,13 @@ log = logging.getLogger("kdcache")
 CACHE_OUTPUT = OutputKind("a kdcache cache", "kdcache teacher-logits", MANIFEST, finished="cache", resumable=True)
 
 
-def _carried_over(work: Path, split: str, index: int, rows: int) -> bool:
+def carried_over(work: Path, split: str, index: int, rows: int) -> bool:
     """Whether chunk `index` of `split`, written by an earlier run, is kept: its record says `rows` rows, and its file
     has the recorded size and sha256. Any other (its file truncated or changed by a crash of the machine or a failing
     disk, its file or its record gone or unreadable) is removed with its record, said in one line, and computed
     again."""
-    chunk = _chunk_path(work, split, index)
-    record_path = _record_path(chunk)
+    chunk = chunk_path(work, split, index)
+    record_path = chunk_record_path(chunk)
     if not record_path.exists() and not chunk.exists():
         return False  # not written yet
     damage = None
@@ -75,7 +75,7 @@ def _carried_over(work: Path, split: str, index: int, rows: int) -> bool:
     return False
 
 
-def _undo_unfinished_finish(work: Path) -> None:
+def undo_unfinished_finish(work: Path) -> None:
     """Put back the chunks of a run stopped while finishing (after _finish renamed them, before safe_output moved
     the cache into place), so that the work folder is again one that resumes."""
     finishing = work / CACHE_OUTPUT.finished
@@ -94,25 +94,25 @@ def _undo_unfinished_finish(work: Path) -> None:
 SPLITS, RECORDS = "splits", "records"
 
 
-def _chunk_path(work: Path, split: str, index: int) -> Path:
+def chunk_path(work: Path, split: str, index: int) -> Path:
     return work / SPLITS / split / f"chunk-{index:06d}.arrow"
 
 
-def _record_path(chunk: Path) -> Path:
+def chunk_record_path(chunk: Path) -> Path:
     """Where the checksum of a chunk waits for the manifest: outside the folder that becomes the cache."""
     return chunk.parents[2] / RECORDS / chunk.parent.name / f"{chunk.stem}.json"
 
 
-def _partial(path: Path) -> Path:
+def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def _is_written(chunk: Path) -> bool:
+def is_written(chunk: Path) -> bool:
     """A chunk counts once its record exists, which is written after the chunk file is complete."""
-    return _record_path(chunk).exists() and chunk.exists()
+    return chunk_record_path(chunk).exists() and chunk.exists()
 
 
-def _features(names: list[str], views: int, mixed: bool, pixel_shape, logits_dtype="float32", top_k=None):
+def chunk_features(names: list[str], views: int, mixed: bool, pixel_shape, logits_dtype="float32", top_k=None):
     import datasets
 
     columns = {ROW: datasets.Value("int64"), LABELS: datasets.ClassLabel(names=names)}
@@ -164,7 +164,7 @@ def write_chunk_file(path: Path, rows) -> dict:
     import pyarrow as pa
 
     table = rows.data.table  # the schema carries datasets' features
-    partial = _partial(path)
+    partial = partial_path(path)
     digest = hashlib.sha256()
     with open(partial, "wb") as file:
         sink = pa.PythonFile(_HashingWriter(file, digest), mode="w")
@@ -174,9 +174,3 @@ def write_chunk_file(path: Path, rows) -> dict:
         os.fsync(file.fileno())  # the manifest will vouch for these bytes: they must be on disk, not in a cache
     partial.rename(path)
     return {"file": path.name, "rows": len(rows), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def _write_json(path: Path, content: dict) -> None:
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(content, indent=2) + "\n")
-    partial.replace(path)

@@ -133,7 +133,7 @@ def test_too_small_a_disk_is_refused_before_the_teacher_runs(tmp_path, tiny_data
 
     monkeypatch.setattr(outputs, "free_bytes", lambda folder: 100_000)
     ran = []
-    monkeypatch.setattr(run_module, "_run_split", lambda *args: ran.append(args))
+    monkeypatch.setattr(run_module, "run_split", lambda *args: ran.append(args))
     output = tmp_path / "cache"
     with pytest.raises(KdcacheError) as refused:
         teacher_logits(str(tiny_dataset), str(tiny_teacher), output=output, progress=False)
