@@ -54,6 +54,29 @@ def friendly(command):
     return wrapper
 
 
+def _this_command() -> list[str]:
+    """This process's command line, without --num-processes (the launched processes must not relaunch)."""
+    arguments, skip = [], False
+    for argument in sys.argv[1:]:
+        if skip or argument.startswith("--num-processes="):
+            skip = False
+            continue
+        if argument == "--num-processes":
+            skip = True
+            continue
+        arguments.append(argument)
+    return arguments
+
+
+def _launcher_arguments(num_processes: int, command: list[str]) -> list[str]:
+    """accelerate launch's arguments for `command` as N processes on this machine, on a free port."""
+    return [
+        *("--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"),
+        *("--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"),
+        *("-m", "kdcache", *command),
+    ]
+
+
 def relaunch(num_processes: Optional[int], device: str) -> None:
     """--num-processes N: run the same command as N processes of one `accelerate launch` on this machine, then exit
     with its status. A shortcut for `accelerate launch --multi_gpu --num_processes N -m kdcache ...`: accelerate's
@@ -65,15 +88,6 @@ def relaunch(num_processes: Optional[int], device: str) -> None:
         raise KdcacheError("--num-processes must be at least 1")
     if num_processes in (None, 1) or launched_processes() > 1:
         return
-    arguments, skip = [], False
-    for argument in sys.argv[1:]:  # the same command, without --num-processes
-        if skip or argument.startswith("--num-processes="):
-            skip = False
-            continue
-        if argument == "--num-processes":
-            skip = True
-            continue
-        arguments.append(argument)
     import logging
 
     import torch
@@ -86,24 +100,7 @@ def relaunch(num_processes: Optional[int], device: str) -> None:
             f"--num-processes {num_processes} needs one GPU each, and this machine has {gpus}; "
             f"use --num-processes {gpus}, or --device cpu for CPU processes"
         )
-    launch = launch_command_parser().parse_args(
-        [
-            "--multi_gpu",
-            "--num_processes",
-            str(num_processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "0",
-            "-m",
-            "kdcache",
-            *arguments,
-        ]
-    )
+    launch = launch_command_parser().parse_args(_launcher_arguments(num_processes, _this_command()))
     # A process that fails prints its own one-line error; the launcher's report of it would be a page of noise.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:

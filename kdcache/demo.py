@@ -173,8 +173,6 @@ def epochs_per_validation(reference: dict, labeled_rows: int, batch_size: int) -
 
 def _run_demo(root: Path, quick: bool, seed: int, progress: bool) -> dict:
     from kdcache.evaluation.evaluate import evaluate_models
-    from kdcache.options import TrainingOptions
-    from kdcache.student.train import train_student
     from kdcache.teacher.run import teacher_logits
 
     tune_malloc()
@@ -198,37 +196,8 @@ def _run_demo(root: Path, quick: bool, seed: int, progress: bool) -> dict:
         "and a few online steps for timing"
     )
     student = student_config(root / "student-config")
-    # the demo's own recipe, checked on the digits' validation split; beans' defaults are not tuned for 32 px digits
-    recipe = dict(student=student, epochs=settings["student_epochs"], learning_rate=2e-3, seed=seed, progress=progress)
-    distilled = train_student(cache, output=root / "student-distilled", **recipe)
-    scratch = train_student(cache, output=root / "student-scratch", alpha=0.0, **recipe)
-    few_labels = dict(recipe, labeled_fraction=settings["labeled_fraction"])
-    distilled_few = train_student(cache, output=root / "student-distilled-few-labels", **few_labels)
-    labeled_rows = distilled_few["recipe"]["labeled_rows"]
-    # on the labelled rows alone (alpha=0 leaves the others out): as many optimizer steps, so many more epochs
-    scratch_few = train_student(
-        cache,
-        output=root / "student-scratch-few-labels",
-        alpha=0.0,
-        max_steps=distilled_few["steps"],
-        callbacks=[evaluate_every(epochs_per_validation(distilled_few, labeled_rows, TrainingOptions.batch_size))],
-        **few_labels,
-    )
-    timing = dict(
-        student=student,
-        max_steps=8 if quick else 20,
-        eval_split=None,
-        save_checkpoints=False,
-        seed=seed,
-        progress=False,
-    )
-    cached_steps = train_student(cache, output=root / "timing-cached", **timing)
-    online_steps = train_student(cache, output=root / "timing-online", online=True, **timing)
-    steps_per_epoch = distilled["steps"] / distilled["epochs"]
-    cached_epoch = cached_steps["seconds"] / cached_steps["steps"] * steps_per_epoch
-    online_epoch = online_steps["seconds"] / online_steps["steps"] * steps_per_epoch
-    for folder in ("timing-cached", "timing-online"):
-        shutil.rmtree(root / folder)
+    summaries = _train_students(cache, root, student, settings, seed, progress)
+    seconds_per_epoch = _epoch_seconds(cache, root, student, quick, seed, summaries["distilled"])
     say("[5/5] kdcache evaluate on the test split")
     folders = {
         "teacher": teacher,
@@ -245,20 +214,15 @@ def _run_demo(root: Path, quick: bool, seed: int, progress: bool) -> dict:
         output=root / "eval",
         progress=progress,
     )
-    summaries = {
-        "scratch": scratch,
-        "distilled": distilled,
-        "scratch_few_labels": scratch_few,
-        "distilled_few_labels": distilled_few,
-    }
+    distilled = summaries["distilled"]
     results = {
         "accuracy": {name: report["models"][i]["accuracy"] for i, name in enumerate(MODELS)},
         "parameters": {name: report["models"][i]["parameters"] for i, name in enumerate(MODELS)},
-        "seconds_per_epoch": {"cached": round(cached_epoch, 2), "online": round(online_epoch, 2)},
+        "seconds_per_epoch": seconds_per_epoch,
         "validation_accuracy": {name: summary["best_eval_accuracy"] for name, summary in summaries.items()},
         "steps": {name: summary["steps"] for name, summary in summaries.items()},
         "labeled_fraction": settings["labeled_fraction"],
-        "labeled_rows": labeled_rows,
+        "labeled_rows": summaries["distilled_few_labels"]["recipe"]["labeled_rows"],
         "train_rows": distilled["recipe"]["training_rows"],
         "seed": seed,
         "quick": quick,
@@ -267,6 +231,57 @@ def _run_demo(root: Path, quick: bool, seed: int, progress: bool) -> dict:
     (root / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
     log.info(demo_table(results))
     return results
+
+
+def _train_students(cache: Path, root: Path, student: str, settings: dict, seed: int, progress: bool) -> dict:
+    """The four students (distilled and from scratch, with every label and with a few), their summaries by name."""
+    from kdcache.options import TrainingOptions
+    from kdcache.student.train import train_student
+
+    # the demo's own recipe, checked on the digits' validation split; beans' defaults are not tuned for 32 px digits
+    recipe = dict(student=student, epochs=settings["student_epochs"], learning_rate=2e-3, seed=seed, progress=progress)
+    distilled = train_student(cache, output=root / "student-distilled", **recipe)
+    scratch = train_student(cache, output=root / "student-scratch", alpha=0.0, **recipe)
+    few_labels = dict(recipe, labeled_fraction=settings["labeled_fraction"])
+    distilled_few = train_student(cache, output=root / "student-distilled-few-labels", **few_labels)
+    labeled_rows = distilled_few["recipe"]["labeled_rows"]
+    # on the labelled rows alone (alpha=0 leaves the others out): as many optimizer steps, so many more epochs
+    scratch_few = train_student(
+        cache,
+        output=root / "student-scratch-few-labels",
+        alpha=0.0,
+        max_steps=distilled_few["steps"],
+        callbacks=[evaluate_every(epochs_per_validation(distilled_few, labeled_rows, TrainingOptions.batch_size))],
+        **few_labels,
+    )
+    return {
+        "scratch": scratch,
+        "distilled": distilled,
+        "scratch_few_labels": scratch_few,
+        "distilled_few_labels": distilled_few,
+    }
+
+
+def _epoch_seconds(cache: Path, root: Path, student: str, quick: bool, seed: int, distilled: dict) -> dict:
+    """Seconds per epoch of stage two from the cache and online (the teacher run on every batch), from a few steps."""
+    from kdcache.student.train import train_student
+
+    timing = dict(
+        student=student,
+        max_steps=8 if quick else 20,
+        eval_split=None,
+        save_checkpoints=False,
+        seed=seed,
+        progress=False,
+    )
+    cached_steps = train_student(cache, output=root / "timing-cached", **timing)
+    online_steps = train_student(cache, output=root / "timing-online", online=True, **timing)
+    steps_per_epoch = distilled["steps"] / distilled["epochs"]
+    cached_epoch = cached_steps["seconds"] / cached_steps["steps"] * steps_per_epoch
+    online_epoch = online_steps["seconds"] / online_steps["steps"] * steps_per_epoch
+    for folder in ("timing-cached", "timing-online"):
+        shutil.rmtree(root / folder)
+    return {"cached": round(cached_epoch, 2), "online": round(online_epoch, 2)}
 
 
 def demo_table(results: dict) -> str:

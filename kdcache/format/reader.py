@@ -75,7 +75,8 @@ def verify_cache(cache, manifest: dict, path) -> None:
 
 
 def describe(path: str | Path) -> str:
-    """A readable summary of a cache's manifest (kdcache info)."""
+    """A readable summary of a cache's manifest (kdcache info): one page, written top to bottom as it prints (over 60
+    lines because it is one template; split, its lines would be read out of order)."""
     manifest = read_manifest(path)
     teacher, data = manifest["teacher"], manifest["dataset"]
     lines = [
