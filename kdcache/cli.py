@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from kdcache.errors import KdcacheError
-from kdcache.options import CacheOptions, EvaluationOptions, TrainingOptions, VerifyOptions
+from kdcache.options import CacheOptions, EvaluationOptions, SweepOptions, TrainingOptions, VerifyOptions
 
 app = typer.Typer(
     help=(
@@ -125,12 +125,13 @@ NUM_PROCESSES = typer.Option(
 )
 
 
-def with_options(options_class, *, sweep: bool = False, after: dict | None = None):
+def with_options(options_class, *, sweep: bool = False, after: dict | None = None, into: str = "options"):
     """A command's parameter `options` becomes one command-line option per field of `options_class` declared with a
     help (kdcache.options.fields.option), in the fields' order and at that parameter's place, and the command gets
     the options object built from them: each option written once, in the spirit of transformers'
     HfArgumentParser. `sweep`: the fields marked for `kdcache sweep`, with its overrides. `after`: {a parameter of
-    the command's own: a field} places that parameter after that field's option (evaluate's --output)."""
+    the command's own: a field} places that parameter after that field's option (evaluate's --output). `into`: the
+    parameter that takes the options object (a command with two options classes names two)."""
 
     def decorate(command):
         declared = [(field, spec) for field in fields(options_class) if (spec := _spec(field, sweep))]
@@ -139,7 +140,7 @@ def with_options(options_class, *, sweep: bool = False, after: dict | None = Non
         moved = after or {}
         parameters = []
         for parameter in own.values():
-            if parameter.name == "options":
+            if parameter.name == into:
                 for name, option in generated.items():
                     parameters += [option, *(own[mine] for mine, field in moved.items() if field == name)]
             elif parameter.name not in moved:
@@ -149,7 +150,7 @@ def with_options(options_class, *, sweep: bool = False, after: dict | None = Non
         @functools.wraps(command)
         def wrapper(**values):
             given = {field.name: spec.get("parse", _same)(values.pop(field.name)) for field, spec in declared}
-            return command(**values, options=options_class(**given))
+            return command(**values, **{into: options_class(**given)})
 
         wrapper.__signature__ = inspect.Signature(parameters)
         wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
@@ -375,6 +376,7 @@ def train_student_command(
 @app.command("sweep")
 @friendly
 @with_options(TrainingOptions, sweep=True)
+@with_options(SweepOptions, into="study")
 def sweep_command(
     cache: list[Path] = typer.Argument(
         ...,
@@ -382,34 +384,7 @@ def sweep_command(
         help="A cache folder written by kdcache teacher-logits (several: a teacher ensemble, as in train-student).",
         show_default=False,
     ),
-    param: Optional[list[str]] = typer.Option(
-        None,
-        "--param",
-        metavar="NAME=SPEC",
-        help="A train-student option to sweep and its distribution, SPEC one of loguniform(a,b), uniform(a,b), int(a,b), choice(x,y,...); repeat it, e.g. --param 'learning_rate=loguniform(1e-4,1e-2)' --param 'temperature=choice(2,5)'.",
-    ),
-    space: Optional[Path] = typer.Option(
-        None, help="The same as a YAML or JSON file: option names to SPEC strings (a list of values is a choice)."
-    ),
-    trials: int = typer.Option(..., help="Trials in the whole study: a rerun of the same command continues up to N."),
-    output: Path = typer.Option(
-        ..., help="Folder of the sweep: trials/NNNN (one student each), best/, plots/, sweep.json, study.db."
-    ),
-    timeout: Optional[float] = typer.Option(
-        None, show_default="none", help="Seconds after which this process starts no new trial."
-    ),
-    storage: Optional[str] = typer.Option(
-        None,
-        show_default="OUTPUT/study.db (SQLite)",
-        help="Where the study lives: an SQLAlchemy URL (sqlite:///..., postgresql://...) that several processes or machines share, or the path of an Optuna journal file.",
-    ),
-    study_name: str = typer.Option("kdcache-sweep", help="The study's name in the storage."),
-    pruner: str = typer.Option("median", help="Stops hopeless trials after an epoch: median, hyperband or none."),
-    final_seeds: int = typer.Option(
-        0,
-        help="Once the study is complete, retrain the best options with seeds 0..K-1 (OUTPUT/final) and report validation mean ± sd.",
-    ),
-    sampler_seed: Optional[int] = typer.Option(None, show_default="random", help="Seed of Optuna's TPE sampler."),
+    study: SweepOptions = None,
     options: TrainingOptions = None,
 ):
     """Train many students from one cache: an Optuna study over train-student's options, resumable, on one
@@ -435,20 +410,9 @@ def sweep_command(
     from kdcache.sweep import optuna_module, sweep
 
     optuna_module()  # without Optuna: one line saying how to install it, before anything else
-    sweep(
-        cache[0] if len(cache) == 1 else cache,
-        output,
-        list(param or []),
-        trials=trials,
-        options=options,
-        space_file=space,
-        timeout=timeout,
-        storage=storage,
-        study_name=study_name,
-        pruner=pruner,
-        sampler_seed=sampler_seed,
-        final_seeds=final_seeds,
-    )
+    settings = {**vars(study), "space": study.param, "space_file": study.space}  # sweep() names them so
+    del settings["param"]
+    sweep(cache[0] if len(cache) == 1 else cache, options=options, **settings)
 
 
 @app.command("demo")

@@ -12,6 +12,7 @@ from kdcache.options.fields import (
     check_teacher_weights,
     option,
 )
+from kdcache.options.sweep import SweepOptions
 from kdcache.options.teacher import CacheOptions, VerifyOptions
 from kdcache.options.training import (
     OPTIONS_FILE,
@@ -31,6 +32,7 @@ __all__ = [
     "SCHEDULERS",
     "CacheOptions",
     "EvaluationOptions",
+    "SweepOptions",
     "TrainingOptions",
     "VerifyOptions",
     "check_ensemble_options",
