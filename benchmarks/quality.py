@@ -34,8 +34,23 @@ CACHES = {
 # Stage two of the patient recipe: the teacher alone (alpha=1), at 128 px, with an EMA of the weights; 16 epochs is
 # what this session could afford on a 2-core CPU (BENCHMARKS.md), not what the recipe is for.
 PATIENT = {"alpha": 1.0, "student_size": 128, "epochs": 16, "learning_rate": 1e-3, "ema_decay": 0.99}
+# The options benchmarks/sweep.py chose on validation (results/sweep/sweep.json, trial 2), at the finals' 224 px and
+# 20 epochs: its "swept" rows are written by sweep.py, this copy is for the controls beside them.
+SWEPT = {
+    "learning_rate": 0.0010229186121747333,
+    "temperature": 1.1814836227952394,
+    "alpha": 0.6847637345150963,
+    "weight_decay": 0.007424116619296478,
+    "ema_decay": None,
+    "student_size": 224,
+    "epochs": 20,
+}
 RECIPES = {
     "k1-defaults": ("k1", {}),
+    # The K=1 defaults again on the machine the swept finals ran on (2026-12-01): figures from two machines do not
+    # compare, and the first k1-defaults rows are from 2026-11-23.
+    "k1-defaults-beside-swept": ("k1", {}),
+    "swept-labels-only": ("k1", {**SWEPT, "alpha": 0.0}),  # what the teacher adds to the swept options
     "scratch": ("views16", {**PATIENT, "alpha": 0.0}),  # the same schedule and views, from labels alone
     "views": ("views16", PATIENT),  # consistent views, not mixed
     "patient": ("mixed16", PATIENT),  # consistent mixed views: function matching
