@@ -220,6 +220,26 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
 
 
 @needs_optuna
+def test_the_median_pruner_spares_a_slow_starter_for_half_its_epochs():
+    from kdcache.sweep import make_pruner
+
+    # four finished trials at 0.7 from epoch 1 on, then a trial at chance (as on beans, where one such trial of 8
+    # epochs was still at 0.34 after epoch 2 and finished at 0.865): not pruned before epoch 4 of 8, pruned from there
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median", epochs=8))
+    for _ in range(4):
+        trial = study.ask()
+        for epoch in range(1, 9):
+            trial.report(0.7, epoch)
+        study.tell(trial, 0.7)
+    slow = study.ask()
+    decisions = []
+    for epoch in range(1, 9):
+        slow.report(0.34, epoch)
+        decisions.append(slow.should_prune())
+    assert decisions == [False, False, False, True, True, True, True, True]
+
+
+@needs_optuna
 def test_a_pruned_trial_leaves_its_record_and_no_student(tmp_path, tiny_cache):
     from kdcache.sweep import sweep
 
