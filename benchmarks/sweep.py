@@ -115,7 +115,7 @@ def main():
     report["cpu_minutes_this_run"] = round(cpu_minutes(), 1)
     report["wall_minutes_this_run"] = round((time.time() - started) / 60, 1)
     report["space"], report["fixed"] = SPACE, FIXED
-    report["importances"] = importances(output / "study.db")
+    report["importances"] = importances(report)
     (out / "sweep.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     for name, path in report.get("plots", {}).get("written", {}).items():
         shutil.copy(path, out / f"{name}.png")
@@ -123,20 +123,19 @@ def main():
         test_finals(args, cache, report, stage_one_minutes)
 
 
-def importances(database: Path, seeds=(0, 1, 2)) -> dict:
+def importances(report: dict, seeds=(0, 1, 2)) -> dict:
     """fANOVA importances of the swept options over the completed trials, once per evaluator seed: with a handful of
     trials they move with the seed, and the spread says how far to trust the plot (drawn with one random seed)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="kdcache-sweep", storage=f"sqlite:///{database}")
-    complete = sum(trial.state.name == "COMPLETE" for trial in study.trials)
+    study = optuna.load_study(study_name=report["study"], storage=report["storage"])
     by_seed = {}
     for seed in seeds:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
         values = optuna.importance.get_param_importances(study, evaluator=evaluator)
         by_seed[str(seed)] = {name: round(float(value), 3) for name, value in values.items()}
-    return {"completed_trials": complete, "fanova_by_seed": by_seed}
+    return {"completed_trials": report["counts"]["complete"], "fanova_by_seed": by_seed}
 
 
 def final_seeds_at(cache, root: Path, report: dict, fixed: dict, seeds: int) -> dict:
