@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
-from kdcache.losses import DECLARED, DEFAULT_TEMPERATURES, LOSS_SPECS, check_loss_settings, others
+from kdcache.losses import LOSS_SPECS, check_loss_settings, others
 from kdcache.options.fields import (
     DEVICE_HELP,
     PRECISIONS,
@@ -45,14 +45,14 @@ class TrainingOptions:
     )
     loss: str = option(
         "kd",  # a name in kdcache.losses
-        "Distillation loss. " + " ".join(f"{loss.name}: {loss.summary}." for loss in DECLARED),
+        "Distillation loss. " + " ".join(f"{loss.name}: {loss.summary}." for loss in LOSS_SPECS.values()),
         sweep=dict(help=f"{either(list(LOSS_SPECS))} (as in train-student)."),
     )
     temperature: float | None = option(
-        None,  # None: the loss's (kdcache.losses)
+        None,  # None: the loss's, as kdcache.losses declares it
         "Softmax temperature T of the distillation term.",
         flags=("--temperature", "-T"),
-        show_default=", ".join(f"{loss.temperature:g} for {loss.name}" for loss in DECLARED),
+        show_default=", ".join(f"{loss.temperature:g} for {loss.name}" for loss in LOSS_SPECS.values()),
         sweep=dict(help="Softmax temperature T.", show_default="the loss's"),
     )
     alpha: float = option(
@@ -66,7 +66,7 @@ class TrainingOptions:
         False,
         "z-score each image's logits, student's and teacher's, before the softmax: the student matches the teacher's "
         "ranking of the classes, not the range of its logits, and T becomes a base temperature (Sun et al. 2024 use "
-        "2). kd and dkd.",
+        "2). " + " and ".join(loss.name for loss in LOSS_SPECS.values() if loss.standardizable) + ".",
         sweep=dict(help=None),
     )
     teacher_weights: list[float] | None = option(
@@ -193,9 +193,9 @@ class TrainingOptions:
     )
 
     def resolved(self) -> "TrainingOptions":
-        """These options with what a default of None stands for filled in (the loss's temperature)."""
+        """These options with what a default of None stands for filled in (the loss's declared temperature)."""
         return replace(
-            self, temperature=DEFAULT_TEMPERATURES[self.loss] if self.temperature is None else self.temperature
+            self, temperature=LOSS_SPECS[self.loss].temperature if self.temperature is None else self.temperature
         )
 
     def compared(self) -> dict:
@@ -218,8 +218,7 @@ class TrainingOptions:
         many processes share the batch; `caches`: how many caches the teachers' targets come from (an ensemble)."""
         from kdcache.labels import check_label_options
 
-        if self.loss not in LOSS_SPECS:
-            raise KdcacheError(f"--loss '{self.loss}' is not one of {', '.join(LOSS_SPECS)}")
+        check_loss_settings(self.loss, self.temperature, self.alpha, self.standardize_logits)
         check_label_options(
             labeled_fraction=self.labeled_fraction,
             unlabeled_splits=self.unlabeled_splits,
@@ -228,13 +227,6 @@ class TrainingOptions:
             student_only_augment=self.student_only_augment,
             loss=self.loss,
         )
-        if self.standardize_logits and not LOSS_SPECS[self.loss].standardizable:
-            kl_based = [loss.name for loss in DECLARED if loss.standardizable]
-            raise KdcacheError(
-                f"--standardize-logits is an option of the KL-based losses ({', '.join(kl_based)}), which its paper "
-                f"defines it for, not of --loss {self.loss}; leave it out or use --loss {' or '.join(kl_based)}"
-            )
-        check_loss_settings(self.resolved().temperature, self.alpha)
         check_teacher_weights(self.teacher_weights, caches)
         if caches > 1:
             check_ensemble_options(alpha=self.alpha, standardize_logits=self.standardize_logits, online=self.online)

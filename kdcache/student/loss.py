@@ -1,25 +1,47 @@
-"""The distillation losses, as pure functions of logits and labels.
+"""The distillation losses, as pure functions of logits and labels: the function of each loss declared in
+kdcache.losses (its name, default temperature, needs, formula and help), registered for its name by `@implements`.
 
 Each takes (student_logits, labels, teacher_logits, temperature, alpha) and returns the loss, or with return_terms
 (loss, terms): the unweighted terms, detached, for logging. alpha means the same in all of them: the loss is
 (1-alpha) * CE(student, labels) + alpha * (the loss's distillation part), so alpha=0 is plain cross-entropy
-(teacher_logits may then be None) and alpha=1 is the teacher alone. `LOSSES` maps the names train-student takes
-to the functions; each loss's name, default temperature (DEFAULT_TEMPERATURES), needs and formula text are declared
-once, in kdcache.losses."""
+(teacher_logits may then be None) and alpha=1 is the teacher alone. temperature and alpha have no defaults here: a
+run gives the options' (the temperature resolved from the loss's declaration), checked once by
+kdcache.losses.check_loss_settings before training, not on every batch. A loss declared standardizable also takes
+`standardize`."""
 
 import torch
 import torch.nn.functional as F
 
 from kdcache.errors import KdcacheError
-from kdcache.losses import DEFAULT_TEMPERATURES, check_loss_settings
+from kdcache.losses import LOSS_SPECS
+from kdcache.losses import others as other_losses  # dkd_loss's `others` are its non-target logits
+
+LOSSES = {}  # each loss declared in kdcache.losses -> its function, as `@implements` registers them below
 
 
+def implements(name: str):
+    """Registers the decorated function as that of the loss declared as `name` in kdcache.losses, one function per
+    declared name (tests/student/test_loss.py checks that every declared loss has its function)."""
+
+    def register(function):
+        # a mistake in kdcache's code, not in a user's input: a plain error, raised as this module is imported
+        if name not in LOSS_SPECS:
+            raise ValueError(f"@implements('{name}'): kdcache.losses declares no loss '{name}'; declare it there")
+        if name in LOSSES:
+            raise ValueError(f"@implements('{name}'): loss '{name}' has a function already, {LOSSES[name].__name__}")
+        LOSSES[name] = function
+        return function
+
+    return register
+
+
+@implements("kd")
 def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     teacher_logits: torch.Tensor | None,
-    temperature: float = 5.0,
-    alpha: float = 0.5,
+    temperature: float,
+    alpha: float,
     return_terms: bool = False,
     standardize: bool = False,
 ):
@@ -34,7 +56,6 @@ def distillation_loss(
     With return_terms, returns (loss, {"ce": ..., "kl": ...}): the unweighted terms, detached, for logging; a term
     that alpha switches off is not computed and not returned.
     """
-    check_loss_settings(temperature, alpha)
     # Upcast: under bf16/fp16 autocast the softmax of logits/T loses most of its precision.
     student_logits = student_logits.float()
     loss, terms = _cross_entropy_part(student_logits, labels, alpha)
@@ -49,12 +70,13 @@ def distillation_loss(
     return (loss, terms) if return_terms else loss
 
 
+@implements("dkd")
 def dkd_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     teacher_logits: torch.Tensor | None,
-    temperature: float = 4.0,
-    alpha: float = 0.5,
+    temperature: float,
+    alpha: float,
     return_terms: bool = False,
     standardize: bool = False,
     tckd_weight: float = 1.0,
@@ -78,23 +100,22 @@ def dkd_loss(
     must be more than 2 classes (with 2, NCKD is over one class and always 0: DKD is then a reweighted KD).
     standardize=True z-scores both logits first, as Sun et al. (2024) do for DKD. Terms: ce, tckd, nckd.
     """
-    check_loss_settings(temperature, alpha)
     student_logits = student_logits.float()
     classes = student_logits.shape[-1]
     if classes <= 2:
         raise KdcacheError(
             f"DKD needs more than 2 classes (its non-target part is over the classes other than the "
-            f"label's), and these logits have {classes}; use --loss kd or --loss dist"
+            f"label's), and these logits have {classes}; use {other_losses('dkd')}"
         )
     if not labels.is_floating_point() and bool((labels < 0).any()):
         raise KdcacheError(
             "DKD splits the teacher's outputs around each image's labelled class, and some rows of this batch have "
-            "no label; use --loss kd or --loss dist with unlabeled rows"
+            f"no label; use {other_losses('dkd')} with unlabeled rows"
         )
     if labels.is_floating_point():
         raise KdcacheError(
             "DKD needs one target class per image, and these labels are mixed (mixup's two classes, "
-            "weighted); use --loss kd or --loss dist with a cache of mixed views"
+            f"weighted); use {other_losses('dkd')} with a cache of mixed views"
         )
     loss, terms = _cross_entropy_part(student_logits, labels, alpha)
     if alpha > 0.0:
@@ -115,14 +136,14 @@ def dkd_loss(
     return (loss, terms) if return_terms else loss
 
 
+@implements("dist")
 def dist_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     teacher_logits: torch.Tensor | None,
-    temperature: float = 1.0,
-    alpha: float = 0.5,
+    temperature: float,
+    alpha: float,
     return_terms: bool = False,
-    standardize: bool = False,
     inter_weight: float = 1.0,
     intra_weight: float = 1.0,
 ):
@@ -138,14 +159,9 @@ def dist_loss(
     lib/models/losses/kd_loss.py: DIST(beta=1, gamma=1) on softmax(z), T=1, CE and DIST weights 1 and 1, which is
     alpha=0.5 up to a factor AdamW does not see); their CIFAR-100 code (hunto/DIST_KD) uses T=4 with the T^2 factor.
     intra correlates over the batch: it needs batches of more than one image. Labels may be mixed (only the
-    cross-entropy reads them). Logit standardisation is for the KL-based losses and is refused. Terms: ce, inter, intra.
+    cross-entropy reads them). Logit standardisation is an option of the KL-based losses, not of this one (declared
+    not standardizable: it takes no `standardize`). Terms: ce, inter, intra.
     """
-    check_loss_settings(temperature, alpha)
-    if standardize:
-        raise KdcacheError(
-            "logit standardisation is an option of the KL-based losses (kd, dkd), which its paper "
-            "defines it for, not of dist; leave out --standardize-logits or use --loss kd or dkd"
-        )
     student_logits = student_logits.float()
     loss, terms = _cross_entropy_part(student_logits, labels, alpha)
     if alpha > 0.0:
@@ -203,7 +219,9 @@ def _cross_entropy_part(student_logits, labels, alpha):
 
 def _distilled_logits(student_logits, teacher_logits, standardize):
     if teacher_logits is None:
-        raise ValueError("alpha > 0 needs teacher_logits")
+        raise KdcacheError(
+            "alpha > 0 needs teacher_logits: pass the teacher's logits, or alpha 0 for the labels alone"
+        )
     teacher_logits = teacher_logits.float()
     if standardize:
         return standardized(student_logits), standardized(teacher_logits)
@@ -216,11 +234,9 @@ def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tenso
     return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
 
 
-# the names declared in kdcache.losses, each with its function
-LOSSES = {"kd": distillation_loss, "dkd": dkd_loss, "dist": dist_loss}
 __all__ = [
-    "DEFAULT_TEMPERATURES",
     "LOSSES",
+    "implements",
     "distillation_loss",
     "dkd_loss",
     "dist_loss",

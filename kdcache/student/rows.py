@@ -26,6 +26,7 @@ from kdcache.format.manifest import (
 from kdcache.format.reader import logit_columns, rebuilt_logits
 from kdcache.format.views import View, readable_sources, render_views, source_image, stored_view
 from kdcache.labels import NO_LABEL, labeled_subset, masked_labels
+from kdcache.losses import LOSS_SPECS, others
 from kdcache.models import align_labels, load_classifier
 from kdcache.options import TrainingOptions, check_loss_for_cache
 from kdcache.student.model import OnlineTeacher, check_same_teacher
@@ -432,10 +433,10 @@ def training_labels(cached, manifest: Manifest, options: TrainingOptions) -> Tra
         keep = labeled_subset(labels[:train], options.labeled_fraction, options.seed, manifest.label_names)
         labels[:train] = masked_labels(labels[:train], keep)
         changed = True
-    if options.loss == "dkd" and (labels == NO_LABEL).any():
+    if LOSS_SPECS[options.loss].needs_target_class and (labels == NO_LABEL).any():
         raise KdcacheError(
-            "--loss dkd splits the teacher's outputs around each image's labelled class, and "
-            f"{int((labels == NO_LABEL).sum())} training rows have no label; use --loss kd or --loss dist"
+            f"--loss {options.loss} splits the teacher's outputs around each image's labelled class, and "
+            f"{int((labels == NO_LABEL).sum())} training rows have no label; use {others(options.loss)}"
         )
     served = np.flatnonzero(labels != NO_LABEL) if options.alpha == 0 and (labels == NO_LABEL).any() else None
     if options.alpha > 0 and not (labels != NO_LABEL).any() and options.alpha < 1:

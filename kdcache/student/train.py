@@ -67,7 +67,7 @@ def train_student(
     The options are a TrainingOptions (kdcache.options: every option, its default and its checks), given whole as
     `options`, one by one as keywords (`train_student(cache, output=..., seed=1, alpha=0)`), or both (the keywords
     win). `loss` is a name in kdcache.losses (kd, dkd, dist); `temperature` None is that loss's paper's
-    (kdcache.losses.DEFAULT_TEMPERATURES); `alpha` weights the loss's distillation part against the labels' cross-entropy;
+    (its declaration in kdcache.losses); `alpha` weights the loss's distillation part against the labels' cross-entropy;
     `standardize_logits` z-scores student and teacher logits before the softmax (kd and dkd). `student_size` S trains (and saves) the student at S x S pixels: each view is the same crop as the
     teacher's, resized to S. `ema_decay` (e.g. 0.998) keeps an exponential moving average of the weights, evaluated
     each epoch and saved as the student. `callbacks` are transformers TrainerCallbacks (or classes), passed to the

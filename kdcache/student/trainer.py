@@ -4,6 +4,7 @@ teacher run on the batch: the tutorial's way, kept as the reference the tests co
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +24,17 @@ from kdcache.student.rows import Collator, TrainingRows, TrainRows, ViewRows
 
 class DistillationTrainer(Trainer):
     """Trainer whose loss is one of kdcache's distillation losses (kdcache.student.loss.LOSSES) over the batch's
-    `teacher_logits`."""
+    `teacher_logits`, with a run's settings: the options' (TrainingOptions.resolved), checked once before training."""
 
     loss_is_scaled_for_ga = False  # every kdcache loss is a per-batch mean
 
-    def __init__(self, *args, temperature=5.0, alpha=0.5, teacher=None, loss="kd", standardize=False, **kwargs):
+    def __init__(self, *args, loss, temperature, alpha, standardize, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.temperature, self.alpha, self.teacher = temperature, alpha, teacher
-        self.loss_function, self.standardize = LOSSES[loss], standardize
+        self.alpha, self.teacher = alpha, teacher
+        settings = dict(temperature=temperature, alpha=alpha)
+        if standardize:  # only a loss declared standardizable takes it (the options refused it for the others)
+            settings["standardize"] = True
+        self.loss_function = partial(LOSSES[loss], **settings)
         self.loss_terms, self.loss_term_steps = {}, 0  # summed since the last log: what each term contributes
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -38,15 +42,7 @@ class DistillationTrainer(Trainer):
         if self.teacher is not None and self.alpha > 0:
             teacher_logits = self.teacher(inputs["pixel_values"])
         outputs = model(pixel_values=inputs["pixel_values"])
-        loss, terms = self.loss_function(
-            outputs.logits,
-            inputs["labels"],
-            teacher_logits,
-            self.temperature,
-            self.alpha,
-            return_terms=True,
-            standardize=self.standardize,
-        )
+        loss, terms = self.loss_function(outputs.logits, inputs["labels"], teacher_logits, return_terms=True)
         if model.training:
             for name, value in terms.items():
                 self.loss_terms[name] = self.loss_terms.get(name, 0.0) + value
