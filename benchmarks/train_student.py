@@ -32,6 +32,7 @@ from transformers import AutoImageProcessor, TrainerCallback
 from kdcache.data import ImagePipeline
 from kdcache.format.manifest import LOGITS, PIXELS
 from kdcache.format.reader import load_cache
+from kdcache.options import TrainingOptions
 from kdcache.runtime import tune_malloc
 from kdcache.student.loss import distillation_loss
 from kdcache.student.model import build_student
@@ -78,10 +79,13 @@ def floor_seconds_per_step(cache, manifest, warmup, steps, batch_size, student_s
     shape = batches[0][0].shape[1:]
     model = build_student(None, manifest["label_names"], shape, seed=42).train().to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    defaults = TrainingOptions().resolved()  # train-student's loss settings: kd at its declared temperature
     times = []
     for step in range(warmup + steps):
         pixel_values, labels, logits = batches[step % len(batches)]
-        loss = distillation_loss(model(pixel_values=pixel_values).logits, labels, logits)
+        loss = distillation_loss(
+            model(pixel_values=pixel_values).logits, labels, logits, defaults.temperature, defaults.alpha
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

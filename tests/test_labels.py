@@ -72,17 +72,17 @@ def test_cross_entropy_covers_the_labelled_rows_and_distillation_every_row_by_ha
     # a fully labelled batch is the plain mean, as before
     full = torch.tensor([0, 1, 2, 0, 1, 2])
     assert torch.equal(
-        distillation_loss(student, full, teacher, alpha=0.0), torch.nn.functional.cross_entropy(student, full)
+        distillation_loss(student, full, teacher, temperature, 0.0), torch.nn.functional.cross_entropy(student, full)
     )
     # mixed labels: an all-zero row has no label
     soft = torch.nn.functional.one_hot(full, 3).float()
     soft[1] = 0
     expected = torch.stack([-(soft[i] * log_student[i]).sum() for i in range(6) if i != 1]).mean()
-    assert torch.isclose(distillation_loss(student, soft, teacher, alpha=0.0), expected, atol=1e-6)
+    assert torch.isclose(distillation_loss(student, soft, teacher, temperature, 0.0), expected, atol=1e-6)
     # dist reads labels only in its CE part; dkd needs a label per row
-    assert torch.isfinite(LOSSES["dist"](student, labels, teacher))
+    assert torch.isfinite(LOSSES["dist"](student, labels, teacher, 1.0, alpha))
     with pytest.raises(KdcacheError, match="some rows of this batch have no label"):
-        LOSSES["dkd"](student, labels, teacher)
+        LOSSES["dkd"](student, labels, teacher, 4.0, alpha)
 
 
 def test_cached_loss_equals_online_loss_with_unlabelled_rows(tiny_cache, tiny_dataset, tiny_teacher):
@@ -120,8 +120,8 @@ def test_cached_loss_equals_online_loss_with_unlabelled_rows(tiny_cache, tiny_da
         with torch.no_grad():
             student_logits = student(pixel_values=cached["pixel_values"]).logits
         for alpha in (0.5, 0.0):
-            cached_loss = distillation_loss(student_logits, cached["labels"], cached["teacher_logits"], alpha=alpha)
-            online_loss = distillation_loss(student_logits, online["labels"], online_logits, alpha=alpha)
+            cached_loss = distillation_loss(student_logits, cached["labels"], cached["teacher_logits"], 5.0, alpha)
+            online_loss = distillation_loss(student_logits, online["labels"], online_logits, 5.0, alpha)
             assert abs(cached_loss.item() - online_loss.item()) <= 1e-6
 
 

@@ -12,3 +12,18 @@ def view_cache(make_cache):
 @pytest.fixture(scope="session")
 def mixed_train_cache(make_cache):
     return make_cache(views=2, mix_alpha=1.0)
+
+
+@pytest.fixture
+def add_loss(monkeypatch, request):
+    """Adds a throwaway loss the way kdcache's own are added (docs/recipes.md, "Adding a loss"): its declaration to
+    kdcache.losses, its function registered by @implements; both taken back after the test."""
+    from kdcache.losses import LOSS_SPECS
+    from kdcache.student.loss import LOSSES, implements
+
+    def add(declaration, function):
+        monkeypatch.setitem(LOSS_SPECS, declaration.name, declaration)
+        request.addfinalizer(lambda: LOSSES.pop(declaration.name, None))
+        return implements(declaration.name)(function)
+
+    return add

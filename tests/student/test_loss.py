@@ -1,5 +1,8 @@
 """The distillation losses (kdcache.student.loss): kd, dkd and dist against the tutorial's and the papers' formulas,
-and against a teacher ensemble's averaged probabilities (kdcache.format.ensemble)."""
+and against a teacher ensemble's averaged probabilities (kdcache.format.ensemble); each declared loss (kdcache.losses)
+with its one function."""
+
+import inspect
 
 import pytest
 import torch
@@ -8,7 +11,8 @@ from torch import nn
 
 from kdcache import KdcacheError
 from kdcache.format.ensemble import ensemble_teacher_logits
-from kdcache.student.loss import DEFAULT_TEMPERATURES, LOSSES, dist_loss, distillation_loss, dkd_loss
+from kdcache.losses import LOSS_SPECS, Loss, others
+from kdcache.student.loss import LOSSES, dist_loss, distillation_loss, dkd_loss, implements
 
 
 def tutorial_loss(student_logits, labels, teacher_logits, temperature, alpha):
@@ -37,7 +41,7 @@ def test_loss_and_gradient_equal_the_tutorial_formula(temperature, alpha):
 def test_alpha_zero_is_cross_entropy_and_needs_no_teacher():
     student, labels = torch.randn(8, 3), torch.randint(0, 3, (8,))
     assert torch.equal(distillation_loss(student, labels, None, 5.0, 0.0), F.cross_entropy(student, labels))
-    with pytest.raises(ValueError, match="needs teacher_logits"):
+    with pytest.raises(KdcacheError, match="needs teacher_logits"):
         distillation_loss(student, labels, None, 5.0, 0.5)
 
 
@@ -48,15 +52,9 @@ def test_alpha_one_is_pure_distillation_and_zero_when_student_equals_teacher():
 
 def test_half_precision_logits_are_upcast():
     student, teacher, labels = torch.randn(8, 3), torch.randn(8, 3), torch.randint(0, 3, (8,))
-    full = distillation_loss(student, labels, teacher)
-    half = distillation_loss(student.bfloat16(), labels, teacher.bfloat16())
+    full = distillation_loss(student, labels, teacher, 5.0, 0.5)
+    half = distillation_loss(student.bfloat16(), labels, teacher.bfloat16(), 5.0, 0.5)
     assert half.dtype == torch.float32 and torch.allclose(full, half, atol=0.05)
-
-
-@pytest.mark.parametrize("temperature,alpha", [(0.0, 0.5), (-1.0, 0.5), (5.0, -0.1), (5.0, 1.5), (float("nan"), 0.5)])
-def test_invalid_settings_are_refused(temperature, alpha):
-    with pytest.raises(KdcacheError):
-        distillation_loss(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), temperature, alpha)
 
 
 def test_terms_are_the_unweighted_parts_of_the_loss():
@@ -82,7 +80,7 @@ def test_mixed_labels_are_a_weighted_cross_entropy():
         weight[:, 0] * F.cross_entropy(student, first, reduction="none")
         + (1 - weight[:, 0]) * F.cross_entropy(student, second, reduction="none")
     ).mean()
-    assert torch.allclose(distillation_loss(student, soft, None, alpha=0.0), expected, atol=1e-6)
+    assert torch.allclose(distillation_loss(student, soft, None, 5.0, 0.0), expected, atol=1e-6)
 
 
 # DKD, DIST and logit standardisation, each against its paper's formula written out with plain probability math.
@@ -216,22 +214,21 @@ def test_standardisation_ignores_each_images_shift_and_scale(name):
 
 def test_dkd_needs_more_than_two_classes_and_one_target_class():
     with pytest.raises(KdcacheError, match="DKD needs more than 2 classes") as refused:
-        dkd_loss(torch.randn(4, 2), torch.tensor([0, 1, 1, 0]), torch.randn(4, 2))
+        dkd_loss(torch.randn(4, 2), torch.tensor([0, 1, 1, 0]), torch.randn(4, 2), 4.0, 0.5)
     assert "\n" not in str(refused.value)
+    assert str(refused.value).endswith(f"use {others('dkd')}") and others("dkd") == "--loss kd or --loss dist"
     mixed = F.one_hot(torch.tensor([0, 1, 2, 0]), 3) * 0.6 + F.one_hot(torch.tensor([1, 2, 0, 2]), 3) * 0.4
     with pytest.raises(KdcacheError, match="DKD needs one target class"):
-        dkd_loss(torch.randn(4, 3), mixed, torch.randn(4, 3))
-    assert torch.isfinite(dkd_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.randn(4, 3)))
+        dkd_loss(torch.randn(4, 3), mixed, torch.randn(4, 3), 4.0, 0.5)
+    assert torch.isfinite(dkd_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.randn(4, 3), 4.0, 0.5))
 
 
-def test_dist_takes_mixed_labels_and_refuses_standardisation():
+def test_dist_takes_mixed_labels():
     generator = torch.Generator().manual_seed(4)
     student, teacher = torch.randn(4, 3, generator=generator), torch.randn(4, 3, generator=generator)
     mixed = F.one_hot(torch.tensor([0, 1, 2, 0]), 3) * 0.7 + F.one_hot(torch.tensor([1, 2, 0, 2]), 3) * 0.3
-    loss, terms = dist_loss(student, mixed, teacher, return_terms=True)
+    loss, terms = dist_loss(student, mixed, teacher, 1.0, 0.5, return_terms=True)
     assert torch.allclose(terms["ce"], -(mixed * F.log_softmax(student, -1)).sum(-1).mean())
-    with pytest.raises(KdcacheError, match="--standardize-logits"):
-        dist_loss(student, mixed, teacher, standardize=True)
 
 
 @pytest.mark.parametrize(
@@ -242,7 +239,7 @@ def test_every_loss_names_its_terms_and_is_cross_entropy_at_alpha_zero(name, dis
     student, teacher = torch.randn(8, 5, generator=generator), torch.randn(8, 5, generator=generator)
     labels = torch.randint(0, 5, (8,), generator=generator)
     loss = LOSSES[name]
-    temperature = DEFAULT_TEMPERATURES[name]
+    temperature = LOSS_SPECS[name].temperature
     assert set(loss(student, labels, teacher, temperature, 0.5, return_terms=True)[1]) == {"ce"} | distillation_terms
     assert set(loss(student, labels, teacher, temperature, 1.0, return_terms=True)[1]) == distillation_terms
     assert torch.equal(loss(student, labels, None, temperature, 0.0), F.cross_entropy(student, labels))
@@ -254,8 +251,9 @@ def test_half_precision_logits_are_upcast_in_every_loss(name):
     generator = torch.Generator().manual_seed(6)
     student, teacher = torch.randn(8, 4, generator=generator), torch.randn(8, 4, generator=generator)
     labels = torch.randint(0, 4, (8,), generator=generator)
-    full = LOSSES[name](student, labels, teacher)
-    half = LOSSES[name](student.bfloat16(), labels, teacher.bfloat16())
+    temperature = LOSS_SPECS[name].temperature
+    full = LOSSES[name](student, labels, teacher, temperature, 0.5)
+    half = LOSSES[name](student.bfloat16(), labels, teacher.bfloat16(), temperature, 0.5)
     assert half.dtype == torch.float32 and torch.allclose(full, half, atol=0.05)
 
 
@@ -322,15 +320,30 @@ def test_every_loss_distils_from_the_averaged_probabilities(name, reference, tem
         assert torch.allclose(ours_grad.double(), expected_grad.double(), atol=1e-6, rtol=1e-4)
 
 
-def test_each_declared_loss_has_its_function_with_its_declared_temperature():
-    import inspect
+# The registry: each loss declared once in kdcache.losses, and given its one function here by @implements.
 
-    from kdcache.losses import LOSS_SPECS
 
-    assert list(LOSSES) == list(LOSS_SPECS)
+def test_every_declared_loss_has_one_function_that_takes_the_settings_its_declaration_says():
+    assert set(LOSSES) == set(LOSS_SPECS) == {"kd", "dkd", "dist"}
+    assert len(set(LOSSES.values())) == len(LOSSES), "one function per loss"
     for name, spec in LOSS_SPECS.items():
-        assert (
-            inspect.signature(LOSSES[name]).parameters["temperature"].default
-            == spec.temperature
-            == DEFAULT_TEMPERATURES[name]
-        )
+        parameters = inspect.signature(LOSSES[name]).parameters
+        assert list(parameters)[:5] == ["student_logits", "labels", "teacher_logits", "temperature", "alpha"], name
+        # the run's resolved temperature and alpha, always given: no default of the function's own to drift
+        assert parameters["temperature"].default is parameters["alpha"].default is inspect.Parameter.empty, name
+        assert ("standardize" in parameters) == spec.standardizable, name
+        assert spec.temperature > 0, "the options check a temperature given, not the declared one"
+
+
+def test_a_function_is_registered_for_a_declared_loss_only_and_only_once(add_loss):
+    def halved(student_logits, labels, teacher_logits, temperature, alpha, return_terms=False):
+        return distillation_loss(student_logits, labels, teacher_logits, temperature, alpha, return_terms) / 2
+
+    with pytest.raises(ValueError, match="kdcache.losses declares no loss 'halved'; declare it there"):
+        implements("halved")(halved)
+    with pytest.raises(ValueError, match="loss 'kd' has a function already, distillation_loss"):
+        implements("kd")(halved)
+    assert "halved" not in LOSSES and LOSSES["kd"] is distillation_loss
+    assert add_loss(Loss("halved", 2.0, "half of kd", "T^2 KL / 2"), halved) is halved and LOSSES["halved"] is halved
+    with pytest.raises(ValueError, match="loss 'halved' has a function already, halved"):
+        implements("halved")(distillation_loss)

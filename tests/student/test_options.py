@@ -44,6 +44,10 @@ FAST = dict(batch_size=8, progress=False, logging_steps=1)
             r"--standardize-logits is an option of the KL-based losses .* not of --loss dist",
         ),
         (dict(loss="dkd", temperature=0), r"temperature must be > 0"),
+        (dict(temperature=-1.0), r"temperature must be > 0, got -1.0"),
+        (dict(temperature=float("nan")), r"temperature must be > 0, got nan"),
+        (dict(alpha=-0.1), r"alpha \(lambda\) must be in \[0, 1\], got -0.1"),
+        (dict(alpha=1.5), r"alpha \(lambda\) must be in \[0, 1\], got 1.5"),
     ],
 )
 def test_bad_options_are_refused_in_one_line_before_any_work(tmp_path, tiny_cache, options, message, monkeypatch):

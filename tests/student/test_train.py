@@ -17,6 +17,7 @@ from kdcache import KdcacheError
 from kdcache.data import ImagePipeline, load_image_dataset
 from kdcache.format.manifest import LOGITS, MANIFEST
 from kdcache.format.reader import load_cache
+from kdcache.losses import LOSS_SPECS
 from kdcache.models import align_labels, load_classifier
 from kdcache.student.loss import LOSSES
 from kdcache.student.model import OnlineTeacher
@@ -48,8 +49,9 @@ def test_cached_loss_equals_online_loss_batch_by_batch(tiny_cache, tiny_dataset,
         with torch.no_grad():
             student_logits = student(pixel_values=cached["pixel_values"]).logits
         for name, loss in LOSSES.items():
-            cached_loss = loss(student_logits, cached["labels"], cached["teacher_logits"])
-            online_loss = loss(student_logits, online["labels"], online_logits)
+            temperature = LOSS_SPECS[name].temperature
+            cached_loss = loss(student_logits, cached["labels"], cached["teacher_logits"], temperature, 0.5)
+            online_loss = loss(student_logits, online["labels"], online_logits, temperature, 0.5)
             assert abs(cached_loss.item() - online_loss.item()) <= 1e-6, name
 
 
@@ -350,6 +352,29 @@ def test_each_loss_trains_and_logs_its_terms(tmp_path, tiny_cache, loss, tempera
     assert {f"train/loss_{name}" for name in {"dkd": ("tckd", "nckd"), "dist": ("inter", "intra")}[loss]} <= tags
 
 
+def test_a_new_loss_is_one_declaration_and_one_function(tmp_path, tiny_cache, add_loss):
+    """docs/recipes.md's "Adding a loss", done: a throwaway loss (kd at half weight) declared and given its function,
+    and nothing else told of it, trains a step at its declared temperature, logs its terms and states its formula."""
+    from kdcache.losses import Loss
+    from kdcache.student.loss import distillation_loss
+
+    calls = []
+
+    def half_kd(student_logits, labels, teacher_logits, temperature, alpha, return_terms=False, standardize=False):
+        calls.append((temperature, alpha, standardize))
+        loss, terms = distillation_loss(student_logits, labels, teacher_logits, temperature, alpha, True, standardize)
+        return (loss / 2, terms) if return_terms else loss / 2
+
+    add_loss(Loss("half", 3.0, "kd at half weight", "T^2 KL({z}teacher/T, {z}student/T) / 2"), half_kd)
+    summary = train_student(tiny_cache, output=tmp_path / "s", max_steps=1, eval_split=None, loss="half", **FAST)
+    assert summary["recipe"]["loss"] == "half" and summary["recipe"]["temperature"] == 3.0
+    assert calls == [(3.0, 0.5, False)], "its function, once, with the declared temperature and the options' alpha"
+    (entry,) = summary["train_log"]
+    assert entry["loss"] == pytest.approx(0.5 * (0.5 * entry["loss_ce"] + 0.5 * 3.0**2 * entry["loss_kl"]), rel=1e-4)
+    card = (tmp_path / "s" / "README.md").read_text()
+    assert "| loss | half: (1-alpha) CE + alpha T^2 KL(teacher/T, student/T) / 2, T=3.0, alpha=0.5 |" in card
+
+
 def test_dkd_is_refused_on_two_classes_before_training(tmp_path, tiny_teacher):
     from helpers import make_images
 
@@ -444,8 +469,9 @@ def test_a_compact_caches_loss_equals_the_online_loss_from_the_same_compressed_t
         with torch.no_grad():
             student_logits = student(pixel_values=cached["pixel_values"]).logits
         for name, loss in LOSSES.items():
-            cached_loss = loss(student_logits, cached["labels"], cached["teacher_logits"])
-            online_loss = loss(student_logits, online["labels"], online_logits)
+            temperature = LOSS_SPECS[name].temperature
+            cached_loss = loss(student_logits, cached["labels"], cached["teacher_logits"], temperature, 0.5)
+            online_loss = loss(student_logits, online["labels"], online_logits, temperature, 0.5)
             assert abs(cached_loss.item() - online_loss.item()) <= 1e-6, name
 
 
