@@ -291,7 +291,8 @@ def split_features(layout: Layout):
 
 
 def manifest_columns(layout: Layout) -> dict:
-    """The manifest's `columns`: each column's entry, for a cache of `layout` (its views are the splits')."""
+    """The manifest's `columns`: each column's entry, for a cache of `layout` (the entries hold for every split, so
+    they do not depend on its views)."""
     return {column.key: column.manifest_entry(layout) for column in COLUMNS if column.manifest_entry}
 
 

@@ -16,16 +16,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import KdcacheError
-from kdcache.format.columns import (
-    LABELS,
-    LOGITS,
-    MIX_PARTNERS,
-    MIX_VIEWS,
-    MIX_WEIGHTS,
-    PIXELS,
-    VIEWS,
-    teacher_outputs,
-)
+from kdcache.format.columns import LABELS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, PIXELS, VIEWS, teacher_outputs
 from kdcache.format.manifest import Manifest
 from kdcache.format.reader import load_cache, logit_columns, rebuilt_logits
 
