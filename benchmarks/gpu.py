@@ -85,7 +85,7 @@ def loop_images_per_second(manifest: dict) -> float:
 def all_logits(cache: Path):
     import numpy as np
 
-    from kdcache.format.manifest import LOGITS
+    from kdcache.format.columns import LOGITS
     from kdcache.format.reader import load_cache
 
     cached, _ = load_cache(cache)
@@ -97,7 +97,7 @@ def run(args, work: Path) -> dict:
     import transformers
 
     from kdcache.evaluation.evaluate import evaluate_models
-    from kdcache.format.reader import read_manifest
+    from kdcache.format.manifest import Manifest
     from kdcache.student.train import train_student
     from kdcache.teacher.run import teacher_logits
 
@@ -128,7 +128,7 @@ def run(args, work: Path) -> dict:
             progress=False,
         )
         results["stage_one"][precision] = {
-            "images_per_second": round(loop_images_per_second(read_manifest(caches[precision])), 1)
+            "images_per_second": round(loop_images_per_second(Manifest.read(caches[precision])), 1)
         }
     reference = all_logits(caches["fp32"])
     for precision in PRECISIONS[1:]:

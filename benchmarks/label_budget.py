@@ -35,7 +35,7 @@ RECIPES = ("scratch", "distilled")
 def run(args):
     from kdcache.demo import epochs_per_validation, evaluate_every
     from kdcache.evaluation.evaluate import evaluate_models
-    from kdcache.format.reader import read_manifest
+    from kdcache.format.manifest import Manifest
     from kdcache.options import TrainingOptions
     from kdcache.student.train import train_student
     from kdcache.teacher.run import teacher_logits
@@ -49,7 +49,7 @@ def run(args):
     }
     started = time.time()
     cache = teacher_logits(args.dataset, args.teacher, output=root / "cache", progress=False)
-    manifest = read_manifest(cache)
+    manifest = Manifest.read(cache)
     train_rows = manifest.split("train")["num_rows"]
     # the distilled student's steps: every train row, each epoch (the Trainer's last partial batch counts as a step)
     steps = args.epochs * math.ceil(train_rows / settings["batch_size"])

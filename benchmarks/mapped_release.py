@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from kdcache.format.manifest import PIXELS
+    from kdcache.format.columns import PIXELS
     from kdcache.format.reader import load_cache, logit_columns
     from kdcache.runtime import MappedFiles
 

@@ -68,7 +68,7 @@ RECIPES = {
 
 def run(args):
     from kdcache.evaluation.evaluate import evaluate_models
-    from kdcache.format.reader import read_manifest
+    from kdcache.format.manifest import Manifest
     from kdcache.student.model import BATCHNORM_MOMENTUM
     from kdcache.student.train import train_student
     from kdcache.teacher.run import teacher_logits
@@ -80,7 +80,7 @@ def run(args):
         training = {**training, **overrides}
         started = time.time()
         cache = teacher_logits(args.dataset, args.teacher, output=root / "caches" / cache_name, **CACHES[cache_name])
-        manifest = read_manifest(cache)
+        manifest = Manifest.read(cache)
         for seed in args.seeds:
             tag = "-".join(f"{key}{value}" for key, value in sorted(overrides.items()))
             student = root / "students" / f"{name}{'-' + tag if tag else ''}-s{seed}"

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kdcache.format.manifest import Manifest
 from kdcache.options import CacheOptions
 from kdcache.outputs import bytes_under
 from kdcache.teacher import run as cache_module
@@ -88,7 +89,7 @@ def main():
     options = dict(batch_size=args.batch_size, progress=False)
     try:
         fresh = cache_module.teacher_logits(args.dataset, args.teacher, output=root / "fresh", **options)
-        manifest = cache_module.read_manifest(fresh)
+        manifest = Manifest.read(fresh)
         splits = manifest.dataset["splits"]
         chunks = [
             (name, index, chunk["rows"])

@@ -66,13 +66,13 @@ def main():
     parser.add_argument("--results", default=str(RESULTS), help="where the study, plots and quality table go")
     args = parser.parse_args()
 
-    from kdcache.format.reader import read_manifest
+    from kdcache.format.manifest import Manifest
     from kdcache.sweep import sweep
     from kdcache.teacher.run import teacher_logits
 
     root, started = Path(args.root), time.time()
     cache = teacher_logits(args.dataset, args.teacher, output=root / "caches" / "k1")
-    stage_one_minutes = round(read_manifest(cache)["seconds"] / 60, 2)
+    stage_one_minutes = round(Manifest.read(cache)["seconds"] / 60, 2)
     output = root / "sweep"
     report = None
     for trials in range(1, args.max_trials + 1):

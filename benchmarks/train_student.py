@@ -30,7 +30,7 @@ import torch
 from transformers import AutoImageProcessor, TrainerCallback
 
 from kdcache.data import ImagePipeline
-from kdcache.format.manifest import LOGITS, PIXELS
+from kdcache.format.columns import LOGITS, PIXELS
 from kdcache.format.reader import load_cache
 from kdcache.options import TrainingOptions
 from kdcache.runtime import tune_malloc

@@ -41,7 +41,6 @@ if not log.handlers:
 _PUBLIC = {
     "teacher_logits": "kdcache.teacher.run",
     "load_cache": "kdcache.format.reader",
-    "verify_cache": "kdcache.format.reader",
     "train_student": "kdcache.student.train",
     "evaluate_models": "kdcache.evaluation.evaluate",
     "distillation_loss": "kdcache.student.loss",

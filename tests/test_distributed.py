@@ -17,7 +17,8 @@ import pytest
 import torch
 from helpers import make_dataset_dict
 
-from kdcache.format.manifest import LABELS, LOGITS, MANIFEST, PIXELS, ROW, SOURCE, VIEWS
+from kdcache.format.columns import LABELS, LOGITS, PIXELS, ROW, SOURCE, VIEWS
+from kdcache.format.manifest import MANIFEST
 from kdcache.teacher.run import teacher_logits
 
 REPO = Path(__file__).resolve().parents[1]

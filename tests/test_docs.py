@@ -78,7 +78,7 @@ def test_the_pixels_do_not_depend_on_whether_torchvision_is_installed(
     import numpy as np
     import transformers.models.auto.image_processing_auto as auto
 
-    from kdcache.format.manifest import PIXELS
+    from kdcache.format.columns import PIXELS
     from kdcache.student.train import train_student
     from kdcache.teacher.run import teacher_logits
 

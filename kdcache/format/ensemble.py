@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from kdcache.errors import KdcacheError
-from kdcache.format.manifest import LABELS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, PIXELS, VIEWS, Manifest
+from kdcache.format.columns import LABELS, LOGITS, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, PIXELS, VIEWS, teacher_outputs
+from kdcache.format.manifest import Manifest
 from kdcache.format.reader import load_cache, logit_columns, rebuilt_logits
 
 ROWS_PER_COMPARISON = 256  # pixel rows compared at a time: a few MB read, whatever the split's size
@@ -86,9 +87,10 @@ def open_ensemble(
 
 
 def with_teacher_logits(split, logits: np.ndarray):
-    """`split` with its teacher logits columns replaced by `logits` (float32, (rows, classes) or (rows, views,
-    classes), as a cache of every logit stores them), held in memory beside the other columns, which stay
-    memory-mapped on disk."""
+    """`split` with its teacher's outputs replaced by `logits` (float32, (rows, classes) or (rows, views, classes),
+    as a cache of every logit stores them), held in memory beside the other columns, which stay memory-mapped on
+    disk. The first teacher's other outputs (kdcache.format.columns.teacher_outputs) go too: they are not the
+    ensemble's."""
     import datasets
 
     shape = logits.shape[1:]
@@ -98,7 +100,7 @@ def with_teacher_logits(split, logits: np.ndarray):
         else datasets.Array2D(shape=shape, dtype="float32")
     )
     column = datasets.Dataset.from_dict({LOGITS: logits}, features=datasets.Features({LOGITS: feature}))
-    return datasets.concatenate_datasets([split.remove_columns(logit_columns(split)), column], axis=1)
+    return datasets.concatenate_datasets([split.remove_columns(teacher_outputs(split.column_names)), column], axis=1)
 
 
 def check_same_inputs(first_path, first_cached, first: Manifest, path, cached, manifest: Manifest, splits) -> None:

@@ -3,7 +3,8 @@
 `Manifest` is the manifest's JSON as a dict (so it is written, compared and dumped as one), plus what every stage
 needs of it: reading with one-line errors, upgrading older format versions in memory so that no reader has to
 know them, building a new one (stage one), verifying a loaded cache against it, and accessors for the fields the
-other stages read. A new field is added here (in `build`, an accessor, and `_upgrade` for caches without it).
+other stages read. A new field is added here (in `build`, an accessor, and `_upgrade` for caches without it); a new
+column of the splits is declared in kdcache.format.columns, which gives the manifest its `columns`.
 
 Format versions:
   5: the teacher logits may be stored compact (`kdcache teacher-logits --logits-dtype fp16 --top-k K`): float16
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kdcache.errors import KdcacheError, first_line
+from kdcache.format.columns import LABELS, LOGITS, Layout, manifest_columns, upgrade_columns
 from kdcache.version import __version__
 
 FORMAT_VERSION = 5
@@ -36,44 +38,6 @@ RECIPE_VERSION_CLEAN, RECIPE_VERSION_VIEWS = 2, 3
 SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
 CHUNK_CHECKSUMS_SINCE = 4  # the first format whose splits list their chunk files with checksums
 MANIFEST = "kdcache.json"
-ROW, LABELS, LOGITS, PIXELS = "row_index", "labels", "teacher_logits", "pixel_values"
-LOGIT_INDICES, LOGIT_TAIL = "teacher_logits_indices", "teacher_logits_tail"  # a top-K cache's (format 5)
-LOGIT_COLUMNS = (LOGITS, LOGIT_INDICES, LOGIT_TAIL)  # what stage two reads the teacher's logits from
-VIEWS, IMAGE = "views", "image"
-SOURCE, SOURCE_SHAPE = "source", "source_shape"
-MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS = "mix_partners", "mix_views", "mix_weights"
-
-COLUMNS = {
-    "labels": LABELS,
-    "teacher_logits": {
-        "name": LOGITS,
-        "dtype": "float32",
-        "length": None,
-        "order": "dataset labels",
-        "per_view_shape": "(views, classes) in view splits",
-        "top_k": None,
-        "indices": LOGIT_INDICES,
-        "tail": LOGIT_TAIL,
-        "compact": "with top_k=K, teacher_logits holds the K largest logits (descending), teacher_logits_indices "
-        "their classes, and teacher_logits_tail the log-mean-exp of the other logits, the logit of every other class",
-    },
-    "pixel_values": {"name": PIXELS, "dtype": "uint8", "shape": None, "splits": "without views"},
-    "row_index": ROW,
-    "views": {"name": VIEWS, "dtype": "int32", "fields": ["x0", "y0", "x1", "y1", "flip"], "splits": "with views"},
-    "source": {
-        "name": SOURCE,
-        "dtype": "binary",
-        "shape_column": SOURCE_SHAPE,
-        "splits": "with views: the source image's raw RGB bytes (height, width, 3), reduced to the "
-        "recipe's source_size, to rebuild each view",
-    },
-    "mix": {
-        "partners": MIX_PARTNERS,
-        "views": MIX_VIEWS,
-        "weights": MIX_WEIGHTS,
-        "splits": "with mixed views: the partner row, its view, and the weight of the row's own view",
-    },
-}
 
 
 class Manifest(dict):
@@ -127,14 +91,12 @@ class Manifest(dict):
         logits_dtype: str = "float32",
         top_k: int | None = None,
     ) -> "Manifest":
-        """Stage one's manifest. `recipe` is what the fingerprint was taken of (see cache.teacher_logits); `teacher`
-        and `dataset` name them (name_or_path, revision, ...); `splits` gives each split's fingerprint, num_rows,
-        views and chunks (file, rows, bytes, sha256 of each chunk file, in row order); `run` says how the logits were made (precision, device, processes, versions,
-        seconds, images_per_second)."""
+        """Stage one's manifest. `recipe` is what the fingerprint was taken of (kdcache.teacher.inputs.cache_recipe);
+        `teacher` and `dataset` name them (name_or_path, revision, ...); `splits` gives each split's fingerprint,
+        num_rows, views and chunks (file, rows, bytes, sha256 of each chunk file, in row order); `run` says how the
+        logits were made (precision, device, processes, versions, seconds, images_per_second). The `columns` entry
+        is the columns' own (kdcache.format.columns)."""
         names = recipe["label_names"]
-        columns = json.loads(json.dumps(COLUMNS))
-        columns["teacher_logits"].update(length=len(names), dtype=logits_dtype, top_k=top_k)
-        columns["pixel_values"]["shape"] = list(pixel_shape)
         return cls(
             {
                 "format": "kdcache",
@@ -161,7 +123,7 @@ class Manifest(dict):
                 },
                 "label_names": names,
                 "teacher_to_dataset": recipe["teacher_to_dataset"],
-                "columns": columns,
+                "columns": manifest_columns(Layout(names, tuple(pixel_shape), logits_dtype, top_k)),
                 "views": recipe["views"],
                 "precision": run["precision"],
                 "device": run["device"],
@@ -308,7 +270,7 @@ class Manifest(dict):
     @property
     def top_k(self) -> int | None:
         """K when the cache stores the teacher's top K logits per view (and the tail's), else None: all of them."""
-        return self["columns"]["teacher_logits"].get("top_k")
+        return self["columns"]["teacher_logits"]["top_k"]
 
     @property
     def mixed_views(self) -> bool:
@@ -322,6 +284,8 @@ def _upgrade(data: dict) -> dict:
         split.setdefault("views", 1)
     data.get("teacher", {}).setdefault("trust_remote_code", False)
     data.setdefault("processes", 1)
+    if isinstance(data.get("columns"), dict):
+        upgrade_columns(data["columns"])
     return data
 
 

@@ -9,21 +9,12 @@ import torch
 
 from kdcache.errors import KdcacheError, first_line
 from kdcache.format.codec import expand_logits
-from kdcache.format.manifest import (
-    LOGIT_COLUMNS,
-    LOGIT_INDICES,
-    LOGIT_TAIL,
-    LOGITS,
-    Manifest,
-)
+from kdcache.format.columns import LOGIT_COLUMNS, LOGIT_INDICES, LOGIT_TAIL, LOGITS, info_lines
+from kdcache.format.manifest import Manifest
 from kdcache.outputs import (
     bytes_under,
     human_bytes,
 )
-
-
-def read_manifest(path: str | Path) -> Manifest:
-    return Manifest.read(path)
 
 
 def load_cache(path: str | Path, verify: bool = True, share: tuple[int, int] | None = None):
@@ -67,17 +58,10 @@ def rebuilt_logits(record, classes: int) -> torch.Tensor:
     return expand_logits(values, indices, torch.as_tensor(np.asarray(record[LOGIT_TAIL])), classes)
 
 
-def verify_cache(cache, manifest: dict, path) -> None:
-    """Refuse a loaded cache that does not match its manifest (what `load_cache` checks when it verifies)."""
-    manifest = Manifest(manifest)
-    manifest.verify_files(path)
-    manifest.verify(cache, path)
-
-
 def describe(path: str | Path) -> str:
     """A readable summary of a cache's manifest (kdcache info): one page, written top to bottom as it prints (over 60
     lines because it is one template; split, its lines would be read out of order)."""
-    manifest = read_manifest(path)
+    manifest = Manifest.read(path)
     teacher, data = manifest["teacher"], manifest["dataset"]
     lines = [
         f"kdcache cache: {path}",
@@ -96,16 +80,7 @@ def describe(path: str | Path) -> str:
         ),
         f"  labels          {', '.join(manifest['label_names'])}",
         f"  teacher->data   {manifest['teacher_to_dataset']} (teacher output index for each dataset label)",
-        f"  logits          {manifest.logits_dtype}"
-        + (
-            f", the top {manifest.top_k} of {len(manifest.label_names)} classes per view (+ one logit for the others)"
-            if manifest.top_k
-            else ""
-        )
-        + f", computed in {manifest['precision']} "
-        f"on {manifest['device']}"
-        + (f" ({manifest['processes']} processes)" if manifest.get("processes", 1) > 1 else ""),
-        f"  student input   {manifest['columns']['pixel_values']['dtype']} {manifest['columns']['pixel_values']['shape']}",
+        *(f"  {title:<16}{text}" for title, text in info_lines(manifest)),
         "  splits:",
     ]
     if manifest.get("views"):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdcache.data import ViewRecipe, from_raw_source, undecoded
-from kdcache.format.manifest import IMAGE, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, SOURCE, SOURCE_SHAPE, VIEWS
+from kdcache.format.columns import IMAGE, MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS, SOURCE, SOURCE_SHAPE, VIEWS
 
 
 @dataclass

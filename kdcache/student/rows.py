@@ -11,19 +11,19 @@ import torch.nn.functional as F
 
 from kdcache.data import ImagePipeline, ViewRecipe, load_image_dataset, undecoded
 from kdcache.errors import KdcacheError
-from kdcache.format.manifest import (
+from kdcache.format.columns import (
     IMAGE,
     LABELS,
-    LOGIT_COLUMNS,
     LOGITS,
     MIX_WEIGHTS,
     PIXELS,
     SOURCE,
     SOURCE_SHAPE,
     VIEWS,
-    Manifest,
+    teacher_outputs,
 )
-from kdcache.format.reader import logit_columns, rebuilt_logits
+from kdcache.format.manifest import Manifest
+from kdcache.format.reader import rebuilt_logits
 from kdcache.format.views import View, readable_sources, render_views, source_image, stored_view
 from kdcache.labels import NO_LABEL, labeled_subset, masked_labels
 from kdcache.losses import LOSS_SPECS, others
@@ -76,7 +76,7 @@ class Collator:
         # channels_last: oneDNN's and cuDNN's faster convolutions for the student's forward and backward (BENCHMARKS.md)
         batch = {"pixel_values": pixel_values.contiguous(memory_format=torch.channels_last), "labels": labels}
         if LOGITS in rows[0]:
-            stored = {column: np.stack([row[column] for row in rows]) for column in LOGIT_COLUMNS if column in rows[0]}
+            stored = {column: np.stack([row[column] for row in rows]) for column in teacher_outputs(rows[0])}
             batch["teacher_logits"] = rebuilt_logits(stored, self.num_classes)
         if self.mapped is not None:  # the rows were read (in this process) from the cache's memory-mapped files
             self.mapped.read()
@@ -135,12 +135,12 @@ class ViewRows(torch.utils.data.Dataset):
         sources = {row: source_image(record) for row, record in zip(indices, records)}
         if self.fresh:  # a new view of the clean image, with the clean view's logits
             views = [View(row, self.recipe.sample(*sources[row].size, (row, self.epoch), 1)[0]) for row in indices]
-            logits = [{column: record[column] for column in LOGIT_COLUMNS if column in record} for record in records]
-        else:  # view k of each row, with the logits of view k (and a top-K cache's indices and tail of view k)
+            logits = [{column: record[column] for column in teacher_outputs(record)} for record in records]
+        else:  # view k of each row, with the teacher's outputs on view k (logits, a top-K cache's indices and tail)
             chosen = [self.view_index(row) for row in indices]
             views = [self.view(record, row, k) for record, row, k in zip(records, indices, chosen)]
             logits = [
-                {column: np.asarray(record[column])[k] for column in LOGIT_COLUMNS if column in record}
+                {column: np.asarray(record[column])[k] for column in teacher_outputs(record)}
                 for record, k in zip(records, chosen)
             ]
         partner_labels = self.read_partners(views, sources) if self.mixed else {}
@@ -235,7 +235,7 @@ def training_rows(cached, manifest: Manifest, cache_path: Path, options: Trainin
     train_split, eval_split = options.train_split, options.eval_split
     views = manifest.views_of(train_split)
     _check_modes(manifest, options, cache_path, views)
-    columns = [PIXELS, LABELS] + (logit_columns(cached[train_split]) if options.alpha > 0 else [])
+    columns = [PIXELS, LABELS] + (teacher_outputs(cached[train_split].column_names) if options.alpha > 0 else [])
     # numpy rows: the torch format would widen the uint8 pixels to int64, 8x the bytes to move per batch
     eval_rows = cached[eval_split].with_format("numpy", columns=columns) if eval_split else None
     labels = training_labels(cached, manifest, options)
@@ -333,7 +333,9 @@ def _fresh_view_rows(rows, manifest: Manifest, options: TrainingOptions, pipelin
     if image_column != IMAGE:
         images = images.rename_column(image_column, IMAGE)
     return ViewRows(
-        datasets.concatenate_datasets([rows.select_columns([LABELS, *logit_columns(rows)]), images], axis=1),
+        datasets.concatenate_datasets(
+            [rows.select_columns([LABELS, *teacher_outputs(rows.column_names)]), images], axis=1
+        ),
         ViewRecipe(manifest.pixel_shape[1:], getattr(pipeline.processor, "resample", 3), seed=options.seed),
         options.seed,
         fresh=True,

@@ -18,7 +18,7 @@ from kdcache.data import (
 )
 from kdcache.errors import KdcacheError
 from kdcache.format.codec import compress_logits
-from kdcache.format.manifest import (
+from kdcache.format.columns import (
     LABELS,
     LOGIT_INDICES,
     LOGIT_TAIL,
@@ -31,11 +31,13 @@ from kdcache.format.manifest import (
     SOURCE,
     SOURCE_SHAPE,
     VIEWS,
+    Layout,
+    split_features,
 )
 from kdcache.format.views import View, render_views
 from kdcache.labels import NO_LABEL
 from kdcache.outputs import write_json
-from kdcache.teacher.work import chunk_features, chunk_path, chunk_record_path, write_chunk_file
+from kdcache.teacher.work import chunk_path, chunk_record_path, write_chunk_file
 
 
 @dataclass
@@ -64,7 +66,8 @@ class Job:
 
 class _Batches(torch.utils.data.Dataset):
     """Batch i of a list of row spans, decoded and resized (or cut into views): what a DataLoader worker prepares
-    ahead of the teacher."""
+    ahead of the teacher. A batch holds the values of the cache's columns under their names (kdcache.format.columns),
+    as _write_chunk writes them; PIXELS is the teacher's input, stored only in a split of one clean view."""
 
     def __init__(self, split, split_name, spans, job):
         self.split = undecoded(split, job.image_column)
@@ -81,15 +84,15 @@ class _Batches(torch.utils.data.Dataset):
         try:
             images = decode_images(self.split, self.image_column, rows, self.split_name)
             batch = {
-                "rows": np.asarray(rows, dtype=np.int64),
-                "labels": (
+                ROW: np.asarray(rows, dtype=np.int64),
+                LABELS: (
                     np.asarray(self.split[start:end][self.label_column], dtype=np.int64)
                     if self.label_column
                     else np.full(end - start, NO_LABEL, dtype=np.int64)  # images nobody labelled
                 ),
             }
             if self.view_recipe is None:
-                batch["pixels"] = self.pipeline.pixels(images)
+                batch[PIXELS] = self.pipeline.pixels(images)
             else:
                 batch.update(self.viewed(rows, images))
             return batch
@@ -102,10 +105,11 @@ class _Batches(torch.utils.data.Dataset):
         recipe, count = self.view_recipe, self.views
         sources = {row: recipe.reduce(image) for row, image in zip(rows, images)}
         boxes = np.stack([recipe.sample(*sources[row].size, row, count) for row in rows])
-        batch = {"views": boxes, "sources": [raw_source(sources[row]) for row in rows]}
+        raw = [raw_source(sources[row]) for row in rows]
+        batch = {VIEWS: boxes, SOURCE: [data for data, _ in raw], SOURCE_SHAPE: [shape for _, shape in raw]}
         if not recipe.mixed:
             views = [View(row, box) for row, row_boxes in zip(rows, boxes) for box in row_boxes]
-            batch["pixels"], _, _ = render_views(recipe, views, sources)
+            batch[PIXELS], _, _ = render_views(recipe, views, sources)
             return batch
         drawn = [recipe.sample_partners(row, len(self.split), count) for row in rows]
         partners = np.stack([partner_rows for partner_rows, _ in drawn])
@@ -124,8 +128,8 @@ class _Batches(torch.utils.data.Dataset):
             for row, *of_row in zip(rows, boxes, partners, mix_views, weights)
             for box, partner, partner_box, weight in zip(*of_row)
         ]
-        batch["pixels"], batch["partner_pixels"], _ = render_views(recipe, views, sources)
-        batch.update(mix_partners=partners, mix_views=mix_views, mix_weights=weights)
+        batch[PIXELS], batch["partner_pixels"], _ = render_views(recipe, views, sources)
+        batch.update({MIX_PARTNERS: partners, MIX_VIEWS: mix_views, MIX_WEIGHTS: weights})
         return batch
 
 
@@ -166,23 +170,23 @@ def run_split(job: Job, split, name: str, work: Path, chunks: list[int]):
             if "error" in batch:
                 raise KdcacheError(batch["error"])
             # mixed (if it is) on CPU, by the same function that mixes the student's input
-            pixel_values = job.pipeline.inputs(batch["pixels"], batch.get("partner_pixels"), batch.get("mix_weights"))
+            pixel_values = job.pipeline.inputs(batch[PIXELS], batch.get("partner_pixels"), batch.get(MIX_WEIGHTS))
             pixel_values = pixel_values.to(job.device, non_blocking=True)
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), autocast(job.device, job.precision):
                 logits = job.model(pixel_values=pixel_values).logits
             logits = logits.float()[:, index]
             if job.views > 1:
-                logits = logits.reshape(len(batch["rows"]), job.views, -1)
+                logits = logits.reshape(len(batch[ROW]), job.views, -1)
             stored = compress_logits(logits, job.top_k, getattr(torch, job.logits_dtype))
-            batch["logits"] = stored["values"].cpu().numpy()
+            batch[LOGITS] = stored["values"].cpu().numpy()
             if job.top_k:
-                batch["logit_indices"] = stored["indices"].cpu().numpy()
-                batch["logit_tail"] = stored["tail"].cpu().numpy()
+                batch[LOGIT_INDICES] = stored["indices"].cpu().numpy()
+                batch[LOGIT_TAIL] = stored["tail"].cpu().numpy()
             pending.append(batch)
             bar.update(len(pixel_values))
-            chunk = int(pending[0]["rows"][0]) // job.chunk_size
-            if int(pending[-1]["rows"][-1]) + 1 == min(rows, (chunk + 1) * job.chunk_size):
+            chunk = int(pending[0][ROW][0]) // job.chunk_size
+            if int(pending[-1][ROW][-1]) + 1 == min(rows, (chunk + 1) * job.chunk_size):
                 _write_chunk(chunk_path(work, name, chunk), pending, job)
                 pending = []
     return todo_rows * job.views, time.perf_counter() - started
@@ -197,28 +201,24 @@ def split_images_per_second(timings: list) -> float | None:
 
 
 def _write_chunk(path: Path, batches: list[dict], job: Job) -> None:
-    """Write one chunk's rows as the Arrow file `path`, and then its record (rows, bytes, sha256)."""
+    """Write one chunk's rows as the Arrow file `path`, and then its record (rows, bytes, sha256): each column of the
+    split's layout (kdcache.format.columns), from the batches' values under its name."""
     import datasets
 
-    def joined(key):
-        return np.concatenate([batch[key] for batch in batches])
-
-    columns = {ROW: joined("rows"), LABELS: joined("labels"), LOGITS: joined("logits")}
-    if job.top_k:
-        columns[LOGIT_INDICES], columns[LOGIT_TAIL] = joined("logit_indices"), joined("logit_tail")
-    if job.views > 1:
-        columns[VIEWS] = joined("views")
-        columns[SOURCE] = [data for batch in batches for data, _ in batch["sources"]]
-        columns[SOURCE_SHAPE] = [shape for batch in batches for _, shape in batch["sources"]]
-        if job.view_recipe.mixed:
-            for key in (MIX_PARTNERS, MIX_VIEWS, MIX_WEIGHTS):
-                columns[key] = joined(key)
-    else:
-        columns[PIXELS] = joined("pixels")
     mixed = bool(job.view_recipe and job.view_recipe.mixed)
-    features = chunk_features(job.names, job.views, mixed, batches[0]["pixels"].shape[1:], job.logits_dtype, job.top_k)
+    pixel_shape = tuple(batches[0][PIXELS].shape[1:])
+    layout = Layout(job.names, pixel_shape, job.logits_dtype, job.top_k, job.views, mixed)
+    features = split_features(layout)
+    columns = {name: _joined([batch[name] for batch in batches]) for name in features}
     record = write_chunk_file(path, datasets.Dataset.from_dict(columns, features=features))
     write_json(chunk_record_path(path), record)  # the chunk counts as written from here on
+
+
+def _joined(values: list):
+    """One column's values over a chunk's batches: arrays concatenated, lists (of a view split's sources) chained."""
+    if isinstance(values[0], list):
+        return [value for part in values for value in part]
+    return np.concatenate(values)
 
 
 def _current_device(device: torch.device):

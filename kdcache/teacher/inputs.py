@@ -26,6 +26,7 @@ from kdcache.data import (
 )
 from kdcache.errors import KdcacheError
 from kdcache.format.codec import index_dtype
+from kdcache.format.columns import storage_recipe
 from kdcache.format.manifest import RECIPE_VERSION_CLEAN, RECIPE_VERSION_VIEWS
 from kdcache.models import align_labels, load_classifier, weights_sha256
 from kdcache.options import CacheOptions
@@ -180,7 +181,7 @@ def cache_recipe(inputs: Inputs, options: CacheOptions) -> tuple[dict, str]:
         **_unlabeled(inputs),
         "teacher_to_dataset": inputs.mapping,
         "precision": options.precision,
-        **_stored_logits(options),
+        **storage_recipe(options),  # how the columns are stored, where not as ever (compact logits)
         "views": (
             {"count": options.views, "splits": inputs.view_splits, "recipe": inputs.view_recipe.to_dict()}
             if inputs.view_recipe
@@ -196,14 +197,6 @@ def _unlabeled(inputs: Inputs) -> dict:
     unlabeled splits existed."""
     unlabeled = [name for name in inputs.splits if inputs.label_columns[name] is None]
     return {"splits_without_labels": unlabeled} if unlabeled else {}
-
-
-def _stored_logits(options: CacheOptions) -> dict:
-    """How compact logits are stored, for the fingerprint: nothing for float32 logits of every class, so that a cache
-    of those keeps the fingerprint it had before compact logits existed."""
-    if options.logits_dtype == "fp32" and options.top_k is None:
-        return {}
-    return {"stored_logits": {"dtype": options.logits_dtype, "top_k": options.top_k}}
 
 
 def _logit_bytes(classes: int, options: CacheOptions) -> int:

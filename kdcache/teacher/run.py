@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from kdcache.errors import KdcacheError
+from kdcache.format.columns import Layout, split_features
 from kdcache.format.manifest import MANIFEST, Manifest
-from kdcache.format.reader import load_cache, quiet_datasets, read_manifest
+from kdcache.format.reader import load_cache, quiet_datasets
 from kdcache.options import CacheOptions
 from kdcache.outputs import (
     OutputFolder,
@@ -53,7 +54,6 @@ from kdcache.teacher.work import (
     RECORDS,
     SPLITS,
     carried_over,
-    chunk_features,
     chunk_path,
     chunk_record_path,
     is_written,
@@ -256,7 +256,7 @@ def _plan_work(
     folder as it found it."""
     undo_unfinished_finish(work)  # first: safe_output would move a half-finished cache into place
     if (output / MANIFEST).exists():
-        existing = read_manifest(output)
+        existing = Manifest.read(output)
         if existing.get("fingerprint") == fingerprint:
             damage = _failed_check(output)  # "up to date" vouches for the cache as a finished run does
             if damage is None:
@@ -321,7 +321,8 @@ def _finish(folder: OutputFolder, inputs: Inputs, options: CacheOptions, fingerp
         chunks[name] = records
         views = options.views if name in inputs.view_splits else 1
         mixed = bool(inputs.view_recipe and inputs.view_recipe.mixed and name in inputs.view_splits)
-        features = chunk_features(inputs.names, views, mixed, inputs.pixel_shape, options.stored_dtype, options.top_k)
+        layout = Layout(inputs.names, inputs.pixel_shape, options.stored_dtype, options.top_k, views, mixed)
+        features = split_features(layout)
         info = asdict(DatasetInfo(features=features))
         write_json(split / "dataset_info.json", {key: info[key] for key in sorted(info)})
         files = [record["sha256"] for record in records]

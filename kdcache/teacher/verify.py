@@ -17,7 +17,7 @@ import torch
 from kdcache.data import ImagePipeline
 from kdcache.errors import KdcacheError
 from kdcache.format.codec import tail_logit
-from kdcache.format.manifest import (
+from kdcache.format.columns import (
     LOGIT_INDICES,
     LOGIT_TAIL,
     LOGITS,
@@ -26,8 +26,9 @@ from kdcache.format.manifest import (
     MIX_WEIGHTS,
     PIXELS,
     VIEWS,
+    teacher_outputs,
 )
-from kdcache.format.reader import load_cache, logit_columns, rebuilt_logits
+from kdcache.format.reader import load_cache, rebuilt_logits
 from kdcache.format.views import readable_sources, render_views, source_image, stored_view
 from kdcache.models import load_classifier, weights_sha256
 from kdcache.options import VerifyOptions
@@ -48,8 +49,8 @@ def verify_teacher_logits(
 
     The options are a VerifyOptions (kdcache.options: sample, tolerance, seed, teacher, device, batch_size, with
     their defaults), given whole as `options`, one by one as keywords, or both (the keywords win).
-    Named apart from kdcache.format.reader.verify_cache, which checks the logits against their checksums (and runs here
-    first, through load_cache). `teacher` loads the teacher from elsewhere (a local copy of a hub teacher, offline);
+    Named apart from the checks of kdcache.format.reader.load_cache, which holds the cache's files to their checksums
+    (and runs here first). `teacher` loads the teacher from elsewhere (a local copy of a hub teacher, offline);
     its weights must hash as the manifest records. `tolerance` is the largest absolute logit difference that passes
     (default by the cache's precision, DEFAULT_TOLERANCE). Returns per split and overall: the pairs checked, the
     max |logit difference|, the top-1 mismatches, and `passed`.
@@ -174,9 +175,9 @@ def _compare(logits: torch.Tensor, stored: dict, manifest) -> tuple[np.ndarray, 
 
 
 def _rebuild(rows, pairs, recipe, pipeline):
-    """The teacher's inputs for (row, view) pairs of one split, normalised as stage one fed them, and the stored
-    logits (the columns of kdcache.format.reader.logit_columns, one row per pair)."""
-    stored_columns = logit_columns(rows)
+    """The teacher's inputs for (row, view) pairs of one split, normalised as stage one fed them, and its stored
+    outputs (the logits, and any other of kdcache.format.columns.teacher_outputs), one row per pair."""
+    stored_columns = teacher_outputs(rows.column_names)
     if VIEWS not in rows.column_names:  # a clean split stores the teacher's input itself
         data = rows.with_format("numpy", columns=[PIXELS, *stored_columns])[[row for row, _ in pairs]]
         pixels = pipeline.normalize(torch.from_numpy(np.asarray(data[PIXELS])))

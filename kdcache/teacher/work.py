@@ -10,22 +10,7 @@ import shutil
 from pathlib import Path
 
 from kdcache.errors import first_line
-from kdcache.format.codec import index_dtype
-from kdcache.format.manifest import (
-    LABELS,
-    LOGIT_INDICES,
-    LOGIT_TAIL,
-    LOGITS,
-    MANIFEST,
-    MIX_PARTNERS,
-    MIX_VIEWS,
-    MIX_WEIGHTS,
-    PIXELS,
-    ROW,
-    SOURCE,
-    SOURCE_SHAPE,
-    VIEWS,
-)
+from kdcache.format.manifest import MANIFEST
 from kdcache.outputs import (
     OutputKind,
 )
@@ -110,33 +95,6 @@ def partial_path(path: Path) -> Path:
 def is_written(chunk: Path) -> bool:
     """A chunk counts once its record exists, which is written after the chunk file is complete."""
     return chunk_record_path(chunk).exists() and chunk.exists()
-
-
-def chunk_features(names: list[str], views: int, mixed: bool, pixel_shape, logits_dtype="float32", top_k=None):
-    import datasets
-
-    columns = {ROW: datasets.Value("int64"), LABELS: datasets.ClassLabel(names=names)}
-    stored = top_k or len(names)  # logits per view
-    indices = str(index_dtype(len(names))).removeprefix("torch.")
-    if views > 1:
-        columns[LOGITS] = datasets.Array2D(shape=(views, stored), dtype=logits_dtype)
-        if top_k:
-            columns[LOGIT_INDICES] = datasets.Array2D(shape=(views, stored), dtype=indices)
-            columns[LOGIT_TAIL] = datasets.List(datasets.Value("float32"), length=views)
-        columns[VIEWS] = datasets.Array2D(shape=(views, 5), dtype="int32")
-        columns[SOURCE] = datasets.Value("binary")
-        columns[SOURCE_SHAPE] = datasets.List(datasets.Value("int32"), length=3)
-        if mixed:
-            columns[MIX_PARTNERS] = datasets.List(datasets.Value("int32"), length=views)
-            columns[MIX_VIEWS] = datasets.Array2D(shape=(views, 5), dtype="int32")
-            columns[MIX_WEIGHTS] = datasets.List(datasets.Value("float32"), length=views)
-    else:
-        columns[LOGITS] = datasets.List(datasets.Value(logits_dtype), length=stored)
-        if top_k:
-            columns[LOGIT_INDICES] = datasets.List(datasets.Value(indices), length=stored)
-            columns[LOGIT_TAIL] = datasets.Value("float32")
-        columns[PIXELS] = datasets.Array3D(shape=tuple(pixel_shape), dtype="uint8")
-    return datasets.Features(columns)
 
 
 class _HashingWriter:

@@ -8,14 +8,15 @@ import torch
 from helpers import cached_logits
 
 from kdcache.format.codec import compress_logits, expand_logits
-from kdcache.format.manifest import LOGITS, MANIFEST
+from kdcache.format.columns import LOGITS
+from kdcache.format.manifest import MANIFEST
 from kdcache.format.reader import describe, load_cache
 from kdcache.student.loss import soft_target_kl
 
 
 def test_compact_caches_store_the_full_caches_logits_compressed(compact_cache, tiny_cache):
     from kdcache.format.codec import compress_logits, expand_logits
-    from kdcache.format.manifest import LOGIT_INDICES, LOGIT_TAIL
+    from kdcache.format.columns import LOGIT_INDICES, LOGIT_TAIL
     from kdcache.format.reader import rebuilt_logits
 
     full, full_manifest = load_cache(tiny_cache)
@@ -54,7 +55,7 @@ def test_float16_logits_alone_and_their_own_fingerprint(tmp_path, tiny_cache, ca
 
 def test_compact_view_caches_compress_each_views_logits(tmp_path, view_cache, make_cache):
     from kdcache.format.codec import compress_logits
-    from kdcache.format.manifest import LOGIT_INDICES, LOGIT_TAIL
+    from kdcache.format.columns import LOGIT_INDICES, LOGIT_TAIL
     from kdcache.format.reader import rebuilt_logits
 
     compact = make_cache(tmp_path / "compact", views=3, chunk_size=8, top_k=2, logits_dtype="fp16")

@@ -10,7 +10,8 @@ import torch
 from helpers import cached_logits, old_format_copy
 
 from kdcache import KdcacheError
-from kdcache.format.manifest import LOGITS, MANIFEST, PIXELS
+from kdcache.format.columns import LOGITS, PIXELS
+from kdcache.format.manifest import MANIFEST
 from kdcache.format.reader import describe, load_cache
 
 

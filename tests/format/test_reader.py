@@ -9,7 +9,8 @@ import pytest
 from helpers import flip_bit
 
 from kdcache import KdcacheError
-from kdcache.format.manifest import LOGITS, MANIFEST
+from kdcache.format.columns import LOGITS
+from kdcache.format.manifest import MANIFEST
 from kdcache.format.reader import load_cache
 
 

@@ -13,7 +13,8 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from kdcache import KdcacheError
 from kdcache.format import manifest as manifest_module
-from kdcache.format.manifest import MANIFEST, PIXELS
+from kdcache.format.columns import PIXELS
+from kdcache.format.manifest import MANIFEST
 from kdcache.format.reader import describe, load_cache
 from kdcache.teacher import batches as batches_module
 from kdcache.teacher.run import teacher_logits

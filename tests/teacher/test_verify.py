@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from kdcache import KdcacheError
 from kdcache.cli import app
-from kdcache.format.manifest import LOGITS, MANIFEST
+from kdcache.format.columns import LOGITS
+from kdcache.format.manifest import MANIFEST
 from kdcache.format.reader import load_cache
 from kdcache.teacher.verify import describe, verify_teacher_logits
 from kdcache.teacher.work import write_chunk_file

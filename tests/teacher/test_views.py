@@ -8,7 +8,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from kdcache.format import manifest as manifest_module
-from kdcache.format.manifest import LOGITS, PIXELS
+from kdcache.format.columns import LOGITS, PIXELS
 from kdcache.format.reader import load_cache
 from kdcache.teacher.run import teacher_logits
 
