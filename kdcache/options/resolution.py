@@ -91,6 +91,8 @@ def epoch_sizes(value, epochs: int) -> list[int]:
 def check_every_size_trains(value, epochs) -> None:
     """Refuse a schedule that leaves one of its sizes without an epoch (e.g. 128:0.02,224 over 20 epochs)."""
     phases = size_schedule(value)
+    if len(phases) < 2:
+        return
     count = math.ceil(epochs)
     trained = set(epoch_phases(value, count))
     for position, (size, _) in enumerate(phases):
