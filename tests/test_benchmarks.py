@@ -77,3 +77,29 @@ def test_resume_check_benchmark_runs_on_a_tiny_dataset(tmp_path, tiny_dataset, t
     assert all(figures["resume_check_to_teacher"][kind] > 0 for kind in ("warm", "cold"))
     assert figures["final_check_seconds"]["fresh"] > 0 and figures["final_check_seconds"]["resumed"] > 0
     assert "of the teacher's work it saves" in result.stdout and not any(root.iterdir())
+
+
+@pytest.mark.slow
+def test_budget_benchmark_gives_each_recipe_the_epochs_its_budget_buys(tmp_path, tiny_dataset, tiny_teacher):
+    """benchmarks/budget.py end to end on the tiny dataset: calibration, a recipe's epochs within the budget, its
+    CPU-seconds measured, the table and the plot."""
+    environment = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    script, results = [sys.executable, str(REPO / "benchmarks" / "budget.py"), "--results", str(tmp_path)], tmp_path
+    command = [*script, "run", "--dataset", str(tiny_dataset), "--teacher", str(tiny_teacher), "--root"]
+    command += [str(tmp_path / "root"), "--budgets", "1", "--seeds", "0", "--low-size", "16", "--default-epochs", "2"]
+    result = subprocess.run(
+        [*command, "--recipes", "progressive", "--test"], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [json.loads(text) for text in (results / "budget-runs.jsonl").read_text().splitlines()]
+    assert line["recipe"] == "progressive" and line["student_size"] == "16:0.7,32" and line["epochs"] >= 2
+    assert 0 < line["predicted_cpu_seconds"] <= line["budget_cpu_seconds"] and line["cpu_seconds"] > 0
+    assert 0 <= line["test_accuracy"] <= 1 and len(line["curve"]) == line["epochs"]
+    table = subprocess.run([*script, "table"], env=environment, capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr[-3000:]
+    (row,) = json.loads((results / "budget.json").read_text())
+    assert row["epochs"] == line["epochs"] and row["seeds"] == [0] and (results / "budget.png").stat().st_size > 0

@@ -20,6 +20,7 @@ from kdcache.options.fields import (
     option,
     parse_teacher_weights,
 )
+from kdcache.options.resolution import check_every_size_trains, parse_student_size, size_schedule
 
 OPTIONS_FILE = "kdcache_options.json"
 
@@ -150,12 +151,16 @@ class TrainingOptions:
         "Baseline for experiments: random views for the student, paired with the teacher's logits of the clean "
         "view (inconsistent teaching).",
     )
-    student_size: int | None = option(
-        None,
+    student_size: int | str | None = option(
+        None,  # an int, or a schedule as canonical text (kdcache.options.resolution)
         "Train the student at S x S pixels: each view is the teacher's crop, resized to S (cheaper steps; saved with "
-        "a processor that feeds S).",
+        "a processor that feeds S). A schedule trains at growing sizes and ends at the one it is validated and saved "
+        "at: 128:0.7,224 is 128 px for the first 70% of the epochs, then 224 px.",
         show_default="the teacher's input size",
-        sweep=dict(help="Train the students at S x S pixels."),
+        metavar="SIZE",
+        type=str,
+        parse=parse_student_size,
+        sweep=dict(help="Train the students at S x S pixels, or a schedule of sizes (as in train-student)."),
     )
     ema_decay: float | None = option(
         None,
@@ -195,7 +200,9 @@ class TrainingOptions:
     def resolved(self) -> "TrainingOptions":
         """These options with what a default of None stands for filled in (the loss's declared temperature)."""
         return replace(
-            self, temperature=LOSS_SPECS[self.loss].temperature if self.temperature is None else self.temperature
+            self,
+            temperature=LOSS_SPECS[self.loss].temperature if self.temperature is None else self.temperature,
+            student_size=parse_student_size(self.student_size),  # one spelling of a schedule, for --resume to compare
         )
 
     def compared(self) -> dict:
@@ -268,10 +275,14 @@ class TrainingOptions:
             raise KdcacheError(f"--num-workers {self.num_workers} must be >= 0")
         if self.logging_steps < 1:
             raise KdcacheError(f"logging_steps={self.logging_steps} must be at least 1")
-        if self.student_size is not None and self.student_size < 16:
-            raise KdcacheError(
-                f"--student-size {self.student_size} is too small; give the student's input side in pixels (e.g. 128)"
-            )
+        if len(size_schedule(self.student_size)) > 1:
+            if self.max_steps == -1:
+                check_every_size_trains(self.student_size, self.epochs)
+            if self.online:
+                raise KdcacheError(
+                    f"--online runs the teacher on the student's input, which must then be the teacher's at every "
+                    f"step; leave out the schedule --student-size {self.student_size}, or train from the cache"
+                )
         if self.ema_decay is not None and not (finite(self.ema_decay) and 0 < self.ema_decay < 1):
             raise KdcacheError(
                 f"--ema-decay {self.ema_decay} must be between 0 and 1 (e.g. 0.99); leave it out for no EMA"

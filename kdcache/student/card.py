@@ -167,6 +167,7 @@ def _optional_rows(summary: dict, recipe: dict) -> list[str]:
         views = recipe.get("views", 1)
         lines.append(
             f"| input | {size[0]}x{size[1]} pixels"
+            + (_schedule_text(recipe["student_size_schedule"]) if recipe.get("student_size_schedule") else "")
             + (
                 f"; {views} {'mixed ' if recipe.get('mixed_views') else ''}views per image, each the teacher's own"
                 if views > 1
@@ -182,3 +183,12 @@ def _optional_rows(summary: dict, recipe: dict) -> list[str]:
             f"{summary['last_eval_accuracy']:.4f} (epoch {summary['last_epoch']:g}); the {saved} epoch's weights are saved |"
         )
     return lines
+
+
+def _schedule_text(schedule) -> str:
+    """'; trained at 128 px for the first 70% of the epochs, then 224 px' (a --student-size schedule)."""
+    earlier = ", ".join(
+        f"{size} px {'for the first' if position == 0 else 'until'} {until:.0%} of the epochs"
+        for position, (size, until) in enumerate(schedule[:-1])
+    )
+    return f"; trained at {earlier}, then {schedule[-1][0]} px"

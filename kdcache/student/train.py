@@ -22,6 +22,7 @@ from kdcache.format.reader import load_cache
 from kdcache.hub import push_folder
 from kdcache.models import count_parameters
 from kdcache.options import TrainingOptions, check_resumable, record_options, run_options
+from kdcache.options.resolution import final_size, size_schedule
 from kdcache.outputs import (
     OutputFolder,
     OutputKind,
@@ -69,7 +70,8 @@ def train_student(
     win). `loss` is a name in kdcache.losses (kd, dkd, dist); `temperature` None is that loss's paper's
     (its declaration in kdcache.losses); `alpha` weights the loss's distillation part against the labels' cross-entropy;
     `standardize_logits` z-scores student and teacher logits before the softmax (kd and dkd). `student_size` S trains (and saves) the student at S x S pixels: each view is the same crop as the
-    teacher's, resized to S. `ema_decay` (e.g. 0.998) keeps an exponential moving average of the weights, evaluated
+    teacher's, resized to S; a schedule ('128:0.7,224') trains at each size in turn and saves at the last
+    (kdcache.options.resolution). `ema_decay` (e.g. 0.998) keeps an exponential moving average of the weights, evaluated
     each epoch and saved as the student. `callbacks` are transformers TrainerCallbacks (or classes), passed to the
     Trainer as they are. `verify=False` skips the checksums of the cache's files, for a caller that has verified
     them already in this process (kdcache.sweep, once for all its trials).
@@ -208,7 +210,8 @@ def _student_input(cache_path: Path, manifest: Manifest, options: TrainingOption
 
     processor = AutoImageProcessor.from_pretrained(str(cache_path), backend="pil")
     teacher_size = manifest.pixel_shape[1:]
-    size = (options.student_size, options.student_size) if options.student_size else teacher_size
+    final = final_size(options.student_size)  # a schedule's last size: the one validated and saved
+    size = (final, final) if final else teacher_size
     if options.online and size != teacher_size:
         raise KdcacheError(
             f"--online runs the teacher on the student's input, which must then be the teacher's "
@@ -234,6 +237,7 @@ def _check_space(model, output: Path, work: Path, options: TrainingOptions, proc
 def _summary(run: StudentRun, trainer, seconds: float) -> dict:
     """What the run did and what it trained (kdcache_training.json): accuracies, epochs, losses, and the recipe."""
     options, manifest = run.options, run.manifest
+    schedule = size_schedule(options.student_size)
     history = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
     best = max(history, key=lambda entry: entry["eval_accuracy"]) if history else None
     last = history[-1] if history else None
@@ -273,6 +277,8 @@ def _summary(run: StudentRun, trainer, seconds: float) -> dict:
             "mixed_views": manifest.mixed_views,
             **(run.rows.labels.recipe() if run.rows.labels else {}),
             "student_size": list(run.size),
+            # a schedule: each size and the share of the epochs it ends at (the last one is student_size)
+            **({"student_size_schedule": [list(phase) for phase in schedule]} if len(schedule) > 1 else {}),
             "precision": run.place.precision,
             "device": str(args.device),
             "processes": args.world_size,

@@ -15,6 +15,7 @@ from kdcache.data import ImagePipeline
 from kdcache.devices import OneDeviceArguments
 from kdcache.format.manifest import Manifest
 from kdcache.options import TrainingOptions
+from kdcache.options.resolution import epoch_sizes, size_schedule
 from kdcache.outputs import OutputFolder
 from kdcache.runtime import MappedFiles, Placement, Processes, cpus_per_process
 from kdcache.student.ema import StudentEMA
@@ -73,6 +74,41 @@ class SetEpoch(TrainerCallback):
         self.rows.epoch = int(math.floor((state.epoch or 0) + 1e-6))
 
 
+class ResolutionSchedule(TrainerCallback):
+    """--student-size as a schedule (kdcache.options.resolution): each epoch's training rows are rendered (ViewRows)
+    and batched (Collator) at that epoch's size, and evaluation at the final size, the one the student is saved at.
+    The DataLoader's workers start with each epoch, so they see the size set when it begins.
+
+    At a size change the BatchNorm running statistics restart and are estimated from the new size's first epoch
+    alone (a plain mean, then the usual momentum): the activations' statistics change with the apparent size of the
+    objects (FixRes, Touvron et al. 2019), so the old size's would describe other inputs; the last phase at the
+    final size is FixRes's fine-tuning at the test resolution. What happens at an epoch's start depends on its
+    number alone, so a run resumed there does exactly what an uninterrupted one does."""
+
+    def __init__(self, student_size, collator: Collator, view_rows: ViewRows | None, final: tuple):
+        self.student_size, self.collator, self.view_rows = student_size, collator, view_rows
+        self.final = tuple(final)
+        self.momenta = {}  # BatchNorm modules whose momentum waits for the end of a size's first epoch
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        sizes = epoch_sizes(self.student_size, state.num_train_epochs)
+        epoch = min(int(math.floor((state.epoch or 0) + 1e-6)), len(sizes) - 1)
+        self.collator.student_size = (sizes[epoch], sizes[epoch])
+        if self.view_rows is not None:
+            self.view_rows.size = (sizes[epoch], sizes[epoch])
+        if epoch and sizes[epoch] != sizes[epoch - 1]:
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                    module.reset_running_stats()
+                    self.momenta[module], module.momentum = module.momentum, None  # None: a cumulative mean
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.collator.student_size = self.final
+        for module, momentum in self.momenta.items():
+            module.momentum = momentum
+        self.momenta = {}
+
+
 def accuracy_metric(prediction):
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
@@ -80,12 +116,18 @@ def accuracy_metric(prediction):
 
 def training_callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
     callbacks = list(callbacks or [])
-    view_rows = rows.train.rows if isinstance(rows.train, TrainRows) else rows.train
-    if isinstance(view_rows, ViewRows):
+    view_rows = _view_rows(rows)
+    if view_rows is not None:
         callbacks.append(SetEpoch(view_rows))
     if options.ema_decay is not None:
         callbacks.append(StudentEMA(options.ema_decay))
     return callbacks
+
+
+def _view_rows(rows: TrainingRows) -> ViewRows | None:
+    """The training rows' ViewRows, when they are rendered from stored views."""
+    view_rows = rows.train.rows if isinstance(rows.train, TrainRows) else rows.train
+    return view_rows if isinstance(view_rows, ViewRows) else None
 
 
 @dataclass
@@ -117,7 +159,7 @@ def build_trainer(run: StudentRun) -> "DistillationTrainer":
 
     num_workers = options.num_workers
     if num_workers is None:  # rebuilding views costs a few ms of CPU per image: prepare them ahead of the step
-        views = isinstance(rows.train.rows if isinstance(rows.train, TrainRows) else rows.train, ViewRows)
+        views = _view_rows(rows) is not None
         num_workers = 1 if views and cpus_per_process(run.processes) >= 2 else 0
     evaluating = rows.eval is not None
     args = OneDeviceArguments(
@@ -150,19 +192,23 @@ def build_trainer(run: StudentRun) -> "DistillationTrainer":
         disable_tqdm=not run.progress,
         push_to_hub=False,  # kdcache pushes the finished student folder itself, once (kdcache.hub)
     )
+    collator = Collator(run.pipeline, run.size, len(run.manifest.label_names), MappedFiles(run.caches))
+    callbacks = run.callbacks
+    if len(size_schedule(options.student_size)) > 1:
+        callbacks = [*callbacks, ResolutionSchedule(options.student_size, collator, _view_rows(rows), run.size)]
     trainer = DistillationTrainer(
         model=run.model,
         args=args,
         train_dataset=rows.train,
         eval_dataset=rows.eval,
-        data_collator=Collator(run.pipeline, run.size, len(run.manifest.label_names), MappedFiles(run.caches)),
+        data_collator=collator,
         compute_metrics=accuracy_metric if evaluating else None,
         temperature=options.temperature,
         alpha=options.alpha,
         teacher=rows.online_teacher,
         loss=options.loss,
         standardize=options.standardize_logits,
-        callbacks=run.callbacks,
+        callbacks=callbacks,
     )
     if not run.progress:  # Trainer prints every log line when its bar is off; quiet means quiet
         from transformers.trainer_callback import PrinterCallback

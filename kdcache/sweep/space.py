@@ -68,6 +68,8 @@ def _text(value) -> str:
         return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str) and "," in value:  # a schedule's text, quoted as --param takes it back
+        return f"'{value}'"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -83,6 +85,8 @@ def sweepable() -> dict:
         kinds = [member for member in members if member is not type(None)]
         if len(kinds) == 1 and kinds[0] in (bool, int, float, str):
             found[field.name] = (kinds[0], optional)
+        elif set(kinds) == {int, str} and "parse" in field.metadata:  # a size (int(a,b)) or a schedule (choice)
+            found[field.name] = (int, optional)
     return found
 
 
@@ -92,8 +96,25 @@ def parse_param(text: str) -> Param:
     if not match:
         raise KdcacheError(f"--param '{text}' is not NAME=SPEC; SPEC is one of {SPEC_FORMS}")
     name, kind, arguments = match.group(1).replace("-", "_"), match.group(2).lower(), match.group(3)
-    values = [part.strip() for part in arguments.split(",")] if arguments.strip() else []
+    values = _values(arguments)
     return make_param(name, kind, values, f"--param '{text}'")
+
+
+def _values(arguments: str) -> list[str]:
+    """A SPEC's comma-separated values; a quoted one may hold commas (choice('128:0.7,224',224))."""
+    if not arguments.strip():
+        return []
+    values, current, quote = [], "", None
+    for char in arguments:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == ",":
+            values, current = [*values, current.strip()], ""
+            continue
+        current += char
+    return [*values, current.strip()]
 
 
 def make_param(name: str, kind: str, values: list, where: str) -> Param:
@@ -163,12 +184,19 @@ def _value(value, field_type, optional: bool, name: str, where: str):
         raise KdcacheError(f"{where}: {name} takes true or false, not '{text}'")
     if field_type is str:
         return str(text)
+    parse = fields_by_name()[name].metadata.get("parse") if field_type is int else None
+    if parse and isinstance(text, str) and ":" in text:  # --student-size's schedule of sizes, as its text
+        return parse(text)
     number = _number(text, where)
     if field_type is int:
         if not number.is_integer():
             raise KdcacheError(f"{where}: {name} takes whole numbers, not '{text}'")
         return int(number)
     return number
+
+
+def fields_by_name() -> dict:
+    return {field.name: field for field in fields(TrainingOptions)}
 
 
 def read_space_file(path: str | Path) -> list[Param]:
