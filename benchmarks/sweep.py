@@ -67,7 +67,7 @@ def main():
     args = parser.parse_args()
 
     from kdcache.format.reader import read_manifest
-    from kdcache.sweep import sweep
+    from kdcache.sweeps.run import sweep
     from kdcache.teacher.run import teacher_logits
 
     root, started = Path(args.root), time.time()

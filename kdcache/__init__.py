@@ -45,14 +45,13 @@ _PUBLIC = {
     "train_student": "kdcache.student.train",
     "evaluate_models": "kdcache.evaluation.evaluate",
     "distillation_loss": "kdcache.student.loss",
+    "sweep": "kdcache.sweeps.run",
 }
 
 
 def __getattr__(name):
     import importlib
 
-    if name == "sweep":  # the module, callable as the function (kdcache.sweep._CallableModule)
-        return importlib.import_module("kdcache.sweep")
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'kdcache' has no attribute {name!r}")

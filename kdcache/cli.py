@@ -407,7 +407,7 @@ def sweep_command(
       kdcache sweep data/beans--effl0-beans --trials 60 --output data/sweeps/beans \\
           --storage postgresql://user:password@host/sweeps --space space.yaml
     """
-    from kdcache.sweep import optuna_module, sweep
+    from kdcache.sweeps.run import optuna_module, sweep
 
     optuna_module()  # without Optuna: one line saying how to install it, before anything else
     settings = {**vars(study), "space": study.param, "space_file": study.space}  # sweep() names them so

@@ -1,6 +1,7 @@
-"""kdcache.sweep and kdcache.sweep.space: the space and its one-line refusals, then sweeps on the tiny cache (verified
-once, pruned trials, refused trials, best/, resuming after a kill, two processes on one storage). The sweeps need
-Optuna (the 'sweep' extra) and skip without it; the message a user gets without it is tested by hiding it."""
+"""kdcache.sweep (kdcache.sweeps.run) and kdcache.sweeps.space: the space and its one-line refusals, then sweeps on
+the tiny cache (verified once, pruned trials, refused trials, best/, resuming after a kill, two processes on one
+storage). The sweeps need Optuna (the 'sweep' extra) and skip without it; the message a user gets without it is
+tested by hiding it."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kdcache import KdcacheError
-from kdcache.sweep.space import Param, build_space, parse_param, read_space_file
+from kdcache.sweeps.space import Param, build_space, parse_param, read_space_file
 
 try:
     import optuna
@@ -221,7 +222,7 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
 
 @needs_optuna
 def test_the_median_pruner_spares_a_slow_starter_for_half_its_epochs():
-    from kdcache.sweep import make_pruner
+    from kdcache.sweeps.run import make_pruner
 
     # four finished trials at 0.7 from epoch 1 on, then a trial at chance (as on beans, where one such trial of 8
     # epochs was still at 0.34 after epoch 2 and finished at 0.865): not pruned before epoch 4 of 8, pruned from there
@@ -241,7 +242,7 @@ def test_the_median_pruner_spares_a_slow_starter_for_half_its_epochs():
 
 @needs_optuna
 def test_a_pruned_trial_leaves_its_record_and_no_student(tmp_path, tiny_cache):
-    from kdcache.sweep import sweep
+    from kdcache.sweeps.run import sweep
 
     output = tmp_path / "sweep"
     # a pruner that prunes any trial below 110% accuracy: the first epoch's report stops every trial
@@ -264,7 +265,7 @@ def test_a_pruned_trial_leaves_its_record_and_no_student(tmp_path, tiny_cache):
 
 @needs_optuna
 def test_trials_refused_together_are_recorded_as_refused(tmp_path, tiny_cache):
-    from kdcache.sweep import sweep
+    from kdcache.sweeps.run import sweep
 
     output = tmp_path / "sweep"
     # each value passes with the other option as fixed (kd; no standardising), but dist with standardising does not
@@ -278,7 +279,7 @@ def test_trials_refused_together_are_recorded_as_refused(tmp_path, tiny_cache):
 
 @needs_optuna
 def test_a_journal_file_storage_continues_up_to_the_total(tmp_path, tiny_cache):
-    from kdcache.sweep import sweep
+    from kdcache.sweeps.run import sweep
 
     journal = tmp_path / "study.journal"
     first = sweep(tiny_cache, tmp_path / "a", SPACE, trials=1, storage=str(journal), progress=False, **FAST)
@@ -368,7 +369,7 @@ def test_two_processes_on_one_storage_run_distinct_trials_of_one_study(tmp_path,
 def test_final_seeds_retrain_the_best_options_and_report_validation_mean_and_sd(tmp_path, tiny_cache):
     import statistics
 
-    from kdcache.sweep import sweep
+    from kdcache.sweeps.run import sweep
 
     output = tmp_path / "sweep"
     report = sweep(tiny_cache, output, SPACE, trials=1, final_seeds=2, progress=False, **{**FAST, "epochs": 1})
