@@ -1,8 +1,9 @@
-"""Process-level settings shared by every stage: allocator tuning, device choice, atomic folder writes, and the
-few collective steps a launch of several processes needs (accelerate launch, torchrun)."""
+"""Process-level settings shared by every stage: the 'kdcache' logger, allocator tuning, device choice, atomic folder
+writes, and the few collective steps a launch of several processes needs (accelerate launch, torchrun)."""
 
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import sys
@@ -15,6 +16,33 @@ from kdcache.errors import KdcacheError
 
 if TYPE_CHECKING:
     import torch
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler that writes to whatever sys.stdout is when a line is logged (a redirect, a test's capture)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def log_to_stdout() -> None:
+    """What the stages have to say (a cache up to date, the batch a run trains with, its result) goes through the
+    'kdcache' logger, to stdout as plain lines by default, as print did; silence or redirect it with the logging
+    module (logging.getLogger("kdcache").setLevel(logging.WARNING)). Called when kdcache is imported."""
+    log = logging.getLogger("kdcache")
+    if not log.handlers:
+        log.addHandler(_Stdout())
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
 
 _malloc_tuned = False
 
