@@ -13,7 +13,15 @@ from typing import Optional
 import typer
 
 from kdcache.errors import KdcacheError
-from kdcache.options import CacheOptions, EvaluationOptions, SweepOptions, TrainingOptions, VerifyOptions
+from kdcache.options import (
+    DEFAULT_DATASET,
+    DEFAULT_TEACHER,
+    CacheOptions,
+    EvaluationOptions,
+    SweepOptions,
+    TrainingOptions,
+    VerifyOptions,
+)
 
 app = typer.Typer(
     help=(
@@ -188,11 +196,11 @@ def _same(value):
 @with_options(CacheOptions)
 def teacher_logits_command(
     dataset: str = typer.Option(
-        "beans",
+        DEFAULT_DATASET,
         help="Hub dataset id, or a local folder: save_to_disk output, parquet files with a card, or an image folder.",
     ),
     teacher: str = typer.Option(
-        "merve/beans-vit-224", help="Hub model id or local folder of a fine-tuned image classifier."
+        DEFAULT_TEACHER, help="Hub model id or local folder of a fine-tuned image classifier."
     ),
     output: Optional[Path] = typer.Option(
         None, show_default="data/<dataset>--<teacher>", help="Cache folder to write."

@@ -26,6 +26,9 @@ from kdcache.errors import KdcacheError
 from kdcache.runtime import agreed, check_writable_parent, is_main, move_into_place
 
 LOCK_SUFFIX = ".lock"
+# What train-student writes into every student folder (its summary and recipe): also how a student folder is told
+# from anyone else's, and what the sweep reads of each trial.
+TRAINING_RECORD = "kdcache_training.json"
 # What datasets writes into each saved folder besides the rows (dataset_info.json, state.json, the Arrow schema and
 # footer), each file taking whole disk blocks.
 SAVED_FOLDER_BYTES = 16 * 1024

@@ -44,7 +44,7 @@ from kdcache.format.manifest import LABELS
 from kdcache.format.reader import load_cache, rebuilt_logits
 from kdcache.labels import NO_LABEL
 from kdcache.models import align_labels, count_parameters, load_classifier
-from kdcache.options import EvaluationOptions
+from kdcache.options import DEFAULT_DATASET, EvaluationOptions
 from kdcache.outputs import (
     OutputFolder,
     OutputKind,
@@ -155,7 +155,7 @@ def _evaluation_rows(options: EvaluationOptions) -> _Rows:
             dataset, dataset_revision = made_from["name_or_path"], made_from.get("revision")
         image_column = image_column or made_from["image_column"]
         label_column = label_column or made_from["label_column"]
-    dataset = dataset or "beans"
+    dataset = dataset or DEFAULT_DATASET
 
     extra = manifest.dataset.get("extra_images") if manifest is not None else None
     if extra and split == extra["cached_as"] and options.dataset in (None, made_from["name_or_path"]):

@@ -4,7 +4,7 @@ field declared once with its default and help; the options it passes to every tr
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcache.options.fields import option
+from kdcache.options.fields import DEFAULT_STUDY, option
 
 
 @dataclass
@@ -36,7 +36,7 @@ class SweepOptions:
         "machines share, or the path of an Optuna journal file.",
         show_default="OUTPUT/study.db (SQLite)",
     )
-    study_name: str = option("kdcache-sweep", "The study's name in the storage.")
+    study_name: str = option(DEFAULT_STUDY, "The study's name in the storage.")
     pruner: str = option("median", "Stops hopeless trials after an epoch: median, hyperband or none.")
     final_seeds: int = option(
         0,

@@ -23,6 +23,7 @@ from kdcache.hub import push_folder
 from kdcache.models import count_parameters
 from kdcache.options import TrainingOptions, check_resumable, record_options, run_options
 from kdcache.outputs import (
+    TRAINING_RECORD,
     OutputFolder,
     OutputKind,
     check_free_space,
@@ -160,7 +161,7 @@ def _run_options(run: StudentRun) -> dict:
 
 # The student's folder: written as OUTPUT.partial/final beside the run's checkpoints, which --resume continues from.
 STUDENT_OUTPUT = OutputKind(
-    "a kdcache student", "kdcache train-student", "kdcache_training.json", finished="final", resumable=True
+    "a kdcache student", "kdcache train-student", TRAINING_RECORD, finished="final", resumable=True
 )
 
 
@@ -291,7 +292,7 @@ def _save(run: StudentRun, trainer, summary: dict) -> None:
     trainer.save_model(str(final))  # on every process: under DDP the Trainer has the main one write
     if is_main(processes):
         student_processor(run.processor, manifest.pixel_shape[1:], run.size).save_pretrained(str(final))
-        (final / "kdcache_training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (final / TRAINING_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
         (final / "README.md").write_text(model_card(summary, manifest, manifest.label_names, run.options.push_to_hub))
         if (work / "runs").exists():
             shutil.move(str(work / "runs"), str(final / "runs"))

@@ -19,8 +19,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
-from kdcache.options import TrainingOptions, check_loss_for_cache
-from kdcache.outputs import lock_file
+from kdcache.options import DEFAULT_STUDY, TrainingOptions, check_loss_for_cache
+from kdcache.outputs import TRAINING_RECORD, lock_file
 from kdcache.sweeps.space import Param, build_space
 from kdcache.sweeps.study import (
     REFUSED,
@@ -35,7 +35,6 @@ log = logging.getLogger("kdcache")
 
 INSTALL = "kdcache sweep needs Optuna, an optional extra; install it with pip install -e '.[sweep]'"
 PRUNERS = ("median", "hyperband", "none")
-DEFAULT_STUDY = "kdcache-sweep"
 
 
 def optuna_module():
@@ -317,7 +316,7 @@ def _final_seeds(optuna, study, caches, output: Path, fixed, seeds: int, progres
         runs = []
         for seed in range(seeds):
             folder = output / "final" / f"trial-{best.number:04d}" / f"seed-{seed}"
-            record = folder / "kdcache_training.json"
+            record = folder / TRAINING_RECORD
             if record.exists():
                 import json
 

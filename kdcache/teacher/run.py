@@ -36,7 +36,7 @@ import torch
 from kdcache.errors import KdcacheError
 from kdcache.format.manifest import MANIFEST, Manifest
 from kdcache.format.reader import load_cache, quiet_datasets, read_manifest
-from kdcache.options import CacheOptions
+from kdcache.options import DEFAULT_DATASET, DEFAULT_TEACHER, CacheOptions
 from kdcache.outputs import (
     OutputFolder,
     check_free_space,
@@ -66,8 +66,8 @@ log = logging.getLogger("kdcache")
 
 @guards_output
 def teacher_logits(
-    dataset: str = "beans",
-    teacher: str = "merve/beans-vit-224",
+    dataset: str = DEFAULT_DATASET,
+    teacher: str = DEFAULT_TEACHER,
     output: str | Path | None = None,
     options: CacheOptions | None = None,
     *,

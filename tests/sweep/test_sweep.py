@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from kdcache import KdcacheError
+from kdcache.options import DEFAULT_STUDY
+from kdcache.outputs import TRAINING_RECORD
 from kdcache.sweeps.space import Param, build_space, parse_param, read_space_file
 
 try:
@@ -169,7 +171,7 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
         **FAST,
     )
     assert len(verified) == 1  # once for the process, not once per trial
-    study = optuna.load_study(study_name="kdcache-sweep", storage=f"sqlite:///{output / 'study.db'}")
+    study = optuna.load_study(study_name=DEFAULT_STUDY, storage=f"sqlite:///{output / 'study.db'}")
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 4 and len(study.trials) == 4
     # sweep.json: every trial with its options, state, best epoch, validation accuracy and minutes, best first
@@ -184,11 +186,11 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
         assert record["options"]["learning_rate"] == trial.params["learning_rate"]
         assert record["options"]["temperature"] == trial.params["temperature"] and record["options"]["epochs"] == 2
         assert record["best_epoch"] in (1, 2) and record["minutes"] >= 0
-        student = json.loads((output / "trials" / f"{record['trial']:04d}" / "kdcache_training.json").read_text())
+        student = json.loads((output / "trials" / f"{record['trial']:04d}" / TRAINING_RECORD).read_text())
         assert student["best_eval_accuracy"] == record["validation_accuracy"]
         assert student["recipe"]["learning_rate"] == trial.params["learning_rate"]
     # best/: the best trial's student, a normal student folder that pipeline() loads
-    best = json.loads((output / "best" / "kdcache_training.json").read_text())
+    best = json.loads((output / "best" / TRAINING_RECORD).read_text())
     assert best["best_eval_accuracy"] == study.best_value == saved["best"]["validation_accuracy"]
     assert json.loads((output / "best" / "kdcache_sweep_trial.json").read_text())["trial"] == study.best_trial.number
     from helpers import make_images
@@ -304,7 +306,7 @@ def trials_of(storage: str):
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     try:
-        return optuna.load_study(study_name="kdcache-sweep", storage=storage).get_trials()
+        return optuna.load_study(study_name=DEFAULT_STUDY, storage=storage).get_trials()
     except KeyError:  # not created yet
         return []
     except (OperationalError, IntegrityError):  # the sweep is creating the database's tables right now: look again
@@ -377,7 +379,7 @@ def test_final_seeds_retrain_the_best_options_and_report_validation_mean_and_sd(
     assert finals["trial"] == best["trial"] == 0 and [run["seed"] for run in finals["runs"]] == [0, 1]
     accuracies = []
     for run in finals["runs"]:
-        summary = json.loads((Path(run["student"]) / "kdcache_training.json").read_text())
+        summary = json.loads((Path(run["student"]) / TRAINING_RECORD).read_text())
         assert summary["recipe"]["seed"] == run["seed"]
         assert summary["recipe"]["learning_rate"] == best["params"]["learning_rate"]
         assert summary["best_eval_accuracy"] == run["validation_accuracy"]
