@@ -418,9 +418,7 @@ def sweep_command(
     from kdcache.sweeps.run import optuna_module, sweep
 
     optuna_module()  # without Optuna: one line saying how to install it, before anything else
-    settings = {**vars(study), "space": study.param, "space_file": study.space}  # sweep() names them so
-    del settings["param"]
-    sweep(cache[0] if len(cache) == 1 else cache, options=options, **settings)
+    sweep(cache[0] if len(cache) == 1 else cache, options=options, **vars(study))
 
 
 @app.command("demo")

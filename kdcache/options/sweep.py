@@ -9,10 +9,10 @@ from kdcache.options.fields import DEFAULT_STUDY, option
 
 @dataclass
 class SweepOptions:
-    """The study of `kdcache sweep` (kdcache.sweep.sweep takes the same names as keywords). `trials` and `output`
+    """The study of `kdcache sweep` (`kdcache.sweep` takes the same names as keywords). `trials` and `output`
     have no default: the command line requires them."""
 
-    param: list[str] | None = option(
+    space: list[str] | None = option(
         None,
         "A train-student option to sweep and its distribution, SPEC one of loguniform(a,b), uniform(a,b), int(a,b), "
         "choice(x,y,...); repeat it, e.g. --param 'learning_rate=loguniform(1e-4,1e-2)' --param "
@@ -22,8 +22,10 @@ class SweepOptions:
         type=list[str],
         parse=lambda params: list(params or []),
     )
-    space: Path | None = option(
-        None, "The same as a YAML or JSON file: option names to SPEC strings (a list of values is a choice)."
+    space_file: Path | None = option(
+        None,
+        "The same as a YAML or JSON file: option names to SPEC strings (a list of values is a choice).",
+        flags=("--space",),
     )
     trials: int = option(..., "Trials in the whole study: a rerun of the same command continues up to N.")
     output: Path = option(

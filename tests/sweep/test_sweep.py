@@ -121,6 +121,7 @@ def mixed_cache(make_cache):
 @needs_optuna
 def test_bad_spaces_are_refused_in_one_line_before_any_trial(tmp_path, tiny_cache, mixed_cache):
     output = tmp_path / "sweep"
+    (tmp_path / "space.json").write_text(json.dumps({"alpha": "uniform(0.2,1)"}))
     cases = [
         ([tiny_cache, "--param", "alpha=uniform(0,2)"], "--param alpha=uniform(0,2): alpha=2.0 is refused: "),
         ([tiny_cache, "--param", "temperature=choice(2,x)"], "--param 'temperature=choice(2,x)': 'x' is not a number"),
@@ -140,6 +141,11 @@ def test_bad_spaces_are_refused_in_one_line_before_any_trial(tmp_path, tiny_cach
             "--pruner 'asha' is not one of median, hyperband, none",
         ),
         ([tiny_cache, "--param", SPACE[0], "--eval-split", "none"], "a sweep scores each trial on --eval-split"),
+        # --param and --space both reach the space (SweepOptions.space and .space_file, as kdcache.sweep names them)
+        (
+            [tiny_cache, "--param", "alpha=uniform(0,1)", "--space", tmp_path / "space.json"],
+            "--param alpha is given twice (in --param or --space); give it once",
+        ),
     ]
     for arguments, message in cases:
         result = cli(*arguments, "--trials", 2, "--output", output)
