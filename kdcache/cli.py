@@ -238,11 +238,11 @@ def teacher_logits_command(
     """
     relaunch(num_processes, options.device)
     from kdcache.format.reader import describe
-    from kdcache.runtime import is_main_process
+    from kdcache.runtime import is_main
     from kdcache.teacher.run import teacher_logits
 
     path = teacher_logits(dataset=dataset, teacher=teacher, output=output, options=options)
-    if is_main_process():
+    if is_main():
         typer.echo(describe(path))
 
 
@@ -445,9 +445,9 @@ def main():
     # Hub downloads print their own bars; ours say what matters. Users can still turn verbosity up.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from kdcache.runtime import end_process, is_main_process, launched_processes
+    from kdcache.runtime import end_process, is_main, launched_processes
 
-    if not is_main_process():  # one launch, one set of progress bars: the main process's
+    if not is_main():  # one launch, one set of progress bars: the main process's
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app(prog_name="kdcache")

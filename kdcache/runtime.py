@@ -270,11 +270,6 @@ def launched_processes() -> int:
     return _first_int(_WORLD_SIZE, 1)
 
 
-def is_main_process() -> bool:
-    """Whether this process should print what is printed once, read from the launcher's environment alone."""
-    return _first_int(_RANK, 0) == 0
-
-
 @dataclass(frozen=True)
 class Processes:
     """This process's place in a launch of several, and the collective steps kdcache needs.
@@ -288,10 +283,6 @@ class Processes:
     index: int
     local_count: int
     device: "torch.device"
-
-    @property
-    def is_main(self) -> bool:
-        return self.index == 0
 
     def gather(self, value) -> list:
         """`value` from every process, in process order; a barrier as well."""
@@ -308,19 +299,16 @@ class Processes:
             raise failure from None
         return values
 
-    def wait(self) -> None:
-        self.gather(None)
-
     def share(self, value):
         """The main process's `value`, on every process."""
-        return self.gather(value if self.is_main else None)[0]
+        return self.gather(value if is_main(self) else None)[0]
 
     def agree(self, error: "KdcacheError | None") -> None:
         """Raise the first process's error on every process (printed by the main one only), if any failed."""
         messages = [message for message in self.gather(None if error is None else str(error)) if message is not None]
         if messages:
             failure = error if error is not None and str(error) == messages[0] else KdcacheError(messages[0])
-            failure.reported_elsewhere = not self.is_main
+            failure.reported_elsewhere = not is_main(self)
             raise failure
 
 
@@ -377,8 +365,11 @@ def end_process(status: int = 0) -> None:
     os._exit(status)
 
 
-def is_main(processes: Processes | None) -> bool:
-    return processes is None or processes.is_main
+def is_main(processes: Processes | None = None) -> bool:
+    """Whether this process does what a launch of several does once (checks, renames, what is printed): the first of
+    `processes` (the launch as `distributed` returned it); without them, as the launcher's environment says (a plain
+    run: yes), for the command line, which runs before a stage joins its launch and after it returns."""
+    return (processes.index if processes is not None else _first_int(_RANK, 0)) == 0
 
 
 @contextlib.contextmanager

@@ -124,9 +124,8 @@ def test_a_folder_the_demo_did_not_write_is_refused_and_left_intact(tmp_path, mo
 
 def test_the_demo_replaces_only_its_own_folder_or_an_empty_one(tmp_path):
     from kdcache.demo import DEMO_MARKER, DEMO_OUTPUT
-    from kdcache.outputs import guards_output, safe_output
+    from kdcache.outputs import safe_output
 
-    @guards_output
     def claim(root):
         with safe_output(root, DEMO_OUTPUT):
             return sorted(path.name for path in root.iterdir())

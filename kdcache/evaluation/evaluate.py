@@ -49,8 +49,6 @@ from kdcache.outputs import (
     OutputFolder,
     OutputKind,
     check_free_space,
-    guards_output,
-    report_disk_full,
     safe_output,
     write_json,
 )
@@ -77,7 +75,6 @@ def report_bytes(models: int, classes: int) -> int:
     return models * (metrics + 2 * 1024**2) + (models * metrics + 1024**2 if models > 1 else 0)
 
 
-@guards_output
 def evaluate_models(
     models: list[str] | str,
     *,
@@ -112,7 +109,7 @@ def evaluate_models(
         prepared = [_prepare(name, data.names, options.match_labels_by_index) for name in models]
         space = report_bytes(len(models), len(data.names))
         check_free_space(output, space, "the evaluation report", folder.work)
-        report_disk_full(folder.work, space, then="run the same command again", kept=False)
+        folder.on_disk_full(space, then="run the same command again", kept=False)
         short_names = _unique([slug(name) for name in models])
         folders = short_names if len(models) > 1 else [""]  # several models: one subfolder each
         results = [

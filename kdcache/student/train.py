@@ -27,8 +27,6 @@ from kdcache.outputs import (
     OutputFolder,
     OutputKind,
     check_free_space,
-    guards_output,
-    report_disk_full,
     safe_output,
     training_bytes,
     unfinished_checkpoints,
@@ -49,7 +47,6 @@ from kdcache.student.trainer import StudentRun, build_trainer, run_training, tra
 log = logging.getLogger("kdcache")
 
 
-@guards_output
 def train_student(
     cache: str | Path | list,
     output: str | Path | None = None,
@@ -131,7 +128,7 @@ def _prepare(caches, folder, options, place, processes, callbacks, progress, ver
     # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's
     # .to(device) keeps the format, and the collator hands it channels_last batches
     model = model.to(memory_format=torch.channels_last)
-    _check_space(model, folder.path, folder.work, options, processes)
+    _check_space(model, folder, options, processes)
     pipeline = ImagePipeline(processor)
     rows = training_rows(cached, manifest, cache_path, options, pipeline, size, place)
     return StudentRun(
@@ -218,14 +215,14 @@ def _student_input(cache_path: Path, manifest: Manifest, options: TrainingOption
     return processor, size
 
 
-def _check_space(model, output: Path, work: Path, options: TrainingOptions, processes) -> None:
+def _check_space(model, folder: OutputFolder, options: TrainingOptions, processes) -> None:
+    output, work = folder.path, folder.work
     space = training_bytes(
         model, checkpoints=2 if options.save_checkpoints else 0
     )  # save_total_limit in build_trainer
     if is_main(processes):
         check_free_space(output, space, "its checkpoints and the student", work)
-    report_disk_full(
-        work,
+    folder.on_disk_full(
         space,
         then="run the same command with --resume to continue from the last checkpoint",
         scratch=lambda: [work / "final", *unfinished_checkpoints(work)] if is_main(processes) else [],
