@@ -3,12 +3,14 @@ the tiny cache (verified once, pruned trials, refused trials, best/, resuming af
 storage). The sweeps need Optuna (the 'sweep' extra) and skip without it; the message a user gets without it is
 tested by hiding it."""
 
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,15 @@ def test_a_space_file_in_yaml_or_json_and_a_field_given_twice(tmp_path):
         read_space_file(tmp_path / "list.yaml")
     with pytest.raises(KdcacheError, match=r"^a sweep needs at least one --param NAME=SPEC"):
         build_space([], None)
+
+
+def test_kdcache_sweep_is_the_function_and_takes_the_commands_options_by_their_names():
+    import kdcache
+    from kdcache.options import SweepOptions
+    from kdcache.sweeps.run import sweep
+
+    assert kdcache.sweep is sweep and inspect.isfunction(sweep)  # after kdcache.sweeps.space was imported, too
+    assert {field.name for field in fields(SweepOptions)} <= set(inspect.signature(sweep).parameters)
 
 
 def test_without_optuna_the_command_says_in_one_line_how_to_install_it(tmp_path, monkeypatch, tiny_cache):
