@@ -27,15 +27,15 @@ from pathlib import Path
 from kdcache.format.manifest import Manifest
 from kdcache.options import CacheOptions
 from kdcache.outputs import bytes_under
-from kdcache.teacher import run as cache_module
+from kdcache.teacher import run as run_module
 
 
 class Timed:
     """Replace a function of kdcache.teacher.run with one that records its wall time in `seconds` on every call."""
 
     def __init__(self, name: str):
-        self.name, self.real, self.seconds = name, getattr(cache_module, name), []
-        setattr(cache_module, name, self)
+        self.name, self.real, self.seconds = name, getattr(run_module, name), []
+        setattr(run_module, name, self)
 
     def __call__(self, *args, **kwargs):
         started = time.perf_counter()
@@ -64,7 +64,7 @@ def significant(value: float) -> float:
 
 def check_all(work: Path, chunks: list[tuple[str, int, int]]) -> float:
     started = time.perf_counter()
-    kept = [cache_module.carried_over(work, split, index, rows) for split, index, rows in chunks]
+    kept = [run_module.carried_over(work, split, index, rows) for split, index, rows in chunks]
     seconds = time.perf_counter() - started
     if not all(kept):
         raise SystemExit("resume_check.py: error: a chunk written by this run did not pass its own check")
@@ -85,10 +85,10 @@ def main():
 
     root = Path(tempfile.mkdtemp(prefix="resume-check-", dir=args.root))
     loop, final = Timed("_compute_chunks"), Timed("_check_finished")
-    real_write_cache = cache_module._write_cache
+    real_write_cache = run_module._write_cache
     options = dict(batch_size=args.batch_size, progress=False)
     try:
-        fresh = cache_module.teacher_logits(args.dataset, args.teacher, output=root / "fresh", **options)
+        fresh = run_module.teacher_logits(args.dataset, args.teacher, output=root / "fresh", **options)
         manifest = Manifest.read(fresh)
         splits = manifest.dataset["splits"]
         chunks = [
@@ -100,14 +100,14 @@ def main():
         def stop_before_finishing(*args_, **kwargs):
             raise Stop
 
-        cache_module._write_cache = stop_before_finishing
+        run_module._write_cache = stop_before_finishing
         try:
-            cache_module.teacher_logits(args.dataset, args.teacher, output=root / "resumed", **options)
+            run_module.teacher_logits(args.dataset, args.teacher, output=root / "resumed", **options)
         except Stop:
             pass
-        cache_module._write_cache = real_write_cache
+        run_module._write_cache = real_write_cache
         work = root / "resumed.partial"
-        files = [cache_module.chunk_path(work, name, index) for name, index, _ in chunks]
+        files = [run_module.chunk_path(work, name, index) for name, index, _ in chunks]
         warm, cold = [], []
         for _ in range(args.rounds):
             warm.append(check_all(work, chunks))
@@ -115,7 +115,7 @@ def main():
             cold.append(check_all(work, chunks))
         planned = Timed("_plan")
         started = time.perf_counter()
-        cache_module.teacher_logits(args.dataset, args.teacher, output=root / "resumed", **options)
+        run_module.teacher_logits(args.dataset, args.teacher, output=root / "resumed", **options)
         resume_seconds = time.perf_counter() - started
         teacher = loop.seconds[:2]  # the fresh run's and the stopped run's chunk loops: every chunk computed
         cache_bytes = sum(chunk["bytes"] for split in splits.values() for chunk in split["chunks"])

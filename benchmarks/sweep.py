@@ -18,6 +18,8 @@ import shutil
 import time
 from pathlib import Path
 
+from kdcache.outputs import TRAINING_RECORD
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # What the sweep draws: the options BENCHMARKS.md found moving beans results by several points, one seed each.
@@ -67,7 +69,7 @@ def main():
     args = parser.parse_args()
 
     from kdcache.format.manifest import Manifest
-    from kdcache.sweep import sweep
+    from kdcache.sweeps.run import sweep
     from kdcache.teacher.run import teacher_logits
 
     root, started = Path(args.root), time.time()
@@ -149,7 +151,7 @@ def final_seeds_at(cache, root: Path, report: dict, fixed: dict, seeds: int) -> 
     runs = []
     for seed in range(seeds):
         folder = root / f"trial-{best['trial']:04d}" / f"seed-{seed}"
-        record = folder / "kdcache_training.json"
+        record = folder / TRAINING_RECORD
         if record.exists():
             summary = json.loads(record.read_text())
         else:
@@ -186,7 +188,7 @@ def test_finals(args, cache, report, stage_one_minutes):
     training.pop("logging_steps")
     for run in finals["runs"]:
         student = Path(run["student"])
-        summary = json.loads((student / "kdcache_training.json").read_text())
+        summary = json.loads((student / TRAINING_RECORD).read_text())
         result = evaluate_models(
             [str(student)],
             dataset=args.dataset,

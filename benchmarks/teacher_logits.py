@@ -22,7 +22,8 @@ import torch
 from kdcache.data import (
     ImagePipeline,
     decode_images,
-    find_columns,
+    find_image_column,
+    find_label_column,
     load_image_dataset,
     load_image_processor,
     undecoded,
@@ -75,7 +76,7 @@ def main():
         split = split.select(range(min(args.limit, len(split))))
     dataset = type(dataset)({args.split: split})
     dataset.save_to_disk(str(work / "data"))  # so that stage one and the baseline read the same rows
-    image_column, label_column = find_columns(split)
+    image_column, label_column = find_image_column(split), find_label_column({args.split: split})
     teacher = args.teacher
     if teacher == "vit-b":
         teacher = vit_b_teacher(work / "vit-b", split.features[label_column].names)

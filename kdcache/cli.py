@@ -13,7 +13,15 @@ from typing import Optional
 import typer
 
 from kdcache.errors import KdcacheError
-from kdcache.options import CacheOptions, EvaluationOptions, SweepOptions, TrainingOptions, VerifyOptions
+from kdcache.options import (
+    DEFAULT_DATASET,
+    DEFAULT_TEACHER,
+    CacheOptions,
+    EvaluationOptions,
+    SweepOptions,
+    TrainingOptions,
+    VerifyOptions,
+)
 
 app = typer.Typer(
     help=(
@@ -188,11 +196,11 @@ def _same(value):
 @with_options(CacheOptions)
 def teacher_logits_command(
     dataset: str = typer.Option(
-        "beans",
+        DEFAULT_DATASET,
         help="Hub dataset id, or a local folder: save_to_disk output, parquet files with a card, or an image folder.",
     ),
     teacher: str = typer.Option(
-        "merve/beans-vit-224", help="Hub model id or local folder of a fine-tuned image classifier."
+        DEFAULT_TEACHER, help="Hub model id or local folder of a fine-tuned image classifier."
     ),
     output: Optional[Path] = typer.Option(
         None, show_default="data/<dataset>--<teacher>", help="Cache folder to write."
@@ -230,11 +238,11 @@ def teacher_logits_command(
     """
     relaunch(num_processes, options.device)
     from kdcache.format.reader import describe
-    from kdcache.runtime import is_main_process
+    from kdcache.runtime import is_main
     from kdcache.teacher.run import teacher_logits
 
     path = teacher_logits(dataset=dataset, teacher=teacher, output=output, options=options)
-    if is_main_process():
+    if is_main():
         typer.echo(describe(path))
 
 
@@ -407,12 +415,10 @@ def sweep_command(
       kdcache sweep data/beans--effl0-beans --trials 60 --output data/sweeps/beans \\
           --storage postgresql://user:password@host/sweeps --space space.yaml
     """
-    from kdcache.sweep import optuna_module, sweep
+    from kdcache.sweeps.run import optuna_module, sweep
 
     optuna_module()  # without Optuna: one line saying how to install it, before anything else
-    settings = {**vars(study), "space": study.param, "space_file": study.space}  # sweep() names them so
-    del settings["param"]
-    sweep(cache[0] if len(cache) == 1 else cache, options=options, **settings)
+    sweep(cache[0] if len(cache) == 1 else cache, options=options, **vars(study))
 
 
 @app.command("demo")
@@ -439,9 +445,9 @@ def main():
     # Hub downloads print their own bars; ours say what matters. Users can still turn verbosity up.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from kdcache.runtime import end_process, is_main_process, launched_processes
+    from kdcache.runtime import end_process, is_main, launched_processes
 
-    if not is_main_process():  # one launch, one set of progress bars: the main process's
+    if not is_main():  # one launch, one set of progress bars: the main process's
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app(prog_name="kdcache")

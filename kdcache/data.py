@@ -79,19 +79,6 @@ def _load_from_disk(path: Path):
     return datasets.DatasetDict({name: load(path / name) for name in names})
 
 
-def find_columns(split, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
-    """The image and label column names of a labelled split: given, or found by name (image/img, labels/label), or by
-    feature type."""
-    image_column = find_image_column(split, image_column)
-    label_column = find_label_column({"split": split}, label_column)
-    if label_column is None:
-        raise KdcacheError(
-            f"no label column found (looked for {'/'.join(LABEL_COLUMNS)}; columns: {', '.join(split.features)}); "
-            "pass --label-column"
-        )
-    return image_column, label_column
-
-
 def find_label_column(splits: dict, label_column: str | None = None) -> str | None:
     """The label column of a dataset's splits (`splits`: name -> Dataset), or None when none has one: the column
     given, or found by name or type in the first split that has one. A split without it holds images nobody labelled

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.outputs import OutputKind, guards_output, safe_output
+from kdcache.outputs import OutputKind, safe_output
 from kdcache.runtime import move_into_place, tune_malloc
 
 log = logging.getLogger("kdcache")
@@ -135,7 +135,6 @@ def student_config(folder: Path) -> str:
     return str(folder)
 
 
-@guards_output
 def run_demo(output: str | Path = "data/demo", quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
     root = Path(output)
     # a folder that is neither new, empty nor an earlier demo's is refused, before the imports below (seconds); a

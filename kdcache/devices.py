@@ -14,7 +14,7 @@ import torch
 from transformers import TrainingArguments
 
 from kdcache.errors import KdcacheError
-from kdcache.options import PRECISIONS  # noqa: F401 (importable from here as before)
+from kdcache.options import PRECISIONS
 
 
 @dataclass

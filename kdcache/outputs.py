@@ -2,36 +2,37 @@
 half-written in the output's place, one writer per output, enough disk before the work starts, and a full disk during
 the work reported as one line with the finished work kept for resuming.
 
-A stage function is decorated with `guards_output` and writes its output inside `with safe_output(...)`, which
-refuses a foreign folder, takes the output's lock (`lock_output`), and moves the finished work into place only when
-the block succeeds. Inside, the main process refuses early with `check_free_space`, and every process names what a
-full disk would interrupt with `report_disk_full`. Locks are released, and a full disk is reported, when the
-decorated function ends.
+A stage writes its output inside `with safe_output(...) as folder`, which refuses a foreign folder, holds the
+output's lock (`output_lock`) for the block, moves the finished work into place only when the block succeeds, and
+turns a full disk anywhere in the block into one line. Inside, the main process refuses early with
+`check_free_space`, and every process tells `folder.on_disk_full` what a full disk would interrupt.
 """
 
 import contextlib
-import contextvars
 import errno
-import functools
 import json
 import os
 import shutil
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
 from kdcache.runtime import agreed, check_writable_parent, is_main, move_into_place
 
 LOCK_SUFFIX = ".lock"
+# What train-student writes into every student folder (its summary and recipe): also how a student folder is told
+# from anyone else's, and what the sweep reads of each trial.
+TRAINING_RECORD = "kdcache_training.json"
 # What datasets writes into each saved folder besides the rows (dataset_info.json, state.json, the Arrow schema and
 # footer), each file taking whole disk blocks.
 SAVED_FOLDER_BYTES = 16 * 1024
 # torch's zip writer reports a full disk without an errno ("PytorchStreamWriter failed writing file ..."): such an
 # error counts as a full disk when the file system is left with less than this.
 NEARLY_FULL_BYTES = 64 * 1024**2
+RESUME = "run the same command again to resume"  # what a full disk's message tells, unless the stage says otherwise
 
 
 def lock_file(output: str | Path) -> Path:
@@ -162,12 +163,36 @@ class OutputKind:
 
 
 @dataclass(frozen=True)
+class _DiskFull:
+    """What a full disk would interrupt (OutputFolder.on_disk_full), for its one-line report."""
+
+    needed: int
+    then: str
+    scratch: Callable[[], Iterable[Path]] | None
+    kept: bool  # False: a stage whose work folder goes with a failure keeps no finished work
+
+
+@dataclass
 class OutputFolder:
     """An output being written: the stage writes in `work`, and `finished` becomes `path` when the stage succeeds."""
 
     path: Path
     work: Path
     finished: Path
+    disk_full: _DiskFull | None = None  # set by on_disk_full, read by safe_output if the disk fills up
+
+    def on_disk_full(
+        self,
+        needed: int,
+        then: str = RESUME,
+        scratch: Callable[[], Iterable[Path]] | None = None,
+        kept: bool = True,
+    ) -> None:
+        """Should the disk fill up during the rest of the block: name the work folder and the `needed` bytes, remove
+        the paths `scratch()` lists (half-written files; the finished work stays for resuming), and tell the user
+        `then`. `kept` False: the stage resumes nothing (its work folder goes with the failure), and the message says
+        nothing is kept."""
+        self.disk_full = _DiskFull(int(needed), then, scratch, kept)
 
 
 def check_not_foreign(output: Path, kind: OutputKind, flag: str = "--output") -> None:
@@ -185,34 +210,50 @@ def check_not_foreign(output: Path, kind: OutputKind, flag: str = "--output") ->
 def safe_output(output: Path, kind: OutputKind, processes=None, flag: str = "--output"):
     """Write a stage's output safely: yields an OutputFolder whose `work` (OUTPUT.partial) the stage writes in.
 
-    First a foreign `output` is refused (`check_not_foreign`), and its lock taken until the stage ends
-    (`lock_output`: the stage is decorated with `guards_output`); a kind that does not resume starts from an empty
-    work folder. When the block succeeds, `finished` replaces `output` (if the stage wrote it: a stage with nothing
-    to do leaves the output as it is) and the work folder goes; when it fails, the output is untouched and the work
-    folder is removed, or kept for the next run to resume (`kind.resumable`). Under several `processes` the main
-    one alone acts; the others learn of its errors, and wait for its rename.
+    First a foreign `output` is refused (`check_not_foreign`), and its lock taken for the block (`output_lock`); a
+    kind that does not resume starts from an empty work folder. When the block succeeds, `finished` replaces `output`
+    (if the stage wrote it: a stage with nothing to do leaves the output as it is) and the work folder goes; when it
+    fails, the output is untouched and the work folder is removed, or kept for the next run to resume
+    (`kind.resumable`). A full disk in the block (ENOSPC, EDQUOT, or the writers' own words for it) becomes one
+    KdcacheError, after removing the half-written files that `folder.on_disk_full` named. Under several `processes`
+    the main one alone acts; the others learn of its errors, and wait for its rename.
     """
     work = output if kind.in_place else output.with_name(output.name + ".partial")
     folder = OutputFolder(output, work, work / kind.finished if kind.finished else work)
-    main = is_main(processes)
-    with agreed(processes):
-        if main:
-            check_not_foreign(output, kind, flag)  # before the lock: a foreign folder is refused as it is
-            lock_output(output, flag)  # also refuses an output whose parent cannot be written
-            if kind.in_place:
-                _claim_in_place(output, kind, flag)
-            elif not kind.resumable:
-                _fresh_folder(work, flag)
+    main = processes is None or is_main(processes)  # a stage that runs as one process acts in whichever runs it
+    # The lock is released last: a full disk is reported (its scratch removed) while the output is still this run's.
+    with contextlib.ExitStack() as lock, _full_disk_in_one_line(folder):
+        with agreed(processes):
+            if main:
+                check_not_foreign(output, kind, flag)  # before the lock: a foreign folder is refused as it is
+                # the lock also refuses an output whose parent cannot be written
+                lock.enter_context(output_lock(output, flag))
+                if kind.in_place:
+                    _claim_in_place(output, kind, flag)
+                elif not kind.resumable:
+                    _fresh_folder(work, flag)
+        try:
+            yield folder
+        except BaseException:
+            if main and not kind.resumable and not kind.in_place:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        with agreed(processes):
+            if main and not kind.in_place and folder.finished.is_dir():
+                move_into_place(folder.finished, output)
+                shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _full_disk_in_one_line(folder: OutputFolder):
     try:
-        yield folder
-    except BaseException:
-        if main and not kind.resumable and not kind.in_place:
-            shutil.rmtree(work, ignore_errors=True)
+        yield
+    except KdcacheError:
         raise
-    with agreed(processes):
-        if main and not kind.in_place and folder.finished.is_dir():
-            move_into_place(folder.finished, output)
-            shutil.rmtree(work, ignore_errors=True)
+    except Exception as error:
+        if not is_disk_full(error, folder.work if folder.disk_full else None):
+            raise
+        raise _disk_full_error(folder) from None
 
 
 def _fresh_folder(folder: Path, flag: str) -> None:
@@ -238,93 +279,25 @@ def _claim_in_place(output: Path, kind: OutputKind, flag: str) -> None:
         raise KdcacheError(f"{flag} '{output}' cannot be written ({error.strerror}); choose another {flag}") from None
 
 
-@dataclass
-class _Guard:
-    """What the running stage holds (its locks) and what a full disk would interrupt."""
-
-    locks: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    folder: Path | None = None
-    needed: int | None = None
-    then: str = "run the same command again to resume"
-    scratch: Callable[[], Iterable[Path]] | None = None
-    kept: bool = True  # a stage whose work folder goes with a failure keeps no finished work
-
-
-_guard: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar("kdcache_output_guard", default=None)
-
-
-def guards_output(function):
-    """Decorate a stage: locks taken in it by `lock_output` are released when it ends, and a full disk anywhere in it
-    (ENOSPC, EDQUOT, or the writers' own words for it) becomes one KdcacheError, after removing the half-written files
-    that `report_disk_full` named."""
-
-    @functools.wraps(function)
-    def guarded(*args, **kwargs):
-        guard = _Guard()
-        token = _guard.set(guard)
-        try:
-            with guard.locks:
-                try:
-                    return function(*args, **kwargs)
-                except KdcacheError:
-                    raise
-                except Exception as error:
-                    if not is_disk_full(error, guard.folder):
-                        raise
-                    raise _disk_full_error(guard) from None
-        finally:
-            _guard.reset(token)
-
-    return guarded
-
-
-def _current() -> _Guard:
-    guard = _guard.get()
-    if guard is None:
-        raise RuntimeError("kdcache.outputs: call this inside a function decorated with @guards_output")
-    return guard
-
-
-def lock_output(output: str | Path, flag: str = "--output") -> Path:
-    """Take the lock of `output` until the stage ends (see `output_lock`). Under several processes only the main one
-    calls this: the others write only where the main process's plan sends them."""
-    return _current().locks.enter_context(output_lock(output, flag))
-
-
-def report_disk_full(
-    folder: Path,
-    needed: int,
-    then: str | None = None,
-    scratch: Callable[[], Iterable[Path]] | None = None,
-    kept: bool = True,
-) -> None:
-    """Should the disk fill up during the rest of the stage: name `folder` and the `needed` bytes, remove the paths
-    `scratch()` lists (half-written files; the finished work stays for resuming), and tell the user `then`. `kept`
-    False: the stage resumes nothing (its work folder goes with the failure), and the message says nothing is kept."""
-    guard = _current()
-    guard.folder, guard.needed, guard.scratch, guard.kept = Path(folder), int(needed), scratch, kept
-    if then:
-        guard.then = then
-
-
-def _disk_full_error(guard: _Guard) -> KdcacheError:
-    if guard.scratch is not None:
-        for path in guard.scratch():
+def _disk_full_error(folder: OutputFolder) -> KdcacheError:
+    full = folder.disk_full
+    if full is None:  # before the stage said what a full disk would interrupt
+        return KdcacheError(f"the disk is full; finished work is kept: free some space, then {RESUME}")
+    if full.scratch is not None:
+        for path in full.scratch():
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 with contextlib.suppress(OSError):
                     path.unlink()
-    where = f"the disk holding '{guard.folder}'" if guard.folder else "the disk"
-    free = free_bytes(guard.folder) if guard.folder else None
-    figures = []
-    if guard.needed is not None:
-        figures.append(f"this run needs about {human_bytes(guard.needed)} in all")
+    figures = [f"this run needs about {human_bytes(full.needed)} in all"]
+    free = free_bytes(folder.work)
     if free is not None:
         figures.append(f"{human_bytes(free)} free now")
-    figures = f" ({'; '.join(figures)})" if figures else ""
-    kept = "finished work is kept: " if guard.kept else ""
-    return KdcacheError(f"{where} is full{figures}; {kept}free some space, then {guard.then}")
+    kept = "finished work is kept: " if full.kept else ""
+    return KdcacheError(
+        f"the disk holding '{folder.work}' is full ({'; '.join(figures)}); {kept}free some space, then {full.then}"
+    )
 
 
 def is_disk_full(error: BaseException, folder: Path | None = None) -> bool:

@@ -1,8 +1,9 @@
-"""Process-level settings shared by every stage: allocator tuning, device choice, atomic folder writes, and the
-few collective steps a launch of several processes needs (accelerate launch, torchrun)."""
+"""Process-level settings shared by every stage: the 'kdcache' logger, allocator tuning, device choice, atomic folder
+writes, and the few collective steps a launch of several processes needs (accelerate launch, torchrun)."""
 
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import sys
@@ -15,6 +16,33 @@ from kdcache.errors import KdcacheError
 
 if TYPE_CHECKING:
     import torch
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler that writes to whatever sys.stdout is when a line is logged (a redirect, a test's capture)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def log_to_stdout() -> None:
+    """What the stages have to say (a cache up to date, the batch a run trains with, its result) goes through the
+    'kdcache' logger, to stdout as plain lines by default, as print did; silence or redirect it with the logging
+    module (logging.getLogger("kdcache").setLevel(logging.WARNING)). Called when kdcache is imported."""
+    log = logging.getLogger("kdcache")
+    if not log.handlers:
+        log.addHandler(_Stdout())
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
 
 _malloc_tuned = False
 
@@ -242,11 +270,6 @@ def launched_processes() -> int:
     return _first_int(_WORLD_SIZE, 1)
 
 
-def is_main_process() -> bool:
-    """Whether this process should print what is printed once, read from the launcher's environment alone."""
-    return _first_int(_RANK, 0) == 0
-
-
 @dataclass(frozen=True)
 class Processes:
     """This process's place in a launch of several, and the collective steps kdcache needs.
@@ -260,10 +283,6 @@ class Processes:
     index: int
     local_count: int
     device: "torch.device"
-
-    @property
-    def is_main(self) -> bool:
-        return self.index == 0
 
     def gather(self, value) -> list:
         """`value` from every process, in process order; a barrier as well."""
@@ -280,19 +299,16 @@ class Processes:
             raise failure from None
         return values
 
-    def wait(self) -> None:
-        self.gather(None)
-
     def share(self, value):
         """The main process's `value`, on every process."""
-        return self.gather(value if self.is_main else None)[0]
+        return self.gather(value if is_main(self) else None)[0]
 
     def agree(self, error: "KdcacheError | None") -> None:
         """Raise the first process's error on every process (printed by the main one only), if any failed."""
         messages = [message for message in self.gather(None if error is None else str(error)) if message is not None]
         if messages:
             failure = error if error is not None and str(error) == messages[0] else KdcacheError(messages[0])
-            failure.reported_elsewhere = not self.is_main
+            failure.reported_elsewhere = not is_main(self)
             raise failure
 
 
@@ -349,8 +365,11 @@ def end_process(status: int = 0) -> None:
     os._exit(status)
 
 
-def is_main(processes: Processes | None) -> bool:
-    return processes is None or processes.is_main
+def is_main(processes: Processes | None = None) -> bool:
+    """Whether this process does what a launch of several does once (checks, renames, what is printed): the first of
+    `processes` (the launch as `distributed` returned it); without them, as the launcher's environment says (a plain
+    run: yes), for the command line, which runs before a stage joins its launch and after it returns."""
+    return (processes.index if processes is not None else _first_int(_RANK, 0)) == 0
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import ConvNextImageProcessorPil, ViTImageProcessorPil
 
 from kdcache import KdcacheError
-from kdcache.data import ImagePipeline, ViewRecipe, find_columns, load_image_dataset
+from kdcache.data import ImagePipeline, ViewRecipe, find_image_column, find_label_column, load_image_dataset
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_dataset_formats_load_alike(tmp_path):
     for source in ("saved", "parquet", "folder"):
         loaded = load_image_dataset(str(tmp_path / source))
         assert sorted(loaded) == ["test", "train"] and len(loaded["train"]) == 6
-        image_column, label_column = find_columns(loaded["train"])
+        image_column, label_column = find_image_column(loaded["train"]), find_label_column(loaded)
         assert loaded["train"].features[label_column].names == LABELS
         assert isinstance(loaded["train"][0][image_column], Image.Image)
 
@@ -53,11 +53,11 @@ def test_a_single_split_on_disk_becomes_train(tmp_path):
 
 def test_columns_are_found_by_type_when_names_differ():
     split = make_dataset_dict({"train": 3})["train"].rename_columns({"image": "photo", "labels": "disease"})
-    assert find_columns(split) == ("photo", "disease")
+    assert find_image_column(split) == "photo" and find_label_column({"train": split}) == "disease"
     with pytest.raises(KdcacheError, match="no class names"):
-        find_columns(split.cast_column("disease", datasets.Value("int64")), label_column="disease")
+        find_label_column({"train": split.cast_column("disease", datasets.Value("int64"))}, label_column="disease")
     with pytest.raises(KdcacheError, match="holds .* not images"):
-        find_columns(split.add_column("path", ["a"] * 3), image_column="path")
+        find_image_column(split.add_column("path", ["a"] * 3), image_column="path")
 
 
 def test_view_boxes_are_random_resized_crops_seeded_by_row():

@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoModelForImageClassification
 
 from kdcache.demo import DIGIT_NAMES, LABELED_FRACTION, MODELS, build_digits_dataset, run_demo
+from kdcache.outputs import TRAINING_RECORD
 
 
 def rows(path):
@@ -52,7 +53,7 @@ def test_quick_demo_runs_every_stage_and_writes_its_outputs(tmp_path, capsys):
     assert recorded["train_rows"] == 180
     steps = recorded["steps"]
     assert steps["scratch_few_labels"] == steps["distilled_few_labels"] == steps["distilled"] == steps["scratch"]
-    training = json.loads((root / "student-scratch-few-labels" / "kdcache_training.json").read_text())
+    training = json.loads((root / "student-scratch-few-labels" / TRAINING_RECORD).read_text())
     assert training["recipe"]["labeled_rows"] == training["recipe"]["training_rows"] == 20, "labelled rows alone"
     lines = capsys.readouterr().out.splitlines()
     header = next(index for index, line in enumerate(lines) if line.startswith("model "))
@@ -123,9 +124,8 @@ def test_a_folder_the_demo_did_not_write_is_refused_and_left_intact(tmp_path, mo
 
 def test_the_demo_replaces_only_its_own_folder_or_an_empty_one(tmp_path):
     from kdcache.demo import DEMO_MARKER, DEMO_OUTPUT
-    from kdcache.outputs import guards_output, safe_output
+    from kdcache.outputs import safe_output
 
-    @guards_output
     def claim(root):
         with safe_output(root, DEMO_OUTPUT):
             return sorted(path.name for path in root.iterdir())

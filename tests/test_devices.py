@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from kdcache import KdcacheError, devices
+from kdcache.outputs import TRAINING_RECORD
 from kdcache.runtime import pick_device
 from kdcache.student.train import train_student
 from kdcache.student.trainer import DistillationTrainer
@@ -60,7 +61,7 @@ def test_the_trainer_kdcache_builds_uses_cuda_1_alone_on_a_two_gpu_host(tmp_path
     assert seen["n_gpu"] == 1 and seen["batch"] == 8
     assert not isinstance(seen["wrapped"], torch.nn.DataParallel)
     assert two_gpus[-1] == torch.device("cuda", 1), "the current device is the chosen one"
-    recipe = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())["recipe"]
+    recipe = json.loads((tmp_path / "s" / TRAINING_RECORD).read_text())["recipe"]
     assert summary["recipe"] == recipe
     assert (recipe["device"], recipe["batch_size"], recipe["processes"]) == ("cuda:1", 8, 1)
 

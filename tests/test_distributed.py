@@ -19,6 +19,7 @@ from helpers import make_dataset_dict
 
 from kdcache.format.columns import LABELS, LOGITS, PIXELS, ROW, SOURCE, VIEWS
 from kdcache.format.manifest import MANIFEST
+from kdcache.outputs import TRAINING_RECORD
 from kdcache.teacher.run import teacher_logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,7 +285,7 @@ def test_two_processes_train_a_student_like_one_at_the_same_global_batch(tmp_pat
     predictions = pipeline("image-classification", model=str(out))(Image.new("RGB", (40, 36), COLOURS[0]))
     assert {p["label"] for p in predictions} == set(LABELS)
     assert "batch 8 (2 processes of 4)" in (out / "README.md").read_text()
-    assert json.loads((out / "kdcache_training.json").read_text())["recipe"]["processes"] == 2
+    assert json.loads((out / TRAINING_RECORD).read_text())["recipe"]["processes"] == 2
     assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == [
         "one",
         "student",

@@ -17,6 +17,7 @@ from kdcache.format.manifest import LOGITS
 from kdcache.format.reader import describe, load_cache
 from kdcache.labels import NO_LABEL, labeled_subset, masked_labels
 from kdcache.models import align_labels, load_classifier
+from kdcache.outputs import TRAINING_RECORD
 from kdcache.student.model import OnlineTeacher
 from kdcache.student.rows import Collator, TrainRows, _online_rows
 from kdcache.student.train import train_student
@@ -303,11 +304,11 @@ def test_the_command_line_caches_extra_images_and_trains_with_a_label_budget(
     train = ["train-student", str(cache), "--batch-size", "8", "--epochs", "1"]
     result = CliRunner().invoke(app, train + ["--output", str(tmp_path / "s"), "--labeled-fraction", "0.5"])
     assert result.exit_code == 0, result.output
-    recipe = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())["recipe"]
+    recipe = json.loads((tmp_path / "s" / TRAINING_RECORD).read_text())["recipe"]
     assert recipe["unlabeled_splits"] == ["photos"] and recipe["labeled_rows"] == 12 and recipe["training_rows"] == 34
     result = CliRunner().invoke(app, train + ["--output", str(tmp_path / "n"), "--unlabeled-splits", "none"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "n" / "kdcache_training.json").read_text())["recipe"]["training_rows"] == 24
+    assert json.loads((tmp_path / "n" / TRAINING_RECORD).read_text())["recipe"]["training_rows"] == 24
     result = CliRunner().invoke(app, train + ["--output", str(tmp_path / "x"), "--labeled-fraction", "2"])
     assert result.exit_code == 1 and result.output.strip().splitlines() == [
         "kdcache: error: --labeled-fraction 2.0 must be > 0 and <= 1 (the share of the training split's rows whose "

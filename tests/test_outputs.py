@@ -1,3 +1,4 @@
+import contextlib
 import errno
 import os
 import signal
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kdcache import KdcacheError, outputs
-from kdcache.outputs import guards_output, lock_file, lock_output, output_lock, report_disk_full
+from kdcache.outputs import lock_file, output_lock, safe_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,19 +98,17 @@ def test_a_lock_held_by_a_killed_process_does_not_block(tmp_path):
         holder.wait(timeout=30)
 
 
-def test_locks_are_released_when_the_stage_ends_even_on_an_error(tmp_path):
-    @guards_output
-    def stage(fail):
-        lock_output(tmp_path / "out")
-        if fail:
-            raise KdcacheError("a bad input")
-        return "done"
-
-    with pytest.raises(KdcacheError, match="a bad input"):
-        stage(True)
-    assert stage(False) == "done"
-    with pytest.raises(RuntimeError, match="guards_output"):
-        lock_output(tmp_path / "out")
+def test_the_output_is_locked_for_the_block_and_released_even_on_an_error(tmp_path):
+    output = tmp_path / "out"
+    for fail in (True, False):
+        with contextlib.suppress(KdcacheError), safe_output(output, REPORT):
+            with pytest.raises(KdcacheError, match="is being written by another kdcache run"), output_lock(output):
+                pass
+            if fail:
+                raise KdcacheError("a bad input")
+        with output_lock(output):  # released on the way out
+            pass
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"], "no lock, no work folder"
 
 
 def test_a_full_disk_is_one_line_and_only_the_scratch_is_removed(tmp_path, monkeypatch):
@@ -120,14 +119,9 @@ def test_a_full_disk_is_one_line_and_only_the_scratch_is_removed(tmp_path, monke
     (work / "half.tmp" / "data").write_text("half")
     monkeypatch.setattr(outputs, "free_bytes", lambda folder: 0)
 
-    @guards_output
-    def stage():
-        lock_output(tmp_path / "out")
-        report_disk_full(work, 3_500_000, scratch=lambda: [work / "half.tmp", work / "never-written"])
+    with pytest.raises(KdcacheError) as full, safe_output(tmp_path / "out", RESUMABLE) as folder:
+        folder.on_disk_full(3_500_000, scratch=lambda: [work / "half.tmp", work / "never-written"])
         raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(KdcacheError) as full:
-        stage()
     message = str(full.value)
     assert (
         "\n" not in message
@@ -195,7 +189,6 @@ REPORT = outputs.OutputKind("a test report", "the test stage", "report.json")
 RESUMABLE = outputs.OutputKind("a test cache", "the test stage", "manifest.json", finished="final", resumable=True)
 
 
-@guards_output
 def write_output(output, kind, fail=False):
     with outputs.safe_output(output, kind) as folder:
         assert folder.work == output.with_name(output.name + ".partial") and folder.path == output
@@ -246,25 +239,29 @@ def test_safe_output_leaves_the_output_alone_when_the_stage_wrote_nothing(tmp_pa
     output = tmp_path / "cache"
     write_output(output, RESUMABLE)
 
-    @guards_output
-    def up_to_date():
-        with outputs.safe_output(output, RESUMABLE):
-            return "nothing to do"
-
-    assert up_to_date() == "nothing to do" and (output / "manifest.json").read_text() == "new"
+    with outputs.safe_output(output, RESUMABLE):
+        pass  # nothing to do
+    assert (output / "manifest.json").read_text() == "new"
 
 
 def test_a_full_disk_in_a_stage_that_keeps_nothing_does_not_say_work_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(outputs, "free_bytes", lambda folder: 0)
-
-    @guards_output
-    def stage():
-        report_disk_full(tmp_path, 2_000_000, then="run the same command again", kept=False)
+    with pytest.raises(KdcacheError) as full, safe_output(tmp_path / "report", REPORT) as folder:
+        folder.on_disk_full(2_000_000, then="run the same command again", kept=False)
         raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(KdcacheError) as full:
-        stage()
     assert str(full.value) == (
-        f"the disk holding '{tmp_path}' is full (this run needs about 2.0 MB in all; 0 bytes free now); free some "
-        "space, then run the same command again"
+        f"the disk holding '{tmp_path / 'report.partial'}' is full (this run needs about 2.0 MB in all; 0 bytes free "
+        "now); free some space, then run the same command again"
     )
+    assert list(tmp_path.iterdir()) == [], "no work folder, no lock"
+
+
+def test_a_full_disk_before_the_stage_names_its_needs_is_one_line_and_other_errors_pass_through(tmp_path):
+    with pytest.raises(KdcacheError) as full, safe_output(tmp_path / "report", REPORT):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert str(full.value) == (
+        "the disk is full; finished work is kept: free some space, then run the same command again to resume"
+    )
+    with pytest.raises(PermissionError), safe_output(tmp_path / "report", REPORT):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    assert list(tmp_path.iterdir()) == []

@@ -36,15 +36,18 @@ def test_a_plain_run_is_not_distributed(monkeypatch):
     """Without a launcher's environment nothing is started: the single-process path stays as it was."""
     for name in runtime._WORLD_SIZE + runtime._RANK + runtime._LOCAL_WORLD_SIZE:
         monkeypatch.delenv(name, raising=False)
-    assert runtime.launched_processes() == 1 and runtime.is_main_process()
-    assert runtime.distributed("auto") is None and runtime.is_main(None)
+    assert runtime.launched_processes() == 1 and runtime.is_main() and runtime.is_main(None)
+    assert runtime.distributed("auto") is None
     monkeypatch.setenv("WORLD_SIZE", "1")  # accelerate launch of one process
     assert runtime.distributed("cpu") is None
     with pytest.raises(KdcacheError, match="as it is"), runtime.agreed(None):
         raise KdcacheError("as it is")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
-    assert runtime.launched_processes() == 4 and not runtime.is_main_process()
+    assert runtime.launched_processes() == 4 and not runtime.is_main()
+    # once a stage has joined its launch, its place in it says: the first process is the main one
+    first, third = (runtime.Processes(count=4, index=index, local_count=4, device="cpu") for index in (0, 2))
+    assert runtime.is_main(first) and not runtime.is_main(third)
 
 
 def test_an_output_that_is_the_current_folder_or_a_parent_is_refused(tmp_path, monkeypatch):

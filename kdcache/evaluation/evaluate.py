@@ -44,13 +44,11 @@ from kdcache.format.manifest import LABELS
 from kdcache.format.reader import load_cache, rebuilt_logits
 from kdcache.labels import NO_LABEL
 from kdcache.models import align_labels, count_parameters, load_classifier
-from kdcache.options import EvaluationOptions
+from kdcache.options import DEFAULT_DATASET, EvaluationOptions
 from kdcache.outputs import (
     OutputFolder,
     OutputKind,
     check_free_space,
-    guards_output,
-    report_disk_full,
     safe_output,
     write_json,
 )
@@ -77,7 +75,6 @@ def report_bytes(models: int, classes: int) -> int:
     return models * (metrics + 2 * 1024**2) + (models * metrics + 1024**2 if models > 1 else 0)
 
 
-@guards_output
 def evaluate_models(
     models: list[str] | str,
     *,
@@ -112,7 +109,7 @@ def evaluate_models(
         prepared = [_prepare(name, data.names, options.match_labels_by_index) for name in models]
         space = report_bytes(len(models), len(data.names))
         check_free_space(output, space, "the evaluation report", folder.work)
-        report_disk_full(folder.work, space, then="run the same command again", kept=False)
+        folder.on_disk_full(space, then="run the same command again", kept=False)
         short_names = _unique([slug(name) for name in models])
         folders = short_names if len(models) > 1 else [""]  # several models: one subfolder each
         results = [
@@ -155,7 +152,7 @@ def _evaluation_rows(options: EvaluationOptions) -> _Rows:
             dataset, dataset_revision = made_from["name_or_path"], made_from.get("revision")
         image_column = image_column or made_from["image_column"]
         label_column = label_column or made_from["label_column"]
-    dataset = dataset or "beans"
+    dataset = dataset or DEFAULT_DATASET
 
     extra = manifest.dataset.get("extra_images") if manifest is not None else None
     if extra and split == extra["cached_as"] and options.dataset in (None, made_from["name_or_path"]):

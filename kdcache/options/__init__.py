@@ -6,6 +6,9 @@ Kept free of heavy imports so that `kdcache --help` stays instant."""
 from kdcache.options.evaluation import EvaluationOptions
 from kdcache.options.fields import (
     CACHE_PRECISIONS,
+    DEFAULT_DATASET,
+    DEFAULT_STUDY,
+    DEFAULT_TEACHER,
     LOGITS_DTYPES,
     PRECISIONS,
     SCHEDULERS,
@@ -26,6 +29,9 @@ from kdcache.options.training import (
 
 __all__ = [
     "CACHE_PRECISIONS",
+    "DEFAULT_DATASET",
+    "DEFAULT_STUDY",
+    "DEFAULT_TEACHER",
     "LOGITS_DTYPES",
     "OPTIONS_FILE",
     "PRECISIONS",

@@ -23,6 +23,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_PRECISIONS = ("fp32", "bf16", "fp16")  # stage one computes in fp32 unless told otherwise
 LOGITS_DTYPES = ("fp32", "fp16")  # how stage one stores the logits, whatever it computed them in
 
+# What the commands and the library take when no dataset, teacher or study is named.
+DEFAULT_DATASET = "beans"
+DEFAULT_TEACHER = "merve/beans-vit-224"
+DEFAULT_STUDY = "kdcache-sweep"
+
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
 TEACHER_WEIGHTS_HELP = (
     "With several caches: the weight of each cache's teacher in the ensemble, comma-separated in the caches' order "

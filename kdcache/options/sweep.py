@@ -4,15 +4,15 @@ field declared once with its default and help; the options it passes to every tr
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcache.options.fields import option
+from kdcache.options.fields import DEFAULT_STUDY, option
 
 
 @dataclass
 class SweepOptions:
-    """The study of `kdcache sweep` (kdcache.sweep.sweep takes the same names as keywords). `trials` and `output`
+    """The study of `kdcache sweep` (`kdcache.sweep` takes the same names as keywords). `trials` and `output`
     have no default: the command line requires them."""
 
-    param: list[str] | None = option(
+    space: list[str] | None = option(
         None,
         "A train-student option to sweep and its distribution, SPEC one of loguniform(a,b), uniform(a,b), int(a,b), "
         "choice(x,y,...); repeat it, e.g. --param 'learning_rate=loguniform(1e-4,1e-2)' --param "
@@ -22,8 +22,10 @@ class SweepOptions:
         type=list[str],
         parse=lambda params: list(params or []),
     )
-    space: Path | None = option(
-        None, "The same as a YAML or JSON file: option names to SPEC strings (a list of values is a choice)."
+    space_file: Path | None = option(
+        None,
+        "The same as a YAML or JSON file: option names to SPEC strings (a list of values is a choice).",
+        flags=("--space",),
     )
     trials: int = option(..., "Trials in the whole study: a rerun of the same command continues up to N.")
     output: Path = option(
@@ -36,7 +38,7 @@ class SweepOptions:
         "machines share, or the path of an Optuna journal file.",
         show_default="OUTPUT/study.db (SQLite)",
     )
-    study_name: str = option("kdcache-sweep", "The study's name in the storage.")
+    study_name: str = option(DEFAULT_STUDY, "The study's name in the storage.")
     pruner: str = option("median", "Stops hopeless trials after an epoch: median, hyperband or none.")
     final_seeds: int = option(
         0,

@@ -24,11 +24,10 @@ from kdcache.models import count_parameters
 from kdcache.options import TrainingOptions, check_resumable, record_options, run_options
 from kdcache.options.resolution import final_size, size_schedule
 from kdcache.outputs import (
+    TRAINING_RECORD,
     OutputFolder,
     OutputKind,
     check_free_space,
-    guards_output,
-    report_disk_full,
     safe_output,
     training_bytes,
     unfinished_checkpoints,
@@ -49,7 +48,6 @@ from kdcache.student.trainer import StudentRun, build_trainer, run_training, tra
 log = logging.getLogger("kdcache")
 
 
-@guards_output
 def train_student(
     cache: str | Path | list,
     output: str | Path | None = None,
@@ -132,7 +130,7 @@ def _prepare(caches, folder, options, place, processes, callbacks, progress, ver
     # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's
     # .to(device) keeps the format, and the collator hands it channels_last batches
     model = model.to(memory_format=torch.channels_last)
-    _check_space(model, folder.path, folder.work, options, processes)
+    _check_space(model, folder, options, processes)
     pipeline = ImagePipeline(processor)
     rows = training_rows(cached, manifest, cache_path, options, pipeline, size, place)
     return StudentRun(
@@ -162,7 +160,7 @@ def _run_options(run: StudentRun) -> dict:
 
 # The student's folder: written as OUTPUT.partial/final beside the run's checkpoints, which --resume continues from.
 STUDENT_OUTPUT = OutputKind(
-    "a kdcache student", "kdcache train-student", "kdcache_training.json", finished="final", resumable=True
+    "a kdcache student", "kdcache train-student", TRAINING_RECORD, finished="final", resumable=True
 )
 
 
@@ -220,14 +218,14 @@ def _student_input(cache_path: Path, manifest: Manifest, options: TrainingOption
     return processor, size
 
 
-def _check_space(model, output: Path, work: Path, options: TrainingOptions, processes) -> None:
+def _check_space(model, folder: OutputFolder, options: TrainingOptions, processes) -> None:
+    output, work = folder.path, folder.work
     space = training_bytes(
         model, checkpoints=2 if options.save_checkpoints else 0
     )  # save_total_limit in build_trainer
     if is_main(processes):
         check_free_space(output, space, "its checkpoints and the student", work)
-    report_disk_full(
-        work,
+    folder.on_disk_full(
         space,
         then="run the same command with --resume to continue from the last checkpoint",
         scratch=lambda: [work / "final", *unfinished_checkpoints(work)] if is_main(processes) else [],
@@ -297,7 +295,7 @@ def _save(run: StudentRun, trainer, summary: dict) -> None:
     trainer.save_model(str(final))  # on every process: under DDP the Trainer has the main one write
     if is_main(processes):
         student_processor(run.processor, manifest.pixel_shape[1:], run.size).save_pretrained(str(final))
-        (final / "kdcache_training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (final / TRAINING_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
         (final / "README.md").write_text(model_card(summary, manifest, manifest.label_names, run.options.push_to_hub))
         if (work / "runs").exists():
             shutil.move(str(work / "runs"), str(final / "runs"))

@@ -37,12 +37,10 @@ from kdcache.errors import KdcacheError
 from kdcache.format.columns import Layout, split_features
 from kdcache.format.manifest import MANIFEST, Manifest
 from kdcache.format.reader import load_cache, quiet_datasets
-from kdcache.options import CacheOptions
+from kdcache.options import DEFAULT_DATASET, DEFAULT_TEACHER, CacheOptions
 from kdcache.outputs import (
     OutputFolder,
     check_free_space,
-    guards_output,
-    report_disk_full,
     safe_output,
     write_json,
 )
@@ -64,10 +62,9 @@ from kdcache.teacher.work import (
 log = logging.getLogger("kdcache")
 
 
-@guards_output
 def teacher_logits(
-    dataset: str = "beans",
-    teacher: str = "merve/beans-vit-224",
+    dataset: str = DEFAULT_DATASET,
+    teacher: str = DEFAULT_TEACHER,
     output: str | Path | None = None,
     options: CacheOptions | None = None,
     *,
@@ -152,7 +149,7 @@ def _compute_chunks(inputs: Inputs, plan: dict, folder: OutputFolder, space: int
     mine = plan["todo"][processes.index :: processes.count] if processes else plan["todo"]
     work = folder.work
     # A full disk keeps the finished chunks; only this process's half-written ones are removed.
-    report_disk_full(work, space, scratch=lambda: [partial_path(chunk_path(work, name, k)) for name, k in mine])
+    folder.on_disk_full(space, scratch=lambda: [partial_path(chunk_path(work, name, k)) for name, k in mine])
     timings = {}
     with quiet_datasets():
         for name in inputs.splits:

@@ -9,6 +9,7 @@ from helpers import COLOURS, FAST, LABELS
 from transformers import pipeline
 
 from kdcache.format.manifest import MANIFEST
+from kdcache.outputs import TRAINING_RECORD
 from kdcache.student.train import train_student
 
 
@@ -32,7 +33,7 @@ def test_trained_student_is_a_pipeline_with_label_names_and_a_model_card(tmp_pat
         f"`{Path(manifest['teacher']['name_or_path']).name}`",
     ):
         assert fact in card
-    recorded = json.loads((out / "kdcache_training.json").read_text())
+    recorded = json.loads((out / TRAINING_RECORD).read_text())
     assert recorded["recipe"]["cache_fingerprint"] == manifest["fingerprint"]
     assert any((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs are kept with the model"
     assert not (tmp_path / "student.partial").exists()

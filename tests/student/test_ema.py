@@ -7,6 +7,7 @@ import torch
 from helpers import FAST, crash_after_first_save, weights
 from transformers import pipeline
 
+from kdcache.outputs import TRAINING_RECORD
 from kdcache.student.train import train_student
 
 
@@ -36,7 +37,7 @@ def test_ema_is_what_is_saved_and_both_load_as_pipelines(tmp_path, tiny_cache, m
     )
     for folder in ("ema", "plain"):
         assert len(pipeline("image-classification", model=str(tmp_path / folder))(Image.new("RGB", (40, 36)))) == 3
-    recorded = json.loads((tmp_path / "ema" / "kdcache_training.json").read_text())
+    recorded = json.loads((tmp_path / "ema" / TRAINING_RECORD).read_text())
     assert (
         recorded["recipe"]["ema_decay"] == 0.5 and "EMA with decay 0.5" in (tmp_path / "ema" / "README.md").read_text()
     )

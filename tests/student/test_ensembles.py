@@ -13,6 +13,7 @@ from kdcache import KdcacheError
 from kdcache.data import ImagePipeline
 from kdcache.format.manifest import LOGITS, MANIFEST
 from kdcache.format.reader import load_cache
+from kdcache.outputs import TRAINING_RECORD
 from kdcache.student.rows import Collator
 from kdcache.student.train import train_student
 
@@ -150,6 +151,6 @@ def test_the_command_line_trains_an_ensemble(tmp_path, tiny_cache, second_cache)
     ]
     result = CliRunner().invoke(app, command + ["--teacher-weights", "2,1"])
     assert result.exit_code == 0, result.output
-    recorded = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())["recipe"]
+    recorded = json.loads((tmp_path / "s" / TRAINING_RECORD).read_text())["recipe"]
     assert recorded["cache"] == [str(tiny_cache), str(second_cache)]
     assert recorded["teacher_weights"] == pytest.approx([2 / 3, 1 / 3])

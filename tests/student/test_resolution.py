@@ -12,7 +12,7 @@ from kdcache import KdcacheError
 from kdcache.options.resolution import epoch_sizes, parse_student_size, size_schedule
 from kdcache.student import trainer as trainer_module
 from kdcache.student.train import train_student
-from kdcache.sweep.space import parse_param
+from kdcache.sweeps.space import parse_param
 
 SCHEDULE = "16:0.5,32"  # the tiny teacher's input is 32 px: half the epochs at 16 px, then 32 px
 

@@ -19,6 +19,7 @@ from kdcache.format.manifest import LOGITS, MANIFEST
 from kdcache.format.reader import load_cache
 from kdcache.losses import LOSS_SPECS
 from kdcache.models import align_labels, load_classifier
+from kdcache.outputs import TRAINING_RECORD
 from kdcache.student.loss import LOSSES
 from kdcache.student.model import OnlineTeacher
 from kdcache.student.rows import Collator, _online_rows
@@ -99,7 +100,7 @@ def test_best_epoch_is_the_one_kept(tmp_path, tiny_cache):
         best["epoch"],
         best["epoch"],
     )
-    recorded = json.loads((tmp_path / "s" / "kdcache_training.json").read_text())
+    recorded = json.loads((tmp_path / "s" / TRAINING_RECORD).read_text())
     assert recorded["last_eval_accuracy"] == last["eval_accuracy"] and recorded["best_epoch"] == best["epoch"]
     assert (
         f"| validation accuracy | best {best['eval_accuracy']:.4f} (epoch {best['epoch']:g}), last "

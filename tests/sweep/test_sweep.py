@@ -1,19 +1,24 @@
-"""kdcache.sweep and kdcache.sweep.space: the space and its one-line refusals, then sweeps on the tiny cache (verified
-once, pruned trials, refused trials, best/, resuming after a kill, two processes on one storage). The sweeps need
-Optuna (the 'sweep' extra) and skip without it; the message a user gets without it is tested by hiding it."""
+"""kdcache.sweep (kdcache.sweeps.run) and kdcache.sweeps.space: the space and its one-line refusals, then sweeps on
+the tiny cache (verified once, pruned trials, refused trials, best/, resuming after a kill, two processes on one
+storage). The sweeps need Optuna (the 'sweep' extra) and skip without it; the message a user gets without it is
+tested by hiding it."""
 
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from kdcache import KdcacheError
-from kdcache.sweep.space import Param, build_space, parse_param, read_space_file
+from kdcache.options import DEFAULT_STUDY
+from kdcache.outputs import TRAINING_RECORD
+from kdcache.sweeps.space import Param, build_space, parse_param, read_space_file
 
 try:
     import optuna
@@ -100,6 +105,15 @@ def test_a_space_file_in_yaml_or_json_and_a_field_given_twice(tmp_path):
         build_space([], None)
 
 
+def test_kdcache_sweep_is_the_function_and_takes_the_commands_options_by_their_names():
+    import kdcache
+    from kdcache.options import SweepOptions
+    from kdcache.sweeps.run import sweep
+
+    assert kdcache.sweep is sweep and inspect.isfunction(sweep)  # after kdcache.sweeps.space was imported, too
+    assert {field.name for field in fields(SweepOptions)} <= set(inspect.signature(sweep).parameters)
+
+
 def test_without_optuna_the_command_says_in_one_line_how_to_install_it(tmp_path, monkeypatch, tiny_cache):
     monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` now raises ImportError, as when it is absent
     result = cli(tiny_cache, "--trials", 2, "--output", tmp_path / "sweep", "--param", SPACE[0])
@@ -118,6 +132,7 @@ def mixed_cache(make_cache):
 @needs_optuna
 def test_bad_spaces_are_refused_in_one_line_before_any_trial(tmp_path, tiny_cache, mixed_cache):
     output = tmp_path / "sweep"
+    (tmp_path / "space.json").write_text(json.dumps({"alpha": "uniform(0.2,1)"}))
     cases = [
         ([tiny_cache, "--param", "alpha=uniform(0,2)"], "--param alpha=uniform(0,2): alpha=2.0 is refused: "),
         ([tiny_cache, "--param", "temperature=choice(2,x)"], "--param 'temperature=choice(2,x)': 'x' is not a number"),
@@ -137,6 +152,11 @@ def test_bad_spaces_are_refused_in_one_line_before_any_trial(tmp_path, tiny_cach
             "--pruner 'asha' is not one of median, hyperband, none",
         ),
         ([tiny_cache, "--param", SPACE[0], "--eval-split", "none"], "a sweep scores each trial on --eval-split"),
+        # --param and --space both reach the space (SweepOptions.space and .space_file, as kdcache.sweep names them)
+        (
+            [tiny_cache, "--param", "alpha=uniform(0,1)", "--space", tmp_path / "space.json"],
+            "--param alpha is given twice (in --param or --space); give it once",
+        ),
     ]
     for arguments, message in cases:
         result = cli(*arguments, "--trials", 2, "--output", output)
@@ -168,7 +188,7 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
         **FAST,
     )
     assert len(verified) == 1  # once for the process, not once per trial
-    study = optuna.load_study(study_name="kdcache-sweep", storage=f"sqlite:///{output / 'study.db'}")
+    study = optuna.load_study(study_name=DEFAULT_STUDY, storage=f"sqlite:///{output / 'study.db'}")
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 4 and len(study.trials) == 4
     # sweep.json: every trial with its options, state, best epoch, validation accuracy and minutes, best first
@@ -183,11 +203,11 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
         assert record["options"]["learning_rate"] == trial.params["learning_rate"]
         assert record["options"]["temperature"] == trial.params["temperature"] and record["options"]["epochs"] == 2
         assert record["best_epoch"] in (1, 2) and record["minutes"] >= 0
-        student = json.loads((output / "trials" / f"{record['trial']:04d}" / "kdcache_training.json").read_text())
+        student = json.loads((output / "trials" / f"{record['trial']:04d}" / TRAINING_RECORD).read_text())
         assert student["best_eval_accuracy"] == record["validation_accuracy"]
         assert student["recipe"]["learning_rate"] == trial.params["learning_rate"]
     # best/: the best trial's student, a normal student folder that pipeline() loads
-    best = json.loads((output / "best" / "kdcache_training.json").read_text())
+    best = json.loads((output / "best" / TRAINING_RECORD).read_text())
     assert best["best_eval_accuracy"] == study.best_value == saved["best"]["validation_accuracy"]
     assert json.loads((output / "best" / "kdcache_sweep_trial.json").read_text())["trial"] == study.best_trial.number
     from helpers import make_images
@@ -221,7 +241,7 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
 
 @needs_optuna
 def test_the_median_pruner_spares_a_slow_starter_for_half_its_epochs():
-    from kdcache.sweep import make_pruner
+    from kdcache.sweeps.run import make_pruner
 
     # four finished trials at 0.7 from epoch 1 on, then a trial at chance (as on beans, where one such trial of 8
     # epochs was still at 0.34 after epoch 2 and finished at 0.865): not pruned before epoch 4 of 8, pruned from there
@@ -241,7 +261,7 @@ def test_the_median_pruner_spares_a_slow_starter_for_half_its_epochs():
 
 @needs_optuna
 def test_a_pruned_trial_leaves_its_record_and_no_student(tmp_path, tiny_cache):
-    from kdcache.sweep import sweep
+    from kdcache.sweeps.run import sweep
 
     output = tmp_path / "sweep"
     # a pruner that prunes any trial below 110% accuracy: the first epoch's report stops every trial
@@ -264,7 +284,7 @@ def test_a_pruned_trial_leaves_its_record_and_no_student(tmp_path, tiny_cache):
 
 @needs_optuna
 def test_trials_refused_together_are_recorded_as_refused(tmp_path, tiny_cache):
-    from kdcache.sweep import sweep
+    from kdcache.sweeps.run import sweep
 
     output = tmp_path / "sweep"
     # each value passes with the other option as fixed (kd; no standardising), but dist with standardising does not
@@ -278,7 +298,7 @@ def test_trials_refused_together_are_recorded_as_refused(tmp_path, tiny_cache):
 
 @needs_optuna
 def test_a_journal_file_storage_continues_up_to_the_total(tmp_path, tiny_cache):
-    from kdcache.sweep import sweep
+    from kdcache.sweeps.run import sweep
 
     journal = tmp_path / "study.journal"
     first = sweep(tiny_cache, tmp_path / "a", SPACE, trials=1, storage=str(journal), progress=False, **FAST)
@@ -303,7 +323,7 @@ def trials_of(storage: str):
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     try:
-        return optuna.load_study(study_name="kdcache-sweep", storage=storage).get_trials()
+        return optuna.load_study(study_name=DEFAULT_STUDY, storage=storage).get_trials()
     except KeyError:  # not created yet
         return []
     except (OperationalError, IntegrityError):  # the sweep is creating the database's tables right now: look again
@@ -368,7 +388,7 @@ def test_two_processes_on_one_storage_run_distinct_trials_of_one_study(tmp_path,
 def test_final_seeds_retrain_the_best_options_and_report_validation_mean_and_sd(tmp_path, tiny_cache):
     import statistics
 
-    from kdcache.sweep import sweep
+    from kdcache.sweeps.run import sweep
 
     output = tmp_path / "sweep"
     report = sweep(tiny_cache, output, SPACE, trials=1, final_seeds=2, progress=False, **{**FAST, "epochs": 1})
@@ -376,7 +396,7 @@ def test_final_seeds_retrain_the_best_options_and_report_validation_mean_and_sd(
     assert finals["trial"] == best["trial"] == 0 and [run["seed"] for run in finals["runs"]] == [0, 1]
     accuracies = []
     for run in finals["runs"]:
-        summary = json.loads((Path(run["student"]) / "kdcache_training.json").read_text())
+        summary = json.loads((Path(run["student"]) / TRAINING_RECORD).read_text())
         assert summary["recipe"]["seed"] == run["seed"]
         assert summary["recipe"]["learning_rate"] == best["params"]["learning_rate"]
         assert summary["best_eval_accuracy"] == run["validation_accuracy"]

@@ -9,6 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
+from kdcache.outputs import TRAINING_RECORD
+
 log = logging.getLogger("kdcache")
 
 REPORT_FILE = "sweep.json"
@@ -149,7 +151,7 @@ def update_best(study, output: Path) -> None:
         current = _read(target / BEST_MARK)
         if current and current.get("trial") == best.number and current.get("study") == study.study_name:
             return
-        if not (source / "kdcache_training.json").exists():
+        if not (source / TRAINING_RECORD).exists():
             return
         partial = output / f"{BEST}.{os.getpid()}.partial"
         shutil.rmtree(partial, ignore_errors=True)

@@ -5,7 +5,7 @@ scored by its best epoch's validation accuracy (as train-student keeps that epoc
 epoch so that a pruner stops hopeless trials. The study lives in a storage (SQLite in the output folder by default,
 any SQLAlchemy URL, or an Optuna journal file), which is what makes a sweep resumable and shareable: a rerun of the
 same command continues it, and several processes (on one machine or several) pointed at one storage run distinct
-trials of it. What a sweep leaves (sweep.json, the leaderboard, best/, the plots) is in kdcache.sweep.report.
+trials of it. What a sweep leaves (sweep.json, the leaderboard, best/, the plots) is in kdcache.sweeps.report.
 """
 
 import contextlib
@@ -14,17 +14,15 @@ import os
 import shutil
 import socket
 import statistics
-import sys
 import time
-import types
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
-from kdcache.options import TrainingOptions, check_loss_for_cache
-from kdcache.outputs import lock_file
-from kdcache.sweep.space import Param, build_space
-from kdcache.sweep.study import (
+from kdcache.options import DEFAULT_STUDY, TrainingOptions, check_loss_for_cache
+from kdcache.outputs import TRAINING_RECORD, lock_file
+from kdcache.sweeps.space import Param, build_space
+from kdcache.sweeps.study import (
     REFUSED,
     counted,
     fail_dead_local_trials,
@@ -37,7 +35,6 @@ log = logging.getLogger("kdcache")
 
 INSTALL = "kdcache sweep needs Optuna, an optional extra; install it with pip install -e '.[sweep]'"
 PRUNERS = ("median", "hyperband", "none")
-DEFAULT_STUDY = "kdcache-sweep"
 
 
 def optuna_module():
@@ -138,7 +135,7 @@ def sweep(
     new trial. `final_seeds` K: once the study is complete, retrain the best options with seeds 0..K-1 into
     OUTPUT/final/ and report their validation accuracy (mean and sd). Returns what OUTPUT/sweep.json holds.
     """
-    from kdcache.sweep.report import leaderboard, update_best, write_plots, write_report
+    from kdcache.sweeps.report import leaderboard, update_best, write_plots, write_report
 
     optuna = optuna_module()
     fixed, params, caches, manifests = _checked(
@@ -196,7 +193,7 @@ def _checked(cache, space, space_file, options, overrides: dict, trials: int, fi
 
 def _run_trials(optuna, runner: "_TrialRunner", storage_name: str, timeout, final_seeds: int):
     """Trials one at a time until the study counts `trials` (or `timeout` has passed), then the final seeds."""
-    from kdcache.sweep.report import update_best, write_report
+    from kdcache.sweeps.report import update_best, write_report
 
     study, output, trials = runner.study, runner.output, runner.trials
     started = time.monotonic()
@@ -319,7 +316,7 @@ def _final_seeds(optuna, study, caches, output: Path, fixed, seeds: int, progres
         runs = []
         for seed in range(seeds):
             folder = output / "final" / f"trial-{best.number:04d}" / f"seed-{seed}"
-            record = folder / "kdcache_training.json"
+            record = folder / TRAINING_RECORD
             if record.exists():
                 import json
 
@@ -346,14 +343,3 @@ def _final_seeds(optuna, study, caches, output: Path, fixed, seeds: int, progres
         "validation_accuracy_mean": round(statistics.mean(values), 4),
         "validation_accuracy_sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
     }
-
-
-class _CallableModule(types.ModuleType):
-    """`kdcache.sweep(...)` is the function and `kdcache.sweep` the module: importing the module rebinds the
-    package's attribute to it, so the module itself calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        return sweep(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
