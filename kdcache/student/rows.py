@@ -135,11 +135,11 @@ class ViewRows(torch.utils.data.Dataset):
         sources = {row: source_image(record) for row, record in zip(indices, records)}
         if self.fresh:  # a new view of the clean image, with the clean view's logits
             views = [View(row, self.recipe.sample(*sources[row].size, (row, self.epoch), 1)[0]) for row in indices]
-            logits = [{column: record[column] for column in teacher_outputs(record)} for record in records]
+            outputs = [{column: record[column] for column in teacher_outputs(record)} for record in records]
         else:  # view k of each row, with the teacher's outputs on view k (logits, a top-K cache's indices and tail)
             chosen = [self.view_index(row) for row in indices]
             views = [self.view(record, row, k) for record, row, k in zip(records, indices, chosen)]
-            logits = [
+            outputs = [
                 {column: np.asarray(record[column])[k] for column in teacher_outputs(record)}
                 for record, k in zip(records, chosen)
             ]
@@ -148,7 +148,7 @@ class ViewRows(torch.utils.data.Dataset):
         items = []
         for position, (row, view) in enumerate(zip(indices, views)):
             item = {PIXELS: torch.from_numpy(pixels[position]), LABELS: self.label(batch, position, row)}
-            item.update(logits[position])
+            item.update(outputs[position])
             if self.mixed:
                 item.update(
                     partner_pixels=torch.from_numpy(partner_pixels[position]),

@@ -49,8 +49,8 @@ def verify_teacher_logits(
 
     The options are a VerifyOptions (kdcache.options: sample, tolerance, seed, teacher, device, batch_size, with
     their defaults), given whole as `options`, one by one as keywords, or both (the keywords win).
-    Named apart from the checks of kdcache.format.reader.load_cache, which holds the cache's files to their checksums
-    (and runs here first). `teacher` loads the teacher from elsewhere (a local copy of a hub teacher, offline);
+    The cache's files are held to their checksums first (kdcache.format.reader.load_cache), which cannot tell logits
+    that were wrong when written. `teacher` loads the teacher from elsewhere (a local copy of a hub teacher, offline);
     its weights must hash as the manifest records. `tolerance` is the largest absolute logit difference that passes
     (default by the cache's precision, DEFAULT_TOLERANCE). Returns per split and overall: the pairs checked, the
     max |logit difference|, the top-1 mismatches, and `passed`.
