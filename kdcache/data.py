@@ -188,15 +188,22 @@ def decode_image(value, split_name: str = "", row: int = 0):
 
     if value is None:
         raise UnreadableImage(split_name, row, None, "the row holds no image")
-    data, file = value.get("bytes"), value.get("path")  # a file's name, also beside bytes stored in the dataset
+    file = value.get("path")  # a file's name, also beside bytes stored in the dataset
     try:
-        if (data is not None and len(data) == 0) or (data is None and os.path.getsize(file) == 0):
+        if is_empty_image(value):
             raise UnreadableImage(split_name, row, file, "empty file")
         return datasets.Image().decode_example(value).convert("RGB")
     except UnreadableImage:
         raise
     except Exception as error:
         raise UnreadableImage(split_name, row, file, f"{type(error).__name__}: {first_line(error)}") from None
+
+
+def is_empty_image(value) -> bool:
+    """Whether an undecoded image holds no byte: empty bytes in the dataset, or an empty file (a missing one raises
+    OSError)."""
+    data = value.get("bytes")
+    return len(data) == 0 if data is not None else os.path.getsize(value["path"]) == 0
 
 
 def decode_images(split, image_column: str, rows: list[int], split_name: str) -> list:

@@ -16,12 +16,11 @@ read than stray damage, and a cache of what is left would silently be another da
 
 import io
 import math
-import os
 
 import numpy as np
 import torch
 
-from kdcache.data import UnreadableImage, decode_image, labeled_rows, undecoded
+from kdcache.data import UnreadableImage, decode_image, is_empty_image, labeled_rows, undecoded
 from kdcache.errors import KdcacheError
 
 BLOCK_ROWS = 256  # rows a scan reads at a time: a few MB of encoded images
@@ -114,12 +113,11 @@ def quick_scan(split, image_column: str) -> list[int]:
     split, bad = undecoded(split, image_column), []
     for start in range(0, len(split), BLOCK_ROWS):
         for row, value in enumerate(split[start : start + BLOCK_ROWS][image_column], start):
-            data, file = (value or {}).get("bytes"), (value or {}).get("path")
             try:
-                if (data is not None and len(data) == 0) or (data is None and os.path.getsize(file) == 0):
+                if is_empty_image(value):
                     bad.append(row)
                     continue
-                with Image.open(io.BytesIO(data) if data is not None else file):
+                with Image.open(io.BytesIO(value["bytes"]) if value["bytes"] is not None else value["path"]):
                     pass
             except Exception:  # any failure to open counts: the pass would fail on it too
                 bad.append(row)
