@@ -2,6 +2,7 @@
 teacher's preprocessing split into an 8-bit geometric part (cached once) and a per-pixel part (a lookup table)."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -170,22 +171,45 @@ def label_names(split, label_column: str) -> list[str]:
     return list(split.features[label_column].names)
 
 
-def decode_images(split, image_column: str, rows: list[int], split_name: str) -> list:
-    """Decode rows of an image column (stored undecoded) to RGB PIL images; a bad row is named in the error."""
+class UnreadableImage(KdcacheError):
+    """An image that does not decode: its split, its row, its file's name when the dataset knows one, and why."""
+
+    def __init__(self, split_name: str, row: int, file: str | None, reason: str):
+        self.split_name, self.row, self.file, self.reason = split_name, row, file, reason
+        self.where = f"unreadable image in split '{split_name}', row {row}" + (f" ('{file}')" if file else "")
+        self.where += f" ({reason})"
+        super().__init__(f"{self.where}; fix or remove that row")
+
+
+def decode_image(value, split_name: str = "", row: int = 0):
+    """One undecoded image (datasets' {"bytes", "path"}) as an RGB PIL image; an empty or unreadable one raises
+    UnreadableImage."""
     import datasets
 
-    decoder = datasets.Image()
+    if value is None:
+        raise UnreadableImage(split_name, row, None, "the row holds no image")
+    file = value.get("path")  # a file's name, also beside bytes stored in the dataset
+    try:
+        if is_empty_image(value):
+            raise UnreadableImage(split_name, row, file, "empty file")
+        return datasets.Image().decode_example(value).convert("RGB")
+    except UnreadableImage:
+        raise
+    except Exception as error:
+        raise UnreadableImage(split_name, row, file, f"{type(error).__name__}: {first_line(error)}") from None
+
+
+def is_empty_image(value) -> bool:
+    """Whether an undecoded image holds no byte: empty bytes in the dataset, or an empty file (a missing one raises
+    OSError)."""
+    data = value.get("bytes")
+    return len(data) == 0 if data is not None else os.path.getsize(value["path"]) == 0
+
+
+def decode_images(split, image_column: str, rows: list[int], split_name: str) -> list:
+    """Decode rows of an image column (stored undecoded) to RGB PIL images; a bad row is named in the error."""
     values = split[rows][image_column] if rows else []
-    images = []
-    for row, value in zip(rows, values):
-        try:
-            images.append(decoder.decode_example(value).convert("RGB"))
-        except Exception as error:
-            raise KdcacheError(
-                f"unreadable image in split '{split_name}', row {row} ({type(error).__name__}: {first_line(error)}); "
-                "fix or remove that row"
-            ) from None
-    return images
+    return [decode_image(value, split_name, row) for row, value in zip(rows, values)]
 
 
 def undecoded(split, image_column: str):

@@ -93,7 +93,8 @@ class Manifest(dict):
     ) -> "Manifest":
         """Stage one's manifest. `recipe` is what the fingerprint was taken of (kdcache.teacher.inputs.cache_recipe);
         `teacher` and `dataset` name them (name_or_path, revision, ...); `splits` gives each split's fingerprint,
-        num_rows, views and chunks (file, rows, bytes, sha256 of each chunk file, in row order); `run` says how the
+        num_rows, views and chunks (file, rows, bytes, sha256 of each chunk file, in row order), and with
+        --bad-images skip the source rows left out (skipped_images: row, file, reason); `run` says how the
         logits were made (precision, device, processes, versions, seconds, images_per_second). The `columns` entry
         is the columns' own (kdcache.format.columns)."""
         names = recipe["label_names"]
@@ -235,6 +236,11 @@ class Manifest(dict):
     def labeled_rows(self, split: str) -> int:
         """How many rows of `split` have a label (caches made before unlabeled splits existed: all of them)."""
         return self.split(split).get("labeled_rows", self.split(split)["num_rows"])
+
+    def skipped_images(self, split: str) -> list[dict]:
+        """The rows of the source split that stage one left out as unreadable (--bad-images skip): each one's row in
+        the source split, its file (or None) and why; the cache's rows are the others, in order."""
+        return self.split(split).get("skipped_images", [])
 
     def views_of(self, split: str) -> int:
         """Views per image of `split` (1: the one clean view)."""

@@ -58,6 +58,9 @@ def rebuilt_logits(record, classes: int) -> torch.Tensor:
     return expand_logits(values, indices, torch.as_tensor(np.asarray(record[LOGIT_TAIL])), classes)
 
 
+SKIPPED_SHOWN = 20  # skipped rows kdcache info lists per split; the manifest lists them all
+
+
 def describe(path: str | Path) -> str:
     """A readable summary of a cache's manifest (kdcache info): one page, written top to bottom as it prints (over 60
     lines because it is one template; split, its lines would be read out of order)."""
@@ -103,6 +106,15 @@ def describe(path: str | Path) -> str:
         lines.append(
             f"    {name:<12} {split['num_rows']:>8} rows{unlabelled}  fingerprint {split['fingerprint']}  {checksums}"
         )
+        skipped = split.get("skipped_images", [])
+        lines += [
+            f"      skipped row {image['row']}: {image['file'] or 'an image stored in the dataset'} ({image['reason']})"
+            for image in skipped[:SKIPPED_SHOWN]
+        ]
+        if len(skipped) > SKIPPED_SHOWN:
+            lines.append(
+                f"      ... and {len(skipped) - SKIPPED_SHOWN} more skipped rows, each listed in kdcache.json"
+            )
     images = sum(split["num_rows"] for split in data["splits"].values())
     size = bytes_under(Path(path))
     lines.append(
@@ -111,6 +123,12 @@ def describe(path: str | Path) -> str:
     processor = manifest["image_processor"]
     keys = ("image_processor_type", "size", "crop_size", "resample", "image_mean", "image_std")
     lines.append("  image processor " + ", ".join(f"{k}={processor[k]}" for k in keys if k in processor))
+    if any("skipped_images" in split for split in data["splits"].values()):
+        skipped = {name: len(split.get("skipped_images", [])) for name, split in data["splits"].items()}
+        counts = ", ".join(f"{name} {count}" for name, count in skipped.items() if count) or "none"
+        lines.append(
+            f"  skipped images  {sum(skipped.values())} unreadable or empty, left out (--bad-images skip): {counts}"
+        )
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ SCHEDULERS = (
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_PRECISIONS = ("fp32", "bf16", "fp16")  # stage one computes in fp32 unless told otherwise
 LOGITS_DTYPES = ("fp32", "fp16")  # how stage one stores the logits, whatever it computed them in
+BAD_IMAGES = ("fail", "skip")  # stage one's choices for an unreadable image (--bad-images)
 
 # What the commands and the library take when no dataset, teacher or study is named.
 DEFAULT_DATASET = "beans"

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from kdcache.errors import KdcacheError
 from kdcache.options.fields import (
+    BAD_IMAGES,
     CACHE_PRECISIONS,
     DEVICE_HELP,
     LOGITS_DTYPES,
@@ -94,6 +95,17 @@ class CacheOptions:
         "did not (BENCHMARKS.md, 'Compact logits').",
         show_default="every class",
     )
+    # what stage one does with an image it cannot decode, or an empty file (kdcache.teacher.images)
+    bad_images: str = option(
+        "fail",
+        "What to do with an unreadable or empty image: fail (stop, naming it) or skip (leave it out of the cache, "
+        "listed in the manifest and by kdcache info).",
+    )
+    max_bad_share: float = option(
+        0.05,
+        "With --bad-images skip: the largest share of a split's images that may be left out; more refuses the run "
+        "(so many bad files is more likely a wrong folder or format than stray damage).",
+    )
     overwrite: bool = option(False, "Replace an existing cache made from other inputs.")
     num_workers: int | None = option(
         None,
@@ -127,6 +139,10 @@ class CacheOptions:
             raise KdcacheError(f"--view-seed {self.view_seed} must be >= 0")
         if not (finite(self.mix_alpha) and self.mix_alpha >= 0):
             raise KdcacheError(f"--mix-alpha {self.mix_alpha} must be >= 0 (0: no mixing)")
+        if self.bad_images not in BAD_IMAGES:
+            raise KdcacheError(f"--bad-images '{self.bad_images}' is not one of {', '.join(BAD_IMAGES)}")
+        if not (finite(self.max_bad_share) and 0 <= self.max_bad_share <= 1):
+            raise KdcacheError(f"--max-bad-share {self.max_bad_share} must be a share from 0 to 1 (0.05: 5%)")
 
 
 @dataclass

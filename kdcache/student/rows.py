@@ -296,7 +296,8 @@ def _source_split(manifest: Manifest, split: str):
             f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "
             "this mode must see the same rows"
         )
-    return rows
+    skipped = {image["row"] for image in manifest.skipped_images(split)}  # unreadable: left out of the cache too
+    return rows.select([row for row in range(len(rows)) if row not in skipped]) if skipped else rows
 
 
 def _online_training_rows(manifest: Manifest, cache_path: Path, options: TrainingOptions, pipeline, labels, place):

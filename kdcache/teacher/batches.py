@@ -11,6 +11,7 @@ import torch
 
 from kdcache.data import (
     ImagePipeline,
+    UnreadableImage,
     ViewRecipe,
     decode_images,
     raw_source,
@@ -37,6 +38,7 @@ from kdcache.format.columns import (
 from kdcache.format.views import View, render_views
 from kdcache.labels import NO_LABEL
 from kdcache.outputs import write_json
+from kdcache.teacher.images import unreadable_refusal
 from kdcache.teacher.work import chunk_path, chunk_record_path, write_chunk_file
 
 
@@ -62,6 +64,7 @@ class Job:
     view_recipe: ViewRecipe | None = None
     logits_dtype: str = "float32"  # as stored
     top_k: int | None = None
+    source_rows: np.ndarray | None = None  # of the split at work: the source row of each row kept (None: all kept)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -96,6 +99,8 @@ class _Batches(torch.utils.data.Dataset):
             else:
                 batch.update(self.viewed(rows, images))
             return batch
+        except UnreadableImage as error:  # the main process counts the others (--bad-images fail)
+            return {"error": str(error), "unreadable": (error.row, error.file, error.reason)}
         except KdcacheError as error:  # carried to the main process as data: a worker's traceback is not a message
             return {"error": str(error)}
 
@@ -167,6 +172,8 @@ def run_split(job: Job, split, name: str, work: Path, chunks: list[int]):
         _current_device(job.device),  # the loader pins memory for the current device, from its first batch on
     ):
         for batch in loader:
+            if "unreadable" in batch:
+                raise unreadable_refusal(UnreadableImage(name, *batch["unreadable"]), split, job.image_column)
             if "error" in batch:
                 raise KdcacheError(batch["error"])
             # mixed (if it is) on CPU, by the same function that mixes the student's input
@@ -210,6 +217,8 @@ def _write_chunk(path: Path, batches: list[dict], job: Job) -> None:
     layout = Layout(job.names, pixel_shape, job.logits_dtype, job.top_k, job.views, mixed)
     features = split_features(layout)
     columns = {name: _joined([batch[name] for batch in batches]) for name in features}
+    if job.source_rows is not None:  # rows were left out (--bad-images skip): row_index is the row in the source
+        columns[ROW] = job.source_rows[columns[ROW]]
     record = write_chunk_file(path, datasets.Dataset.from_dict(columns, features=features))
     write_json(chunk_record_path(path), record)  # the chunk counts as written from here on
 

@@ -6,7 +6,7 @@ import hashlib
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,6 +61,8 @@ class Inputs:
     pipeline: ImagePipeline
     pixel_shape: tuple[int, int, int]
     view_recipe: ViewRecipe | None
+    # split -> the source row of each row kept, where rows were left out (--bad-images skip: kdcache.teacher.images)
+    source_rows: dict = field(default_factory=dict)
 
 
 def load_inputs(dataset: str, teacher: str, options: CacheOptions) -> Inputs:
@@ -182,6 +184,9 @@ def cache_recipe(inputs: Inputs, options: CacheOptions) -> tuple[dict, str]:
         "teacher_to_dataset": inputs.mapping,
         "precision": options.precision,
         **storage_recipe(options),  # how the columns are stored, where not as ever (compact logits)
+        # the rows left out are the source's unreadable ones, found again from the same data; a cache made as ever
+        # (fail) keeps the fingerprint it had before skipping existed
+        **({"bad_images": "skip"} if options.bad_images == "skip" else {}),
         "views": (
             {"count": options.views, "splits": inputs.view_splits, "recipe": inputs.view_recipe.to_dict()}
             if inputs.view_recipe

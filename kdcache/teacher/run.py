@@ -46,6 +46,7 @@ from kdcache.outputs import (
 )
 from kdcache.runtime import agreed, cpus_per_process, distributed, is_main, output_path, placement
 from kdcache.teacher.batches import Job, run_split, split_images_per_second
+from kdcache.teacher.images import check_share, find_bad_images, leave_out
 from kdcache.teacher.inputs import Inputs, cache_recipe, default_cache_path, load_inputs, needed_bytes
 from kdcache.teacher.work import (
     CACHE_OUTPUT,
@@ -94,9 +95,10 @@ def teacher_logits(
             inputs = load_inputs(dataset, teacher, options)
         recipe, fingerprint = cache_recipe(inputs, options)
         space = needed_bytes(inputs, options)
-        plan = _plan(folder, fingerprint, space, inputs, options, processes)
+        plan = _plan(folder, fingerprint, space, inputs, options, processes, progress)
         if plan is None:
             return output  # up to date
+        leave_out(inputs, plan["skipped"])  # every process: the rows the main process found bad, if any
         started = time.perf_counter()
         speed = _compute_chunks(inputs, plan, folder, space, options, place, processes, progress)
         with agreed(processes), quiet_datasets():
@@ -107,15 +109,29 @@ def teacher_logits(
     return output
 
 
-def _plan(folder: OutputFolder, fingerprint: str, space: int, inputs: Inputs, options: CacheOptions, processes):
+def _plan(
+    folder: OutputFolder, fingerprint: str, space: int, inputs: Inputs, options: CacheOptions, processes, progress
+):
     """The chunks still to compute, as the main process alone decides them (see _plan_work) for every process; None
-    when the output already holds this cache."""
+    when the output already holds this cache. With --bad-images skip, the plan also lists each split's unreadable
+    rows (kdcache.teacher.images), found once: a resumed run reads them from the plan."""
     plan = None
     with agreed(processes):
         if is_main(processes):
             rows = {name: len(inputs.dataset_dict[name]) for name in inputs.splits}
+
+            def bad_images(found: dict | None) -> dict:
+                if options.bad_images != "skip":
+                    return {}
+                if found is None:  # decoding is the pass's main cost on CPU: as many workers as it would have
+                    workers = options.num_workers
+                    workers = min(8, cpus_per_process(processes) - 1) if workers is None else workers
+                    found = find_bad_images(inputs, workers, progress)
+                check_share(found, rows, options.max_bad_share)
+                return found
+
             plan = _plan_work(
-                folder.path, folder.work, fingerprint, options.overwrite, options.chunk_size, rows, space
+                folder.path, folder.work, fingerprint, options.overwrite, options.chunk_size, rows, space, bad_images
             )
     return processes.share(plan) if processes else plan
 
@@ -157,7 +173,7 @@ def _compute_chunks(inputs: Inputs, plan: dict, folder: OutputFolder, space: int
                 job.views, job.view_recipe = options.views, inputs.view_recipe
             else:
                 job.views, job.view_recipe = 1, None
-            job.label_column = inputs.label_columns[name]
+            job.label_column, job.source_rows = inputs.label_columns[name], inputs.source_rows.get(name)
             split = inputs.dataset_dict[name]
             timings[name] = run_split(job, split, name, work, [k for part, k in mine if part == name])
     # A failure above (an unreadable image) ends this process at once, with its message; the launcher then ends the
@@ -169,6 +185,7 @@ def _compute_chunks(inputs: Inputs, plan: dict, folder: OutputFolder, space: int
 def _write_cache(folder: OutputFolder, inputs: Inputs, recipe, fingerprint, options, place, speed, started) -> None:
     """Make the chunks the finished cache, with its manifest and the teacher's image processor."""
     chunks = _finish(folder, inputs, options, fingerprint)
+    skipped = json.loads((folder.work / "plan.json").read_text()).get("skipped", {})
     manifest = Manifest.build(
         logits_dtype=options.stored_dtype,
         top_k=options.top_k,
@@ -203,6 +220,8 @@ def _write_cache(folder: OutputFolder, inputs: Inputs, recipe, fingerprint, opti
                 "labeled_rows": inputs.labeled_rows[name],
                 "views": options.views if name in inputs.view_splits else 1,
                 "chunks": chunks[name],
+                # each row left out (its source row, file and why), stage one's rows being the others (num_rows)
+                **({"skipped_images": skipped[name]} if options.bad_images == "skip" else {}),
             }
             for name in inputs.splits
         },
@@ -244,13 +263,21 @@ def _check_finished(folder: OutputFolder, processes=None) -> None:
 
 
 def _plan_work(
-    output: Path, work: Path, fingerprint: str, overwrite: bool, chunk_size: int, rows: dict, space: int
+    output: Path,
+    work: Path,
+    fingerprint: str,
+    overwrite: bool,
+    chunk_size: int,
+    rows: dict,
+    space: int,
+    bad_images,
 ) -> dict | None:
     """Check the output and the free space (`space` bytes in all), set up `work` (resuming a partial run of the same
     inputs, whose chunks are checked against their records: carried_over) and list the chunks still to compute, as
     [split, chunk index] pairs; None when `output` already holds this cache and it passes load_cache's checks (one
-    that fails them is made again; safe_output has refused a folder that is not a cache). A refusal leaves the work
-    folder as it found it."""
+    that fails them is made again; safe_output has refused a folder that is not a cache). `bad_images(found)` gives
+    the rows each split leaves out, the plan's `skipped` (scanning the images when `found`, an earlier run's list of
+    them, is None). A refusal leaves the work folder as it found it."""
     undo_unfinished_finish(work)  # first: safe_output would move a half-finished cache into place
     if (output / MANIFEST).exists():
         existing = Manifest.read(output)
@@ -274,6 +301,8 @@ def _plan_work(
             plan = previous  # resume with the chunking the finished chunks were written with
         else:
             shutil.rmtree(work)
+    # found once (a resumed run keeps the rows its chunks were computed from), checked on every run
+    plan["skipped"] = bad_images(plan.get("skipped"))
     try:
         work.mkdir(parents=True, exist_ok=True)
         write_json(work / "plan.json", plan)
@@ -283,9 +312,10 @@ def _plan_work(
     except OSError as error:
         raise KdcacheError(f"cannot write under '{work.parent}' ({error.strerror}); choose another --output") from None
     size = plan["chunk_size"]
+    kept = {name: count - len(plan["skipped"].get(name, [])) for name, count in rows.items()}
     todo = [
         [name, k]
-        for name, count in rows.items()
+        for name, count in kept.items()
         for k in range(math.ceil(count / size))
         if not carried_over(work, name, k, min(size, count - k * size))
     ]
