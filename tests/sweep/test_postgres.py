@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -228,6 +229,32 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried_by_anothe
     assert report["counts"] == {"complete": 6, "fail": 1}
     assert [record["retry_of"] for record in report["trials"] if "retry_of" in record] == [killed.number]
     assert_password_nowhere(postgres.password, [tmp_path], logs)
+
+
+def test_a_rerun_fails_a_dead_machines_trial_and_runs_it_again(postgres, tmp_path, tiny_cache, monkeypatch):
+    import optuna
+
+    from kdcache.sweep import sweep
+    from kdcache.sweep.study import open_storage
+
+    monkeypatch.setenv("KDCACHE_SWEEP_HEARTBEAT", str(HEARTBEAT))
+    storage = postgres.database("rerun")
+    sweep(tiny_cache, tmp_path / "here", SPACE, trials=1, storage=storage, progress=False, epochs=1, batch_size=8)
+    # a trial of another machine, which died in it: running, its last heartbeat older than the grace period
+    with warnings.catch_warnings():  # Optuna's: the heartbeat is experimental, and meant for Study.optimize
+        warnings.simplefilter("ignore")
+        study = optuna.load_study(study_name="kdcache-sweep", storage=open_storage(storage, tmp_path)[1])
+        dead = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)})
+    dead.set_user_attr("host", "another-machine")
+    study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(3 * HEARTBEAT + 0.5)
+    # it counted as running, so the study looked complete at 2: the rerun fails it before counting, and runs it again
+    report = sweep(
+        tiny_cache, tmp_path / "here", SPACE, trials=2, storage=storage, progress=False, epochs=1, batch_size=8
+    )
+    assert report["counts"] == {"complete": 2, "fail": 1}
+    (retry,) = [record for record in report["trials"] if record.get("retry_of") == dead.number]
+    assert retry["state"] == "complete" and retry["params"] == dead.params
 
 
 def refused(storage: str, password: str, output: Path, cache) -> str:
