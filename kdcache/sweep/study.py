@@ -14,7 +14,7 @@ from kdcache.options import run_options
 from kdcache.outputs import lock_file
 
 STUDY_FILE = "study.db"
-HEARTBEAT_SECONDS = 60  # a trial whose process stops beating for 3 of these is failed and retried by the next sweep
+HEARTBEAT_SECONDS = 60  # a trial whose process stops beating for 3 of these is failed and retried (counted())
 HEARTBEAT_VARIABLE = "KDCACHE_SWEEP_HEARTBEAT"  # whole seconds, in place of HEARTBEAT_SECONDS (the tests use 1)
 REFUSED = "refused"  # a failed trial's user attribute: the one-line reason its options were refused
 
@@ -66,14 +66,17 @@ def open_storage(storage: str | None, output: Path):
                 **retry,
             )
         except ImportError as error:  # Optuna's "Failed to import DB access module", from the driver's own error
-            module = getattr(error.__cause__, "name", None) or "its driver"
+            module = getattr(error.__cause__, "name", None)
+            if module is None:
+                failure = error
+                break
             raise KdcacheError(
                 f"--storage '{name}' needs the database driver {module}, which is not installed; install it, or name "
                 "the driver you have in the URL (pip install -e '.[sweep]' brings psycopg: postgresql+psycopg://...)"
             ) from None
         except (OperationalError, IntegrityError, ProgrammingError) as error:
-            if server and error.statement is None:
-                raise KdcacheError(no_connection(storage, error)) from None  # no connection at all: trying again won't
+            if server and error.statement is None:  # no connection at all, before any statement: a retry won't help
+                raise KdcacheError(no_connection(storage, error)) from None
             # Processes started together on a new database race to create its tables ("table ... already exists"):
             # the loser finds them made when it tries again
             failure = error

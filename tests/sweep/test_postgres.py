@@ -1,9 +1,10 @@
 """kdcache sweep on a PostgreSQL server, as several machines would share a study: 8 worker processes sharing 24
-trials, a worker killed mid-trial whose trial the heartbeat fails and another worker retries, the URL's password kept
-out of every file and line kdcache writes, and one line for a server that cannot be reached, a refused login or a
-missing database. The server is started here (Debian's `postgresql` package: .ci/run installs it), on a free
-localhost port with its data in a new temporary folder, and stopped after. Where it is not installed these tests
-skip, saying so; in CI (CI=true) they fail instead, so that they cannot pass there by not running."""
+trials, a worker killed mid-trial whose trial the heartbeat fails and another worker retries, a rerun that does the
+same for another machine's dead trial, the URL's password kept out of every file and line kdcache writes, and one
+line for a server that cannot be reached, a refused login, a missing database or a missing driver. The server is
+started here (Debian's `postgresql` package: .ci/run installs it), on a free localhost port with its data in a new
+temporary folder, and stopped after. Where it is not installed these tests skip, saying so; in CI (CI=true, which
+.ci/run sets) they fail instead, so that they cannot pass there by not running."""
 
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_sweep import SPACE, cli, start_sweep, trials_of
+from .test_sweep import SPACE, cli, needs_optuna, start_sweep, trials_of
 
 HEARTBEAT = 1  # seconds (KDCACHE_SWEEP_HEARTBEAT): a dead worker's trial is failed after 3 s, not 3 minutes
 
@@ -49,7 +50,7 @@ def server_programs() -> Path | None:
     their own)."""
     versions = [path.parent for path in Path("/usr/lib/postgresql").glob("*/bin") if path.parent.name.isdigit()]
     for folder in sorted(versions, key=lambda version: int(version.name), reverse=True):
-        if (folder / "bin" / "pg_ctl").exists() and (folder / "bin" / "initdb").exists():
+        if all((folder / "bin" / program).exists() for program in ("initdb", "pg_ctl", "createdb")):
             return folder / "bin"
     on_path = shutil.which("pg_ctl")
     folder = Path(on_path).resolve().parent if on_path else None
@@ -83,9 +84,9 @@ class Server:
         self.run("createdb", "-h", str(self.folder), "-p", str(self.port), "-U", "kdcache", name)
         return self.url(name)
 
-    def url(self, database: str, password: str | None = None, port: int | None = None) -> str:
+    def url(self, database: str, password: str | None = None) -> str:
         password = self.password if password is None else password
-        return f"postgresql+psycopg://kdcache:{password}@127.0.0.1:{port or self.port}/{database}"
+        return f"postgresql+psycopg://kdcache:{password}@127.0.0.1:{self.port}/{database}"
 
     def connections(self, database: str) -> int:
         """How many connections to `database` the server has now, this question's own left out."""
@@ -289,7 +290,8 @@ def test_a_database_that_does_not_exist_is_one_line_saying_how_to_create_it(post
     assert f"the server at 127.0.0.1:{postgres.port} has no database 'absent'; create it there (createdb -h " in line
 
 
-def test_a_driver_that_is_not_installed_is_one_line_naming_it(driver, tmp_path, tiny_cache, monkeypatch):
+@needs_optuna
+def test_a_driver_that_is_not_installed_is_one_line_naming_it(tmp_path, tiny_cache, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "psycopg2", None)  # `import psycopg2` fails, as where it is not installed
@@ -299,7 +301,8 @@ def test_a_driver_that_is_not_installed_is_one_line_naming_it(driver, tmp_path, 
     )
 
 
-def test_a_heartbeat_that_is_not_a_whole_number_of_seconds_is_refused(driver, tmp_path, tiny_cache, monkeypatch):
+@needs_optuna
+def test_a_heartbeat_that_is_not_a_whole_number_of_seconds_is_refused(tmp_path, tiny_cache, monkeypatch):
     monkeypatch.setenv("KDCACHE_SWEEP_HEARTBEAT", "0.5")
     result = cli(tiny_cache, "--trials", 1, "--output", tmp_path / "out", "--param", SPACE[0])
     assert result.exit_code == 1
