@@ -202,7 +202,7 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried_by_anothe
         under_way = [
             trial
             for trial in trials_of(storage)
-            if trial.state == RUNNING and trial.user_attrs.get("pid") == doomed.pid
+            if trial.state == RUNNING and trial.user_attrs.get("pid") == doomed.pid and trial.params  # training
         ]
         if under_way:
             break
@@ -221,7 +221,7 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried_by_anothe
     complete = [trial for trial in trials.values() if trial.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 6 and len(trials) == 7
     (retry,) = [trial for trial in complete if trial.system_attrs.get("failed_trial") == killed.number]
-    assert retry.params == killed.params and retry.user_attrs["pid"] == survivor.pid
+    assert retry.params == killed.params == trials[killed.number].params and retry.user_attrs["pid"] == survivor.pid
     # failed by the survivor's heartbeat check, not by the check of a process started later on this machine (that
     # one marks its retries retry_of), and only once the grace period had passed
     assert "retry_of" not in retry.user_attrs
