@@ -3,6 +3,7 @@ the settings it was started with, the trials that count towards --trials, and th
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import time
@@ -13,13 +14,15 @@ from kdcache.options import run_options
 from kdcache.outputs import lock_file
 
 STUDY_FILE = "study.db"
-HEARTBEAT_SECONDS = 60  # a trial whose process stops beating for 3 of these is failed and retried by the next sweep
+HEARTBEAT_SECONDS = 60  # a trial whose process stops beating for 3 of these is failed and retried (counted())
+HEARTBEAT_VARIABLE = "KDCACHE_SWEEP_HEARTBEAT"  # whole seconds, in place of HEARTBEAT_SECONDS (the tests use 1)
 REFUSED = "refused"  # a failed trial's user attribute: the one-line reason its options were refused
 
 
 def open_storage(storage: str | None, output: Path):
-    """The study's storage: SQLite in `output` by default; a URL with '://' is an SQLAlchemy database (with a
-    heartbeat, so that trials of a dead process are failed and retried); anything else is an Optuna journal file."""
+    """(the storage as kdcache writes and prints it, the storage): SQLite in `output` by default; a URL with '://' is
+    an SQLAlchemy database (with a heartbeat, so that trials of a dead process are failed and retried); anything else
+    is an Optuna journal file. A URL's password is never shown: the name has *** in its place."""
     import optuna
 
     if storage is None:
@@ -32,26 +35,48 @@ def open_storage(storage: str | None, output: Path):
             return storage, JournalStorage(JournalFileBackend(str(storage)))
         except OSError as error:
             raise KdcacheError(f"--storage '{storage}' cannot be opened as a journal file ({error})") from None
+    name = shown(storage)
     storages = optuna.storages
     # Optuna 4.9 renamed the stale-trial callback and its argument; 4.0 to 4.8 know the old names only.
     if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
         retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
     else:
         retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=3)}
-    # several processes write one SQLite file: wait for its lock instead of failing at once
-    engine = {"connect_args": {"timeout": 120}} if storage.startswith("sqlite") else {}
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    server = not storage.startswith("sqlite")
+    if server:
+        from sqlalchemy.pool import NullPool
+
+        # A connection only while a storage call runs, none kept between calls: a worker holds at most 2 at once
+        # (its own and its heartbeat thread's) and none while it trains, so N workers cannot use up the server's
+        # connections (max_connections, 100 by default), and no idle connection is left for a firewall to cut
+        # during a long trial. The cost, a new connection per storage call, is milliseconds against a trial.
+        engine = {"poolclass": NullPool}
+    else:  # several processes write one SQLite file: wait for its lock instead of failing at once
+        engine = {"connect_args": {"timeout": 120}}
+    heartbeat = heartbeat_seconds()
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(6):
         try:
-            return storage, storages.RDBStorage(
+            return name, storages.RDBStorage(
                 storage,
                 engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=3 * HEARTBEAT_SECONDS,
+                heartbeat_interval=heartbeat,
+                grace_period=3 * heartbeat,
                 **retry,
             )
-        except (OperationalError, IntegrityError) as error:
+        except ImportError as error:  # Optuna's "Failed to import DB access module", from the driver's own error
+            module = getattr(error.__cause__, "name", None)
+            if module is None:
+                failure = error
+                break
+            raise KdcacheError(
+                f"--storage '{name}' needs the database driver {module}, which is not installed; install it, or name "
+                "the driver you have in the URL (pip install -e '.[sweep]' brings psycopg: postgresql+psycopg://...)"
+            ) from None
+        except (OperationalError, IntegrityError, ProgrammingError) as error:
+            if server and error.statement is None:  # no connection at all, before any statement: a retry won't help
+                raise KdcacheError(no_connection(storage, error)) from None
             # Processes started together on a new database race to create its tables ("table ... already exists"):
             # the loser finds them made when it tries again
             failure = error
@@ -60,7 +85,76 @@ def open_storage(storage: str | None, output: Path):
             failure = error
             break
     first = str(failure).strip().splitlines()[0][:200] if str(failure).strip() else type(failure).__name__
-    raise KdcacheError(f"--storage '{storage}' cannot be opened ({type(failure).__name__}: {first})") from None
+    raise KdcacheError(
+        f"--storage '{name}' cannot be opened ({type(failure).__name__}: {_hidden(first, storage)})"
+    ) from None
+
+
+def heartbeat_seconds() -> int:
+    """Seconds between a running trial's heartbeats: HEARTBEAT_SECONDS, or the environment's KDCACHE_SWEEP_HEARTBEAT.
+    A trial is failed after 3 of them without one (3 minutes unless set)."""
+    text = os.environ.get(HEARTBEAT_VARIABLE, "").strip()
+    if not text:
+        return HEARTBEAT_SECONDS
+    if not text.isdigit() or int(text) < 1:
+        raise KdcacheError(
+            f"{HEARTBEAT_VARIABLE}={text!r} is not a whole number of seconds >= 1; set it to one, or unset it for "
+            f"{HEARTBEAT_SECONDS}"
+        )
+    return int(text)
+
+
+def shown(storage: str) -> str:
+    """A storage URL as kdcache writes and prints it: its password replaced by ***."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL SQLAlchemy reads (refused when opened): hide what would be the password
+        return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", storage)
+
+
+def no_connection(storage: str, error) -> str:
+    """One line for a database server that cannot be reached, refuses the login, or has no such database: it names
+    the server and the fix, never the password."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(storage)
+    text = str(getattr(error, "orig", None) or error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    # psycopg: 'connection failed: connection to server at "HOST", port N failed: FATAL:  password authentication ...'
+    reason = _hidden(first.rsplit("failed: ", 1)[-1].removeprefix("FATAL:").strip(), storage)
+    server = (url.host or "localhost") + (f":{url.port}" if url.port else "")
+    said, name = text.lower(), shown(storage)
+    if "database" in said and ("does not exist" in said or "unknown database" in said):
+        return (
+            f"--storage '{name}': the server at {server} has no database '{url.database}'; create it there "
+            f"(createdb -h {url.host or 'localhost'} -U {url.username} {url.database}, or CREATE DATABASE "
+            f"{url.database}), or name one that exists"
+        )
+    if any(word in said for word in ("authentication", "password", "access denied", "pg_hba.conf", "role ")):
+        return (
+            f"--storage '{name}': the server at {server} refused user '{url.username}' ({reason}); fix the user or "
+            "password in the URL, or let that user log in on the server (CREATE ROLE ... LOGIN PASSWORD, pg_hba.conf)"
+        )
+    return (
+        f"--storage '{name}': no database server answers at {server} ({reason}); check the host and port in the "
+        "URL, and that the server is running and accepts connections from this machine (listen_addresses, "
+        "pg_hba.conf, the firewall)"
+    )
+
+
+def _hidden(text: str, storage: str) -> str:
+    """`text` with the storage URL's password, should a driver's message quote it, replaced by ***."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    with contextlib.suppress(ArgumentError):
+        password = make_url(storage).password
+        if password:
+            text = text.replace(str(password), "***")
+    return text
 
 
 @contextlib.contextmanager
@@ -121,7 +215,13 @@ def open_study(optuna, storage, storage_name, study_name, params, fixed, fingerp
 
 def counted(optuna, study) -> int:
     """Trials that count towards --trials: completed, pruned, refused, and those running now (in any process),
-    so that several processes stop at the study's total together. Trials failed by a crash or a kill do not count."""
+    so that several processes stop at the study's total together. Trials failed by a crash or a kill do not count;
+    nor does a trial whose heartbeat stopped (its machine died): it is failed here first, and queued again."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # Optuna does it before each trial; here before the count too
     state = optuna.trial.TrialState
     return sum(
         trial.state in (state.COMPLETE, state.PRUNED, state.RUNNING)
