@@ -235,8 +235,8 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried_by_anothe
 def test_a_rerun_fails_a_dead_machines_trial_and_runs_it_again(postgres, tmp_path, tiny_cache, monkeypatch):
     import optuna
 
-    from kdcache.sweep import sweep
-    from kdcache.sweep.study import open_storage
+    from kdcache.sweeps.run import sweep
+    from kdcache.sweeps.study import open_storage
 
     monkeypatch.setenv("KDCACHE_SWEEP_HEARTBEAT", str(HEARTBEAT))
     storage = postgres.database("rerun")
