@@ -59,9 +59,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
+class OutputLocked(KdcacheError):
+    """The output's lock is held by another run (output_lock)."""
+
+
 @contextlib.contextmanager
-def output_lock(output: str | Path, flag: str = "--output"):
-    """Hold the lock of `output` for the block, or refuse at once, naming the run that holds it.
+def output_lock(output: str | Path, flag: str = "--output", wait: float = 0):
+    """Hold the lock of `output` for the block, or refuse (at once, or after `wait` seconds of trying), naming the
+    run that holds it.
 
     The lock is the kernel's (flock) on the file OUTPUT.lock beside the output: the kernel releases it when its holder
     ends in any way, so a killed run never leaves a lock that blocks the next one. The holder writes its pid, host and
@@ -75,6 +80,7 @@ def output_lock(output: str | Path, flag: str = "--output"):
     path = lock_file(output)
     created = _missing_folders(path.parent)
     check_writable_parent(Path(output), flag)
+    deadline = time.monotonic() + wait
     while True:
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -87,7 +93,10 @@ def output_lock(output: str | Path, flag: str = "--output"):
         except OSError as error:
             os.close(descriptor)
             if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise KdcacheError(
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                raise OutputLocked(
                     f"{flag} '{output}' is being written by another kdcache run ({_holder(path)}); wait for it to "
                     f"end or choose another {flag} (lock file {path})"
                 ) from None

@@ -194,6 +194,23 @@ def test_a_dataset_without_labels_is_cached_verified_and_trained_from(tmp_path, 
     assert summary["recipe"]["labeled_rows"] == 0 and np.isfinite(summary["train_losses"]).all()
 
 
+def test_labels_alone_from_a_split_without_a_labelled_row_are_refused_in_one_line(tmp_path, photos, make_cache):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    cache = make_cache(dataset=photos)  # no label column: every label -1
+    message = (
+        "kdcache: error: --alpha 0 learns from labels alone, and the training split 'train' has no labelled row "
+        "(every label is -1): nothing to learn from; give --alpha above 0 to learn from the teacher"
+    )
+    train = ["train-student", str(cache), "--alpha", "0", "--eval-split", "none", "--output", str(tmp_path / "s")]
+    for budget in ([], ["--labeled-fraction", "0.1"]):
+        result = CliRunner().invoke(app, train + budget)
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [message], result.output
+        assert list(tmp_path.iterdir()) == [], "no student, no work folder, no lock"
+
+
 def test_rows_labelled_minus_one_are_unlabelled_and_train_with_the_others(tmp_path, tiny_teacher):
     dataset = make_dataset_dict()
     train = dataset["train"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kdcache import KdcacheError, outputs
-from kdcache.outputs import lock_file, output_lock, safe_output
+from kdcache.outputs import OutputLocked, lock_file, output_lock, safe_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,6 +109,30 @@ def test_the_output_is_locked_for_the_block_and_released_even_on_an_error(tmp_pa
         with output_lock(output):  # released on the way out
             pass
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"], "no lock, no work folder"
+
+
+def test_a_lock_can_be_waited_for_and_goes_with_its_last_holder(tmp_path):
+    """What the sweep's best/ is replaced under: a run waits for another's copy, then takes the lock; a run that
+    waited in vain is refused as OutputLocked (which the sweep's final seeds take as "another process does them")."""
+    import threading
+
+    output, taken, release = tmp_path / "best", threading.Event(), threading.Event()
+
+    def holder():
+        with output_lock(output):
+            taken.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    taken.wait(10)
+    with pytest.raises(OutputLocked, match="is being written by another kdcache run"), output_lock(output, wait=0.3):
+        pass
+    threading.Timer(0.3, release.set).start()
+    with output_lock(output, wait=10):  # taken once the holder lets it go
+        assert lock_file(output).exists()
+    thread.join()
+    assert list(tmp_path.iterdir()) == [], "no lock file left"
 
 
 def test_a_full_disk_is_one_line_and_only_the_scratch_is_removed(tmp_path, monkeypatch):
