@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.errors import KdcacheError, first_line, hub_error
+from kdcache.errors import DataError, KdcacheError, first_line, hub_error
 
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("labels", "label")
@@ -181,7 +181,7 @@ def decode_images(split, image_column: str, rows: list[int], split_name: str) ->
         try:
             images.append(decoder.decode_example(value).convert("RGB"))
         except Exception as error:
-            raise KdcacheError(
+            raise DataError(
                 f"unreadable image in split '{split_name}', row {row} ({type(error).__name__}: {first_line(error)}); "
                 "fix or remove that row"
             ) from None

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import DataError, KdcacheError
 from kdcache.runtime import agreed, check_writable_parent, is_main, move_into_place
 
 LOCK_SUFFIX = ".lock"
@@ -165,6 +165,10 @@ class OutputKind:
     marker: str  # a file that every output of this kind holds (and no one else's folder is likely to)
     finished: str | None = None  # the folder in OUTPUT.partial that becomes OUTPUT; None: OUTPUT.partial itself
     resumable: bool = False  # a failed run's OUTPUT.partial is kept for the next run to continue
+    # With `resumable`: what a failed run's OUTPUT.partial holds that the next run continues ("3 finished chunks"),
+    # or None when it holds nothing the next run can use (it is then removed); and how the user continues it.
+    holds: Callable[[Path], str | None] | None = None
+    resume: str = "rerun the same command"
     # Written in place, marked first: the demo, whose stages record the paths of what they read (a cache names its
     # dataset and teacher), which a rename would leave pointing nowhere. A half-written one is marked as the demo's,
     # so the next run replaces it.
@@ -222,8 +226,8 @@ def safe_output(output: Path, kind: OutputKind, processes=None, flag: str = "--o
     First a foreign `output` is refused (`check_not_foreign`), and its lock taken for the block (`output_lock`); a
     kind that does not resume starts from an empty work folder. When the block succeeds, `finished` replaces `output`
     (if the stage wrote it: a stage with nothing to do leaves the output as it is) and the work folder goes; when it
-    fails, the output is untouched and the work folder is removed, or kept for the next run to resume
-    (`kind.resumable`). A full disk in the block (ENOSPC, EDQUOT, or the writers' own words for it) becomes one
+    fails, the output is untouched and the work folder is removed, or kept for the next run to resume and said so
+    (`_after_failure`). A full disk in the block (ENOSPC, EDQUOT, or the writers' own words for it) becomes one
     KdcacheError, after removing the half-written files that `folder.on_disk_full` named. Under several `processes`
     the main one alone acts; the others learn of its errors, and wait for its rename.
     """
@@ -243,14 +247,30 @@ def safe_output(output: Path, kind: OutputKind, processes=None, flag: str = "--o
                     _fresh_folder(work, flag)
         try:
             yield folder
-        except BaseException:
-            if main and not kind.resumable and not kind.in_place:
-                shutil.rmtree(work, ignore_errors=True)
+        except BaseException as error:
+            if main and not kind.in_place:
+                _after_failure(folder, kind, error)
             raise
         with agreed(processes):
             if main and not kind.in_place and folder.finished.is_dir():
                 move_into_place(folder.finished, output)
                 shutil.rmtree(work, ignore_errors=True)
+
+
+def _after_failure(folder: OutputFolder, kind: OutputKind, error: BaseException) -> None:
+    """What a failed stage leaves of its work folder: nothing, unless the next run can continue it, and then the error
+    ends by saying so (a note: the CLI puts it at the end of the error's one line, Python at the end of a traceback).
+    An error that names the work folder itself (a full disk, an earlier run to --resume) has said what it keeps; an
+    error in the data (DataError) leaves nothing to resume, since the data must change and with it the fingerprint."""
+    work = folder.work
+    kept = kind.resumable and work.is_dir() and not isinstance(error, DataError)
+    if kept and (str(work) in str(error) or is_disk_full(error, work)):
+        return
+    held = (kind.holds(work) if kind.holds else "the finished work") if kept else None
+    if held is None:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        error.add_note(f"'{work}' holds resumable work ({held}): {kind.resume} to continue it")
 
 
 @contextlib.contextmanager

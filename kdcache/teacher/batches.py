@@ -97,7 +97,7 @@ class _Batches(torch.utils.data.Dataset):
                 batch.update(self.viewed(rows, images))
             return batch
         except KdcacheError as error:  # carried to the main process as data: a worker's traceback is not a message
-            return {"error": str(error)}
+            return {"error": error}  # itself: its type tells safe_output whether the data is at fault (DataError)
 
     def viewed(self, rows: list[int], images: list) -> dict:
         """The views of a batch's rows, drawn from (seed, row) and rendered, with what is stored of them: their boxes,
@@ -168,7 +168,7 @@ def run_split(job: Job, split, name: str, work: Path, chunks: list[int]):
     ):
         for batch in loader:
             if "error" in batch:
-                raise KdcacheError(batch["error"])
+                raise batch["error"]
             # mixed (if it is) on CPU, by the same function that mixes the student's input
             pixel_values = job.pipeline.inputs(batch[PIXELS], batch.get("partner_pixels"), batch.get(MIX_WEIGHTS))
             pixel_values = pixel_values.to(job.device, non_blocking=True)
