@@ -331,3 +331,33 @@ def test_the_command_line_caches_extra_images_and_trains_with_a_label_budget(
         "kdcache: error: --labeled-fraction 2.0 must be > 0 and <= 1 (the share of the training split's rows whose "
         "labels are kept)"
     ]
+
+
+def test_a_split_whose_labels_are_a_plain_integer_column_is_cached_with_a_warning_naming_it(
+    tmp_path, tiny_teacher, caplog
+):
+    """A CSV-born dataset: its labels in `target`, plain int64 (not a ClassLabel), which stage one does not take for
+    labels: it says so in one line naming the column and the flag, and what the flag then does."""
+    dataset = make_dataset_dict({"train": 6, "validation": 3})
+    for name in dataset:
+        dataset[name] = dataset[name].rename_column("labels", "target").cast_column("target", datasets.Value("int64"))
+    dataset.save_to_disk(str(tmp_path / "csv-born"))
+    with caplog.at_level("WARNING", logger="kdcache"):
+        cache = teacher_logits(str(tmp_path / "csv-born"), str(tiny_teacher), output=tmp_path / "c", progress=False)
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert "\n" not in warning
+    assert warning.startswith("splits 'train', 'validation' have no label column") and "column 'target' may" in warning
+    assert "--label-column NAME" in warning and "ClassLabel(names=[...])" in warning
+    assert load_cache(cache)[1].labeled_rows("train") == 0
+    # what the warning says to do: cast, then name it; the labels and their names are the ClassLabel's
+    for name in dataset:
+        dataset[name] = dataset[name].cast_column("target", datasets.ClassLabel(names=LABELS))
+    dataset.save_to_disk(str(tmp_path / "cast"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kdcache"):
+        cache = teacher_logits(
+            str(tmp_path / "cast"), str(tiny_teacher), output=tmp_path / "l", label_column="target", progress=False
+        )
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
+    _, manifest = load_cache(cache)
+    assert manifest.labeled_rows("train") == 6 and manifest.label_names == LABELS
