@@ -45,7 +45,9 @@ app = typer.Typer(
 
 
 def friendly(command):
-    """User errors become one line and exit status 1, never a traceback."""
+    """User errors become one line and exit status 1, never a traceback. The line ends with what the run kept for the
+    next to resume, if anything (the error's notes, from kdcache.outputs.safe_output; a crash's traceback ends with
+    them too)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -53,10 +55,11 @@ def friendly(command):
             return command(*args, **kwargs)
         except KdcacheError as error:
             if not getattr(error, "reported_elsewhere", False):  # several processes agreed on it: the main one says it
-                typer.echo(f"kdcache: error: {error}", err=True)
+                typer.echo("; ".join([f"kdcache: error: {error}", *getattr(error, "__notes__", ())]), err=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("kdcache: interrupted; run the same command again to resume", err=True)
+        except KeyboardInterrupt as interrupt:
+            kept = getattr(interrupt, "__notes__", None) or ["run the same command again to resume"]
+            typer.echo("; ".join(["kdcache: interrupted", *kept]), err=True)
             raise typer.Exit(130) from None
 
     return wrapper

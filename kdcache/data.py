@@ -2,6 +2,7 @@
 teacher's preprocessing split into an 8-bit geometric part (cached once) and a per-pixel part (a lookup table)."""
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.errors import KdcacheError, first_line, hub_error
+from kdcache.errors import DataError, KdcacheError, first_line, hub_error
+
+log = logging.getLogger("kdcache")
 
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("labels", "label")
@@ -103,6 +106,33 @@ def find_label_column(splits: dict, label_column: str | None = None) -> str | No
     return label_column
 
 
+def warn_of_unfound_labels(splits: dict, label_column: str | None) -> None:
+    """Warn when splits without a label column have integer columns that may be their labels under another name (a
+    CSV's `target`): their rows would be cached without labels, and a student taught by the teacher alone."""
+    import datasets
+
+    unlabelled = [name for name, split in splits.items() if label_column not in split.features]
+    columns = sorted(
+        {
+            column
+            for name in unlabelled
+            for column, feature in splits[name].features.items()
+            if isinstance(feature, datasets.ClassLabel)
+            or (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")))
+        }
+    )
+    if columns:
+        several = len(unlabelled) > 1
+        log.warning(
+            f"split{'s' if several else ''} {', '.join(map(repr, unlabelled))} {'have' if several else 'has'} no label "
+            f"column (none given, and no ClassLabel named {' or '.join(LABEL_COLUMNS)}), so {'their' if several else 'its'}"
+            f" rows are cached without labels (-1); the integer column{'s' if len(columns) > 1 else ''} "
+            f"{', '.join(map(repr, columns))} may hold them: pass --label-column NAME, once a plain integer column is "
+            "cast to ClassLabel(names=[...]) (dataset.cast_column): the ClassLabel's names become the cache's label "
+            "names, and the teacher's outputs are matched to them by name (its id2label)"
+        )
+
+
 def find_image_column(split, image_column: str | None = None, flag: str = "--image-column") -> str:
     """The image column of a split: given, or found by name (image/img) or type."""
     import datasets
@@ -171,7 +201,7 @@ def label_names(split, label_column: str) -> list[str]:
     return list(split.features[label_column].names)
 
 
-class UnreadableImage(KdcacheError):
+class UnreadableImage(DataError):
     """An image that does not decode: its split, its row, its file's name when the dataset knows one, and why."""
 
     def __init__(self, split_name: str, row: int, file: str | None, reason: str):

@@ -7,6 +7,11 @@ class KdcacheError(ValueError):
     """A problem with the user's input, reported as one line (no traceback) by the CLI."""
 
 
+class DataError(KdcacheError):
+    """A flaw in the data itself (an unreadable image): the same command meets it again until the data changes, and
+    changed data is a new input (its fingerprint changes), so a run refused for it leaves no work to resume."""
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import DataError, KdcacheError
 from kdcache.runtime import agreed, check_writable_parent, is_main, move_into_place
 
 LOCK_SUFFIX = ".lock"
@@ -59,9 +59,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
+class OutputLocked(KdcacheError):
+    """The output's lock is held by another run (output_lock)."""
+
+
 @contextlib.contextmanager
-def output_lock(output: str | Path, flag: str = "--output"):
-    """Hold the lock of `output` for the block, or refuse at once, naming the run that holds it.
+def output_lock(output: str | Path, flag: str = "--output", wait: float = 0):
+    """Hold the lock of `output` for the block, or refuse (at once, or after `wait` seconds of trying), naming the
+    run that holds it.
 
     The lock is the kernel's (flock) on the file OUTPUT.lock beside the output: the kernel releases it when its holder
     ends in any way, so a killed run never leaves a lock that blocks the next one. The holder writes its pid, host and
@@ -75,6 +80,7 @@ def output_lock(output: str | Path, flag: str = "--output"):
     path = lock_file(output)
     created = _missing_folders(path.parent)
     check_writable_parent(Path(output), flag)
+    deadline = time.monotonic() + wait
     while True:
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -87,7 +93,10 @@ def output_lock(output: str | Path, flag: str = "--output"):
         except OSError as error:
             os.close(descriptor)
             if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise KdcacheError(
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                raise OutputLocked(
                     f"{flag} '{output}' is being written by another kdcache run ({_holder(path)}); wait for it to "
                     f"end or choose another {flag} (lock file {path})"
                 ) from None
@@ -156,6 +165,10 @@ class OutputKind:
     marker: str  # a file that every output of this kind holds (and no one else's folder is likely to)
     finished: str | None = None  # the folder in OUTPUT.partial that becomes OUTPUT; None: OUTPUT.partial itself
     resumable: bool = False  # a failed run's OUTPUT.partial is kept for the next run to continue
+    # With `resumable`: what a failed run's OUTPUT.partial holds that the next run continues ("3 finished chunks"),
+    # or None when it holds nothing the next run can use (it is then removed); and how the user continues it.
+    holds: Callable[[Path], str | None] | None = None
+    resume: str = "rerun the same command"
     # Written in place, marked first: the demo, whose stages record the paths of what they read (a cache names its
     # dataset and teacher), which a rename would leave pointing nowhere. A half-written one is marked as the demo's,
     # so the next run replaces it.
@@ -213,8 +226,8 @@ def safe_output(output: Path, kind: OutputKind, processes=None, flag: str = "--o
     First a foreign `output` is refused (`check_not_foreign`), and its lock taken for the block (`output_lock`); a
     kind that does not resume starts from an empty work folder. When the block succeeds, `finished` replaces `output`
     (if the stage wrote it: a stage with nothing to do leaves the output as it is) and the work folder goes; when it
-    fails, the output is untouched and the work folder is removed, or kept for the next run to resume
-    (`kind.resumable`). A full disk in the block (ENOSPC, EDQUOT, or the writers' own words for it) becomes one
+    fails, the output is untouched and the work folder is removed, or kept for the next run to resume and said so
+    (`_after_failure`). A full disk in the block (ENOSPC, EDQUOT, or the writers' own words for it) becomes one
     KdcacheError, after removing the half-written files that `folder.on_disk_full` named. Under several `processes`
     the main one alone acts; the others learn of its errors, and wait for its rename.
     """
@@ -234,14 +247,30 @@ def safe_output(output: Path, kind: OutputKind, processes=None, flag: str = "--o
                     _fresh_folder(work, flag)
         try:
             yield folder
-        except BaseException:
-            if main and not kind.resumable and not kind.in_place:
-                shutil.rmtree(work, ignore_errors=True)
+        except BaseException as error:
+            if main and not kind.in_place:
+                _after_failure(folder, kind, error)
             raise
         with agreed(processes):
             if main and not kind.in_place and folder.finished.is_dir():
                 move_into_place(folder.finished, output)
                 shutil.rmtree(work, ignore_errors=True)
+
+
+def _after_failure(folder: OutputFolder, kind: OutputKind, error: BaseException) -> None:
+    """What a failed stage leaves of its work folder: nothing, unless the next run can continue it, and then the error
+    ends by saying so (a note: the CLI puts it at the end of the error's one line, Python at the end of a traceback).
+    An error that names the work folder itself (a full disk, an earlier run to --resume) has said what it keeps; an
+    error in the data (DataError) leaves nothing to resume, since the data must change and with it the fingerprint."""
+    work = folder.work
+    kept = kind.resumable and work.is_dir() and not isinstance(error, DataError)
+    if kept and (str(work) in str(error) or is_disk_full(error, work)):
+        return
+    held = (kind.holds(work) if kind.holds else "the finished work") if kept else None
+    if held is None:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        error.add_note(f"'{work}' holds resumable work ({held}): {kind.resume} to continue it")
 
 
 @contextlib.contextmanager

@@ -194,6 +194,23 @@ def test_a_dataset_without_labels_is_cached_verified_and_trained_from(tmp_path, 
     assert summary["recipe"]["labeled_rows"] == 0 and np.isfinite(summary["train_losses"]).all()
 
 
+def test_labels_alone_from_a_split_without_a_labelled_row_are_refused_in_one_line(tmp_path, photos, make_cache):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    cache = make_cache(dataset=photos)  # no label column: every label -1
+    message = (
+        "kdcache: error: --alpha 0 learns from labels alone, and the training split 'train' has no labelled row "
+        "(every label is -1): nothing to learn from; give --alpha above 0 to learn from the teacher"
+    )
+    train = ["train-student", str(cache), "--alpha", "0", "--eval-split", "none", "--output", str(tmp_path / "s")]
+    for budget in ([], ["--labeled-fraction", "0.1"]):
+        result = CliRunner().invoke(app, train + budget)
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [message], result.output
+        assert list(tmp_path.iterdir()) == [], "no student, no work folder, no lock"
+
+
 def test_rows_labelled_minus_one_are_unlabelled_and_train_with_the_others(tmp_path, tiny_teacher):
     dataset = make_dataset_dict()
     train = dataset["train"]
@@ -314,3 +331,33 @@ def test_the_command_line_caches_extra_images_and_trains_with_a_label_budget(
         "kdcache: error: --labeled-fraction 2.0 must be > 0 and <= 1 (the share of the training split's rows whose "
         "labels are kept)"
     ]
+
+
+def test_a_split_whose_labels_are_a_plain_integer_column_is_cached_with_a_warning_naming_it(
+    tmp_path, tiny_teacher, caplog
+):
+    """A CSV-born dataset: its labels in `target`, plain int64 (not a ClassLabel), which stage one does not take for
+    labels: it says so in one line naming the column and the flag, and what the flag then does."""
+    dataset = make_dataset_dict({"train": 6, "validation": 3})
+    for name in dataset:
+        dataset[name] = dataset[name].rename_column("labels", "target").cast_column("target", datasets.Value("int64"))
+    dataset.save_to_disk(str(tmp_path / "csv-born"))
+    with caplog.at_level("WARNING", logger="kdcache"):
+        cache = teacher_logits(str(tmp_path / "csv-born"), str(tiny_teacher), output=tmp_path / "c", progress=False)
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert "\n" not in warning
+    assert warning.startswith("splits 'train', 'validation' have no label column") and "column 'target' may" in warning
+    assert "--label-column NAME" in warning and "ClassLabel(names=[...])" in warning
+    assert load_cache(cache)[1].labeled_rows("train") == 0
+    # what the warning says to do: cast, then name it; the labels and their names are the ClassLabel's
+    for name in dataset:
+        dataset[name] = dataset[name].cast_column("target", datasets.ClassLabel(names=LABELS))
+    dataset.save_to_disk(str(tmp_path / "cast"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kdcache"):
+        cache = teacher_logits(
+            str(tmp_path / "cast"), str(tiny_teacher), output=tmp_path / "l", label_column="target", progress=False
+        )
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
+    _, manifest = load_cache(cache)
+    assert manifest.labeled_rows("train") == 6 and manifest.label_names == LABELS

@@ -4,12 +4,16 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
+import typer
 
 from kdcache import KdcacheError, outputs
-from kdcache.outputs import lock_file, output_lock, safe_output
+from kdcache.errors import DataError
+from kdcache.outputs import TRAINING_RECORD, OutputLocked, lock_file, output_lock, safe_output
+from kdcache.student.train import train_student
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,6 +113,30 @@ def test_the_output_is_locked_for_the_block_and_released_even_on_an_error(tmp_pa
         with output_lock(output):  # released on the way out
             pass
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"], "no lock, no work folder"
+
+
+def test_a_lock_can_be_waited_for_and_goes_with_its_last_holder(tmp_path):
+    """What the sweep's best/ is replaced under: a run waits for another's copy, then takes the lock; a run that
+    waited in vain is refused as OutputLocked (which the sweep's final seeds take as "another process does them")."""
+    import threading
+
+    output, taken, release = tmp_path / "best", threading.Event(), threading.Event()
+
+    def holder():
+        with output_lock(output):
+            taken.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    taken.wait(10)
+    with pytest.raises(OutputLocked, match="is being written by another kdcache run"), output_lock(output, wait=0.3):
+        pass
+    threading.Timer(0.3, release.set).start()
+    with output_lock(output, wait=10):  # taken once the holder lets it go
+        assert lock_file(output).exists()
+    thread.join()
+    assert list(tmp_path.iterdir()) == [], "no lock file left"
 
 
 def test_a_full_disk_is_one_line_and_only_the_scratch_is_removed(tmp_path, monkeypatch):
@@ -265,3 +293,157 @@ def test_a_full_disk_before_the_stage_names_its_needs_is_one_line_and_other_erro
     with pytest.raises(PermissionError), safe_output(tmp_path / "report", REPORT):
         raise PermissionError(errno.EACCES, "Permission denied")
     assert list(tmp_path.iterdir()) == []
+
+
+CHUNKS = outputs.OutputKind(
+    "a test cache",
+    "the test stage",
+    "manifest.json",
+    resumable=True,
+    holds=lambda work: f"{len(list(work.glob('chunk-*')))} chunks" if any(work.glob("chunk-*")) else None,
+    resume="rerun the same command with --resume",
+)
+
+
+@pytest.mark.parametrize(
+    "error, chunks, kept",
+    [
+        (KdcacheError("a bad option"), 0, False),  # nothing the next run could use: nothing left
+        (KdcacheError("a bad option"), 2, True),  # refused with work done: kept, and said so
+        (RuntimeError("a crash"), 2, True),
+        (KeyboardInterrupt(), 2, True),
+        (DataError("unreadable image in split 'train', row 3"), 2, False),  # the data must change: never resumed
+    ],
+)
+def test_a_failed_stage_leaves_nothing_or_ends_by_saying_what_it_kept_and_how_to_resume(tmp_path, error, chunks, kept):
+    output, work = tmp_path / "cache", tmp_path / "cache.partial"
+    with pytest.raises(type(error)) as failed, safe_output(output, CHUNKS) as folder:
+        folder.work.mkdir()
+        (folder.work / "plan.json").write_text("{}")
+        for index in range(chunks):
+            (folder.work / f"chunk-{index}").write_text("rows")
+        raise error
+    notes = getattr(failed.value, "__notes__", [])
+    if kept:
+        assert notes == [
+            f"'{work}' holds resumable work (2 chunks): rerun the same command with --resume to continue it"
+        ]
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["cache.partial"]
+    else:
+        assert notes == [] and list(tmp_path.iterdir()) == [], "no work folder, no lock"
+
+
+def test_an_error_that_speaks_of_the_work_folder_leaves_it_as_it_says(tmp_path):
+    work = tmp_path / "cache.partial"
+    with pytest.raises(KdcacheError) as refused, safe_output(tmp_path / "cache", CHUNKS):
+        work.mkdir()
+        raise KdcacheError(f"'{work}' holds an interrupted run; pass --resume to continue it")
+    assert not hasattr(refused.value, "__notes__") and work.is_dir()
+
+
+def test_the_command_line_ends_a_refusal_or_an_interruption_with_what_was_kept(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import friendly
+
+    def refused():
+        error = KdcacheError("a bad option")
+        error.add_note("'x.partial' holds resumable work (2 chunks): rerun the same command to continue it")
+        raise error
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    app = typer.Typer()
+    app.command("refused")(friendly(refused))
+    app.command("interrupted")(friendly(interrupted))
+    result = CliRunner().invoke(app, ["refused"])
+    assert result.exit_code == 1 and result.output.splitlines() == [
+        "kdcache: error: a bad option; 'x.partial' holds resumable work (2 chunks): rerun the same command to "
+        "continue it"
+    ]
+    result = CliRunner().invoke(app, ["interrupted"])
+    assert result.exit_code == 130
+    assert result.output.splitlines() == ["kdcache: interrupted; run the same command again to resume"]
+
+
+# The rule at work in the stages that resume: stage one (chunks) and train-student (checkpoints).
+
+
+def test_stage_one_refused_for_an_unreadable_image_leaves_nothing_and_a_crash_says_what_it_kept(
+    tmp_path, tiny_teacher, monkeypatch
+):
+    import datasets
+    from helpers import make_dataset_dict
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+    from kdcache.teacher import batches
+
+    broken = make_dataset_dict().cast_column("image", datasets.Image(decode=False))
+    rows = broken["train"].to_dict()
+    rows["image"][12] = {"bytes": b"not an image at all", "path": None}  # in chunk 1: chunk 0 is written first
+    broken["train"] = datasets.Dataset.from_dict(rows, features=broken["train"].features).cast_column(
+        "image", datasets.Image()
+    )
+    broken.save_to_disk(str(tmp_path / "broken"))
+    command = ["teacher-logits", "--teacher", str(tiny_teacher), "--chunk-size", "8", "--batch-size", "8"]
+    result = CliRunner().invoke(
+        app, command + ["--dataset", str(tmp_path / "broken"), "--output", str(tmp_path / "c")]
+    )
+    said = [line for line in result.output.splitlines() if line.startswith("kdcache:")]  # not the progress bars
+    assert result.exit_code == 1 and said == [result.output.strip().splitlines()[-1]], result.output
+    assert said[0].startswith("kdcache: error: unreadable image in split 'train', row 12") and "partial" not in said[0]
+    # fixed, the data is another input (another fingerprint): its chunks could never be resumed, so none are kept
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken"]
+
+    written = []
+    real_write = batches._write_chunk
+
+    def crash_after_two_chunks(path, *args):
+        if len(written) == 2:
+            raise RuntimeError("the machine's memory ran out")
+        real_write(path, *args)
+        written.append(path)
+
+    monkeypatch.setattr(batches, "_write_chunk", crash_after_two_chunks)
+    dataset = tmp_path / "data"
+    make_dataset_dict().save_to_disk(str(dataset))
+    result = CliRunner().invoke(app, command + ["--dataset", str(dataset), "--output", str(tmp_path / "c")])
+    work = tmp_path / "c.partial"
+    assert isinstance(result.exception, RuntimeError)
+    last = traceback.format_exception(result.exception)[-1].strip()  # what Python prints last under a traceback
+    assert last == f"'{work}' holds resumable work (2 finished chunks): rerun the same command to continue it"
+    monkeypatch.setattr(batches, "_write_chunk", real_write)
+    result = CliRunner().invoke(app, command + ["--dataset", str(dataset), "--output", str(tmp_path / "c")])
+    assert result.exit_code == 0 and not work.exists() and (tmp_path / "c" / "kdcache.json").exists()
+
+
+def test_train_student_interrupted_says_to_resume_only_once_it_has_a_checkpoint(tmp_path, tiny_cache, monkeypatch):
+    from helpers import crash_after_first_save
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    output, work = tmp_path / "s", tmp_path / "s.partial"
+    command = ["train-student", str(tiny_cache), "--output", str(output), "--epochs", "2", "--batch-size", "8"]
+    with crash_after_first_save(monkeypatch):
+        result = CliRunner().invoke(app, command)
+    assert result.exit_code == 130 and result.output.strip().splitlines()[-1:] == [
+        f"kdcache: interrupted; '{work}' holds resumable work (a checkpoint at step 3): rerun the same command "
+        "with --resume to continue it"
+    ]
+    result = CliRunner().invoke(app, [*command, "--resume"])
+    assert result.exit_code == 0 and not work.exists() and (output / TRAINING_RECORD).exists()
+    # interrupted before its first checkpoint, a run has nothing to resume: it leaves nothing
+    from transformers import TrainerCallback
+
+    class StopAtBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(
+            tiny_cache, output=tmp_path / "t", epochs=2, batch_size=8, callbacks=[StopAtBegin()], progress=False
+        )
+    assert not (tmp_path / "t.partial").exists() and not (tmp_path / "t").exists()

@@ -441,6 +441,12 @@ def training_labels(cached, manifest: Manifest, options: TrainingOptions) -> Tra
             f"--loss {options.loss} splits the teacher's outputs around each image's labelled class, and "
             f"{int((labels == NO_LABEL).sum())} training rows have no label; use {others(options.loss)}"
         )
+    if options.alpha == 0 and not (labels != NO_LABEL).any():
+        # (a --labeled-fraction never gets here from a labelled split: it keeps at least one row of every class)
+        raise KdcacheError(
+            f"--alpha 0 learns from labels alone, and the training split '{options.train_split}' has no labelled "
+            "row (every label is -1): nothing to learn from; give --alpha above 0 to learn from the teacher"
+        )
     served = np.flatnonzero(labels != NO_LABEL) if options.alpha == 0 and (labels == NO_LABEL).any() else None
     if options.alpha > 0 and not (labels != NO_LABEL).any() and options.alpha < 1:
         log.warning("no training row has a label: the student learns from the teacher alone")

@@ -158,9 +158,21 @@ def _run_options(run: StudentRun) -> dict:
     return run_options(run.options, cache_fingerprint=run.fingerprint, precision=run.place.precision)
 
 
+def _checkpoints(work: Path) -> str | None:
+    """What a failed run leaves for --resume: its finished checkpoints (the Trainer writes trainer_state.json last)."""
+    steps = sorted(int(path.parent.name.rpartition("-")[2]) for path in work.glob("checkpoint-*/trainer_state.json"))
+    return f"a checkpoint at step {steps[-1]}" if steps else None
+
+
 # The student's folder: written as OUTPUT.partial/final beside the run's checkpoints, which --resume continues from.
 STUDENT_OUTPUT = OutputKind(
-    "a kdcache student", "kdcache train-student", TRAINING_RECORD, finished="final", resumable=True
+    "a kdcache student",
+    "kdcache train-student",
+    TRAINING_RECORD,
+    finished="final",
+    resumable=True,
+    holds=_checkpoints,
+    resume="rerun the same command with --resume",
 )
 
 

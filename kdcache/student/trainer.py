@@ -220,5 +220,19 @@ def build_trainer(run: StudentRun) -> "DistillationTrainer":
 def run_training(trainer, options: TrainingOptions) -> float:
     """Train (continuing from the last checkpoint with --resume); returns the wall time in seconds."""
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if options.resume else None)  # check_resumable found a checkpoint
+    try:
+        trainer.train(resume_from_checkpoint=True if options.resume else None)  # check_resumable found a checkpoint
+    except BaseException:
+        _close_event_files(trainer)
+        raise
     return time.perf_counter() - started
+
+
+def _close_event_files(trainer) -> None:
+    """Close TensorBoard's writers, which the Trainer closes only when training ends well: their thread would write on
+    into a work folder that the failure removes (kdcache.outputs.safe_output), and fail there, noisily."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
+            callback.tb_writer.close()

@@ -135,10 +135,11 @@ def leaderboard(report: dict, rows: int = 10) -> str:
 
 def update_best(study, output: Path) -> None:
     """best/: a copy of the best completed trial's student, replaced when a better one completes (if its folder is
-    on this machine: a trial run elsewhere left its student there). Copied, renamed into place under a lock."""
-    import filelock
+    on this machine: a trial run elsewhere left its student there). Copied, renamed into place under the lock of
+    best/ (OUTPUT/best.lock, which goes with the run that held it)."""
     import optuna
 
+    from kdcache.outputs import output_lock
     from kdcache.runtime import move_into_place
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -147,7 +148,7 @@ def update_best(study, output: Path) -> None:
     best = max(done, key=lambda trial: trial.value)
     source = Path(best.user_attrs.get("student", ""))
     target = output / BEST
-    with filelock.FileLock(str(output / "best.lock"), timeout=300):
+    with output_lock(target, wait=300):
         current = _read(target / BEST_MARK)
         if current and current.get("trial") == best.number and current.get("study") == study.study_name:
             return

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kdcache.errors import KdcacheError
 from kdcache.options import DEFAULT_STUDY, TrainingOptions, check_loss_for_cache
-from kdcache.outputs import TRAINING_RECORD, lock_file
+from kdcache.outputs import TRAINING_RECORD, OutputLocked, lock_file, output_lock
 from kdcache.sweeps.space import Param, build_space
 from kdcache.sweeps.study import (
     REFUSED,
@@ -297,21 +297,20 @@ def _best_complete(study):
 
 def _final_seeds(optuna, study, caches, output: Path, fixed, seeds: int, progress: bool) -> dict | None:
     """The best trial's options retrained with seeds 0..K-1 into OUTPUT/final/trial-NNNN/seed-S (a finished one is
-    reused), their validation accuracy as mean and sd. One process does it; another finding it under way skips it."""
-    import filelock
-
+    reused), their validation accuracy as mean and sd. One process does it (holding the lock of OUTPUT/final, which
+    goes with it); another finding it under way skips it."""
     from kdcache.student.train import train_student
 
     best = _best_complete(study)
     if best is None:
         return None
-    lock = filelock.FileLock(str(output / "final.lock"))
+    lock = contextlib.ExitStack()
     try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
+        lock.enter_context(output_lock(output / "final", "--output"))
+    except OutputLocked:
         log.info("sweep: another process is training the final seeds; leaving them to it")
         return None
-    try:
+    with lock:
         options = replace(fixed, **best.params)  # the best trial's options, run where this process runs
         runs = []
         for seed in range(seeds):
@@ -334,8 +333,6 @@ def _final_seeds(optuna, study, caches, output: Path, fixed, seeds: int, progres
                 log.info(
                     f"sweep: final seed {seed} of trial {best.number}: validation {summary['best_eval_accuracy']:.4f}"
                 )
-    finally:
-        lock.release()
     values = [run["validation_accuracy"] for run in runs]
     return {
         "trial": best.number,

@@ -102,7 +102,7 @@ class _Batches(torch.utils.data.Dataset):
         except UnreadableImage as error:  # the main process counts the others (--bad-images fail)
             return {"error": str(error), "unreadable": (error.row, error.file, error.reason)}
         except KdcacheError as error:  # carried to the main process as data: a worker's traceback is not a message
-            return {"error": str(error)}
+            return {"error": error}  # itself: its type tells safe_output whether the data is at fault (DataError)
 
     def viewed(self, rows: list[int], images: list) -> dict:
         """The views of a batch's rows, drawn from (seed, row) and rendered, with what is stored of them: their boxes,
@@ -175,7 +175,7 @@ def run_split(job: Job, split, name: str, work: Path, chunks: list[int]):
             if "unreadable" in batch:
                 raise unreadable_refusal(UnreadableImage(name, *batch["unreadable"]), split, job.image_column)
             if "error" in batch:
-                raise KdcacheError(batch["error"])
+                raise batch["error"]
             # mixed (if it is) on CPU, by the same function that mixes the student's input
             pixel_values = job.pipeline.inputs(batch[PIXELS], batch.get("partner_pixels"), batch.get(MIX_WEIGHTS))
             pixel_values = pixel_values.to(job.device, non_blocking=True)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kdcache.data import UnreadableImage, decode_image, is_empty_image, labeled_rows, undecoded
-from kdcache.errors import KdcacheError
+from kdcache.errors import DataError, KdcacheError
 
 BLOCK_ROWS = 256  # rows a scan reads at a time: a few MB of encoded images
 
@@ -89,7 +89,7 @@ def leave_out(inputs, found: dict) -> None:
         inputs.labeled_rows[name] = labeled_rows(inputs.dataset_dict[name], inputs.label_columns[name])
 
 
-def unreadable_refusal(error: UnreadableImage, split, image_column: str) -> KdcacheError:
+def unreadable_refusal(error: UnreadableImage, split, image_column: str) -> DataError:
     """The refusal of `--bad-images fail` at `error`'s image: it, how many more a quick scan of its split finds, and
     the flag that leaves them out."""
     more = [row for row in quick_scan(split, image_column) if row != error.row]
@@ -99,7 +99,7 @@ def unreadable_refusal(error: UnreadableImage, split, image_column: str) -> Kdca
         if more
         else "a quick scan of the split finds no other empty or unidentifiable image file"
     )
-    return KdcacheError(
+    return DataError(  # the data must change for a rerun to pass, and with it the fingerprint: nothing to resume
         f"{error.where}; {found} (damaged image data shows only when decoded); fix or remove them, or pass "
         "--bad-images skip to leave every unreadable image out (the manifest lists them)"
     )

@@ -23,6 +23,7 @@ from kdcache.data import (
     load_image_dataset,
     load_image_processor,
     undecoded,
+    warn_of_unfound_labels,
 )
 from kdcache.errors import KdcacheError
 from kdcache.format.codec import index_dtype
@@ -140,6 +141,7 @@ def _dataset_splits(dataset: str, options: CacheOptions):
     for name in splits[1:]:
         find_image_column(dataset_dict[name], image_column)
     label_column = find_label_column({name: dataset_dict[name] for name in splits}, options.label_column)
+    warn_of_unfound_labels({name: dataset_dict[name] for name in splits}, label_column)
     if options.extra_images:  # a split of images without labels, beside the dataset's (kdcache.labels)
         if options.extra_split in splits:
             raise KdcacheError(

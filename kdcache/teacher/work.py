@@ -18,9 +18,22 @@ from kdcache.outputs import (
 log = logging.getLogger("kdcache")
 
 
+def finished_chunks(work: Path) -> str | None:
+    """What a failed run leaves for the next to carry over (carried_over checks each first): its chunks' records."""
+    count = len(list((work / RECORDS).glob("*/*.json")))
+    return f"{count} finished chunk{'s' if count != 1 else ''}" if count else None
+
+
 # The chunks are written in CACHE.partial/splits, which becomes CACHE.partial/cache when all are written (and then
 # CACHE, by safe_output); their checksums wait in CACHE.partial/records.
-CACHE_OUTPUT = OutputKind("a kdcache cache", "kdcache teacher-logits", MANIFEST, finished="cache", resumable=True)
+CACHE_OUTPUT = OutputKind(
+    "a kdcache cache",
+    "kdcache teacher-logits",
+    MANIFEST,
+    finished="cache",
+    resumable=True,
+    holds=finished_chunks,
+)
 
 
 def carried_over(work: Path, split: str, index: int, rows: int) -> bool:

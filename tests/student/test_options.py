@@ -145,7 +145,12 @@ def test_resume_refuses_other_options_and_continues_with_the_same(tmp_path, tiny
 
 def test_resume_with_nothing_to_resume_is_refused(tmp_path, tiny_cache):
     output = tmp_path / "s"
-    work = interrupted(tiny_cache, output, event="begin")
+    with pytest.raises(KeyboardInterrupt):  # interrupted before its first checkpoint: nothing to resume, nothing left
+        train_student(tiny_cache, output=output, epochs=2, callbacks=[StopAt("begin")], **FAST)
+    assert not output.with_name("s.partial").exists()
+    work = interrupted(tiny_cache, output)  # as a run killed (no cleanup) before its first checkpoint leaves it
+    for checkpoint in work.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
     with pytest.raises(
         KdcacheError,
         match=r"stopped before its first checkpoint, so there is nothing to continue; "

@@ -217,7 +217,8 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
     assert len(classifier(make_images(1, seed=5)[0][0])) == 3
     assert set(saved["plots"]["written"]) >= {"optimization_history", "param_importances", "slice"}
     assert all(Path(path).stat().st_size > 0 for path in saved["plots"]["written"].values())
-    assert not list((output / "trials").glob("*.partial")) and not list((output / "trials").glob("*.lock"))
+    assert not list((output / "trials").glob("*.partial"))
+    assert not list(tmp_path.rglob("*.lock")), "no lock file left anywhere: the trials', best/'s"
     # rerun with the same arguments: the study is complete, nothing is trained again
     again = kdcache.sweep(
         tiny_cache,
@@ -390,7 +391,9 @@ def test_final_seeds_retrain_the_best_options_and_report_validation_mean_and_sd(
 
     from kdcache.sweeps.run import sweep
 
-    output = tmp_path / "sweep"
+    output = tmp_path / "sweep"  # a folder the user already had, with a file of theirs
+    output.mkdir()
+    (output / "notes.txt").write_text("mine\n")
     report = sweep(tiny_cache, output, SPACE, trials=1, final_seeds=2, progress=False, **{**FAST, "epochs": 1})
     finals, (best,) = report["final_seeds"], report["trials"]
     assert finals["trial"] == best["trial"] == 0 and [run["seed"] for run in finals["runs"]] == [0, 1]
@@ -404,3 +407,6 @@ def test_final_seeds_retrain_the_best_options_and_report_validation_mean_and_sd(
     assert finals["validation_accuracy_mean"] == round(statistics.mean(accuracies), 4)
     assert finals["validation_accuracy_sd"] == round(statistics.stdev(accuracies), 4)
     assert json.loads((output / "sweep.json").read_text())["final_seeds"] == finals
+    # beside the user's file, what a sweep leaves and no lock (best/'s, final/'s, the students'), anywhere below
+    assert (output / "notes.txt").read_text() == "mine\n"
+    assert not list(tmp_path.rglob("*.lock"))
