@@ -24,11 +24,13 @@ from kdcache.outputs import TRAINING_RECORD, OutputLocked, lock_file, output_loc
 from kdcache.sweeps.space import Param, build_space
 from kdcache.sweeps.study import (
     REFUSED,
+    SURPLUS,
     counted,
     fail_dead_local_trials,
     open_storage,
     open_study,
     quiet_optuna,
+    surplus,
 )
 
 log = logging.getLogger("kdcache")
@@ -48,6 +50,11 @@ def optuna_module():
 
 class TrialRefused(Exception):
     """A trial whose drawn options train-student refused: recorded as failed, with the reason, and the sweep goes on."""
+
+
+class TrialSurplus(Exception):
+    """A trial begun by a process that found the study one short while another did too: failed untrained, marked
+    SURPLUS, and not counted (kdcache.sweeps.study.surplus)."""
 
 
 class ReportEpochs:
@@ -201,7 +208,7 @@ def _run_trials(optuna, runner: "_TrialRunner", storage_name: str, timeout, fina
         if timeout is not None and time.monotonic() - started >= timeout:
             log.info(f"sweep: --timeout {timeout:g} s reached; run the same command again to continue")
             break
-        study.optimize(runner, n_trials=1, catch=(TrialRefused,))
+        study.optimize(runner, n_trials=1, catch=(TrialRefused, TrialSurplus))
         update_best(study, output)
         write_report(study, output, trials, storage_name, runner.params)
     if final_seeds and counted(optuna, study) >= trials:
@@ -228,6 +235,9 @@ class _TrialRunner:
         )
         folder = self.output / "trials" / name  # another study in the same output never writes over this one's
         work = folder.with_name(folder.name + ".partial")
+        if surplus(optuna, self.study, trial, self.trials):
+            trial.set_user_attr(SURPLUS, True)
+            raise TrialSurplus(f"trial {trial.number}: the study has its {self.trials} trials already")
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("work", str(work.resolve()))

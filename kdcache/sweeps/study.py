@@ -17,6 +17,7 @@ STUDY_FILE = "study.db"
 HEARTBEAT_SECONDS = 60  # a trial whose process stops beating for 3 of these is failed and retried (counted())
 HEARTBEAT_VARIABLE = "KDCACHE_SWEEP_HEARTBEAT"  # whole seconds, in place of HEARTBEAT_SECONDS (the tests use 1)
 REFUSED = "refused"  # a failed trial's user attribute: the one-line reason its options were refused
+SURPLUS = "surplus"  # a failed trial's user attribute: begun one over the total by racing processes, never trained
 
 
 def open_storage(storage: str | None, output: Path):
@@ -222,11 +223,21 @@ def counted(optuna, study) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # Optuna does it before each trial; here before the count too
+    return sum(_counts(optuna, trial) for trial in study.get_trials(deepcopy=False))
+
+
+def surplus(optuna, study, trial, total: int) -> bool:
+    """Whether `trial` is one too many: the trials numbered before it that count already make the study's total.
+    Several processes can find the study one trial short at the same moment and each begin one; the storage numbers
+    them in order, so the later ones stand down before training (the first 8-worker PostgreSQL run made 25 of 24)."""
+    before = study.get_trials(deepcopy=False)
+    return sum(_counts(optuna, other) for other in before if other.number < trial.number) >= total
+
+
+def _counts(optuna, trial) -> bool:
     state = optuna.trial.TrialState
-    return sum(
-        trial.state in (state.COMPLETE, state.PRUNED, state.RUNNING)
-        or (trial.state == state.FAIL and REFUSED in trial.user_attrs)
-        for trial in study.get_trials(deepcopy=False)
+    return trial.state in (state.COMPLETE, state.PRUNED, state.RUNNING) or (
+        trial.state == state.FAIL and REFUSED in trial.user_attrs
     )
 
 

@@ -410,3 +410,17 @@ def test_final_seeds_retrain_the_best_options_and_report_validation_mean_and_sd(
     # beside the user's file, what a sweep leaves and no lock (best/'s, final/'s, the students'), anywhere below
     assert (output / "notes.txt").read_text() == "mine\n"
     assert not list(tmp_path.rglob("*.lock"))
+
+
+@needs_optuna
+def test_a_trial_begun_over_the_total_by_racing_processes_is_surplus():
+    """Two processes that find the study one trial short at once each begin one: the storage numbers them in order,
+    and the later one is surplus (it stands down untrained and does not count); a failed trial before it does not
+    count either, so a trial that replaces it is not surplus."""
+    from kdcache.sweeps.study import counted, surplus
+
+    study = optuna.create_study(direction="maximize")
+    first, second, third = study.ask(), study.ask(), study.ask()  # all three running, as racing processes leave them
+    assert [surplus(optuna, study, trial, 2) for trial in (first, second, third)] == [False, False, True]
+    study.tell(first, state=optuna.trial.TrialState.FAIL)  # a crash: it does not count, and is replaced
+    assert not surplus(optuna, study, third, 2) and counted(optuna, study) == 2
