@@ -137,6 +137,27 @@ def run(args):
                 print(json.dumps({key: line[key] for key in line if key not in ("curve", "epoch_costs")}), flush=True)
 
 
+def calibrate(args):
+    """What an epoch costs at each size, alone (budget-calibration.json): the run's first step, kept on its own."""
+    from kdcache.format.manifest import Manifest
+    from kdcache.teacher.run import teacher_logits
+
+    root, results = Path(args.root), Path(args.results)
+    cache = teacher_logits(args.dataset, args.teacher, output=root / "caches" / "k1", progress=False)
+    final = Manifest.read(cache).pixel_shape[-1]
+    costs = epoch_costs(cache, root / "students", sorted({final, args.low_size}))
+    figures = {
+        "epoch_cpu_seconds": {str(size): round(costs[size], 1) for size in sorted({final, args.low_size})},
+        "start_cpu_seconds": round(costs["start"], 1),
+        "epoch_cost_ratio": round(costs[final] / costs[args.low_size], 2),
+        "defaults_predicted_cpu_minutes": round(predicted_seconds(None, args.default_epochs, costs, final) / 60, 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "budget-calibration.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures))
+
+
 def table(args):
     results = Path(args.results)
     lines = [json.loads(line) for line in (results / "budget-runs.jsonl").read_text().splitlines() if line.strip()]
@@ -228,9 +249,15 @@ def main():
     runner.add_argument("--low-size", type=int, default=128, help="the low size of fixed and progressive recipes")
     runner.add_argument("--default-epochs", type=int, default=DEFAULT_EPOCHS, help="the defaults' epochs: budget 1")
     runner.add_argument("--test", action="store_true", help="evaluate each final student once on the test split")
+    calibration = commands.add_parser("calibrate", help="only measure what an epoch costs at each size")
+    for name in ("--dataset", "--teacher"):
+        calibration.add_argument(name, required=True)
+    calibration.add_argument("--root", default="data/budget")
+    calibration.add_argument("--low-size", type=int, default=128)
+    calibration.add_argument("--default-epochs", type=int, default=DEFAULT_EPOCHS)
     commands.add_parser("table")
     args = parser.parse_args()
-    run(args) if args.command == "run" else table(args)
+    {"run": run, "calibrate": calibrate, "table": table}[args.command](args)
 
 
 if __name__ == "__main__":

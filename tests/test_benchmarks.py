@@ -97,7 +97,10 @@ def test_budget_benchmark_gives_each_recipe_the_epochs_its_budget_buys(tmp_path,
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [json.loads(text) for text in (results / "budget-runs.jsonl").read_text().splitlines()]
     assert line["recipe"] == "progressive" and line["student_size"] == "16:0.7,32" and line["epochs"] >= 2
-    assert 0 < line["predicted_cpu_seconds"] <= line["budget_cpu_seconds"] and line["cpu_seconds"] > 0
+    # within the budget, unless the budget buys less than the 2 epochs the schedule needs (on tiny data an epoch at
+    # 16 px can cost as much as one at 32 px: then the recipe gets its fewest epochs)
+    assert line["predicted_cpu_seconds"] <= line["budget_cpu_seconds"] or line["epochs"] == 2
+    assert line["predicted_cpu_seconds"] > 0 and line["cpu_seconds"] > 0
     assert 0 <= line["test_accuracy"] <= 1 and len(line["curve"]) == line["epochs"]
     table = subprocess.run([*script, "table"], env=environment, capture_output=True, text=True, timeout=300)
     assert table.returncode == 0, table.stderr[-3000:]

@@ -271,6 +271,14 @@ def mapped(release: bool, name: str) -> list[float]:
 
 QUOTES = [
     # (documents, quoted text, results file, its values in the quote's order)
+    (("BENCHMARKS.md",), "costs 99.6 CPU-seconds at 224 px and 29.4 at 128 px, 3.38 times less", "budget-calibration.json",
+     lambda: [results("budget-calibration.json")["epoch_cpu_seconds"]["224"], 224,
+              results("budget-calibration.json")["epoch_cpu_seconds"]["128"], 128,
+              results("budget-calibration.json")["epoch_cost_ratio"]]),
+    (("BENCHMARKS.md",), "a run costs 7.5 CPU-seconds", "budget-calibration.json",
+     lambda: [results("budget-calibration.json")["start_cpu_seconds"]]),
+    (("BENCHMARKS.md",), "20 epochs at 224 px, is 33.3 CPU-minutes", "budget-calibration.json",
+     lambda: [20, 224, results("budget-calibration.json")["defaults_predicted_cpu_minutes"]]),
     (("README.md", "BENCHMARKS.md"), "0.870 ± 0.020", "quality.json",
      lambda: [quality("k1-defaults")["test_accuracy_mean"], quality("k1-defaults")["test_accuracy_sd"]]),
     (("README.md",), "(test accuracy 0.969)", "quality.json", lambda: [quality("k1-defaults")["teacher_test_accuracy"]]),
