@@ -338,11 +338,11 @@ def test_a_sweep_killed_after_its_second_trial_continues_without_repeating_one(t
     storage = f"sqlite:///{output / 'study.db'}"
     running = start_sweep(tiny_cache, output, trials=4, epochs=3)
     deadline = time.monotonic() + 900  # minutes on a loaded machine
-    while time.monotonic() < deadline:  # two trials done, the third under way (its process recorded)
+    while time.monotonic() < deadline:  # two trials done, the third training (its options drawn and recorded)
         trials = trials_of(storage) if (output / "study.db").exists() else []
         done = [trial for trial in trials if trial.state == optuna.trial.TrialState.COMPLETE]
         under_way = [trial for trial in trials if trial.state == optuna.trial.TrialState.RUNNING]
-        if len(done) >= 2 and under_way and "pid" in under_way[0].user_attrs:
+        if len(done) >= 2 and under_way and "options" in under_way[0].user_attrs:
             break
         assert running.poll() is None, running.stdout.read()
         time.sleep(0.2)
