@@ -19,6 +19,7 @@ budget into budget.json and plots accuracy against CPU-minutes (budget.png).
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -96,7 +97,12 @@ def run(args):
     cache = teacher_logits(args.dataset, args.teacher, output=root / "caches" / "k1", progress=False)
     final = Manifest.read(cache).pixel_shape[-1]
     chosen = recipes(args.low_size, final)
-    costs = epoch_costs(cache, root / "students", sorted({final, args.low_size}))
+    if args.calibration:  # an earlier `calibrate`, taken alone: the students then run on a machine that may be busier
+        figures = json.loads(Path(args.calibration).read_text())
+        costs = {int(size): seconds for size, seconds in figures["epoch_cpu_seconds"].items()}
+        costs["start"] = figures["start_cpu_seconds"]
+    else:
+        costs = epoch_costs(cache, root / "students", sorted({final, args.low_size}))
     full = predicted_seconds(None, args.default_epochs, costs, final)  # the K=1 defaults' budget
     results.mkdir(parents=True, exist_ok=True)
     for budget in args.budgets:
@@ -117,6 +123,7 @@ def run(args):
                     "predicted_cpu_seconds": round(predicted_seconds(student_size, epochs, costs, final), 1),
                     "cpu_seconds": round(seconds, 1),
                     "wall_seconds": round(time.time() - started, 1),
+                    "load_average": [round(load, 2) for load in os.getloadavg()],  # at the end: what ran beside it
                     "epoch_costs": {str(key): round(value, 2) for key, value in costs.items()},
                     "validation_accuracy": summary["best_eval_accuracy"],
                     "best_epoch": summary["best_epoch"],
@@ -248,6 +255,7 @@ def main():
     runner.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     runner.add_argument("--low-size", type=int, default=128, help="the low size of fixed and progressive recipes")
     runner.add_argument("--default-epochs", type=int, default=DEFAULT_EPOCHS, help="the defaults' epochs: budget 1")
+    runner.add_argument("--calibration", help="budget-calibration.json of an earlier `calibrate` (default: measure)")
     runner.add_argument("--test", action="store_true", help="evaluate each final student once on the test split")
     calibration = commands.add_parser("calibrate", help="only measure what an epoch costs at each size")
     for name in ("--dataset", "--teacher"):
