@@ -218,19 +218,20 @@ def teacher_logits_command(
     many classes (--logits-dtype fp16, --top-k K). A killed run resumes from its finished chunks when you run the
     same command again; re-running a complete cache is a no-op.
 
-    Examples (the hub defaults, then local paths, then 8 augmented views per training image, then 16 mixed views):
+    Examples (the hub defaults; then the teacher that `python benchmarks/make_teacher.py --output teachers/effl0-beans`
+    rebuilds; then 8 augmented views per training image; then 16 mixed views):
 
     \b
       kdcache teacher-logits
-      kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans
-      kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans --views 8
-      kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans \
+      kdcache teacher-logits --dataset beans --teacher teachers/effl0-beans
+      kdcache teacher-logits --dataset beans --teacher teachers/effl0-beans --views 8
+      kdcache teacher-logits --dataset beans --teacher teachers/effl0-beans \
           --views 16 --view-scale 0.05 --mix-alpha 1 --output data/beans-effl0-mixed16
 
     Images nobody labelled, cached beside a labelled dataset (train-student teaches them by the teacher alone):
 
     \b
-      kdcache teacher-logits --dataset ../shared/data/beans --teacher ../shared/teachers/effl0-beans \
+      kdcache teacher-logits --dataset beans --teacher teachers/effl0-beans \
           --extra-images photos/ --output data/beans-effl0-extra
 
     Several processes (GPUs, machines) split the chunks among them and give the same cache as one:
@@ -278,9 +279,9 @@ def evaluate_command(
     Examples (offline, local paths):
 
     \b
-      kdcache evaluate data/students/beans--effl0-beans-distilled --dataset ../shared/data/beans
+      kdcache evaluate data/students/beans--effl0-beans-distilled --dataset beans
       kdcache evaluate data/students/beans--effl0-beans-distilled --cache data/beans--effl0-beans
-      kdcache evaluate ../shared/teachers/effl0-beans data/students/* --cache data/beans--effl0-beans
+      kdcache evaluate teachers/effl0-beans data/students/* --cache data/beans--effl0-beans
     """
     from kdcache.evaluation.evaluate import evaluate_models
     from kdcache.evaluation.report import describe
@@ -315,7 +316,7 @@ def verify_command(
 
     \b
       kdcache verify data/beans--effl0-beans
-      kdcache verify data/beans-effl0-mixed16 --sample 256 --teacher ../shared/teachers/effl0-beans
+      kdcache verify data/beans-effl0-mixed16 --sample 256 --teacher teachers/effl0-beans
     """
     from kdcache.teacher.verify import describe, verify_teacher_logits
 
