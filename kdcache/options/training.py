@@ -132,9 +132,10 @@ class TrainingOptions:
         "Continue an interrupted run from its last checkpoint; refused if it was started with other options "
         "(workers, device and logging may change).",
         how_it_runs=True,
+        in_config=False,
     )
     overwrite: bool = option(
-        False, "Replace an existing output folder (or discard an interrupted run).", how_it_runs=True
+        False, "Replace an existing output folder (or discard an interrupted run).", how_it_runs=True, in_config=False
     )
     online: bool = option(
         False, "Reference mode: run the teacher on every batch, as the tutorial does (for tests and benchmarks)."
@@ -195,6 +196,7 @@ class TrainingOptions:
         "repository, created if needed (needs a login: hf auth login).",
         metavar="REPO",
         how_it_runs=True,
+        in_config=False,
     )
 
     def resolved(self) -> "TrainingOptions":

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from kdcache.losses import LOSS_SPECS
+from kdcache.options.config import is_local
 
 
 def summary_line(summary: dict) -> str:
@@ -31,10 +32,24 @@ def public_name(name_or_path: str) -> tuple[str, bool]:
     """How a model card names an input: `(hub id, True)` for one read from the hub, else `(folder name, False)`: the
     path it was read from would publish the trainer's folder layout with the card. Local is what the loaders took as
     local (a path that exists, as kdcache.data and from_pretrained decide) or what is written as a path."""
-    path = Path(name_or_path).expanduser()
-    if path.exists() or path.is_absolute() or name_or_path.startswith((".", "~")):
-        return path.resolve().name or name_or_path, False
+    if is_local(name_or_path):
+        return Path(name_or_path).expanduser().resolve().name or name_or_path, False
     return name_or_path, True
+
+
+def public_record(summary: dict) -> dict:
+    """The summary as kdcache_training.json publishes it, with the student (--push-to-hub uploads it): its inputs
+    named as the card names them, a hub id as an id and a local folder by its name, beside its fingerprint (the
+    cache's, the teacher's weights'); the summary that train_student returns keeps the paths."""
+    recipe = summary["recipe"]
+
+    def public(value):
+        return [public(item) for item in value] if isinstance(value, list) else public_name(str(value))[0]
+
+    named = {key: public(recipe[key]) for key in ("cache", "teacher") if recipe.get(key) is not None}
+    if recipe.get("student") and recipe["student"] != "MobileNetV2Config() from scratch":
+        named["student"] = public(recipe["student"])
+    return {**summary, "output": Path(summary["output"]).name, "recipe": {**recipe, **named}}
 
 
 def card_metadata(summary: dict, manifest: dict, repo: str | None = None) -> str:
