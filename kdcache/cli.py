@@ -81,8 +81,9 @@ def _opts(command, name: str) -> list[str]:
     return [opt for param in command.params if param.name == name for opt in param.opts if opt.startswith("--")]
 
 
-def load_config(ctx: typer.Context, file: Optional[Path]):
-    """--config FILE, read before the other parameters (it is eager): its values become their defaults."""
+def load_config(ctx, file: Optional[Path], annotations: dict):
+    """--config FILE, read before the other parameters (it is eager): its values become their defaults.
+    `annotations`: the command's parameters' types, {name: type}."""
     if file is None or ctx.resilient_parsing:
         return file
     values = read_config(file)
@@ -102,16 +103,16 @@ def load_config(ctx: typer.Context, file: Optional[Path]):
                 + (f"; did you mean {near[0]}?" if near else f"; its keys are {', '.join(sorted(params))}")
             )
         if value is not None:
-            defaults[key] = _as_default(param, value, Path(file).parent)
+            defaults[key] = _as_default(param, annotations[key], value, Path(file).parent)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta[CONFIG_META] = str(file)
     return file
 
 
-def _as_default(param, value, folder: Path):
+def _as_default(param, annotation, value, folder: Path):
     """A config's value as the parameter's default: a list where the parameter repeats, a list joined with commas
     where it takes a comma-separated text; a relative path made relative to the config's folder."""
-    annotation = param.type_descriptor.annotation
+    annotation = next((kind for kind in typing.get_args(annotation) if kind is not type(None)), annotation)  # Optional
     repeated = param.multiple or param.nargs == -1
     if repeated and not isinstance(value, list):
         value = [value]
@@ -143,11 +144,17 @@ class Kdcache(typer.Typer):
 
 def with_config(command):
     """`command` with the parameter --config FILE, read first (load_config); the command never sees it."""
+    own = inspect.signature(command).parameters.values()
+    annotations = {parameter.name: parameter.annotation for parameter in own}
+
+    def read(ctx: typer.Context, file: Optional[Path]):
+        return load_config(ctx, file, annotations)
+
     option = typer.Option(
-        None, "--config", help=CONFIG_HELP, is_eager=True, expose_value=False, callback=load_config, metavar="FILE"
+        None, "--config", help=CONFIG_HELP, is_eager=True, expose_value=False, callback=read, metavar="FILE"
     )
     parameters = [
-        *inspect.signature(command).parameters.values(),
+        *own,
         inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[Path]),
     ]
 

@@ -65,7 +65,9 @@ def test_a_json_file_is_read_too_and_gives_required_options(tmp_path, monkeypatc
     config.write_text(json.dumps({"cache": "c", "trials": 4, "output": "out", "space": ["seed=int(0,3)"]}))
     result = invoke("sweep", "--config", config)
     assert result.exit_code == 0, result.output
-    assert received["trials"] == 4 and received["output"] == tmp_path / "out" and received["space"] == ["seed=int(0,3)"]
+    assert (
+        received["trials"] == 4 and received["output"] == tmp_path / "out" and received["space"] == ["seed=int(0,3)"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -80,3 +80,17 @@ def test_a_push_uploads_no_local_path(tmp_path, tmp_path_factory, tiny_cache, mo
         if path in file.read_bytes()
     ]
     assert not leaks
+
+
+def test_a_config_naming_a_path_outside_the_folders_tree_is_not_pushed(tmp_path, monkeypatch):
+    from kdcache.hub import push_folder
+    from kdcache.options.config import CONFIG_FILE, write_config
+
+    ignored = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(FakeHub, "upload_folder", lambda self, **kwargs: ignored.append(kwargs["ignore_patterns"]))
+    write_config(tmp_path, "train-student", {"cache": tmp_path / "caches" / "tiny", "output": tmp_path})
+    push_folder(tmp_path, "me/student")
+    write_config(tmp_path, "train-student", {"cache": Path("/"), "output": tmp_path})  # shares nothing but the root
+    push_folder(tmp_path, "me/student")
+    assert ignored == [None, [CONFIG_FILE]]
