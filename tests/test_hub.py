@@ -68,7 +68,11 @@ def test_a_push_uploads_no_local_path(tmp_path, tmp_path_factory, tiny_cache, mo
     uploaded = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     monkeypatch.setattr(FakeHub, "upload_folder", lambda self, *, folder_path, **kwargs: uploaded.append(folder_path))
-    train_student(tiny_cache, output=tmp_path / "student", epochs=1, push_to_hub="me/beans-student", **FAST)
+    train_student(
+        tiny_cache, output=tmp_path / "student", epochs=1, push_to_hub="me/beans-student", license="mit", **FAST
+    )
+    assert huggingface_hub.ModelCard.load(tmp_path / "student" / "README.md").data.license == "mit"
+    assert "kdcache_config.yaml" in [file.name for file in Path(uploaded[0]).iterdir()], "it names no absolute path"
     # the session's temporary folder holds the test's, the cache's and the teacher's
     private = {str(tmp_path_factory.getbasetemp()), str(tmp_path), str(Path.home()), str(Path.cwd())}
     private = {path.encode() for path in private if path != "/"}

@@ -190,6 +190,12 @@ class TrainingOptions:
     )
     logging_steps: int = option(10, how_it_runs=True)
     save_checkpoints: bool = option(True, in_recipe=False)
+    license: str | None = option(
+        None,
+        "The license the student's model card declares: a Hub license id (apache-2.0, mit, cc-by-4.0, other...).",
+        show_default="the teacher's, else the dataset's, where its card on this machine says one",
+        how_it_runs=True,  # the card's, not what is trained
+    )
     push_to_hub: str | None = option(
         None,
         "Once the student is saved, upload its folder (weights, image processor, model card) to this hub "

@@ -311,7 +311,8 @@ def _save(run: StudentRun, trainer, summary: dict) -> None:
         student_processor(run.processor, manifest.pixel_shape[1:], run.size).save_pretrained(str(final))
         (final / "training_args.bin").unlink(missing_ok=True)  # the Trainer's pickle, which names the work folder
         (final / TRAINING_RECORD).write_text(json.dumps(public_record(summary), indent=2) + "\n")
-        (final / "README.md").write_text(model_card(summary, manifest, manifest.label_names, run.options.push_to_hub))
+        card = model_card(summary, manifest, manifest.label_names, run.options.push_to_hub, run.options.license)
+        (final / "README.md").write_text(card)
         caches = [Path(cache) for cache in run.caches]
         given = {"cache": caches[0] if len(caches) == 1 else caches, "output": run.folder.path}
         write_config(final, "train-student", {**given, **as_given(run.options)}, home=run.folder.path)

@@ -28,6 +28,7 @@ NOT_SWEPT = (
     "precision",
     "logging_steps",
     "save_checkpoints",
+    "license",
     "push_to_hub",
 )
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*=\s*([A-Za-z]+)\s*\((.*)\)\s*$", re.DOTALL)
