@@ -224,3 +224,21 @@ def test_a_student_config_reruns_the_same_student(tmp_path, tiny_cache, monkeypa
     again = yaml.safe_load((tmp_path / "second" / CONFIG_FILE).read_text())
     assert again["cache"] == "../caches/tiny", "relative to its own folder, one level up this time"
     assert {**again, "cache": written["cache"]} == written, "the rerun writes the same config"
+
+
+def test_a_cache_config_reruns_the_same_cache(tmp_path, tiny_dataset, tiny_teacher, make_cache, monkeypatch):
+    """A cache's kdcache_config.yaml names its inputs relative to itself and reruns it: the same inputs and options,
+    so the cache is found up to date (a changed option would make another fingerprint, and a refusal)."""
+    cache = make_cache(tmp_path / "caches" / "tiny", views=2, view_seed=3, splits=["train", "validation"])
+    config = cache / CONFIG_FILE
+    written = yaml.safe_load(config.read_text())
+    assert written["command"] == "teacher-logits" and written["output"] == "."
+    assert written["views"] == 2 and written["splits"] == ["train", "validation"] and written["view_scale"] == 0.25
+    assert Path(written["dataset"]).is_absolute() is False and (cache / written["dataset"]).resolve() == tiny_dataset
+    manifest = (cache / "kdcache.json").read_text()
+    monkeypatch.chdir(tmp_path.parent)  # anywhere: its paths are its own folder's
+    result = invoke("teacher-logits", "--config", config)
+    assert result.exit_code == 0, result.output
+    assert (cache / "kdcache.json").read_text() == manifest, "up to date: nothing rewritten"
+    result = invoke("teacher-logits", "--config", config, "--views", "3")
+    assert result.exit_code == 1 and "--overwrite" in result.output, "the flag wins: another cache, refused there"
