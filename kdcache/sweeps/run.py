@@ -151,7 +151,7 @@ def sweep(
     )
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    study = SweepOptions(
+    settings = SweepOptions(
         space=[param.spec for param in params],  # the --space file's too: the config holds the whole space
         trials=trials,
         output=output,
@@ -163,13 +163,13 @@ def sweep(
         sampler_seed=sampler_seed,
     )
     cache = [Path(each) for each in caches]
-    given = {"cache": cache[0] if len(cache) == 1 else cache, **as_given(study), **as_given(fixed, sweep=True)}
-    write_config(output, "sweep", given)
+    given = {"cache": cache[0] if len(cache) == 1 else cache, **as_given(settings), **as_given(fixed, sweep=True)}
     with quiet_optuna(optuna):
         storage_name, opened = open_storage(storage, output)
         fingerprints = [manifest.fingerprint for manifest in manifests]
         pruner = make_pruner(pruner, fixed.epochs)
         study = open_study(optuna, opened, storage_name, study_name, params, fixed, fingerprints, pruner, sampler_seed)
+        write_config(output, "sweep", given)  # once the study took them: a refused rerun leaves the config be
         fail_dead_local_trials(optuna, study)
         runner = _TrialRunner(caches, output, params, fixed, study, trials, progress)
         finals = _run_trials(optuna, runner, storage_name, timeout, final_seeds)

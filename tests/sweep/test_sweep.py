@@ -252,6 +252,17 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
         r"space and epochs differ\); rerun the same command",
     ):
         kdcache.sweep(tiny_cache, output, SPACE, trials=5, progress=False, **{**FAST, "epochs": 3})
+    assert yaml.safe_load((output / CONFIG_FILE).read_text()) == config, "a refused rerun leaves the config be"
+
+
+def test_a_written_config_keeps_the_storage_without_its_password():
+    from kdcache.sweeps.run import without_password
+
+    assert without_password("postgresql+psycopg://me:s3cret@db.example:5432/sweeps") == (
+        "postgresql+psycopg://me@db.example:5432/sweeps"
+    )
+    assert without_password("sqlite:///sweeps/study.db") == "sqlite:///sweeps/study.db"
+    assert without_password("journal.log") == "journal.log" and without_password(None) is None
 
 
 @needs_optuna
