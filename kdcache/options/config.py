@@ -25,28 +25,33 @@ PATH_OR_ID = ("dataset", "teacher", "student", "extra_images", "models")
 def read_config(path: str | Path) -> dict:
     """The mapping in the YAML or JSON file at `path`, its keys as field names ('-' read as '_'); an unreadable or
     malformed file is one line naming it."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise KdcacheError(
-            f"--config '{path}' cannot be read ({error.strerror or error}); give a YAML or JSON file"
-        ) from None
-    try:
-        if path.suffix.lower() == ".json":
-            content = json.loads(text)
-        else:
-            import yaml
-
-            content = yaml.safe_load(text)
-    except Exception as error:  # yaml and json raise several kinds, each with the line and column
-        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
-        raise KdcacheError(f"--config '{path}' is not valid {kind} ({first_line(error)})") from None
+    content = read_yaml_or_json(path, "--config")
     if content is None:
         return {}
     if not isinstance(content, dict):
         raise KdcacheError(f"--config '{path}' must map option names to values, e.g. 'learning_rate: 0.001'")
     return {str(key).replace("-", "_"): value for key, value in content.items()}
+
+
+def read_yaml_or_json(path: str | Path, flag: str):
+    """What the file given as `flag` holds, read as JSON if its name ends in .json, else as YAML; a file that cannot be
+    read or parsed is one line naming the flag and the file (--config, the sweep's --space)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise KdcacheError(
+            f"{flag} '{path}' cannot be read ({error.strerror or error}); give a YAML or JSON file"
+        ) from None
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        import yaml
+
+        return yaml.safe_load(text)
+    except Exception as error:  # yaml and json raise several kinds, each with the line and column
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise KdcacheError(f"{flag} '{path}' is not valid {kind} ({first_line(error)})") from None
 
 
 def write_config(folder: Path, command: str, values: dict, home: Path | None = None) -> None:
