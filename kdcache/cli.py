@@ -1,6 +1,8 @@
 """The `kdcache` command: thin typer wrappers over the library functions, one per stage, whose options are generated
-from the stages' options dataclasses (kdcache.options: each field's help and flags in its metadata; `with_options`)."""
+from the stages' options dataclasses (kdcache.options: each field's help and flags in its metadata; `with_options`).
+Every command takes --config FILE, any of its options in one file, the flags given winning (`ConfigCommand`)."""
 
+import difflib
 import functools
 import inspect
 import os
@@ -12,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 from kdcache.options import (
     DEFAULT_DATASET,
     DEFAULT_TEACHER,
@@ -22,8 +24,151 @@ from kdcache.options import (
     TrainingOptions,
     VerifyOptions,
 )
+from kdcache.options.config import PATH_OR_ID, read_config
 
-app = typer.Typer(
+CONFIG_HELP = (
+    "A YAML or JSON file of this command's options by name (learning_rate: 0.001, or a kdcache_config.yaml that "
+    "an output folder holds, to rerun it); the options given on the command line win. Relative paths in it are "
+    "relative to its folder."
+)
+
+
+class ConfigCommand(typer.core.TyperCommand):
+    """A command that reads --config FILE before its other parameters, as their defaults (click's default_map):
+    every parameter the command line leaves out takes the file's value, then the command's own default. An unknown
+    key, a value the parameter refuses or a file that cannot be read is one line naming the key and the file."""
+
+    def parse_args(self, ctx, args):
+        try:
+            parsed = super().parse_args(ctx, args)
+        except typer.BadParameter as error:
+            name = error.param.name if error.param is not None else None
+            file = ctx.meta.get(CONFIG_META)
+            if name is None or file is None or ctx.get_parameter_source(name).name != "DEFAULT_MAP":
+                raise
+            _refuse(f"--config '{file}', key {name}: {first_line(error.message)}")
+        except KdcacheError as error:  # from reading the file (load_config)
+            _refuse(str(error))
+        file = ctx.meta.get(CONFIG_META)
+        # what `friendly` adds to an error naming a flag whose value came from the file
+        _FROM_CONFIG.clear()
+        _FROM_CONFIG.update(
+            {
+                opt: (name, file)
+                for name in ctx.params
+                for opt in _opts(self, name)
+                if _source(ctx, name) == "DEFAULT_MAP"
+            }
+        )
+        return parsed
+
+
+CONFIG_META = "kdcache.config"
+_FROM_CONFIG: dict = {}  # {flag: (key, file)} of this process's command, for `friendly`
+
+
+def _refuse(message: str):
+    typer.echo(f"kdcache: error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _source(ctx, name: str) -> str | None:
+    source = ctx.get_parameter_source(name)
+    return source.name if source is not None else None
+
+
+def _opts(command, name: str) -> list[str]:
+    return [opt for param in command.params if param.name == name for opt in param.opts if opt.startswith("--")]
+
+
+def load_config(ctx, file: Optional[Path], annotations: dict):
+    """--config FILE, read before the other parameters (it is eager): its values become their defaults.
+    `annotations`: the command's parameters' types, {name: type}."""
+    if file is None or ctx.resilient_parsing:
+        return file
+    values = read_config(file)
+    command, params = ctx.info_name, {param.name: param for param in ctx.command.params if param.name != "config"}
+    wrote = values.pop("command", command)
+    if wrote != command:
+        raise KdcacheError(
+            f"--config '{file}' is the config of kdcache {wrote}, not of kdcache {command}; give it to kdcache {wrote}"
+        )
+    defaults = {}
+    for key, value in values.items():
+        param = params.get(key)
+        if param is None or param.name == "help":
+            near = difflib.get_close_matches(key, list(params), n=1)
+            raise KdcacheError(
+                f"--config '{file}', key {key}: kdcache {command} has no such option"
+                + (f"; did you mean {near[0]}?" if near else f"; its keys are {', '.join(sorted(params))}")
+            )
+        if value is not None:
+            defaults[key] = _as_default(param, annotations[key], value, Path(file).parent)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta[CONFIG_META] = str(file)
+    return file
+
+
+def _as_default(param, annotation, value, folder: Path):
+    """A config's value as the parameter's default: a list where the parameter repeats, a list joined with commas
+    where it takes a comma-separated text; a relative path made relative to the config's folder."""
+    annotation = next((kind for kind in typing.get_args(annotation) if kind is not type(None)), annotation)  # Optional
+    repeated = param.multiple or param.nargs == -1
+    if repeated and not isinstance(value, list):
+        value = [value]
+    if not repeated and isinstance(value, list) and annotation is str:
+        value = ",".join(str(item) for item in value)
+    item_type = typing.get_args(annotation)[0] if repeated and typing.get_args(annotation) else annotation
+    if item_type is Path or (param.name in PATH_OR_ID and item_type is str):
+        rebase = functools.partial(_relative_to, folder, existing=item_type is str)
+        value = [rebase(item) for item in value] if repeated else rebase(value)
+    return value
+
+
+def _relative_to(folder: Path, value, existing: bool):
+    """`value` read relative to `folder` when it is a relative path (and, for a hub id or folder, one that exists
+    there); as it is otherwise."""
+    if not isinstance(value, str) or Path(value).expanduser().is_absolute() or "://" in value:
+        return value
+    path = folder / value
+    return str(path) if not existing or path.exists() else value
+
+
+class Kdcache(typer.Typer):
+    """kdcache's app: every command it registers takes --config FILE (ConfigCommand), with no line of its own."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, cls=kwargs.pop("cls", None) or ConfigCommand, **kwargs)
+        return lambda command: register(with_config(command))
+
+
+def with_config(command):
+    """`command` with the parameter --config FILE, read first (load_config); the command never sees it."""
+    own = inspect.signature(command).parameters.values()
+    annotations = {parameter.name: parameter.annotation for parameter in own}
+
+    def read(ctx: typer.Context, file: Optional[Path]):
+        return load_config(ctx, file, annotations)
+
+    option = typer.Option(
+        None, "--config", help=CONFIG_HELP, is_eager=True, expose_value=False, callback=read, metavar="FILE"
+    )
+    parameters = [
+        *own,
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[Path]),
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**values):
+        values.pop("config", None)  # typer passes it, as None, although it is not exposed
+        return command(**values)
+
+    wrapper.__signature__ = inspect.Signature(parameters)
+    wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    return wrapper
+
+
+app = Kdcache(
     help=(
         "Knowledge distillation for image classifiers, with the teacher run once.\n\n"
         "\b\n"
@@ -55,7 +200,8 @@ def friendly(command):
             return command(*args, **kwargs)
         except KdcacheError as error:
             if not getattr(error, "reported_elsewhere", False):  # several processes agreed on it: the main one says it
-                typer.echo("; ".join([f"kdcache: error: {error}", *getattr(error, "__notes__", ())]), err=True)
+                lines = [f"kdcache: error: {error}{_set_by_config(error)}", *getattr(error, "__notes__", ())]
+                typer.echo("; ".join(lines), err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as interrupt:
             kept = getattr(interrupt, "__notes__", None) or ["run the same command again to resume"]
@@ -63,6 +209,13 @@ def friendly(command):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _set_by_config(error) -> str:
+    """' (set by --config FILE, key KEY)' when the error names a flag whose value came from a --config file."""
+    text = str(error)
+    named = [(key, file) for flag, (key, file) in _FROM_CONFIG.items() if f"{flag} " in text or f"{flag}=" in text]
+    return f" (set by --config '{named[0][1]}', key {named[0][0]})" if named else ""
 
 
 def _this_command() -> list[str]:

@@ -60,3 +60,41 @@ def test_a_failed_push_is_one_line_and_keeps_the_student(tmp_path, tiny_cache):
     )
     assert (output / "model.safetensors").exists() and (output / "preprocessor_config.json").exists()
     assert not (tmp_path / "student.partial").exists()
+
+
+def test_a_push_uploads_no_local_path(tmp_path, tmp_path_factory, tiny_cache, monkeypatch):
+    """Nothing private leaves the machine: no file uploaded names this machine's paths (the test's folders, the
+    home folder, the working folder), in text or in binary files (TensorBoard's events, the weights' metadata)."""
+    uploaded = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(FakeHub, "upload_folder", lambda self, *, folder_path, **kwargs: uploaded.append(folder_path))
+    train_student(
+        tiny_cache, output=tmp_path / "student", epochs=1, push_to_hub="me/beans-student", license="mit", **FAST
+    )
+    assert huggingface_hub.ModelCard.load(tmp_path / "student" / "README.md").data.license == "mit"
+    assert "kdcache_config.yaml" in [file.name for file in Path(uploaded[0]).iterdir()], "it names no absolute path"
+    # the session's temporary folder holds the test's, the cache's and the teacher's
+    private = {str(tmp_path_factory.getbasetemp()), str(tmp_path), str(Path.home()), str(Path.cwd())}
+    private = {path.encode() for path in private if path != "/"}
+    leaks = [
+        f"{file.relative_to(uploaded[0])}: {path.decode()}"
+        for file in sorted(Path(uploaded[0]).rglob("*"))
+        if file.is_file()
+        for path in private
+        if path in file.read_bytes()
+    ]
+    assert not leaks
+
+
+def test_a_config_naming_a_path_outside_the_folders_tree_is_not_pushed(tmp_path, monkeypatch):
+    from kdcache.hub import push_folder
+    from kdcache.options.config import CONFIG_FILE, write_config
+
+    ignored = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(FakeHub, "upload_folder", lambda self, **kwargs: ignored.append(kwargs["ignore_patterns"]))
+    write_config(tmp_path, "train-student", {"cache": tmp_path / "caches" / "tiny", "output": tmp_path})
+    push_folder(tmp_path, "me/student")
+    write_config(tmp_path, "train-student", {"cache": Path("/"), "output": tmp_path})  # shares nothing but the root
+    push_folder(tmp_path, "me/student")
+    assert ignored == [None, [CONFIG_FILE]]

@@ -44,7 +44,8 @@ def option(default, help=None, **metadata):
     `cli_default` (the field's default as the command line takes it), `sweep` (present: an option of `kdcache sweep`
     too, with these keys overridden), `how_it_runs` (it says how fast, how loud or where a run goes, not what it
     trains: --resume may change it and the run's recipe leaves it out), `in_recipe` (False: the recipe gives it
-    resolved). A field declared without `help` is no command-line option."""
+    resolved), `in_config` (False: kdcache_config.yaml leaves it out, as what to do with an earlier output or
+    whether to publish, not what the run makes). A field declared without `help` is no command-line option."""
     return field(default=default, metadata={"help": help, **metadata})
 
 

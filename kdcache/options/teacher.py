@@ -106,7 +106,7 @@ class CacheOptions:
         "With --bad-images skip: the largest share of a split's images that may be left out; more refuses the run "
         "(so many bad files is more likely a wrong folder or format than stray damage).",
     )
-    overwrite: bool = option(False, "Replace an existing cache made from other inputs.")
+    overwrite: bool = option(False, "Replace an existing cache made from other inputs.", in_config=False)
     num_workers: int | None = option(
         None,
         "Processes decoding images ahead of the teacher (per process).",

@@ -132,9 +132,10 @@ class TrainingOptions:
         "Continue an interrupted run from its last checkpoint; refused if it was started with other options "
         "(workers, device and logging may change).",
         how_it_runs=True,
+        in_config=False,
     )
     overwrite: bool = option(
-        False, "Replace an existing output folder (or discard an interrupted run).", how_it_runs=True
+        False, "Replace an existing output folder (or discard an interrupted run).", how_it_runs=True, in_config=False
     )
     online: bool = option(
         False, "Reference mode: run the teacher on every batch, as the tutorial does (for tests and benchmarks)."
@@ -189,12 +190,19 @@ class TrainingOptions:
     )
     logging_steps: int = option(10, how_it_runs=True)
     save_checkpoints: bool = option(True, in_recipe=False)
+    license: str | None = option(
+        None,
+        "The license the student's model card declares: a Hub license id (apache-2.0, mit, cc-by-4.0, other...).",
+        show_default="the teacher's, else the dataset's, where its card on this machine says one",
+        how_it_runs=True,  # the card's, not what is trained
+    )
     push_to_hub: str | None = option(
         None,
         "Once the student is saved, upload its folder (weights, image processor, model card) to this hub "
         "repository, created if needed (needs a login: hf auth login).",
         metavar="REPO",
         how_it_runs=True,
+        in_config=False,
     )
 
     def resolved(self) -> "TrainingOptions":

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from kdcache.losses import LOSS_SPECS
+from kdcache.options.config import is_local
 
 
 def summary_line(summary: dict) -> str:
@@ -31,13 +32,49 @@ def public_name(name_or_path: str) -> tuple[str, bool]:
     """How a model card names an input: `(hub id, True)` for one read from the hub, else `(folder name, False)`: the
     path it was read from would publish the trainer's folder layout with the card. Local is what the loaders took as
     local (a path that exists, as kdcache.data and from_pretrained decide) or what is written as a path."""
-    path = Path(name_or_path).expanduser()
-    if path.exists() or path.is_absolute() or name_or_path.startswith((".", "~")):
-        return path.resolve().name or name_or_path, False
+    if is_local(name_or_path):
+        return Path(name_or_path).expanduser().resolve().name or name_or_path, False
     return name_or_path, True
 
 
-def card_metadata(summary: dict, manifest: dict, repo: str | None = None) -> str:
+def public_record(summary: dict) -> dict:
+    """The summary as kdcache_training.json publishes it, with the student (--push-to-hub uploads it): its inputs
+    named as the card names them, a hub id as an id and a local folder by its name, beside its fingerprint (the
+    cache's, the teacher's weights'); the summary that train_student returns keeps the paths."""
+    recipe = summary["recipe"]
+
+    def public(value):
+        return [public(item) for item in value] if isinstance(value, list) else public_name(str(value))[0]
+
+    named = {key: public(recipe[key]) for key in ("cache", "teacher") if recipe.get(key) is not None}
+    if recipe.get("student") and recipe["student"] != "MobileNetV2Config() from scratch":
+        named["student"] = public(recipe["student"])
+    return {**summary, "output": Path(summary["output"]).name, "recipe": {**recipe, **named}}
+
+
+def inherited_license(manifest: dict) -> str | None:
+    """The license of the cache's teacher, else of its dataset, where the card (README.md's YAML `license:`) on this
+    machine says one: a local folder's, or the one in the hub's cache (no network: a card not there gives none)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.repocard import metadata_load
+
+    for kind, source in (("model", manifest["teacher"]), ("dataset", manifest["dataset"])):
+        name, revision = source["name_or_path"], source.get("revision")
+        try:
+            card = (
+                Path(name).expanduser() / "README.md"
+                if is_local(name)
+                else try_to_load_from_cache(name, "README.md", revision=revision, repo_type=kind)
+            )
+            found = (metadata_load(card) or {}).get("license") if isinstance(card, (str, Path)) else None
+        except Exception:  # no card, an unreadable one, a name the hub's cache refuses: no license said
+            found = None
+        if isinstance(found, str) and found:
+            return found
+    return None
+
+
+def card_metadata(summary: dict, manifest: dict, repo: str | None = None, license: str | None = None) -> str:
     """The card's YAML metadata in the Hub's conventions, those of transformers' `Trainer.create_model_card`: the
     dataset (a hub id only: a folder name would link nowhere), the metric, a model-index with the accuracy of the
     saved epoch on the split it was chosen on, and `base_model` for a student that started from a hub model."""
@@ -64,6 +101,7 @@ def card_metadata(summary: dict, manifest: dict, repo: str | None = None) -> str
             )
         )
     data = ModelCardData(
+        license=license,
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=["kdcache", "knowledge-distillation", "image-classification"],
@@ -76,8 +114,11 @@ def card_metadata(summary: dict, manifest: dict, repo: str | None = None) -> str
     return data.to_yaml()
 
 
-def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None = None) -> str:
-    """The student's README.md: the hub metadata, what it was distilled from and how, and how to use it."""
+def model_card(
+    summary: dict, manifest: dict, names: list[str], repo: str | None = None, license: str | None = None
+) -> str:
+    """The student's README.md: the hub metadata (`license`: given, else the teacher's or dataset's, if their cards
+    say one), what it was distilled from and how, and how to use it."""
     recipe = summary["recipe"]
     teacher_intro, teacher_row, cache_row = _teacher_rows(recipe, manifest)
     student = recipe["student"]
@@ -85,7 +126,7 @@ def model_card(summary: dict, manifest: dict, names: list[str], repo: str | None
         student = f"`{public_name(student)[0]}`"
     lines = [
         "---",
-        card_metadata(summary, manifest, repo).rstrip("\n"),
+        card_metadata(summary, manifest, repo, license or inherited_license(manifest)).rstrip("\n"),
         "---",
         "",
         f"# {Path(summary['output']).name}",

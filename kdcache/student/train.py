@@ -22,6 +22,7 @@ from kdcache.format.reader import load_cache
 from kdcache.hub import push_folder
 from kdcache.models import count_parameters
 from kdcache.options import TrainingOptions, check_resumable, record_options, run_options
+from kdcache.options.config import as_given, write_config
 from kdcache.options.resolution import final_size, size_schedule
 from kdcache.outputs import (
     TRAINING_RECORD,
@@ -40,7 +41,7 @@ from kdcache.runtime import (
     placement,
     slug,
 )
-from kdcache.student.card import model_card, summary_line
+from kdcache.student.card import model_card, public_record, summary_line
 from kdcache.student.model import build_student, student_processor
 from kdcache.student.rows import training_rows, unlabeled_splits
 from kdcache.student.trainer import StudentRun, build_trainer, run_training, training_callbacks
@@ -279,6 +280,7 @@ def _summary(run: StudentRun, trainer, seconds: float) -> dict:
             "teacher": run.rows.teacher_run,
             "cache": str(run.cache_path),
             "cache_fingerprint": manifest.fingerprint,
+            "teacher_weights_sha256": manifest.teacher["weights_sha256"],
             "student": options.student or "MobileNetV2Config() from scratch",
             "student_parameters": count_parameters(run.model),
             # the batch and processes as the Trainer ran them (one device per process: kdcache.devices)
@@ -307,8 +309,13 @@ def _save(run: StudentRun, trainer, summary: dict) -> None:
     trainer.save_model(str(final))  # on every process: under DDP the Trainer has the main one write
     if is_main(processes):
         student_processor(run.processor, manifest.pixel_shape[1:], run.size).save_pretrained(str(final))
-        (final / TRAINING_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
-        (final / "README.md").write_text(model_card(summary, manifest, manifest.label_names, run.options.push_to_hub))
+        (final / "training_args.bin").unlink(missing_ok=True)  # the Trainer's pickle, which names the work folder
+        (final / TRAINING_RECORD).write_text(json.dumps(public_record(summary), indent=2) + "\n")
+        card = model_card(summary, manifest, manifest.label_names, run.options.push_to_hub, run.options.license)
+        (final / "README.md").write_text(card)
+        caches = [Path(cache) for cache in run.caches]
+        given = {"cache": caches[0] if len(caches) == 1 else caches, "output": run.folder.path}
+        write_config(final, "train-student", {**given, **as_given(run.options)}, home=run.folder.path)
         if (work / "runs").exists():
             shutil.move(str(work / "runs"), str(final / "runs"))
 

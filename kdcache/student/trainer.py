@@ -214,7 +214,37 @@ def build_trainer(run: StudentRun) -> "DistillationTrainer":
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
+    if args.report_to == ["tensorboard"]:
+        from transformers.integrations import TensorBoardCallback
+
+        trainer.remove_callback(TensorBoardCallback)
+        trainer.add_callback(public_tensorboard())
     return trainer
+
+
+def public_tensorboard():
+    """transformers' TensorBoard logging, less what would publish this machine with the student's runs/ (pushed
+    with it): the text of the Trainer's arguments keeps their values but not their folders, and the run's folder is
+    named by its time alone, not by the host's name too."""
+    import json
+
+    from transformers.integrations import TensorBoardCallback
+
+    class PublicArguments:
+        def __init__(self, args):
+            self.args = args
+
+        def to_json_string(self) -> str:
+            public = {key: value for key, value in self.args.to_dict().items() if not key.endswith("_dir")}
+            return json.dumps(public, indent=2, default=str)
+
+    class PublicTensorBoard(TensorBoardCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.logging_dir is None:
+                self.logging_dir = str(Path(args.output_dir) / "runs" / time.strftime("%b%d_%H-%M-%S"))
+            super().on_train_begin(PublicArguments(args), state, control, **kwargs)
+
+    return PublicTensorBoard()
 
 
 def run_training(trainer, options: TrainingOptions) -> float:

@@ -19,7 +19,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
-from kdcache.options import DEFAULT_STUDY, TrainingOptions, check_loss_for_cache
+from kdcache.options import DEFAULT_STUDY, SweepOptions, TrainingOptions, check_loss_for_cache
+from kdcache.options.config import as_given, write_config
 from kdcache.outputs import TRAINING_RECORD, OutputLocked, lock_file, output_lock
 from kdcache.sweeps.space import Param, build_space
 from kdcache.sweeps.study import (
@@ -150,11 +151,25 @@ def sweep(
     )
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    settings = SweepOptions(
+        space=[param.spec for param in params],  # the --space file's too: the config holds the whole space
+        trials=trials,
+        output=output,
+        timeout=timeout,
+        storage=without_password(storage),
+        study_name=study_name,
+        pruner=pruner if isinstance(pruner, str) else SweepOptions.pruner,  # an Optuna pruner object has no text
+        final_seeds=final_seeds,
+        sampler_seed=sampler_seed,
+    )
+    cache = [Path(each) for each in caches]
+    given = {"cache": cache[0] if len(cache) == 1 else cache, **as_given(settings), **as_given(fixed, sweep=True)}
     with quiet_optuna(optuna):
         storage_name, opened = open_storage(storage, output)
         fingerprints = [manifest.fingerprint for manifest in manifests]
         pruner = make_pruner(pruner, fixed.epochs)
         study = open_study(optuna, opened, storage_name, study_name, params, fixed, fingerprints, pruner, sampler_seed)
+        write_config(output, "sweep", given)  # once the study took them: a refused rerun leaves the config be
         fail_dead_local_trials(optuna, study)
         runner = _TrialRunner(caches, output, params, fixed, study, trials, progress)
         finals = _run_trials(optuna, runner, storage_name, timeout, final_seeds)
@@ -164,6 +179,18 @@ def sweep(
     if progress:
         log.info(leaderboard(report))
     return report
+
+
+def without_password(storage: str | None) -> str | None:
+    """The storage URL as a written config keeps it: without its password (SQLAlchemy's drivers read it from
+    ~/.pgpass or the environment then, or --storage gives it again)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(storage) if storage and "://" in storage else None
+    if parts is None or parts.password is None:
+        return storage
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}"))
 
 
 def _checked(cache, space, space_file, options, overrides: dict, trials: int, final_seeds: int, pruner):

@@ -2,7 +2,6 @@
 small YAML or JSON file, and refused in one line when a field does not exist or cannot take what SPEC draws.
 Free of Optuna and of heavy imports: the space is checked before anything is loaded."""
 
-import json
 import re
 import types
 import typing
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from kdcache.errors import KdcacheError
 from kdcache.options import TrainingOptions
+from kdcache.options.config import read_yaml_or_json
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 SPEC_FORMS = "loguniform(a,b), uniform(a,b), int(a,b) or choice(x,y,...)"
@@ -28,6 +28,7 @@ NOT_SWEPT = (
     "precision",
     "logging_steps",
     "save_checkpoints",
+    "license",
     "push_to_hub",
 )
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*=\s*([A-Za-z]+)\s*\((.*)\)\s*$", re.DOTALL)
@@ -203,24 +204,7 @@ def read_space_file(path: str | Path) -> list[Param]:
     """A space file: a YAML or JSON mapping of field names to SPEC strings (a list is a choice), e.g.
     `learning_rate: loguniform(1e-4,1e-2)` and `temperature: [2, 5]`."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise KdcacheError(
-            f"--space '{path}' cannot be read ({error.strerror or error}); give a YAML or JSON file"
-        ) from None
-    try:
-        if path.suffix.lower() == ".json":
-            content = json.loads(text)
-        else:
-            import yaml
-
-            content = yaml.safe_load(text)
-    except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise KdcacheError(
-            f"--space '{path}' is not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})"
-        ) from None
+    content = read_yaml_or_json(path, "--space")
     if not isinstance(content, dict) or not content:
         raise KdcacheError(
             f"--space '{path}' must map option names to distributions, e.g. 'learning_rate: loguniform(1e-4,1e-2)'"

@@ -38,6 +38,7 @@ from kdcache.format.columns import Layout, split_features
 from kdcache.format.manifest import MANIFEST, Manifest
 from kdcache.format.reader import load_cache, quiet_datasets
 from kdcache.options import DEFAULT_DATASET, DEFAULT_TEACHER, CacheOptions
+from kdcache.options.config import as_given, write_config
 from kdcache.outputs import (
     OutputFolder,
     check_free_space,
@@ -236,6 +237,8 @@ def _write_cache(folder: OutputFolder, inputs: Inputs, recipe, fingerprint, opti
     )
     manifest.write(folder.finished)
     inputs.processor.save_pretrained(str(folder.finished))
+    given = {"dataset": inputs.dataset, "teacher": inputs.teacher, "output": folder.path, **as_given(options)}
+    write_config(folder.finished, "teacher-logits", given, home=folder.path)
 
 
 def _failed_check(path: Path, share=None) -> str | None:

@@ -101,3 +101,36 @@ def test_the_card_names_hub_inputs_by_their_hub_ids_and_a_hub_student_as_base_mo
     assert card.data.model_name == "me/beans-student"
     assert "`merve/beans-vit-224`" in card.content and "on `beans`" in card.content
     assert 'model="me/beans-student"' in card.content and "/home/someone" not in card.content
+
+
+def test_the_card_declares_the_license_given_else_the_teachers_or_the_datasets(tmp_path):
+    """--license, or the teacher's card's `license:`, else the dataset's (local folders here; a hub id's card is read
+    from the hub's cache on this machine only), else none."""
+    from huggingface_hub import ModelCard
+
+    from kdcache.student.card import model_card
+
+    teacher, dataset = tmp_path / "teacher", tmp_path / "dataset"
+    teacher.mkdir(), dataset.mkdir()
+    recipe = dict(
+        teacher=str(teacher), cache="c", cache_fingerprint="0" * 16, student="MobileNetV2Config() from scratch",
+        student_parameters=1000, online=False, alpha=0.5, temperature=4.0, loss="kd", learning_rate=1e-3,
+        scheduler="cosine", batch_size=32, weight_decay=0.05, seed=42,
+    )  # fmt: skip
+    summary = dict(output="s", recipe=recipe, eval_split=None, epochs=1.0, steps=1, best_eval_accuracy=None)
+    manifest = {
+        "dataset": {"name_or_path": str(dataset), "revision": None},
+        "teacher": {"name_or_path": str(teacher), "weights_sha256": "f" * 64},
+    }
+
+    def license(given=None):
+        return ModelCard(model_card(summary, manifest, ["a", "b"], license=given)).data.license
+
+    assert license() is None, "no card says one"
+    (dataset / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# data\n")
+    assert license() == "cc-by-4.0"
+    (teacher / "README.md").write_text("---\nlicense: mit\ntags: [x]\n---\n# teacher\n")
+    assert license() == "mit", "the teacher's first"
+    assert license("apache-2.0") == "apache-2.0", "--license wins"
+    manifest["teacher"]["name_or_path"] = "someone/not-in-the-cache"
+    assert license() == "cc-by-4.0", "a hub teacher whose card this machine has not: the dataset's"

@@ -152,5 +152,5 @@ def test_the_command_line_trains_an_ensemble(tmp_path, tiny_cache, second_cache)
     result = CliRunner().invoke(app, command + ["--teacher-weights", "2,1"])
     assert result.exit_code == 0, result.output
     recorded = json.loads((tmp_path / "s" / TRAINING_RECORD).read_text())["recipe"]
-    assert recorded["cache"] == [str(tiny_cache), str(second_cache)]
+    assert recorded["cache"] == [tiny_cache.name, second_cache.name], "the file names them by folder, not path"
     assert recorded["teacher_weights"] == pytest.approx([2 / 3, 1 / 3])

@@ -195,7 +195,7 @@ def test_the_fields_say_once_what_resume_may_change_and_what_the_recipe_leaves_o
     from kdcache.options import TrainingOptions
 
     names = {field.name for field in fields(TrainingOptions)}
-    how_it_runs = {"resume", "overwrite", "num_workers", "device", "logging_steps", "push_to_hub"}
+    how_it_runs = {"resume", "overwrite", "num_workers", "device", "logging_steps", "license", "push_to_hub"}
     resolved_in_the_recipe = {"save_checkpoints", "train_split", "eval_split", "teacher"}
     assert set(TrainingOptions().compared()) == names - how_it_runs
     assert set(TrainingOptions().recipe()) == names - how_it_runs - resolved_in_the_recipe

@@ -231,6 +231,20 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
         **FAST,
     )
     assert len(again["trials"]) == 4 and len(verified) == 2
+    # its kdcache_config.yaml reruns it from anywhere: the space, the study, the trials' fixed options
+    import yaml
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+    from kdcache.options.config import CONFIG_FILE
+
+    config = yaml.safe_load((output / CONFIG_FILE).read_text())
+    assert config["space"] == ["learning_rate=loguniform(0.001,0.03)", "temperature=choice(2,5)"]
+    assert (config["trials"], config["epochs"], config["batch_size"], config["output"]) == (4, 2, 8, ".")
+    monkeypatch.chdir(tmp_path.parent)
+    result = CliRunner().invoke(app, ["sweep", "--config", str(output / CONFIG_FILE)])
+    assert result.exit_code == 0, result.output
+    assert len(verified) == 3 and len(study.get_trials()) == 4, "complete: nothing more"
     # another space on the same study is refused, not mixed into it
     with pytest.raises(
         KdcacheError,
@@ -238,6 +252,17 @@ def test_a_four_trial_sweep_verifies_the_cache_once_and_keeps_the_best_student(t
         r"space and epochs differ\); rerun the same command",
     ):
         kdcache.sweep(tiny_cache, output, SPACE, trials=5, progress=False, **{**FAST, "epochs": 3})
+    assert yaml.safe_load((output / CONFIG_FILE).read_text()) == config, "a refused rerun leaves the config be"
+
+
+def test_a_written_config_keeps_the_storage_without_its_password():
+    from kdcache.sweeps.run import without_password
+
+    assert without_password("postgresql+psycopg://me:s3cret@db.example:5432/sweeps") == (
+        "postgresql+psycopg://me@db.example:5432/sweeps"
+    )
+    assert without_password("sqlite:///sweeps/study.db") == "sqlite:///sweeps/study.db"
+    assert without_password("journal.log") == "journal.log" and without_password(None) is None
 
 
 @needs_optuna

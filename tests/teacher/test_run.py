@@ -166,6 +166,7 @@ def test_the_chunks_written_during_the_run_become_the_cache_without_a_copy(tmp_p
     assert sorted(path.name for path in output.iterdir()) == [
         "dataset_dict.json",
         MANIFEST,
+        "kdcache_config.yaml",
         "preprocessor_config.json",
         "test",
         "train",
