@@ -149,7 +149,7 @@ def push_cache(cache, dest, options: PushOptions | None = None, *, progress: boo
     # files all go: one of the same name and size (a chunk of as many rows) is not this one's, and only the files
     # written after this push's marker may be trusted by their size when it resumes.
     if other is not None:
-        store.delete([name for name in remote if _is_cache_file(name)])
+        store.delete(sorted((name for name in remote if _is_cache_file(name)), key=lambda name: name != MANIFEST))
         remote = {name: file for name, file in remote.items() if not _is_cache_file(name)}
     elif existing is not None:
         store.delete([MANIFEST])
