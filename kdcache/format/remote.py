@@ -119,7 +119,8 @@ def push_cache(cache, dest, options: PushOptions | None = None, *, progress: boo
     chunks = _chunks(manifest)
     if address.on_hub:
         _check_hub_limits(folder, local)
-    pushed = {key: value for key, value in manifest.items() if key != "source"}  # where it was pulled from is ours
+    # the manifest as written (not as upgraded in memory), less where this copy was pulled from, which is ours
+    pushed = {key: value for key, value in json.loads((folder / MANIFEST).read_text()).items() if key != "source"}
     store = open_store(address, options.storage_options)
     store.prepare_push(options.private)
     remote = store.files()

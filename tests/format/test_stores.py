@@ -193,3 +193,25 @@ def test_hub_refusals_are_one_line_each(tmp_path, tiny_cache, compact_cache, hub
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     result = CliRunner().invoke(app, ["push-cache", str(tiny_cache), "me/beans-logits"])
     assert result.exit_code == 1 and "no Hub credentials to push" in result.output and "hf auth login" in result.output
+
+
+def test_a_cache_past_the_hubs_limits_or_without_chunk_checksums_is_refused_before_any_upload(
+    tmp_path, tiny_cache, hub, monkeypatch
+):
+    from helpers import old_format_copy
+
+    import kdcache.format.remote as remote
+
+    monkeypatch.setattr(remote, "HUB_FILES_PER_FOLDER", 3)
+    with pytest.raises(
+        KdcacheError, match="folder '(test|train|validation)' has 3 files, over the Hub's 3 per folder"
+    ):
+        push_cache(tiny_cache, "me/beans-logits", progress=False)
+    monkeypatch.setattr(remote, "HUB_LARGEST_FILE", 1000)
+    monkeypatch.setattr(remote, "HUB_FILES_PER_FOLDER", 10_000)
+    with pytest.raises(KdcacheError, match="chunk-000000.arrow' is .* over the Hub's 1.0 KB per file"):
+        push_cache(tiny_cache, "me/beans-logits", progress=False)
+    old = old_format_copy(tiny_cache, tmp_path / "old", version=3)
+    with pytest.raises(KdcacheError, match="has format version 3, without a checksum per chunk file"):
+        push_cache(old, "me/beans-logits", progress=False)
+    assert hub.repos == {}  # nothing was created, let alone uploaded
