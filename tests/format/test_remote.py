@@ -147,6 +147,26 @@ def test_train_student_from_an_s3_address_pulls_once_and_reuses_the_copy(
     assert moved == []  # up to date: no second download
 
 
+def test_evaluate_and_verify_take_an_address(tmp_path, tiny_cache, tiny_dataset, tiny_teacher, bucket, s3_endpoint):
+    from kdcache.cli import app
+
+    address = f"{bucket}/caches/tiny"
+    push_cache(tiny_cache, address, progress=False)
+    remote = ["--cache-dir", str(tmp_path / "copies"), "--storage-options", json.dumps({"endpoint_url": s3_endpoint})]
+    evaluate = ["evaluate", str(tiny_teacher), "--dataset", str(tiny_dataset), "--cache", address, "--batch-size", "8"]
+    result = CliRunner().invoke(app, [*evaluate, "--output", str(tmp_path / "eval"), *remote])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    copy = tmp_path / "copies" / f"s3--{bucket[5:]}--caches--tiny"
+    assert metrics["teacher_agreement"]["cache"] == str(copy)
+    assert (
+        metrics["teacher_agreement"]["cache_fingerprint"]
+        == json.loads((tiny_cache / MANIFEST).read_text())["fingerprint"]
+    )
+    result = CliRunner().invoke(app, ["verify", address, "--sample", "4", "--teacher", str(tiny_teacher), *remote])
+    assert result.exit_code == 0 and "passed" in result.output, result.output
+
+
 def test_a_new_revision_is_pulled_again_and_an_unreachable_address_uses_the_copy(
     tiny_cache, compact_cache, bucket, monkeypatch, caplog
 ):
