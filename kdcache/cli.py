@@ -18,11 +18,12 @@ from kdcache.options import (
     DEFAULT_TEACHER,
     CacheOptions,
     EvaluationOptions,
+    PushOptions,
+    RemoteOptions,
     SweepOptions,
     TrainingOptions,
     VerifyOptions,
 )
-from kdcache.options.remote import PushOptions, RemoteOptions
 
 app = typer.Typer(
     help=(

@@ -33,7 +33,7 @@ from kdcache.format.stores import (
     open_store,
     parse_address,
 )
-from kdcache.options.remote import PushOptions, RemoteOptions
+from kdcache.options import PushOptions, RemoteOptions
 from kdcache.outputs import LOCK_SUFFIX, human_bytes, output_lock
 from kdcache.runtime import output_path
 
