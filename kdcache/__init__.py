@@ -16,6 +16,8 @@ log_to_stdout()
 _PUBLIC = {
     "teacher_logits": "kdcache.teacher.run",
     "load_cache": "kdcache.format.reader",
+    "push_cache": "kdcache.format.remote",
+    "pull_cache": "kdcache.format.remote",
     "train_student": "kdcache.student.train",
     "evaluate_models": "kdcache.evaluation.evaluate",
     "distillation_loss": "kdcache.student.loss",

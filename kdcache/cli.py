@@ -20,6 +20,8 @@ from kdcache.options import (
     DEFAULT_TEACHER,
     CacheOptions,
     EvaluationOptions,
+    PushOptions,
+    RemoteOptions,
     SweepOptions,
     TrainingOptions,
     VerifyOptions,
@@ -178,8 +180,11 @@ app = Kdcache(
         "  kdcache evaluate         measure students and teachers on a split\n"
         "  kdcache info CACHE       what a cache holds and what produced it\n"
         "  kdcache verify CACHE     rerun the teacher on a sample of a cache: are its logits the teacher's?\n"
+        "  kdcache push-cache       share a cache: push it to a Hub dataset repository or object storage\n"
+        "  kdcache pull-cache       pull a shared cache, every file verified\n"
         "  kdcache demo             the whole pipeline offline, on scikit-learn's digits\n\n"
-        "Every model or dataset argument takes a Hugging Face hub id or a local folder. "
+        "Every model or dataset argument takes a Hugging Face hub id or a local folder; every cache argument a folder "
+        "or an address (hf://datasets/OWNER/NAME, s3://bucket/prefix), pulled once. "
         "Run 'kdcache COMMAND --help' for a command's options and an example."
     ),
     no_args_is_help=True,
@@ -278,6 +283,15 @@ def relaunch(num_processes: Optional[int], device: str) -> None:
         raise typer.Exit(failure.exitcode if failure.exitcode > 0 else 1) from None
     raise typer.Exit(0)
 
+
+CACHE_HELP = (
+    "A cache folder written by kdcache teacher-logits, or its address (hf://datasets/OWNER/NAME, s3://bucket/prefix), "
+    "pulled once into --cache-dir."
+)
+ADDRESS_HELP = (
+    "A Hub dataset repository (OWNER/NAME, or hf://datasets/OWNER/NAME[@REVISION]) or an fsspec URL "
+    "(s3://bucket/prefix, gs://, az://, file:///path)."
+)
 
 NUM_PROCESSES = typer.Option(
     None,
@@ -406,6 +420,7 @@ def teacher_logits_command(
 @app.command("evaluate")
 @friendly
 @with_options(EvaluationOptions, after={"output": "device"})
+@with_options(RemoteOptions, into="remote")
 def evaluate_command(
     models: list[str] = typer.Argument(
         ...,
@@ -419,6 +434,7 @@ def evaluate_command(
         show_default="MODEL/eval-SPLIT for a local model, data/eval/NAME-SPLIT for a hub id, data/eval/compare-SPLIT for several models",
     ),
     options: EvaluationOptions = None,
+    remote: RemoteOptions = None,
 ):
     """Measure models on a split: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix,
     expected calibration error (15 bins), parameters, size on disk and images/s; with --cache, how close each is
@@ -436,29 +452,39 @@ def evaluate_command(
       kdcache evaluate data/students/beans--effl0-beans-distilled --cache data/beans--effl0-beans
       kdcache evaluate teachers/effl0-beans data/students/* --cache data/beans--effl0-beans
     """
+    from dataclasses import replace
+
     from kdcache.evaluation.evaluate import evaluate_models
     from kdcache.evaluation.report import describe
+    from kdcache.format.remote import local_caches
 
+    options = replace(options, cache=local_caches(options.caches, remote))
     typer.echo(describe(evaluate_models(models, output=output, options=options)))
 
 
 @app.command("info")
 @friendly
+@with_options(RemoteOptions, into="remote")
 def info_command(
-    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
+    cache: str = typer.Argument(..., metavar="CACHE", help=CACHE_HELP),
+    remote: RemoteOptions = None,
 ):
-    """Print a cache's manifest: what produced it, its splits and their checksums, and its size on disk."""
+    """Print a cache's manifest: what produced it (and, for a pulled copy, where from), its splits and their
+    checksums, and its size on disk."""
     from kdcache.format.reader import describe
+    from kdcache.format.remote import local_cache
 
-    typer.echo(describe(cache))
+    typer.echo(describe(local_cache(cache, remote)))
 
 
 @app.command("verify")
 @friendly
 @with_options(VerifyOptions)
+@with_options(RemoteOptions, into="remote")
 def verify_command(
-    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
+    cache: str = typer.Argument(..., metavar="CACHE", help=CACHE_HELP),
     options: VerifyOptions = None,
+    remote: RemoteOptions = None,
 ):
     """Rerun the cache's teacher on a random sample of its inputs and compare with the cached logits.
 
@@ -471,9 +497,10 @@ def verify_command(
       kdcache verify data/beans--effl0-beans
       kdcache verify data/beans-effl0-mixed16 --sample 256 --teacher teachers/effl0-beans
     """
+    from kdcache.format.remote import local_cache
     from kdcache.teacher.verify import describe, verify_teacher_logits
 
-    report = verify_teacher_logits(cache, options)
+    report = verify_teacher_logits(local_cache(cache, remote), options)
     typer.echo(describe(report))
     if not report["passed"]:
         raise typer.Exit(1)
@@ -482,17 +509,19 @@ def verify_command(
 @app.command("train-student")
 @friendly
 @with_options(TrainingOptions)
+@with_options(RemoteOptions, into="remote")
 def train_student_command(
-    cache: list[Path] = typer.Argument(
+    cache: list[str] = typer.Argument(
         ...,
         metavar="CACHE",
-        help="A cache folder written by kdcache teacher-logits; several caches of the same rows and views: a teacher ensemble, their probabilities averaged at T.",
+        help="A cache folder written by kdcache teacher-logits, or its address (hf://datasets/OWNER/NAME, s3://...); several caches of the same rows and views: a teacher ensemble, their probabilities averaged at T.",
         show_default=False,
     ),
     output: Optional[Path] = typer.Option(
         None, show_default="data/students/<cache>-distilled", help="Folder for the trained student."
     ),
     options: TrainingOptions = None,
+    remote: RemoteOptions = None,
     num_processes: Optional[int] = NUM_PROCESSES,
 ):
     """Train a student from the cached soft targets and save it for pipeline("image-classification").
@@ -508,6 +537,12 @@ def train_student_command(
     \b
       kdcache train-student data/beans--effl0-beans
       kdcache train-student data/beans--effl0-beans --alpha 0 --output data/students/beans-scratch
+
+    From a cache someone shared (pulled once into --cache-dir, verified, reused while up to date):
+
+    \b
+      kdcache train-student hf://datasets/me/beans-effl0-logits
+      kdcache train-student s3://bucket/caches/beans-effl0
 
     A teacher ensemble: two caches of the same data and views, by two teachers, their probabilities averaged at T:
 
@@ -533,24 +568,28 @@ def train_student_command(
       kdcache train-student data/beans--effl0-beans --num-processes 4
     """
     relaunch(num_processes, options.device)
+    from kdcache.format.remote import local_caches
     from kdcache.student.train import train_student
 
-    train_student(cache[0] if len(cache) == 1 else cache, output=output, options=options, progress=True)
+    caches = local_caches(cache, remote)
+    train_student(caches[0] if len(caches) == 1 else caches, output=output, options=options, progress=True)
 
 
 @app.command("sweep")
 @friendly
 @with_options(TrainingOptions, sweep=True)
 @with_options(SweepOptions, into="study")
+@with_options(RemoteOptions, into="remote")
 def sweep_command(
-    cache: list[Path] = typer.Argument(
+    cache: list[str] = typer.Argument(
         ...,
         metavar="CACHE",
-        help="A cache folder written by kdcache teacher-logits (several: a teacher ensemble, as in train-student).",
+        help="A cache folder written by kdcache teacher-logits, or its address (several: a teacher ensemble, as in train-student).",
         show_default=False,
     ),
     study: SweepOptions = None,
     options: TrainingOptions = None,
+    remote: RemoteOptions = None,
 ):
     """Train many students from one cache: an Optuna study over train-student's options, resumable, on one
     machine or many.
@@ -572,10 +611,76 @@ def sweep_command(
       kdcache sweep data/beans--effl0-beans --trials 60 --output data/sweeps/beans \\
           --storage postgresql://user:password@host/sweeps --space space.yaml
     """
+    from kdcache.format.remote import local_caches
     from kdcache.sweeps.run import optuna_module, sweep
 
     optuna_module()  # without Optuna: one line saying how to install it, before anything else
-    sweep(cache[0] if len(cache) == 1 else cache, options=options, **vars(study))
+    caches = local_caches(cache, remote)
+    sweep(caches[0] if len(caches) == 1 else caches, options=options, **vars(study))
+
+
+@app.command("push-cache")
+@friendly
+@with_options(PushOptions)
+def push_cache_command(
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache folder written by kdcache teacher-logits."),
+    dest: str = typer.Argument(..., metavar="DEST", help=ADDRESS_HELP),
+    options: PushOptions = None,
+):
+    """Push a cache where others can train from it: a Hub dataset repository (with a dataset card that
+    datasets.load_dataset reads) or object storage.
+
+    Every chunk file is verified before it leaves; the files go first (on the Hub in commits of at most 50 files) and
+    the manifest last, so the address never shows a cache as complete before it is. A rerun of an interrupted push
+    uploads only what is missing; another cache at DEST is refused unless --overwrite. Credentials come from where
+    their ecosystem keeps them: 'hf auth login' or HF_TOKEN, the AWS environment or profile, --storage-options.
+
+    \b
+      kdcache push-cache data/beans--effl0-beans me/beans-effl0-logits
+      kdcache push-cache data/beans--effl0-beans s3://bucket/caches/beans-effl0
+      kdcache push-cache data/beans--effl0-beans s3://bucket/caches/beans-effl0 \\
+          --storage-options '{"endpoint_url": "http://localhost:9000"}'
+    """
+    from kdcache.format.remote import push_cache
+
+    report = push_cache(cache, dest, options)
+    typer.echo(
+        f"kdcache: pushed '{cache}' to {report['address']}: {report['uploaded_files']} files uploaded "
+        f"({report['uploaded_bytes']} bytes), {report['kept_files']} already there"
+    )
+
+
+@app.command("pull-cache")
+@friendly
+@with_options(RemoteOptions, into="remote")
+def pull_cache_command(
+    src: str = typer.Argument(..., metavar="SRC", help=ADDRESS_HELP),
+    output: Optional[Path] = typer.Option(
+        None,
+        show_default="its folder in --cache-dir",
+        help="Folder to pull into: a new or empty folder, or an earlier pull of the same address (updated).",
+    ),
+    remote: RemoteOptions = None,
+):
+    """Pull a shared cache into a folder, every chunk file checked against the sha256 its manifest records.
+
+    A damaged or missing file is fetched once more, then refused. A rerun of an interrupted pull fetches only what
+    is missing; a copy that is up to date is left as it is. The copy's manifest records where it came from (the
+    address, and the Hub revision or the object's ETag): 'kdcache info' shows it. The commands that read a cache
+    take the address itself and pull it into --cache-dir.
+
+    \b
+      kdcache pull-cache me/beans-effl0-logits --output data/beans-effl0
+      kdcache pull-cache s3://bucket/caches/beans-effl0 --output data/beans-effl0
+    """
+    from kdcache.format.remote import pull_cache
+
+    report = pull_cache(src, output, remote)
+    revision = f" @ {report['revision']}" if report.get("revision") else ""
+    typer.echo(
+        f"kdcache: pulled {report['address']}{revision} into '{report['path']}': {report['fetched_files']} files "
+        f"fetched ({report['fetched_bytes']} bytes), {report['kept_files']} verified and kept"
+    )
 
 
 @app.command("demo")

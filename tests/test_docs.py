@@ -128,7 +128,8 @@ def commands_in(lines: list[str]) -> list[str]:
 
 def test_the_docs_hold_kdcache_commands_of_every_subcommand():
     subcommands = {shlex.split(line)[1] for _, line in documented_commands()}
-    assert {"teacher-logits", "train-student", "evaluate", "verify", "info", "demo"} <= subcommands
+    every = {"teacher-logits", "train-student", "evaluate", "verify", "info", "demo", "push-cache", "pull-cache"}
+    assert every <= subcommands
 
 
 def parse(line: str) -> None:

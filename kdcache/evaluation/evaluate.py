@@ -42,6 +42,7 @@ from kdcache.evaluation.report import (
 )
 from kdcache.format.manifest import LABELS
 from kdcache.format.reader import load_cache, rebuilt_logits
+from kdcache.format.remote import local_caches
 from kdcache.labels import NO_LABEL
 from kdcache.models import align_labels, count_parameters, load_classifier
 from kdcache.options import DEFAULT_DATASET, EvaluationOptions
@@ -98,6 +99,8 @@ def evaluate_models(
     if not models:
         raise KdcacheError("name at least one model to evaluate (a hub id or a folder written by save_pretrained)")
     options.check()
+    if options.caches:  # an address: its verified local copy (kdcache.format.remote.local_cache)
+        options = replace(options, cache=local_caches(options.caches, progress=progress))
     output = output_path(output) if output is not None else default_output(models, options.split)
     # the output is locked before anything is read: a second run on it stops at once
     with safe_output(output, EVALUATION_OUTPUT) as folder:

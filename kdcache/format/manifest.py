@@ -19,6 +19,10 @@ Format versions:
      format 2.
   2: optional augmented views per image (views, image columns).
   1: one clean view (no `views`, at the top or per split): read as views=None, and 1 view per split.
+
+A cache pulled from an address (kdcache.format.remote) has one more entry, of any format: `source` (address, revision
+(a Hub commit) or etag (an object store's), manifest_sha256 (of the manifest as pushed), pulled (when)). It is not part
+of the cache (a push leaves it out); it says where this copy came from and whether it is up to date.
 """
 
 import hashlib
@@ -210,6 +214,12 @@ class Manifest(dict):
     @property
     def fingerprint(self) -> str:
         return self["fingerprint"]
+
+    @property
+    def source(self) -> dict | None:
+        """Where a pulled copy came from (address, revision, etag, manifest_sha256, pulled); None for a cache made
+        here."""
+        return self.get("source")
 
     @property
     def label_names(self) -> list[str]:

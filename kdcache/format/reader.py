@@ -71,6 +71,16 @@ def describe(path: str | Path) -> str:
         f"  format version  {manifest['format_version']} (kdcache {manifest['kdcache_version']}), "
         f"created {manifest['created']}",
         f"  fingerprint     {manifest['fingerprint']}",
+        *(
+            [
+                f"  pulled from     {manifest.source['address']}"
+                + (f" @ {manifest.source['revision']}" if manifest.source.get("revision") else "")
+                + (f" (ETag {manifest.source['etag']})" if manifest.source.get("etag") else "")
+                + f", {manifest.source['pulled']}"
+            ]
+            if manifest.source
+            else []
+        ),
         f"  teacher         {teacher['name_or_path']}"
         + (f" @ {teacher['revision']}" if teacher.get("revision") else ""),
         f"                  {teacher['class']}, weights sha256 {teacher['weights_sha256'][:16]}...",

@@ -15,6 +15,7 @@ from kdcache.options.fields import (
     check_teacher_weights,
     option,
 )
+from kdcache.options.remote import PushOptions, RemoteOptions
 from kdcache.options.sweep import SweepOptions
 from kdcache.options.teacher import CacheOptions, VerifyOptions
 from kdcache.options.training import (
@@ -38,6 +39,8 @@ __all__ = [
     "SCHEDULERS",
     "CacheOptions",
     "EvaluationOptions",
+    "PushOptions",
+    "RemoteOptions",
     "SweepOptions",
     "TrainingOptions",
     "VerifyOptions",

@@ -24,10 +24,10 @@ class EvaluationOptions:
     split: str = option("test", "Split to evaluate on.")
     cache: str | Path | list | None = option(
         None,  # several: a teacher ensemble
-        "A teacher-logits cache of the same data: adds agreement with the teacher (top-1, KL at T=1, teacher "
-        "accuracy) without running the teacher. Repeat it for a teacher ensemble: agreement with each teacher and "
-        "with the ensemble (probabilities averaged at T=1).",
-        type=list[Path],
+        "A teacher-logits cache of the same data (a folder, or its address: hf://datasets/OWNER/NAME, s3://...): "
+        "adds agreement with the teacher (top-1, KL at T=1, teacher accuracy) without running the teacher. Repeat it "
+        "for a teacher ensemble: agreement with each teacher and with the ensemble (probabilities averaged at T=1).",
+        type=list[str],
         parse=lambda caches: list(caches or []),
     )
     teacher_weights: list[float] | None = option(

@@ -19,6 +19,7 @@ from kdcache.format.manifest import (
     Manifest,
 )
 from kdcache.format.reader import load_cache
+from kdcache.format.remote import local_cache
 from kdcache.hub import push_folder
 from kdcache.models import count_parameters
 from kdcache.options import TrainingOptions, check_resumable, record_options, run_options
@@ -60,7 +61,8 @@ def train_student(
     **overrides,
 ) -> dict:
     """Train a student from the cache at `cache` and save it (model, image processor, model card) to `output`.
-    `cache` may also be a list of caches of the same rows and views: a teacher ensemble, whose teachers'
+    `cache` may be an address (hf://datasets/OWNER/NAME, s3://...: kdcache.format.remote.local_cache pulls it once
+    into the cache folder) and may also be a list of caches of the same rows and views: a teacher ensemble, whose teachers'
     probabilities at the temperature are averaged (weighted by `teacher_weights`, normalised; equal by default) into
     the targets every loss reads (kdcache.format.ensemble; kdcache.format.ensemble.ensemble_teacher_logits).
 
@@ -84,6 +86,7 @@ def train_student(
     caches = [cache] if isinstance(cache, (str, Path)) else list(cache)
     if not caches:
         raise KdcacheError("name at least one cache to train from (a folder written by kdcache teacher-logits)")
+    caches = [local_cache(path, progress=progress) for path in caches]  # an address: its verified local copy
     processes = distributed(options.device)  # None on a plain run, which then goes exactly as it always has
     with agreed(processes):  # every process checks the same inputs; an error is printed once
         options.check(processes.count if processes else 1, caches=len(caches))

@@ -197,6 +197,7 @@ def _checked(cache, space, space_file, options, overrides: dict, trials: int, fi
     """Everything a sweep is refused for before the storage is touched, in one line each: (the fixed options as
     every trial starts from them, the space's parameters, the caches, their manifests)."""
     from kdcache.format.reader import load_cache
+    from kdcache.format.remote import local_cache
     from kdcache.runtime import launched_processes
 
     if launched_processes() > 1:
@@ -216,6 +217,7 @@ def _checked(cache, space, space_file, options, overrides: dict, trials: int, fi
     caches = [cache] if isinstance(cache, (str, Path)) else list(cache)
     if not caches:
         raise KdcacheError("name at least one cache to train from (a folder written by kdcache teacher-logits)")
+    caches = [local_cache(path) for path in caches]  # an address: pulled once, and every trial reads the copy
     # Verified once for the whole process: each trial then opens the caches without hashing their files again.
     manifests = [load_cache(path)[1] for path in caches]
     views = manifests[0].views_of(fixed.train_split) if fixed.train_split in manifests[0].splits else 1

@@ -29,6 +29,7 @@ from kdcache.format.columns import (
     teacher_outputs,
 )
 from kdcache.format.reader import load_cache, rebuilt_logits
+from kdcache.format.remote import local_cache
 from kdcache.format.views import readable_sources, render_views, source_image, stored_view
 from kdcache.models import load_classifier, weights_sha256
 from kdcache.options import VerifyOptions
@@ -59,7 +60,7 @@ def verify_teacher_logits(
     options.check()
     sample, tolerance, seed, teacher = options.sample, options.tolerance, options.seed, options.teacher
     device, batch_size = options.device, options.batch_size
-    cache_path = Path(cache)
+    cache_path = local_cache(cache, progress=progress)  # an address: its verified local copy
     cached, manifest = load_cache(cache_path)
     recorded, precision = manifest.teacher, manifest.precision
     if tolerance is None:
