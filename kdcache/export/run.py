@@ -183,6 +183,7 @@ def read_student(path: Path) -> Student:
     """The student at `path`, refused in one line when it is no image classifier folder with its image processor."""
     from PIL import Image
     from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as transformers_logging
 
     if not (path / "config.json").is_file():
         raise KdcacheError(
@@ -194,6 +195,8 @@ def read_student(path: Path) -> Student:
             f"STUDENT '{path}' has no preprocessor_config.json, the image processor an export ships beside the "
             "model; save it there (processor.save_pretrained), as kdcache train-student does"
         )
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # its bar of the weights loaded: a few lines of noise per export
     try:
         model = AutoModelForImageClassification.from_pretrained(str(path)).eval()
     except Exception as error:
@@ -201,6 +204,9 @@ def read_student(path: Path) -> Student:
             f"STUDENT '{path}' is no image classifier that transformers loads ({type(error).__name__}: "
             f"{first_line(error)}); pass a folder written by kdcache train-student"
         ) from None
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     pipeline = ImagePipeline(load_image_processor(str(path), flag="STUDENT"))
     size = tuple(int(side) for side in pipeline.pixels([Image.new("RGB", (256, 256))]).shape[-2:])
     record = _training_record(path)
