@@ -258,7 +258,7 @@ def evaluate_command(
     models: list[str] = typer.Argument(
         ...,
         metavar="MODEL",
-        help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher).",
+        help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher), or by kdcache export (the folder, or one of its .onnx files, run in ONNX Runtime).",
         show_default=False,
     ),
     output: Optional[Path] = typer.Option(
@@ -270,7 +270,7 @@ def evaluate_command(
 ):
     """Measure models on a split: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix,
     expected calibration error (15 bins), parameters, size on disk and images/s; with --cache, how close each is
-    to the teacher.
+    to the teacher; with --speed, batch-1 latency and batch-32 throughput, timed the same way for every model.
 
     Each model is fed through its own image processor, as pipeline() would, and its outputs are matched to the
     dataset's labels by name. Writes metrics.json, confusion_matrix.png and reliability_diagram.png (and, for several models, one folder
@@ -283,6 +283,8 @@ def evaluate_command(
       kdcache evaluate data/students/beans--effl0-beans-distilled --dataset ../shared/data/beans
       kdcache evaluate data/students/beans--effl0-beans-distilled --cache data/beans--effl0-beans
       kdcache evaluate ../shared/teachers/effl0-beans data/students/* --cache data/beans--effl0-beans
+      kdcache evaluate data/students/beans--effl0-beans-distilled data/exports/beans-int8 --speed \\
+          --cache data/beans--effl0-beans
     """
     from kdcache.evaluation.evaluate import evaluate_models
     from kdcache.evaluation.report import describe
