@@ -67,25 +67,7 @@ def export(
     source = read_student(Path(student).expanduser())
     _check_output_is_not_the_students(output, source.path)
     mode, chosen_by = _int8_mode(options, source)
-    recorded = _recorded_cache(source)
-    calibration = options.calibration or (recorded if mode == "static" else None)
-    if mode == "static" and calibration is None:
-        raise KdcacheError(
-            "--int8 static calibrates on images of the student's data: pass --calibration CACHE (a kdcache "
-            f"teacher-logits cache of that data){_why_not_recorded(source)}"
-        )
-    caches = {}  # each cache read once, checked against the student's labels
-    for path, flag in ((calibration, "--calibration"), (options.check_cache, "--check-cache")):
-        if path is not None and Path(path) not in caches:
-            caches[Path(path)] = _open_cache(Path(path), source, flag)
-    check_path = options.check_cache or options.calibration or recorded
-    if check_path is not None and Path(check_path) not in caches:
-        caches[Path(check_path)] = _open_cache(Path(check_path), source, "--check-cache")
-    if mode == "static":
-        _check_split(caches[Path(calibration)], calibration, options.calibration_split, "--calibration-split")
-    if check_path is not None:
-        _check_split(caches[Path(check_path)], check_path, options.check_split, "--check-split", clean=True)
-
+    calibration, checked = _caches(options, source, mode)
     with safe_output(output, EXPORT_OUTPUT) as folder:
         if output.exists() and not options.overwrite:
             raise KdcacheError(
@@ -95,8 +77,8 @@ def export(
         space = 3 * _weights_bytes(source.model) + 1024**2  # model.onnx, model_int8.onnx and quantization's scratch
         check_free_space(output, space, "the exported models", work)
         folder.on_disk_full(space, then="run the same command again", kept=False)
-        if check_path is not None:
-            rows = _cache_rows(caches[Path(check_path)], check_path, options.check_split, options.check_rows, source)
+        if checked is not None:
+            rows = _cache_rows(checked, options.check_split, options.check_rows, source)
         else:
             rows = _random_rows(options.check_rows, source)
         if progress:
@@ -115,31 +97,15 @@ def export(
         }
         models = {"fp32": {"file": FP32_MODEL, "precision": "fp32", "bytes": (work / FP32_MODEL).stat().st_size}}
         calibrated = None
+        if mode == "static":
+            calibrated = _cache_rows(
+                calibration, options.calibration_split, options.calibration_rows, source, labelled=False
+            )
         if mode != "none":
-            pixels = None
-            if mode == "static":
-                calibrated = _cache_rows(
-                    caches[Path(calibration)],
-                    calibration,
-                    options.calibration_split,
-                    options.calibration_rows,
-                    source,
-                    labelled=False,
-                )
-                pixels = calibrated.pixel_values.numpy()
             if progress:
-                log.info(
-                    f"quantizing to int8 ({mode}{f', {len(pixels)} calibration images' if mode == 'static' else ''})"
-                )
-            scheme = quantize(work / FP32_MODEL, work / INT8_MODEL, mode, pixels, str(source.path))
-            int8_logits = OnnxClassifier(work / INT8_MODEL).logits(rows.pixel_values)
-            checks["int8"] = _figures(int8_logits, student_logits, rows)
-            models["int8"] = {
-                "file": INT8_MODEL,
-                "precision": f"int8 {mode}",
-                "bytes": (work / INT8_MODEL).stat().st_size,
-                "scheme": scheme,
-            }
+                images = f", calibrated on {calibrated.source['rows']} images" if calibrated else ""
+                log.info(f"quantizing to int8 ({mode}{images})")
+            models["int8"], checks["int8"] = _int8_model(work, mode, calibrated, rows, student_logits, source)
         for name in COPIED:
             shutil.copy2(source.path / name, work / name)
         record = {
@@ -163,6 +129,15 @@ def export(
         (work / "README.md").write_text(model_card(record))
         write_json(work / EXPORT_RECORD, record)  # last: the marker of a complete export folder
     return record
+
+
+def _int8_model(work: Path, mode: str, calibrated, rows, student_logits: np.ndarray, source) -> tuple[dict, dict]:
+    """model_int8.onnx written beside model.onnx (calibrated on `calibrated`'s images for static), and its figures."""
+    pixels = calibrated.pixel_values.numpy() if calibrated else None
+    scheme = quantize(work / FP32_MODEL, work / INT8_MODEL, mode, pixels, str(source.path))
+    figures = _figures(OnnxClassifier(work / INT8_MODEL).logits(rows.pixel_values), student_logits, rows)
+    size = (work / INT8_MODEL).stat().st_size
+    return {"file": INT8_MODEL, "precision": f"int8 {mode}", "bytes": size, "scheme": scheme}, figures
 
 
 @dataclass
@@ -285,8 +260,31 @@ def _open_cache(path: Path, source: Student, flag: str):
     return cached, manifest
 
 
-def _check_split(opened, path, split: str, flag: str, clean: bool = False) -> None:
-    cached, manifest = opened
+def _caches(options: ExportOptions, source: "Student", mode: str):
+    """The calibration cache (static int8 only) and the check's, each (path, cached splits, manifest) or None, read
+    once and refused before any work: other labels than the student's, a missing split, a check split of views. The
+    check's is --check-cache, else --calibration, else the student's own (as its record names it)."""
+    recorded = _recorded_cache(source)
+    calibration = options.calibration or (recorded if mode == "static" else None)
+    if mode == "static" and calibration is None:
+        raise KdcacheError(
+            "--int8 static calibrates on images of the student's data: pass --calibration CACHE (a kdcache "
+            f"teacher-logits cache of that data){_why_not_recorded(source)}"
+        )
+    checked = options.check_cache or options.calibration or recorded
+    opened = {}
+    for path, flag in ((calibration, "--calibration"), (checked, "--check-cache")):
+        if path is not None and Path(path) not in opened:
+            opened[Path(path)] = (Path(path), *_open_cache(Path(path), source, flag))
+    if mode == "static":
+        _check_split(opened[Path(calibration)], options.calibration_split, "--calibration-split")
+    if checked is not None:
+        _check_split(opened[Path(checked)], options.check_split, "--check-split", clean=True)
+    return opened.get(Path(calibration)) if calibration else None, opened.get(Path(checked)) if checked else None
+
+
+def _check_split(opened, split: str, flag: str, clean: bool = False) -> None:
+    path, _, manifest = opened
     if split not in manifest.splits:
         raise KdcacheError(f"{flag} '{split}' is not a split of cache '{path}' (splits: {', '.join(manifest.splits)})")
     if clean and manifest.views_of(split) > 1:
@@ -307,9 +305,9 @@ class Rows:
     source: dict
 
 
-def _cache_rows(opened, path, split: str, count: int, source: Student, labelled: bool = True) -> Rows:
+def _cache_rows(opened, split: str, count: int, source: Student, labelled: bool = True) -> Rows:
     """`count` rows of `split` (all of a smaller one), drawn with SEED, replayed as stage two served them."""
-    cached, manifest = opened
+    path, cached, manifest = opened
     total = len(cached[split])
     chosen = np.sort(np.random.default_rng(SEED).choice(total, min(count, total), replace=False))
     batches = [

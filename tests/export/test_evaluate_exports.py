@@ -48,3 +48,14 @@ def test_the_command_shows_speed_columns_only_with_speed(tmp_path, student, expo
     timed = CliRunner().invoke(app, [*arguments, "--speed", "--speed-threads", "2", "--output", str(tmp_path / "t")])
     assert timed.exit_code == 0, timed.output
     assert "ms b1" in timed.output and "img/s b32" in timed.output and "on the CPU, 2 threads" in timed.output
+
+
+def test_without_onnx_runtime_an_export_is_refused_in_one_line(tmp_path, monkeypatch, exported, tiny_cache):
+    import sys
+
+    from kdcache import KdcacheError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    with pytest.raises(KdcacheError, match=r"needs ONNX Runtime, an optional extra; install it with pip install "):
+        evaluate_models([str(exported)], cache=tiny_cache, output=tmp_path / "eval", progress=False)
+    assert not (tmp_path / "eval").exists()

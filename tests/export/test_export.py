@@ -138,7 +138,7 @@ def test_the_command_prints_the_check_table(tmp_path, student, tiny_cache):
     assert "ONNX fp32" in result.output and "ONNX int8 dynamic" in result.output and "agree teacher" in result.output
 
 
-def test_bad_inputs_are_refused_in_one_line_leaving_nothing(tmp_path, student, tiny_teacher):
+def test_bad_inputs_are_refused_in_one_line_leaving_nothing(tmp_path, student, tiny_teacher, view_cache):
     from transformers import BertConfig
 
     empty, text_model, output = tmp_path / "empty", tmp_path / "bert", tmp_path / "out"
@@ -156,6 +156,18 @@ def test_bad_inputs_are_refused_in_one_line_leaving_nothing(tmp_path, student, t
             *(student, "--output", output, "--int8", "static"),
         ),
         "is inside the student's folder": (student, "--output", student / "onnx"),
+        "--check-split 'nope' is not a split of cache": (
+            *(student, "--output", output, "--check-cache", view_cache, "--check-split", "nope"),
+        ),
+        "--check-split 'train' of cache": (
+            student,
+            "--output",
+            output,
+            "--check-cache",
+            view_cache,
+            "--check-split",
+            "train",
+        ),
     }
     for expected, arguments in cases.items():
         assert expected in refused(cli(*arguments))
