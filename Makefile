@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else f"kdcache needs Python 3.11 or newer (pyproject.toml: requires-python), and $(PYTHON) is {sys.version.split()[0]}: run make PYTHON=python3.11 (or newer)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,sweep,remote]'
+	$(BIN)/python -m pip install -q -e '.[test,sweep,remote,export]'
 	touch $@
 
 demo: install

@@ -32,11 +32,11 @@ from transformers import AutoImageProcessor, TrainerCallback
 from kdcache.data import ImagePipeline
 from kdcache.format.columns import LOGITS, PIXELS
 from kdcache.format.reader import load_cache
+from kdcache.format.replay import Collator
 from kdcache.options import TrainingOptions
 from kdcache.runtime import tune_malloc
 from kdcache.student.loss import distillation_loss
 from kdcache.student.model import build_student
-from kdcache.student.rows import Collator
 from kdcache.student.train import train_student
 from kdcache.teacher.run import teacher_logits
 

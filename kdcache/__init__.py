@@ -1,7 +1,8 @@
 """kdcache: knowledge distillation for image classifiers, with the teacher run once.
 
 Stage one (`teacher_logits`) runs the teacher over a dataset and stores its logits as an Arrow column;
-stage two (`train_student`) trains a student from those cached soft targets; `evaluate` measures models.
+stage two (`train_student`) trains a student from those cached soft targets; `export` ships it as an ONNX folder
+(int8 when asked); `evaluate` measures models.
 """
 
 from kdcache.errors import KdcacheError  # noqa: F401 (public: `from kdcache import KdcacheError`)
@@ -22,6 +23,7 @@ _PUBLIC = {
     "evaluate_models": "kdcache.evaluation.evaluate",
     "distillation_loss": "kdcache.student.loss",
     "sweep": "kdcache.sweeps.run",
+    "export": "kdcache.export",  # the stage's package, callable (kdcache/export/__init__.py says why)
 }
 
 
@@ -29,5 +31,6 @@ def __getattr__(name):
     import importlib
 
     if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
+        module = importlib.import_module(_PUBLIC[name])
+        return module if module.__name__ == f"kdcache.{name}" else getattr(module, name)
     raise AttributeError(f"module 'kdcache' has no attribute {name!r}")

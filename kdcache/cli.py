@@ -20,6 +20,7 @@ from kdcache.options import (
     DEFAULT_TEACHER,
     CacheOptions,
     EvaluationOptions,
+    ExportOptions,
     PushOptions,
     RemoteOptions,
     SweepOptions,
@@ -177,7 +178,8 @@ app = Kdcache(
         "  kdcache teacher-logits   run the teacher once over a dataset, store its logits\n"
         "  kdcache train-student    train a small student from the cached soft targets\n"
         "  kdcache sweep            train many students: an Optuna study over train-student's options\n"
-        "  kdcache evaluate         measure students and teachers on a split\n"
+        "  kdcache export           ship a student as an ONNX folder (int8 when asked), checked\n"
+        "  kdcache evaluate         measure students, teachers and exports on a split\n"
         "  kdcache info CACHE       what a cache holds and what produced it\n"
         "  kdcache verify CACHE     rerun the teacher on a sample of a cache: are its logits the teacher's?\n"
         "  kdcache push-cache       share a cache: push it to a Hub dataset repository or object storage\n"
@@ -425,7 +427,7 @@ def evaluate_command(
     models: list[str] = typer.Argument(
         ...,
         metavar="MODEL",
-        help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher).",
+        help="One or more models: hub ids or folders written by save_pretrained (a kdcache student, a teacher), or by kdcache export (the folder, or one of its .onnx files, run in ONNX Runtime).",
         show_default=False,
     ),
     output: Optional[Path] = typer.Option(
@@ -438,7 +440,7 @@ def evaluate_command(
 ):
     """Measure models on a split: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix,
     expected calibration error (15 bins), parameters, size on disk and images/s; with --cache, how close each is
-    to the teacher.
+    to the teacher; with --speed, batch-1 latency and batch-32 throughput, timed the same way for every model.
 
     Each model is fed through its own image processor, as pipeline() would, and its outputs are matched to the
     dataset's labels by name. Writes metrics.json, confusion_matrix.png and reliability_diagram.png (and, for several models, one folder
@@ -451,6 +453,8 @@ def evaluate_command(
       kdcache evaluate data/students/beans--effl0-beans-distilled --dataset beans
       kdcache evaluate data/students/beans--effl0-beans-distilled --cache data/beans--effl0-beans
       kdcache evaluate teachers/effl0-beans data/students/* --cache data/beans--effl0-beans
+      kdcache evaluate data/students/beans--effl0-beans-distilled data/exports/beans-int8 --speed \\
+          --cache data/beans--effl0-beans
     """
     from dataclasses import replace
 
@@ -460,6 +464,46 @@ def evaluate_command(
 
     options = replace(options, cache=local_caches(options.caches, remote))
     typer.echo(describe(evaluate_models(models, output=output, options=options)))
+
+
+@app.command("export")
+@friendly
+@with_options(ExportOptions)
+def export_command(
+    student: Path = typer.Argument(
+        ...,
+        metavar="STUDENT",
+        help="A student folder written by kdcache train-student (or any image classifier saved with save_pretrained beside its image processor).",
+        show_default=False,
+    ),
+    output: Path = typer.Option(
+        ...,
+        help="Folder to write: model.onnx, model_int8.onnx, the configs, README.md, export.json.",
+        show_default=False,
+    ),
+    options: ExportOptions = None,
+):
+    """Ship the student: an ONNX folder that ONNX Runtime runs, int8 when asked, checked before it is written.
+
+    model.onnx is the student exported by torch.onnx.export (dynamo); --int8 adds model_int8.onnx (static: QDQ,
+    calibrated on a cache's images with their stored views replayed; dynamic: weights only). The check, on rows of a
+    cache (default: the one the student was trained from, split validation): the fp32 ONNX model must give the
+    PyTorch student's logits on every row (within 1e-4 + 1e-4*|logit|, the same top-1), or nothing is written; the
+    int8 model's top-1 agreement with the student and with the cached teacher, and the accuracy, are reported in a
+    table, in README.md and in export.json. The student folder is only read. Needs the optional extra:
+    pip install 'kdcache[export]'.
+
+    \b
+      kdcache export data/students/beans--effl0-beans-distilled --output data/exports/beans
+      kdcache export data/students/beans--effl0-beans-distilled --output data/exports/beans-int8 \\
+          --int8 static --calibration data/beans--effl0-beans
+      kdcache evaluate data/students/beans--effl0-beans-distilled data/exports/beans-int8/model_int8.onnx \\
+          --cache data/beans--effl0-beans --speed
+    """
+    from kdcache.export.report import describe
+    from kdcache.export.run import export
+
+    typer.echo(describe(export(student, output, options=options)))
 
 
 @app.command("info")

@@ -71,6 +71,18 @@ def save_mobilenet_student(path, num_labels=3, seed=0, image_size=32):
     return path
 
 
+def save_student(path, teacher):
+    """A tiny MobileNetV2 student folder as train-student leaves it: named labels and the teacher's processor."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    save_mobilenet_student(path)
+    config = AutoConfig.from_pretrained(str(path))
+    config.id2label, config.label2id = dict(enumerate(LABELS)), {name: i for i, name in enumerate(LABELS)}
+    config.save_pretrained(str(path))
+    AutoImageProcessor.from_pretrained(str(teacher), backend="pil").save_pretrained(str(path))
+    return path
+
+
 def old_format_copy(cache, target, version: int, rows=None):
     """`cache` as kdcache wrote it before format 4: the chunks concatenated and saved again with `save_to_disk` (what
     stage one's assembly did), and one sha256 of each split's whole logits column in the manifest instead of the

@@ -132,3 +132,43 @@ def test_make_teacher_rebuilds_an_efficientnet_lite0_teacher_that_kdcache_loads(
     assert model.config.hidden_act == "relu6" and model.config.num_labels == 3
     cache = teacher_logits(str(tiny_dataset), str(teacher), output=tmp_path / "cache", progress=False)
     assert (Path(cache) / "kdcache.json").exists()
+
+
+@pytest.mark.slow
+def test_export_benchmark_runs_on_tiny_students(tmp_path, tiny_cache, tiny_teacher):
+    """benchmarks/export.py end to end on two tiny students and a quantization-aware one each: every row of the
+    table, its figures in range, the exports under --root."""
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    from helpers import save_student
+
+    from kdcache.outputs import TRAINING_RECORD
+
+    students = [save_student(tmp_path / f"student-s{seed}", tiny_teacher) for seed in (0, 1)]
+    qat = [save_student(tmp_path / f"qat-s{seed}", tiny_teacher) for seed in (0, 1)]
+    for folder in qat:
+        (folder / TRAINING_RECORD).write_text(json.dumps({"quantization_aware": {"weights": "int8 per channel"}}))
+    environment = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    output = tmp_path / "export.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "export.py"), "--cache", str(tiny_cache), "--students"]
+    command += [*map(str, students), "--qat-students", *map(str, qat), "--calibration-rows", "8"]
+    command += ["--root", str(tmp_path / "root"), "--json", str(output)]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(output.read_text())
+    kinds = ["fp32 PyTorch", "fp32 ONNX", "int8 dynamic", "int8 static", "int8 QAT"]
+    assert [row["kind"] for row in figures["table"]] == kinds and figures["rows"] == 12
+    assert len(figures["runs"]) == 10 and all(row["students"] == 2 for row in figures["table"])
+    pytorch, onnx_fp32 = figures["table"][:2]
+    assert onnx_fp32["test_accuracy"] == pytorch["test_accuracy"]
+    assert onnx_fp32["agreement_with_fp32_student"]["mean"] == 1.0
+    for row in figures["table"]:
+        assert 0 <= row["test_accuracy"]["mean"] <= 1 and 0 <= row["agreement_with_teacher"]["mean"] <= 1
+        assert row["bytes"]["mean"] > 0
+        for threads in (1, 2):
+            assert row[f"batch_1_latency_ms_median_{threads}_threads"]["mean"] > 0
+            assert row[f"throughput_images_per_second_{threads}_threads"]["mean"] > 0
+    assert {path.name for path in (tmp_path / "root").iterdir()} >= {"student-s0-static", "qat-s1-qat"}

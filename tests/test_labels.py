@@ -15,11 +15,12 @@ from kdcache.data import ImagePipeline, load_image_dataset
 from kdcache.format.manifest import LABELS as LABEL_COLUMN
 from kdcache.format.manifest import LOGITS
 from kdcache.format.reader import describe, load_cache
+from kdcache.format.replay import Collator
 from kdcache.labels import NO_LABEL, labeled_subset, masked_labels
 from kdcache.models import align_labels, load_classifier
 from kdcache.outputs import TRAINING_RECORD
 from kdcache.student.model import OnlineTeacher
-from kdcache.student.rows import Collator, TrainRows, _online_rows
+from kdcache.student.rows import TrainRows, _online_rows
 from kdcache.student.train import train_student
 from kdcache.teacher.run import teacher_logits
 
@@ -253,7 +254,7 @@ def test_unlabelled_splits_train_by_default_and_are_refused_where_they_cannot_he
 
 
 def test_mixed_views_of_unlabelled_images_pair_with_their_own_split(tmp_path, photos, make_cache):
-    from kdcache.student.rows import ViewRows
+    from kdcache.format.replay import ViewRows
 
     cache = make_cache(tmp_path / "cache", extra_images=str(photos), views=2, mix_alpha=1.0)
     cached, manifest = load_cache(cache)

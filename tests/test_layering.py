@@ -3,7 +3,7 @@ over it, the stages over the format (never over each other), and the front over 
 so a stage can be read, tested and replaced alone.
 
 The plan is declared here, once, by the name under kdcache/ of each module or package: STAGES and FRONT below, the
-format, and everything else shared. A new stage (an export stage, say) is one more name in STAGES; a module that
+format, and everything else shared. A new stage (as the export stage was) is one more name in STAGES; a module that
 drives several stages (the sweep trains students; the demo runs them all) is front."""
 
 import ast
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kdcache"
-STAGES = ("teacher", "student", "evaluation")
+STAGES = ("teacher", "student", "evaluation", "export")
 FRONT = ("__init__", "__main__", "cli", "demo", "sweeps")
 
 
@@ -91,10 +91,10 @@ def test_the_checker_sees_an_upward_import(tmp_path):
 
 
 def test_a_new_stage_is_one_more_name(monkeypatch):
-    # kdcache/export.py (or kdcache/export/) undeclared is shared, and importing a stage would fail it; declared, it
+    # kdcache/serve.py (or kdcache/serve/) undeclared is shared, and importing a stage would fail it; declared, it
     # is a stage of its own, which may import the format but no other stage
-    assert layer("kdcache.export") == (0, "shared")
-    monkeypatch.setattr(sys.modules[__name__], "STAGES", (*STAGES, "export"))
-    assert layer("kdcache.export") == layer("kdcache.export.onnx") == (2, "export")
-    assert layer("kdcache.format.reader") < layer("kdcache.export") < layer("kdcache.cli")
-    assert layer("kdcache.student.train")[1] != layer("kdcache.export")[1]
+    assert layer("kdcache.serve") == (0, "shared")
+    monkeypatch.setattr(sys.modules[__name__], "STAGES", (*STAGES, "serve"))
+    assert layer("kdcache.serve") == layer("kdcache.serve.http") == (2, "serve")
+    assert layer("kdcache.format.reader") < layer("kdcache.serve") < layer("kdcache.cli")
+    assert layer("kdcache.student.train")[1] != layer("kdcache.serve")[1] != layer("kdcache.export.run")[1]

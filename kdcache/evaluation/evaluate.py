@@ -45,6 +45,15 @@ from kdcache.format.reader import load_cache, rebuilt_logits
 from kdcache.format.remote import local_caches
 from kdcache.labels import NO_LABEL
 from kdcache.models import align_labels, count_parameters, load_classifier
+from kdcache.onnx_runtime import (
+    OnnxClassifier,
+    describe_onnx_model,
+    is_onnx_model,
+    onnx_model_file,
+    onnx_model_folder,
+    onnx_runtime,
+    stored_parameters,
+)
 from kdcache.options import DEFAULT_DATASET, EvaluationOptions
 from kdcache.outputs import (
     OutputFolder,
@@ -54,6 +63,7 @@ from kdcache.outputs import (
     write_json,
 )
 from kdcache.runtime import output_path, pick_device, slug, tune_malloc
+from kdcache.speed import measure_speed, torch_threads
 from kdcache.version import __version__
 
 WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")  # not training_args.bin, which Trainer saves beside them
@@ -113,7 +123,7 @@ def evaluate_models(
         space = report_bytes(len(models), len(data.names))
         check_free_space(output, space, "the evaluation report", folder.work)
         folder.on_disk_full(space, then="run the same command again", kept=False)
-        short_names = _unique([slug(name) for name in models])
+        short_names = _unique([short_name(name) for name in models])
         folders = short_names if len(models) > 1 else [""]  # several models: one subfolder each
         results = [
             _evaluate_model(name, processor, mapping, short_name, output / subfolder, data, options, device, progress)
@@ -192,28 +202,41 @@ def _evaluation_rows(options: EvaluationOptions) -> _Rows:
 
 def _evaluate_model(name, processor, mapping, short_name, output, data: _Rows, options, device, progress) -> dict:
     """One model's metrics.json: its quality on the rows, its calibration, size and speed, and its agreement with
-    the cached teacher (or with each teacher of an ensemble, and with the ensemble)."""
-    model = load_classifier(name, what="model", flag="MODELS").to(device)
+    the cached teacher (or with each teacher of an ensemble, and with the ensemble). An exported model (kdcache
+    export) runs in ONNX Runtime, on the CPU."""
+    if is_onnx_model(name):
+        file = onnx_model_file(name)
+        model, device = OnnxClassifier(file), torch.device("cpu")
+        model_class, parameters, size = (
+            f"ONNX {describe_onnx_model(file)}",
+            stored_parameters(file),
+            file.stat().st_size,
+        )
+    else:
+        model = load_classifier(name, what="model", flag="MODELS").to(device)
+        model_class, parameters, size = type(model).__name__, count_parameters(model), weights_bytes(name)
     logits, speed = predict(
         model, processor, data.rows, data.image_column, mapping, options.batch_size, device, data.split, progress
     )
     result = {
         "model": name,
         "name": short_name,
-        "model_class": type(model).__name__,
+        "model_class": model_class,
         "dataset": data.dataset,
         "split": data.split,
         "rows": len(data.rows),
         "label_names": data.names,
         **_quality(logits, data),
-        "parameters": count_parameters(model),
-        "weights_bytes": weights_bytes(name),
+        "parameters": parameters,
+        "weights_bytes": size,
         "speed": {"device": str(device), "batch_size": options.batch_size, **speed, "timed": TIMED},
         "metrics_library": metrics_library_name(),
         "kdcache_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "output": str(output),
     }
+    if options.speed:
+        result["latency"] = _latency(name, model, processor, data, options.speed_threads)
     if len(data.members) == 1:
         cache, manifest, teacher = data.members[0]
         result["teacher_agreement"] = {
@@ -225,6 +248,20 @@ def _evaluate_model(name, processor, mapping, short_name, output, data: _Rows, o
     elif data.members:
         result.update(ensemble_agreement(logits, data.members, data.references, options.teacher_weights))
     return result
+
+
+def _latency(name, model, processor, data: _Rows, threads: int) -> dict:
+    """--speed: the model timed on the CPU at `threads` threads (kdcache.speed), on the split's first images."""
+    images = decode_images(
+        undecoded(data.rows, data.image_column), data.image_column, list(range(min(32, len(data.rows)))), data.split
+    )
+    sample = processor(images, return_tensors="pt")["pixel_values"]
+    if isinstance(model, OnnxClassifier):
+        timed = OnnxClassifier(model.file, threads=threads)  # a session's threads are set when it is made
+        return measure_speed(lambda pixels: timed(pixel_values=pixels), sample, threads)
+    model = model.to("cpu")
+    with torch_threads(threads):
+        return measure_speed(lambda pixels: model(pixel_values=pixels), sample, threads)
 
 
 def _quality(logits, data: _Rows) -> dict:
@@ -321,20 +358,26 @@ def _prepare(name: str, names: list[str], by_index: bool):
     """A model's image processor and the index of its output for each dataset label, without loading its weights."""
     from transformers import AutoConfig
 
-    folder = Path(name).expanduser()
+    where = name  # the folder of its config and image processor: an export's own, for an ONNX model
+    if is_onnx_model(name):
+        onnx_runtime(f"evaluating the ONNX model '{name}'")
+        if not onnx_model_file(name).is_file():
+            raise KdcacheError(f"model '{name}' names {onnx_model_file(name)}, which is missing; export it again")
+        where = str(onnx_model_folder(name))
+    folder = Path(where).expanduser()
     if folder.is_dir() and (folder / "config.json").exists() and not (folder / "preprocessor_config.json").exists():
         raise KdcacheError(
-            f"model folder '{name}' has no preprocessor_config.json; save its image processor beside it "
+            f"model folder '{where}' has no preprocessor_config.json; save its image processor beside it "
             "(processor.save_pretrained(folder)), as kdcache train-student does"
         )
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(where)
     except Exception as error:
-        raise hub_error("model", name, "MODELS", error) from None
+        raise hub_error("model", where, "MODELS", error) from None
     if not getattr(config, "id2label", None):
         raise KdcacheError(f"model '{name}' is not a classifier (its config has no id2label)")
     mapping = align_labels(config.id2label, names, f"model {name}", by_index=by_index)
-    return name, load_image_processor(name, flag="MODELS"), mapping
+    return name, load_image_processor(where, flag="MODELS"), mapping
 
 
 def predict(model, processor, split, image_column, mapping, batch_size, device, split_name, progress=False):
@@ -392,6 +435,12 @@ def weights_bytes(name_or_path: str) -> int | None:
             return None
     files = {file for pattern in WEIGHT_FILES for file in folder.glob(pattern)}
     return sum(file.stat().st_size for file in files) or None
+
+
+def short_name(name: str) -> str:
+    """A model's name in a table and its folder's: an ONNX file's names its export folder too (exports/a-model_int8)."""
+    path = Path(name).expanduser()
+    return f"{slug(str(path.parent))}-{path.stem}" if path.suffix == ".onnx" else slug(name)
 
 
 def _unique(labels: list[str]) -> list[str]:

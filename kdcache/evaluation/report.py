@@ -42,6 +42,13 @@ def _one_model(report: dict, result: dict) -> list[str]:
         f"{speed['end_to_end_images_per_second']:.1f} img/s with decoding and preprocessing "
         f"(batch {speed['batch_size']}, {speed['device']})",
     ]
+    if "latency" in result:
+        latency = result["latency"]
+        lines.append(
+            f"  latency     batch 1: {latency['batch_1_latency_ms_median']:.2f} ms median, "
+            f"{latency['batch_1_latency_ms_p90']:.2f} ms p90; batch {latency['throughput_batch']}: "
+            f"{latency['throughput_images_per_second']:.1f} img/s (CPU, {_threads(latency)})"
+        )
     if "teacher_agreement" in result:
         agreement = result["teacher_agreement"]
         lines += _ensemble_lines(result) or [
@@ -67,9 +74,11 @@ def _several_models(report: dict, results: list[dict]) -> list[str]:
     """The summary's lines for several models: one row each, side by side."""
     lines = []
     agreement = all("teacher_agreement" in result for result in results)
+    timed = all("latency" in result for result in results)
     header = ["model", "params", "MB", "accuracy", "macro-F1", "ECE", "img/s fwd", "img/s e2e"] + (
         ["agree", "KL"] if agreement else []
     )
+    header += ["ms b1", "ms p90", f"img/s b{results[0]['latency']['throughput_batch']}"] if timed else []
     table = [header]
     for result in results:
         row = [
@@ -87,6 +96,13 @@ def _several_models(report: dict, results: list[dict]) -> list[str]:
                 f"{result['teacher_agreement']['top1_agreement']:.4f}",
                 f"{result['teacher_agreement']['kl_teacher_student']:.4f}",
             ]
+        if timed:
+            latency = result["latency"]
+            row += [
+                f"{latency['batch_1_latency_ms_median']:.2f}",
+                f"{latency['batch_1_latency_ms_p90']:.2f}",
+                f"{latency['throughput_images_per_second']:.1f}",
+            ]
         table.append(row)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
@@ -96,6 +112,12 @@ def _several_models(report: dict, results: list[dict]) -> list[str]:
         )
     if results[0]["accuracy"] is None:
         lines.append(f"  accuracy: none: {results[0]['no_accuracy']}")
+    if timed:
+        lines.append(
+            "  ms b1, ms p90: batch-1 latency, median and p90 of 100 runs; img/s b"
+            f"{results[0]['latency']['throughput_batch']}: throughput; the model alone, on the CPU, "
+            f"{_threads(results[0]['latency'])}"
+        )
     if agreement:
         lines.append("  agree: top-1 agreement with the cached teacher, KL: KL(teacher||model) at T=1 in nats")
         if all("teacher_agreements" in result for result in results):
@@ -103,6 +125,10 @@ def _several_models(report: dict, results: list[dict]) -> list[str]:
             lines += [line for result in results for line in _ensemble_lines(result, result["name"] + ": ")]
     lines.append(f"  written to {report['output']}/ ({METRICS}, {COMPARISON_PNG}, one folder per model)")
     return lines
+
+
+def _threads(latency: dict) -> str:
+    return f"{latency['threads']} thread{'s' if latency['threads'] > 1 else ''}"
 
 
 def _figure(value) -> str:

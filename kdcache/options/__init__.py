@@ -4,6 +4,7 @@ record that lets --resume refuse a changed command. kdcache.cli generates the co
 Kept free of heavy imports so that `kdcache --help` stays instant."""
 
 from kdcache.options.evaluation import EvaluationOptions
+from kdcache.options.export import INT8_MODES, ExportOptions
 from kdcache.options.fields import (
     CACHE_PRECISIONS,
     DEFAULT_DATASET,
@@ -33,12 +34,14 @@ __all__ = [
     "DEFAULT_DATASET",
     "DEFAULT_STUDY",
     "DEFAULT_TEACHER",
+    "INT8_MODES",
     "LOGITS_DTYPES",
     "OPTIONS_FILE",
     "PRECISIONS",
     "SCHEDULERS",
     "CacheOptions",
     "EvaluationOptions",
+    "ExportOptions",
     "PushOptions",
     "RemoteOptions",
     "SweepOptions",

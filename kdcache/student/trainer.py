@@ -14,13 +14,14 @@ from transformers import Trainer, TrainerCallback
 from kdcache.data import ImagePipeline
 from kdcache.devices import OneDeviceArguments
 from kdcache.format.manifest import Manifest
+from kdcache.format.replay import Collator, ViewRows
 from kdcache.options import TrainingOptions
 from kdcache.options.resolution import epoch_sizes, size_schedule
 from kdcache.outputs import OutputFolder
 from kdcache.runtime import MappedFiles, Placement, Processes, cpus_per_process
 from kdcache.student.ema import StudentEMA
 from kdcache.student.loss import LOSSES
-from kdcache.student.rows import Collator, TrainingRows, TrainRows, ViewRows
+from kdcache.student.rows import TrainingRows, TrainRows
 
 
 class DistillationTrainer(Trainer):

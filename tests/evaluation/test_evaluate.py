@@ -7,25 +7,15 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import LABELS, direct_ece, make_dataset_dict, save_mobilenet_student, save_vit_teacher
+from helpers import LABELS, direct_ece, make_dataset_dict, save_mobilenet_student, save_student, save_vit_teacher
 from PIL import Image
 from scipy.special import rel_entr, softmax
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from kdcache import KdcacheError
 from kdcache.evaluation.evaluate import evaluate_models
 from kdcache.evaluation.quality import classification_metrics, teacher_agreement
 from kdcache.evaluation.report import COMPARISON_PNG, CONFUSION_PNG, METRICS, RELIABILITY_PNG, describe
-
-
-def save_student(path, teacher):
-    """A tiny MobileNetV2 student folder as train-student leaves it: named labels and the teacher's processor."""
-    save_mobilenet_student(path)
-    config = AutoConfig.from_pretrained(str(path))
-    config.id2label, config.label2id = dict(enumerate(LABELS)), {name: i for i, name in enumerate(LABELS)}
-    config.save_pretrained(str(path))
-    AutoImageProcessor.from_pretrained(str(teacher), backend="pil").save_pretrained(str(path))
-    return path
 
 
 def plain_logits(model_path, dataset_path, split="test"):

@@ -46,7 +46,7 @@ def write_top1(monkeypatch):
 def test_a_throwaway_column_is_declared_written_read_back_and_served_with_its_view(
     tmp_path, monkeypatch, make_cache, view_cache
 ):
-    from kdcache.student.rows import ViewRows
+    from kdcache.format.replay import ViewRows
     from kdcache.teacher.verify import verify_teacher_logits
 
     monkeypatch.setattr(columns, "COLUMNS", (*columns.COLUMNS, TEACHER_TOP1))

@@ -48,7 +48,7 @@ def test_view_caches_of_format_version_2_still_load_and_train(tmp_path, view_cac
     import io
 
     from kdcache.data import ViewRecipe, from_raw_source
-    from kdcache.student.rows import ViewRows
+    from kdcache.format.replay import ViewRows
     from kdcache.student.train import train_student
 
     def as_png(row):

@@ -13,8 +13,8 @@ from kdcache import KdcacheError
 from kdcache.data import ImagePipeline
 from kdcache.format.manifest import LOGITS, MANIFEST
 from kdcache.format.reader import load_cache
+from kdcache.format.replay import Collator
 from kdcache.outputs import TRAINING_RECORD
-from kdcache.student.rows import Collator
 from kdcache.student.train import train_student
 
 

@@ -9,15 +9,15 @@ from transformers import AutoImageProcessor, pipeline
 from kdcache.data import ImagePipeline, load_image_dataset
 from kdcache.format.manifest import LOGITS
 from kdcache.format.reader import load_cache
+from kdcache.format.replay import Collator
 from kdcache.models import align_labels, load_classifier
 from kdcache.student.model import OnlineTeacher
-from kdcache.student.rows import Collator
 from kdcache.student.train import train_student
 
 
 def test_view_rows_cover_every_view_once_per_cycle_and_replay_it(view_cache):
     from kdcache.data import ViewRecipe, from_raw_source
-    from kdcache.student.rows import ViewRows
+    from kdcache.format.replay import ViewRows
 
     cache, manifest = load_cache(view_cache)
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
@@ -40,7 +40,7 @@ def test_view_rows_cover_every_view_once_per_cycle_and_replay_it(view_cache):
 
 def test_student_only_augment_pairs_fresh_views_with_the_clean_logits(tiny_cache, tiny_dataset):
     from kdcache.data import ViewRecipe, undecoded
-    from kdcache.student.rows import ViewRows
+    from kdcache.format.replay import ViewRows
 
     cache, _ = load_cache(tiny_cache)
     images = undecoded(load_image_dataset(str(tiny_dataset))["train"], "image").select_columns(["image"])
@@ -57,7 +57,7 @@ def test_student_size_is_the_same_box_resized(tmp_path, view_cache, tiny_cache):
     from PIL import Image
 
     from kdcache.data import ViewRecipe, from_raw_source
-    from kdcache.student.rows import ViewRows, resize_pixels
+    from kdcache.format.replay import ViewRows, resize_pixels
 
     cache, manifest = load_cache(view_cache)
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
@@ -96,7 +96,7 @@ def test_student_size_is_the_same_box_resized(tmp_path, view_cache, tiny_cache):
 
 def test_mixed_rows_rebuild_the_teachers_input_and_mix_the_labels(mixed_train_cache, tiny_teacher):
     from kdcache.data import ViewRecipe
-    from kdcache.student.rows import ViewRows
+    from kdcache.format.replay import ViewRows
 
     cache, manifest = load_cache(mixed_train_cache)
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])

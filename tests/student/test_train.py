@@ -17,12 +17,13 @@ from kdcache import KdcacheError
 from kdcache.data import ImagePipeline, load_image_dataset
 from kdcache.format.manifest import LOGITS, MANIFEST
 from kdcache.format.reader import load_cache
+from kdcache.format.replay import Collator
 from kdcache.losses import LOSS_SPECS
 from kdcache.models import align_labels, load_classifier
 from kdcache.outputs import TRAINING_RECORD
 from kdcache.student.loss import LOSSES
 from kdcache.student.model import OnlineTeacher
-from kdcache.student.rows import Collator, _online_rows
+from kdcache.student.rows import _online_rows
 from kdcache.student.train import train_student
 from kdcache.teacher.work import write_chunk_file
 
