@@ -123,7 +123,8 @@ def _as_default(param, annotation, value, folder: Path):
         value = ",".join(str(item) for item in value)
     item_type = typing.get_args(annotation)[0] if repeated and typing.get_args(annotation) else annotation
     if item_type is Path or (param.name in PATH_OR_ID and item_type is str):
-        rebase = functools.partial(_relative_to, folder, existing=item_type is str)
+        # a relative cache is always a folder (an address has '://'); a dataset or teacher may be a hub id
+        rebase = functools.partial(_relative_to, folder, existing=item_type is str and param.name != "cache")
         value = [rebase(item) for item in value] if repeated else rebase(value)
     return value
 

@@ -46,8 +46,9 @@ COMPACT = (
 )
 
 
-def dataset_card(manifest: dict, address: Address):
-    """The huggingface_hub.DatasetCard of the cache described by `manifest`, pushed to `address`."""
+def dataset_card(manifest: dict, address: Address, source: str | None = None):
+    """The huggingface_hub.DatasetCard of the cache described by `manifest`, pushed to `address`; `source` is where
+    the dataset's own card (and its license) is read from, when not the manifest's name (a local folder's path)."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     teacher, dataset = manifest["teacher"], manifest["dataset"]
@@ -55,7 +56,7 @@ def dataset_card(manifest: dict, address: Address):
     views = manifest.get("views")
     title = f"{teacher['name_or_path']} logits on {dataset['name_or_path']}"
     metadata = DatasetCardData(
-        license=_source_license(dataset["name_or_path"]),
+        license=_source_license(source or dataset["name_or_path"]),
         pretty_name=title,
         task_categories=["image-classification"],
         tags=["kdcache", "knowledge-distillation", "teacher-logits"],

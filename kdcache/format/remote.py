@@ -34,6 +34,7 @@ from kdcache.format.stores import (
     parse_address,
 )
 from kdcache.options import PushOptions, RemoteOptions
+from kdcache.options.config import CONFIG_FILE, names_local_path
 from kdcache.outputs import LOCK_SUFFIX, human_bytes, output_lock
 from kdcache.runtime import output_path
 
@@ -84,6 +85,18 @@ def _chunks(manifest: dict) -> dict[str, dict]:
     }
 
 
+def public_manifest(manifest: dict) -> dict:
+    """The manifest as pushed: a local teacher, dataset or extra-images folder named by its folder name alone (its
+    fingerprint and checksums say what it was), so that no path of this machine leaves it; hub ids stay as they are."""
+    manifest = json.loads(json.dumps(manifest))
+    named = [manifest["teacher"], manifest["dataset"], manifest["dataset"].get("extra_images") or {}]
+    for entry in named:
+        value = entry.get("name_or_path")
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            entry["name_or_path"] = Path(value).expanduser().resolve().name
+    return manifest
+
+
 def _same_cache(one: dict, other: dict) -> bool:
     """The same cache: the same inputs (fingerprint) and the same bytes (every chunk's sha256)."""
     sums = lambda manifest: {name: chunk["sha256"] for name, chunk in _chunks(manifest).items()}
@@ -116,11 +129,14 @@ def push_cache(cache, dest, options: PushOptions | None = None, *, progress: boo
         )
     manifest.verify_files(folder)  # never push a damaged cache
     local = {name: folder / name for name in _local_files(folder) if name not in (MANIFEST, CARD)}
+    if CONFIG_FILE in local and names_local_path(folder):  # it reruns the cache here, and would publish our paths
+        del local[CONFIG_FILE]  # said once the push is done (a refusal before it stays one line)
     chunks = _chunks(manifest)
     if address.on_hub:
         _check_hub_limits(folder, local)
     # the manifest as written (not as upgraded in memory), less where this copy was pulled from, which is ours
-    pushed = {key: value for key, value in json.loads((folder / MANIFEST).read_text()).items() if key != "source"}
+    as_written = json.loads((folder / MANIFEST).read_text())
+    pushed = public_manifest({key: value for key, value in as_written.items() if key != "source"})
     store = open_store(address, options.storage_options)
     store.prepare_push(options.private)
     remote = store.files()
@@ -164,12 +180,14 @@ def push_cache(cache, dest, options: PushOptions | None = None, *, progress: boo
     uploaded = _upload(store, local, todo, progress, str(address))
     from kdcache.format.dataset_card import dataset_card
 
-    card = dataset_card(pushed, address).content.encode()
+    card = dataset_card(pushed, address, source=as_written["dataset"]["name_or_path"]).content.encode()
     store.upload(
         [(CARD, card), (MANIFEST, _json_bytes(pushed))],
         deletes=[PUSH_MARKER],
         message=f"kdcache push: cache {manifest.fingerprint} complete",
     )
+    if CONFIG_FILE not in local and (folder / CONFIG_FILE).exists():
+        log.info("%s not pushed: it names this machine's inputs by their paths", CONFIG_FILE)
     return _push_report(address, len(todo), uploaded, len(local) - len(todo), started)
 
 

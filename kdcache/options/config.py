@@ -18,8 +18,8 @@ from kdcache.errors import KdcacheError, first_line
 
 CONFIG_FILE = "kdcache_config.yaml"
 # The parameters of type str that take a hub id or a local folder: a relative path among them is read relative to
-# the config's folder, like every parameter of type Path.
-PATH_OR_ID = ("dataset", "teacher", "student", "extra_images", "models")
+# the config's folder, like every parameter of type Path (a cache may also be an address: s3://..., hf://...).
+PATH_OR_ID = ("dataset", "teacher", "student", "extra_images", "models", "cache")
 
 
 def read_config(path: str | Path) -> dict:
@@ -101,12 +101,17 @@ def is_local(name_or_path: str) -> bool:
 
 
 def names_local_path(folder: Path) -> bool:
-    """Whether `folder`'s kdcache_config.yaml names an absolute path (an input outside the tree of `folder`)."""
+    """Whether `folder`'s kdcache_config.yaml names an input outside the tree of `folder`: an absolute path, or a
+    relative one that climbs out of it (`../data/beans` says where this machine keeps its data)."""
     file = Path(folder) / CONFIG_FILE
     if not file.exists():
         return False
     values = read_config(file).values()
-    return any(isinstance(item, str) and Path(item).is_absolute() for value in values for item in _items(value))
+    return any(
+        isinstance(item, str) and (Path(item).is_absolute() or ".." in Path(item).parts)
+        for value in values
+        for item in _items(value)
+    )
 
 
 def _items(value) -> list:

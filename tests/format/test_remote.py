@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from kdcache import KdcacheError
 from kdcache.format.manifest import MANIFEST
 from kdcache.format.reader import describe
-from kdcache.format.remote import PULL_MARKER, PUSH_MARKER, local_cache, pull_cache, push_cache
+from kdcache.format.remote import PULL_MARKER, PUSH_MARKER, local_cache, public_manifest, pull_cache, push_cache
 from kdcache.format.stores import FsspecStore, Unreachable
 
 CACHE_FILES = 11  # the tiny cache: 3 chunks, 3 x (state.json, dataset_info.json), dataset_dict.json, the processor
@@ -88,10 +88,12 @@ def watch_transfers(monkeypatch, fail_after: int | None = None) -> list[str]:
 
 
 def cache_files(folder: Path) -> dict[str, bytes]:
+    """The files a push sends besides the manifest and the card: all but the config, which names the fixtures' inputs
+    by paths outside the cache's folder (kdcache.options.config.names_local_path), so it stays on this machine."""
     return {
         path.relative_to(folder).as_posix(): path.read_bytes()
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name not in (MANIFEST, "README.md")
+        if path.is_file() and path.name not in (MANIFEST, "README.md", "kdcache_config.yaml")
     }
 
 
@@ -105,7 +107,8 @@ def test_push_then_pull_round_trips_bit_identical_and_records_its_source(tmp_pat
     assert cache_files(copy) == cache_files(tiny_cache)
     original, manifest = (json.loads((folder / MANIFEST).read_text()) for folder in (tiny_cache, copy))
     source = manifest.pop("source")
-    assert manifest == original
+    assert manifest == public_manifest(original)  # the local teacher and dataset named by folder name alone
+    assert manifest["teacher"]["name_or_path"] == Path(original["teacher"]["name_or_path"]).name
     assert source["address"] == address and source["etag"] and len(source["manifest_sha256"]) == 64
     assert f"pulled from     {address} (ETag {source['etag']})" in describe(copy)
     assert not (copy / PULL_MARKER).exists() and not list(copy.rglob("*.part"))

@@ -100,10 +100,12 @@ def hub(monkeypatch, tmp_path):
 
 
 def cache_files(folder: Path) -> dict[str, bytes]:
+    """The files a push sends besides the manifest and the card: all but the config, which names the fixtures' inputs
+    by paths outside the cache's folder (kdcache.options.config.names_local_path), so it stays on this machine."""
     return {
         path.relative_to(folder).as_posix(): path.read_bytes()
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name not in (MANIFEST, "README.md")
+        if path.is_file() and path.name not in (MANIFEST, "README.md", "kdcache_config.yaml")
     }
 
 
@@ -133,8 +135,25 @@ def test_a_hub_push_commits_in_batches_under_the_limits_with_the_manifest_last(t
     assert {name: data for name, data in final.items() if name not in (MANIFEST, "README.md", ".gitattributes")} == (
         cache_files(tiny_cache)
     )
-    assert final[MANIFEST] == (tiny_cache / MANIFEST).read_bytes()
+    pushed, local = json.loads(final[MANIFEST]), json.loads((tiny_cache / MANIFEST).read_text())
+    assert pushed["fingerprint"] == local["fingerprint"] and pushed["dataset"]["splits"] == local["dataset"]["splits"]
     assert push_cache(tiny_cache, "hf://datasets/me/beans-logits", progress=False)["uploaded_files"] == 0
+
+
+def test_a_pushed_cache_names_its_local_teacher_and_dataset_by_folder_name_and_holds_no_local_path(tiny_cache, hub):
+    """No path of this machine leaves it (issue 33): the manifest and the card name local inputs by folder name."""
+    local = json.loads((tiny_cache / MANIFEST).read_text())
+    assert Path(local["teacher"]["name_or_path"]).is_absolute()  # the fixture's, as typed: what must not leave
+    push_cache(tiny_cache, "me/beans-logits", progress=False)
+    final = hub.repos["me/beans-logits"][-1]["files"]
+    pushed = json.loads(final[MANIFEST])
+    assert pushed["teacher"]["name_or_path"] == Path(local["teacher"]["name_or_path"]).name
+    assert pushed["dataset"]["name_or_path"] == Path(local["dataset"]["name_or_path"]).name
+    private = {str(Path(local["teacher"]["name_or_path"]).parent), str(Path.home()), str(Path.cwd())}
+    private |= {str(Path(local["dataset"]["name_or_path"]).parent)}
+    for name, data in final.items():
+        for path in private:
+            assert path.encode() not in data, f"{name} holds the local path {path}"
 
 
 def test_a_hub_pull_is_pinned_to_a_commit_verified_and_reused_while_up_to_date(tmp_path, tiny_cache, hub):
