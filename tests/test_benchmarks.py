@@ -172,3 +172,24 @@ def test_export_benchmark_runs_on_tiny_students(tmp_path, tiny_cache, tiny_teach
             assert row[f"batch_1_latency_ms_median_{threads}_threads"]["mean"] > 0
             assert row[f"throughput_images_per_second_{threads}_threads"]["mean"] > 0
     assert {path.name for path in (tmp_path / "root").iterdir()} >= {"student-s0-static", "qat-s1-qat"}
+
+
+@pytest.mark.slow
+def test_travel_benchmark_pushes_pulls_and_resumes_a_cache_on_a_local_s3_server(tmp_path, tiny_cache):
+    """benchmarks/travel.py end to end on the tiny cache against moto's S3 server: its figures, in range."""
+    pytest.importorskip("moto", reason="the test extra is not installed")
+    pytest.importorskip("s3fs", reason="the remote extra is not installed")
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    output = tmp_path / "travel.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "travel.py"), "--cache", str(tiny_cache)]
+    command += ["--root", str(tmp_path / "root"), "--json", str(output)]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(output.read_text())
+    assert figures["files_pushed"] > 3 and figures["push_megabytes"] > 0 and figures["push_megabytes_per_second"] > 0
+    assert figures["pull_megabytes_per_second"] > 0 and 0 <= figures["pull_verify_share"] <= 1
+    assert 0 <= figures["resumed_pull_share_of_whole"] <= 1
+    copy = tmp_path / "root" / "resumed"
+    assert sorted(p.name for p in (copy / "train").glob("chunk-*")) == sorted(
+        p.name for p in (Path(tiny_cache) / "train").glob("chunk-*")
+    )
