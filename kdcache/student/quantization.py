@@ -29,7 +29,8 @@ The run's schedule (QuantizationSchedule), as the QAT literature advises (Krishn
 convolutional networks for efficient inference", section 3.2; PyTorch's QAT tutorial freezes both late): activation
 ranges are observed (min and max over every training batch, ORT's MinMax) during the first third of the steps, then
 frozen; BatchNorm statistics go on updating until two thirds of the steps, then are frozen, so that the last third
-trains the very arithmetic that ONNX Runtime will run. Evaluation is always that arithmetic, with the ranges so far.
+trains the very arithmetic that ONNX Runtime will run. Dropout is off throughout (FakeQuantization._as_deployed).
+Evaluation is always that arithmetic, with the ranges so far. docs/training.md, "Quantization-aware distillation".
 """
 
 import torch
