@@ -128,8 +128,9 @@ RANGE = "kdcache_range"  # the name of a module's ActivationRange submodule whil
 
 
 class FakeQuantization:
-    """The fake quantization on a student (`attach`), its schedule (`follow`), what it is (`record`), and its
-    removal (`remove`), which leaves the student as it was, with the weights it learned."""
+    """The fake quantization put on a student (by building one: a traced forward pass says where), its schedule
+    (`follow`), what it is (`record`), and its removal (`remove`), which leaves the student as it was, with the
+    weights it learned."""
 
     def __init__(self, model: torch.nn.Module, pixel_shape: tuple):
         self.model, self.handles, self.ranges = model, [], []
