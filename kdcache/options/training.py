@@ -96,17 +96,13 @@ class TrainingOptions:
         None,  # None: EPOCHS, or QUANTIZATION_AWARE_EPOCHS (TrainingOptions.with_recipe_defaults)
         "Training epochs.",
         show_default=f"{EPOCHS}; {QUANTIZATION_AWARE_EPOCHS} with --quantization-aware",
-        sweep=dict(
-            help="Training epochs of every trial.",
-            show_default=True,
-            cli_default=lambda epochs: EPOCHS if epochs is None else epochs,  # a sweep has no --quantization-aware
-        ),
+        sweep=dict(help="Training epochs of every trial.", show_default=str(EPOCHS)),  # no --quantization-aware
     )
     learning_rate: float | None = option(
         None,  # None: LEARNING_RATE, or QUANTIZATION_AWARE_LEARNING_RATE
         "Peak AdamW learning rate.",
         show_default=f"{LEARNING_RATE:g}; {QUANTIZATION_AWARE_LEARNING_RATE:g} with --quantization-aware",
-        sweep=dict(show_default=True, cli_default=lambda rate: LEARNING_RATE if rate is None else rate),
+        sweep=dict(show_default=f"{LEARNING_RATE:g}"),
     )
     batch_size: int = option(
         32,
