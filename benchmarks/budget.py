@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_EPOCHS = 20  # the K=1 defaults' (kdcache.options.TrainingOptions.epochs)
+DEFAULT_EPOCHS = 20  # the K=1 defaults' (kdcache.options.training.EPOCHS)
 SHARE_AT_LOW_SIZE = 0.7  # the progressive schedule's: as the hand-made runs of issue 36 (15 epochs of 19 at 128 px)
 
 

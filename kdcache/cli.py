@@ -563,7 +563,9 @@ def train_student_command(
         show_default=False,
     ),
     output: Optional[Path] = typer.Option(
-        None, show_default="data/students/<cache>-distilled", help="Folder for the trained student."
+        None,
+        show_default="data/students/<cache>-distilled (-distilled-qat with --quantization-aware)",
+        help="Folder for the trained student.",
     ),
     options: TrainingOptions = None,
     remote: RemoteOptions = None,
@@ -605,6 +607,11 @@ def train_student_command(
 
     \b
       kdcache train-student data/beans-effl0-mixed16 --alpha 1 --student-size 128 --ema-decay 0.99 --epochs 16
+
+    Quantization-aware: a trained student continued under the int8 rounding of kdcache export's static int8:
+
+    \b
+      kdcache train-student data/beans--effl0-beans --student data/students/beans-student --quantization-aware
 
     Several processes train data-parallel (DDP) at the same global --batch-size:
 

@@ -24,6 +24,13 @@ from kdcache.options.resolution import check_every_size_trains, parse_student_si
 
 OPTIONS_FILE = "kdcache_options.json"
 
+# --epochs and --learning-rate where not given: a student trained from its initial weights (measured: the
+# TrainingOptions docstring), and a quantization-aware continuation of a trained one, which only has to learn to live
+# with int8 rounding: a few epochs at a tenth of the learning rate, as quantization-aware fine-tuning is done
+# (docs/training.md, "Quantization-aware distillation").
+EPOCHS, LEARNING_RATE = 20, 1e-3
+QUANTIZATION_AWARE_EPOCHS, QUANTIZATION_AWARE_LEARNING_RATE = 3, 1e-4
+
 
 @dataclass
 class TrainingOptions:
@@ -43,6 +50,13 @@ class TrainingOptions:
         "weights.",
         show_default="MobileNetV2Config() from scratch",
         sweep=dict(help="As in train-student."),
+    )
+    quantization_aware: bool = option(
+        False,
+        "Continue the trained student named by --student under fake int8 quantization, rounded as kdcache export's "
+        "static int8 (ONNX Runtime QDQ, per-channel weights) will round it, so that it keeps its accuracy once "
+        f"quantized; by default {QUANTIZATION_AWARE_EPOCHS} epochs at learning rate "
+        f"{QUANTIZATION_AWARE_LEARNING_RATE:g}.",
     )
     loss: str = option(
         "kd",  # a name in kdcache.losses
@@ -78,8 +92,18 @@ class TrainingOptions:
         parse=parse_teacher_weights,
         sweep=dict(),
     )
-    epochs: float = option(20, "Training epochs.", sweep=dict(help="Training epochs of every trial."))
-    learning_rate: float = option(1e-3, "Peak AdamW learning rate.", sweep=dict())
+    epochs: float | None = option(
+        None,  # None: EPOCHS, or QUANTIZATION_AWARE_EPOCHS (TrainingOptions.with_recipe_defaults)
+        "Training epochs.",
+        show_default=f"{EPOCHS}; {QUANTIZATION_AWARE_EPOCHS} with --quantization-aware",
+        sweep=dict(help="Training epochs of every trial.", show_default=str(EPOCHS)),  # no --quantization-aware
+    )
+    learning_rate: float | None = option(
+        None,  # None: LEARNING_RATE, or QUANTIZATION_AWARE_LEARNING_RATE
+        "Peak AdamW learning rate.",
+        show_default=f"{LEARNING_RATE:g}; {QUANTIZATION_AWARE_LEARNING_RATE:g} with --quantization-aware",
+        sweep=dict(show_default=f"{LEARNING_RATE:g}"),
+    )
     batch_size: int = option(
         32,
         "Images per training step: the global batch, of all processes together when there are several (each takes "
@@ -205,10 +229,23 @@ class TrainingOptions:
         in_config=False,
     )
 
-    def resolved(self) -> "TrainingOptions":
-        """These options with what a default of None stands for filled in (the loss's declared temperature)."""
+    def with_recipe_defaults(self) -> "TrainingOptions":
+        """These options with --epochs and --learning-rate filled in where not given: those of a run from the
+        student's initial weights, or of a quantization-aware continuation."""
+        continuing = self.quantization_aware
         return replace(
             self,
+            epochs=(QUANTIZATION_AWARE_EPOCHS if continuing else EPOCHS) if self.epochs is None else self.epochs,
+            learning_rate=(QUANTIZATION_AWARE_LEARNING_RATE if continuing else LEARNING_RATE)
+            if self.learning_rate is None
+            else self.learning_rate,
+        )
+
+    def resolved(self) -> "TrainingOptions":
+        """These options with what a default of None stands for filled in (the loss's declared temperature, the
+        recipe's epochs and learning rate)."""
+        return replace(
+            self.with_recipe_defaults(),
             temperature=LOSS_SPECS[self.loss].temperature if self.temperature is None else self.temperature,
             student_size=parse_student_size(self.student_size),  # one spelling of a schedule, for --resume to compare
         )
@@ -245,18 +282,20 @@ class TrainingOptions:
         check_teacher_weights(self.teacher_weights, caches)
         if caches > 1:
             check_ensemble_options(alpha=self.alpha, standardize_logits=self.standardize_logits, online=self.online)
+        self._check_quantization_aware()
         self._check_schedule(processes)
         self._check_run()
 
     def _check_schedule(self, processes: int) -> None:
         """The recipe's numbers: steps, learning rate, batch, schedule, seed."""
-        epochs, max_steps, batch_size = self.epochs, self.max_steps, self.batch_size
+        recipe = self.with_recipe_defaults()
+        epochs, max_steps, batch_size = recipe.epochs, self.max_steps, self.batch_size
         if max_steps != -1 and max_steps < 1:
             raise KdcacheError(f"max_steps={max_steps} must be at least 1 (or -1, the default, to train for --epochs)")
         if max_steps == -1 and not (finite(epochs) and epochs > 0):
             raise KdcacheError(f"--epochs {epochs} must be > 0")
-        if not (finite(self.learning_rate) and self.learning_rate > 0):
-            raise KdcacheError(f"--learning-rate {self.learning_rate} must be > 0")
+        if not (finite(recipe.learning_rate) and recipe.learning_rate > 0):
+            raise KdcacheError(f"--learning-rate {recipe.learning_rate} must be > 0")
         if batch_size < 1:
             raise KdcacheError(f"--batch-size {batch_size} must be at least 1")
         if batch_size % processes:
@@ -285,7 +324,7 @@ class TrainingOptions:
             raise KdcacheError(f"logging_steps={self.logging_steps} must be at least 1")
         if len(size_schedule(self.student_size)) > 1:
             if self.max_steps == -1:
-                check_every_size_trains(self.student_size, self.epochs)
+                check_every_size_trains(self.student_size, self.with_recipe_defaults().epochs)
             if self.online:
                 raise KdcacheError(
                     f"--online runs the teacher on the student's input, which must then be the teacher's at every "
@@ -322,6 +361,28 @@ class TrainingOptions:
                     f"--push-to-hub '{self.push_to_hub}' is not a hub repository id; use NAME or OWNER/NAME "
                     "(letters, digits, '-', '_', '.')"
                 ) from None
+
+    def _check_quantization_aware(self) -> None:
+        """What --quantization-aware needs (a trained student to continue) and cannot go with (see each why)."""
+        if not self.quantization_aware:
+            return
+        if self.student is None:
+            raise KdcacheError(
+                "--quantization-aware continues a trained student; name it with --student FOLDER (a kdcache "
+                "train-student output, or a hub id of a classifier of the cache's classes)"
+            )
+        if len(size_schedule(self.student_size)) > 1:
+            raise KdcacheError(
+                f"--quantization-aware trains at the one size the student is exported at, with activation ranges "
+                f"and BatchNorm statistics of that size; give --student-size one size, not the schedule "
+                f"{self.student_size}"
+            )
+        if self.ema_decay is not None:
+            raise KdcacheError(
+                "--quantization-aware freezes its activation ranges and BatchNorm statistics for the weights they "
+                "were observed with, and --ema-decay would average them over steps; leave out --ema-decay (an EMA "
+                "student can be the --student it continues)"
+            )
 
 
 def check_ensemble_options(*, alpha, standardize_logits, online) -> None:

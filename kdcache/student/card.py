@@ -191,7 +191,8 @@ def _teacher_rows(recipe: dict, manifest: dict) -> tuple[str, str, str]:
 
 
 def _optional_rows(summary: dict, recipe: dict) -> list[str]:
-    """The table's rows that only some students have: a label budget, the input size and views, the accuracy."""
+    """The table's rows that only some students have: a label budget, the input size and views, quantization-aware
+    training, the accuracy."""
     lines = []
     accuracy = summary["best_eval_accuracy"]
     labeled, training = recipe.get("labeled_rows"), recipe.get("training_rows")
@@ -216,6 +217,13 @@ def _optional_rows(summary: dict, recipe: dict) -> list[str]:
             )
             + (f"; weights: EMA with decay {recipe['ema_decay']}" if recipe.get("ema_decay") else "")
             + " |"
+        )
+    scheme = summary.get("quantization_aware")
+    if scheme:
+        lines.append(
+            f"| quantization-aware | trained under fake int8 quantization as ONNX Runtime's static int8 ("
+            f"{scheme['format']}) will round it: weights {scheme['weights']}, activations {scheme['activations']}; "
+            "the weights saved here are float, for kdcache export to quantize |"
         )
     if accuracy is not None:
         saved = "best" if summary.get("saved_epoch", summary["best_epoch"]) == summary["best_epoch"] else "last"

@@ -44,11 +44,12 @@ def student_processor(processor, teacher_size, student_size):
     return type(processor).from_dict(settings)
 
 
-def build_student(student, names, pixel_shape, seed):
+def build_student(student, names, pixel_shape, seed, trained: bool = False):
     """The student: a MobileNetV2Config() from scratch by default (the tutorial's), a config name (model type) from
     scratch, or a hub id / local folder (pretrained weights, with a fresh head when its classes differ); its BatchNorm
-    momentum in PyTorch's convention (`pytorch_batchnorm_momentum`)."""
-    return pytorch_batchnorm_momentum(_student_model(student, names, pixel_shape, seed))
+    momentum in PyTorch's convention (`pytorch_batchnorm_momentum`). `trained`: it must be a trained classifier of
+    these classes, weights and head (--quantization-aware continues one); anything else is refused."""
+    return pytorch_batchnorm_momentum(_student_model(student, names, pixel_shape, seed, trained))
 
 
 # transformers' MobileNetV2 (and other ports of TensorFlow models) pass TensorFlow's BatchNorm decay, 0.997, as
@@ -74,7 +75,7 @@ def pytorch_batchnorm_momentum(model):
     return model
 
 
-def _student_model(student, names, pixel_shape, seed):
+def _student_model(student, names, pixel_shape, seed, trained):
     from transformers import AutoConfig, AutoModelForImageClassification, MobileNetV2Config
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -83,6 +84,7 @@ def _student_model(student, names, pixel_shape, seed):
     if student is None:
         return AutoModelForImageClassification.from_config(MobileNetV2Config(image_size=pixel_shape[-1], **labels))
     if student in CONFIG_MAPPING and not Path(student).exists():
+        _refuse_untrained(trained, student, "is a model type, which starts from scratch")
         try:
             return AutoModelForImageClassification.from_config(AutoConfig.for_model(student, **labels))
         except ValueError:
@@ -94,8 +96,13 @@ def _student_model(student, names, pixel_shape, seed):
             align_labels(config.id2label, names, "student", by_index=generic)
         folder = Path(student)
         if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            _refuse_untrained(trained, student, "holds a config without weights")
             config.update(labels)  # a config without weights: that architecture, from scratch
             return AutoModelForImageClassification.from_config(config)
+        if config.num_labels != len(names):
+            _refuse_untrained(
+                trained, student, f"classifies {config.num_labels} classes, not the cache's {len(names)}"
+            )
         return AutoModelForImageClassification.from_pretrained(
             student, ignore_mismatched_sizes=config.num_labels != len(names), **labels
         )
@@ -103,6 +110,14 @@ def _student_model(student, names, pixel_shape, seed):
         raise
     except Exception as error:
         raise hub_error("student", student, "--student", error) from None
+
+
+def _refuse_untrained(trained: bool, student: str, why: str) -> None:
+    if trained:
+        raise KdcacheError(
+            f"--quantization-aware continues a trained student, and --student '{student}' {why}; name a student "
+            "trained on this cache's classes (a kdcache train-student output)"
+        )
 
 
 def check_same_teacher(model, teacher: str | None, manifest: dict, cache_path: Path) -> None:

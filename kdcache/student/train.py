@@ -44,6 +44,7 @@ from kdcache.runtime import (
 )
 from kdcache.student.card import model_card, public_record, summary_line
 from kdcache.student.model import build_student, student_processor
+from kdcache.student.quantization import FakeQuantization
 from kdcache.student.rows import training_rows, unlabeled_splits
 from kdcache.student.trainer import StudentRun, build_trainer, run_training, training_callbacks
 
@@ -130,10 +131,14 @@ def _prepare(caches, folder, options, place, processes, callbacks, progress, ver
     fingerprint = ensemble.fingerprints if ensemble else manifest.fingerprint
     _claim_output(folder, fingerprint, options, place, processes)
     processor, size = _student_input(cache_path, manifest, options)
-    model = build_student(options.student, manifest.label_names, (3, *size), options.seed)
+    model = build_student(
+        options.student, manifest.label_names, (3, *size), options.seed, trained=options.quantization_aware
+    )
     # channels_last: 1.5x faster training steps for a CNN student on CPU (BENCHMARKS.md); the Trainer's
     # .to(device) keeps the format, and the collator hands it channels_last batches
     model = model.to(memory_format=torch.channels_last)
+    # --quantization-aware: on before the Trainer loads a checkpoint (--resume), whose keys and ranges are its own
+    fake_quantization = FakeQuantization(model, (3, *size)) if options.quantization_aware else None
     _check_space(model, folder, options, processes)
     pipeline = ImagePipeline(processor)
     rows = training_rows(cached, manifest, cache_path, options, pipeline, size, place)
@@ -151,8 +156,9 @@ def _prepare(caches, folder, options, place, processes, callbacks, progress, ver
         pipeline=pipeline,
         size=size,
         model=model,
+        fake_quantization=fake_quantization,
         rows=rows,
-        callbacks=training_callbacks(callbacks, rows, options),
+        callbacks=training_callbacks(callbacks, rows, options, fake_quantization),
         progress=progress,
     )
 
@@ -194,6 +200,8 @@ def _output_path(output, caches: list, options: TrainingOptions) -> Path:
     kind = "online" if options.online else "distilled" if options.alpha > 0 else "scratch"
     if len(caches) > 1:
         kind = f"ensemble{len(caches)}-{kind}"
+    if options.quantization_aware:  # beside the student it continues, which may be in the default folder
+        kind += "-qat"
     if output is not None:
         return output_path(output)
     return Path("data") / "students" / f"{slug(Path(caches[0]))}-{kind}"
@@ -277,6 +285,8 @@ def _summary(run: StudentRun, trainer, seconds: float) -> dict:
         "history": [
             {"epoch": e["epoch"], "eval_accuracy": e["eval_accuracy"], "eval_loss": e["eval_loss"]} for e in history
         ],
+        # --quantization-aware: the int8 scheme its weights were trained under (kdcache export quantizes so)
+        **({"quantization_aware": run.fake_quantization.record()} if run.fake_quantization else {}),
         "recipe": {
             # the options as given (those that say what is trained), then what they resolved to
             **options.recipe(),
@@ -307,6 +317,8 @@ def _save(run: StudentRun, trainer, summary: dict) -> None:
     """The final student (the best epoch's, or the EMA's) with its processor and model card, in the output folder's
     `finished`, which safe_output moves into place."""
     final, work, processes, manifest = run.folder.finished, run.folder.work, run.processes, run.manifest
+    if run.fake_quantization is not None:  # off before saving: the student folder holds plain float weights
+        run.fake_quantization.remove()
     if is_main(processes):
         shutil.rmtree(final, ignore_errors=True)
     trainer.save_model(str(final))  # on every process: under DDP the Trainer has the main one write

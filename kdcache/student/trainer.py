@@ -21,6 +21,7 @@ from kdcache.outputs import OutputFolder
 from kdcache.runtime import MappedFiles, Placement, Processes, cpus_per_process
 from kdcache.student.ema import StudentEMA
 from kdcache.student.loss import LOSSES
+from kdcache.student.quantization import FakeQuantization, QuantizationSchedule
 from kdcache.student.rows import TrainingRows, TrainRows
 
 
@@ -115,13 +116,17 @@ def accuracy_metric(prediction):
     return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
-def training_callbacks(callbacks, rows: TrainingRows, options: TrainingOptions) -> list:
+def training_callbacks(
+    callbacks, rows: TrainingRows, options: TrainingOptions, fake_quantization: FakeQuantization | None = None
+) -> list:
     callbacks = list(callbacks or [])
     view_rows = _view_rows(rows)
     if view_rows is not None:
         callbacks.append(SetEpoch(view_rows))
     if options.ema_decay is not None:
         callbacks.append(StudentEMA(options.ema_decay))
+    if fake_quantization is not None:
+        callbacks.append(QuantizationSchedule(fake_quantization))
     return callbacks
 
 
@@ -148,6 +153,7 @@ class StudentRun:
     pipeline: ImagePipeline
     size: tuple  # the student's input (height, width)
     model: torch.nn.Module
+    fake_quantization: FakeQuantization | None  # --quantization-aware's, on the model until it is saved
     rows: TrainingRows
     callbacks: list
     progress: bool

@@ -210,7 +210,8 @@ def _checked(cache, space, space_file, options, overrides: dict, trials: int, fi
     if final_seeds < 0:
         raise KdcacheError(f"--final-seeds {final_seeds} must be >= 0")
     fixed = replace(options or TrainingOptions(), **overrides)
-    fixed = replace(fixed, resume=False, overwrite=False, push_to_hub=None)
+    # the recipe's epochs and learning rate where not given, as numbers: the pruner reads them, the study records them
+    fixed = replace(fixed, resume=False, overwrite=False, push_to_hub=None).with_recipe_defaults()
     if fixed.eval_split is None:
         raise KdcacheError("a sweep scores each trial on --eval-split, so it cannot be none; name a validation split")
     params = build_space(space, space_file)
