@@ -3,10 +3,13 @@ real dataset, and the small checks and tools that test files of several folders 
 `from helpers import ...`; the fixtures that share them are in conftest.py."""
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from kdcache.format.manifest import MANIFEST
 
 LABELS = ["angular_leaf_spot", "bean_rust", "healthy"]
 COLOURS = [(200, 60, 40), (60, 170, 60), (50, 70, 200)]
@@ -192,3 +195,13 @@ def direct_ece(probabilities, references, bins=15):
             confidence = sum(max(probabilities[i]) for i in members) / len(members)
             error += len(members) / total * abs(accuracy - confidence)
     return error
+
+
+def cache_files(folder: Path) -> dict[str, bytes]:
+    """The files a push sends besides the manifest and the card: all but the config, which names the fixtures' inputs
+    by paths outside the cache's folder (kdcache.options.config.names_local_path), so it stays on this machine."""
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name not in (MANIFEST, "README.md", "kdcache_config.yaml")
+    }

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cache_files
 from typer.testing import CliRunner
 
 from kdcache import KdcacheError
@@ -85,16 +86,6 @@ def watch_transfers(monkeypatch, fail_after: int | None = None) -> list[str]:
 
     monkeypatch.setattr(FsspecStore, "__init__", init)
     return moved
-
-
-def cache_files(folder: Path) -> dict[str, bytes]:
-    """The files a push sends besides the manifest and the card: all but the config, which names the fixtures' inputs
-    by paths outside the cache's folder (kdcache.options.config.names_local_path), so it stays on this machine."""
-    return {
-        path.relative_to(folder).as_posix(): path.read_bytes()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name not in (MANIFEST, "README.md", "kdcache_config.yaml")
-    }
 
 
 def test_push_then_pull_round_trips_bit_identical_and_records_its_source(tmp_path, tiny_cache, bucket):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import httpx2
 import huggingface_hub
 import pytest
+from helpers import cache_files
 from huggingface_hub import errors
 from huggingface_hub.hf_api import RepoFile
 
@@ -97,16 +98,6 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake_token")
     monkeypatch.setenv("KDCACHE_CACHE_DIR", str(tmp_path / "kdcache-cache"))
     return fake
-
-
-def cache_files(folder: Path) -> dict[str, bytes]:
-    """The files a push sends besides the manifest and the card: all but the config, which names the fixtures' inputs
-    by paths outside the cache's folder (kdcache.options.config.names_local_path), so it stays on this machine."""
-    return {
-        path.relative_to(folder).as_posix(): path.read_bytes()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name not in (MANIFEST, "README.md", "kdcache_config.yaml")
-    }
 
 
 def test_addresses():
