@@ -18,8 +18,9 @@ IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("labels", "label")
 
 
-def load_image_dataset(name_or_path: str, revision: str | None = None):
-    """A DatasetDict from a hub id or a local folder (save_to_disk output, parquet files with a card, image folder)."""
+def load_image_dataset(name_or_path: str, revision: str | None = None, label_column: str | None = None):
+    """A DatasetDict from a hub id or a local folder (save_to_disk output, parquet files with a card, image folder),
+    its label column (`label_column`, else one of LABEL_COLUMNS) a ClassLabel even where the files hold names."""
     import datasets
 
     path = Path(name_or_path).expanduser()
@@ -53,7 +54,32 @@ def load_image_dataset(name_or_path: str, revision: str | None = None):
         loaded = datasets.DatasetDict({"train": loaded})
     if not isinstance(loaded, datasets.DatasetDict):
         raise KdcacheError(f"--dataset '{name_or_path}' did not load as a dataset with splits")
-    return loaded
+    return encode_label_names(loaded, label_column)
+
+
+def encode_label_names(dataset_dict, label_column: str | None = None):
+    """The label column as a ClassLabel where a dataset holds it as text (an image folder's metadata.csv, a CSV or
+    JSON dataset): its names sorted over every split, as `datasets`' class_encode_column names them, so that each
+    stage and split that loads the dataset numbers the classes alike; an empty name is a row without a label (-1)."""
+    import datasets
+
+    def is_text(feature) -> bool:
+        return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+    candidates = [label_column] if label_column else list(LABEL_COLUMNS)
+    present = [name for name in candidates if any(name in split.features for split in dataset_dict.values())]
+    if not present or not any(is_text(split.features.get(present[0])) for split in dataset_dict.values()):
+        return dataset_dict
+    column = present[0]
+    texts = {name: list(split[column]) for name, split in dataset_dict.items() if is_text(split.features.get(column))}
+    names = sorted({value for values in texts.values() for value in values if value})
+    index = {name: position for position, name in enumerate(names)}
+    feature = datasets.ClassLabel(names=names)
+    encoded = dict(dataset_dict)
+    for name, values in texts.items():
+        numbers = [index[value] if value else -1 for value in values]
+        encoded[name] = dataset_dict[name].remove_columns(column).add_column(column, numbers, feature=feature)
+    return datasets.DatasetDict(encoded)
 
 
 def _load_from_disk(path: Path):
@@ -462,6 +488,13 @@ def load_image_processor(
     optional torchvision install (whose resize differs slightly)."""
     from transformers import AutoImageProcessor
 
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir() and (folder / "config.json").exists() and not (folder / "preprocessor_config.json").exists():
+        # a Trainer given no processing_class, or model.save_pretrained alone: the model is there, its pixels are not
+        raise KdcacheError(
+            f"{flag} '{name_or_path}' holds a model but no image processor (preprocessor_config.json); save the one "
+            f"it was trained with into it: AutoImageProcessor.from_pretrained(BASE_MODEL).save_pretrained('{name_or_path}')"
+        )
     try:
         return AutoImageProcessor.from_pretrained(
             name_or_path, revision=revision, trust_remote_code=trust_remote_code, backend="pil"

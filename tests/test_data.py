@@ -152,3 +152,25 @@ def test_an_empty_split_saved_with_save_to_disk_loads_empty(tmp_path):
     assert loaded["test"].features == source["test"].features
     source["test"].save_to_disk(str(tmp_path / "one-empty"))
     assert len(load_image_dataset(str(tmp_path / "one-empty"))["train"]) == 0
+
+
+def test_a_label_column_of_names_is_numbered_by_the_sorted_names_of_every_split(tmp_path):
+    """A metadata.csv's or CSV's class names: one numbering for all splits (a class missing from one split keeps its
+    number), an empty name a row without a label, and the same folder loads to the same fingerprints each time."""
+    images, _ = make_images(5, seed=0)
+    splits = {
+        "train": {"image": images[:3], "disease": ["rust", "healthy", ""]},
+        "validation": {"image": images[3:], "disease": ["angular", "rust"]},
+    }
+    datasets.DatasetDict({name: datasets.Dataset.from_dict(rows) for name, rows in splits.items()}).save_to_disk(
+        str(tmp_path / "d")
+    )
+    loaded = load_image_dataset(str(tmp_path / "d"), label_column="disease")
+    for split in loaded.values():
+        assert split.features["disease"] == datasets.ClassLabel(names=["angular", "healthy", "rust"])
+    assert list(loaded["train"]["disease"]) == [2, 1, -1] and list(loaded["validation"]["disease"]) == [0, 2]
+    assert find_label_column(dict(loaded), "disease") == "disease"
+    again = load_image_dataset(str(tmp_path / "d"), label_column="disease")
+    assert [split._fingerprint for split in again.values()] == [split._fingerprint for split in loaded.values()]
+    # a column of names not asked for, and not named label(s), is left as it is
+    assert load_image_dataset(str(tmp_path / "d"))["train"].features["disease"] == datasets.Value("string")

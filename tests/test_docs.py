@@ -555,3 +555,118 @@ def test_the_readme_stays_short_enough_to_read_at_one_sitting():
     """Issue 33: the README is the stranger's first page, at most 1,800 words; the rest belongs in docs/."""
     words = len((REPO / "README.md").read_text().split())
     assert words <= 1800, f"README.md has {words} words; move detail into docs/"
+
+
+# docs/your-data.md, run: each of its kdcache commands in a folder holding tiny stand-ins of the files it names
+
+YOUR_DATA = REPO / "docs" / "your-data.md"
+ONNX_COMMANDS = ("export", "evaluate data/students/leaves data/exports")
+
+
+def your_data_folder(root: Path) -> None:
+    """The files docs/your-data.md names, tiny: class folders, a metadata.csv folder, a 'hub' dataset with other
+    column names (a folder under the hub id's name, which kdcache reads before trying the hub), and teachers whose
+    label names are the dataset's, the same in other spelling and order, generic, and as the tutorial saves them."""
+    import csv
+
+    import datasets
+    from helpers import LABELS, make_images, save_vit_teacher
+
+    for offset, (split, count) in enumerate({"train": 24, "validation": 12, "test": 12}.items()):
+        images, labels = make_images(count, seed=offset)
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = root / "leaves" / split / LABELS[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{index:04d}.png")
+        if split != "test":
+            folder = root / "photos" / split
+            folder.mkdir(parents=True)
+            with open(folder / "metadata.csv", "w", newline="") as file:
+                writer = csv.writer(file)
+                writer.writerow(["file_name", "disease"])
+                for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+                    image.save(folder / f"img-{index + 1:04d}.png")
+                    writer.writerow([f"img-{index + 1:04d}.png", LABELS[label]])
+    features = datasets.Features(
+        {"photo": datasets.Image(), "disease": datasets.ClassLabel(names=LABELS), "note": datasets.Value("string")}
+    )
+    splits = {}
+    for offset, (split, count) in enumerate({"train": 24, "validation": 12, "test": 12}.items()):
+        images, labels = make_images(count, seed=10 + offset)
+        splits[split] = datasets.Dataset.from_dict(
+            {"photo": images, "disease": labels, "note": ["field"] * count}, features=features
+        )
+    datasets.DatasetDict(splits).save_to_disk(str(root / "someone" / "leaf-photos"))
+    save_vit_teacher(root / "teachers" / "leaves-vit")
+    save_vit_teacher(root / "teachers" / "leaves-vit-renamed", {0: "Healthy", 1: "Bean Rust", 2: "Angular Leaf Spot"})
+    save_vit_teacher(root / "teachers" / "leaves-generic", {index: f"LABEL_{index}" for index in range(3)})
+    save_vit_teacher(root / "my_awesome_leaf_model")
+
+
+def run_kdcache(line: str):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    return CliRunner().invoke(app, shlex.split(line)[1:])
+
+
+def test_every_command_of_the_your_data_tutorial_runs_on_tiny_stand_ins(tmp_path, monkeypatch):
+    """Each command as written, in order; train-student gets `--epochs 1` added (the last flag wins), to keep the
+    suite short. The export commands need the [export] extra and are left out without it."""
+    import datasets
+    import numpy as np
+    from helpers import cached_logits
+
+    from kdcache.format.manifest import Manifest
+
+    try:
+        import onnxruntime  # noqa: F401
+
+        exports = True
+    except ImportError:
+        exports = False
+    lines = [line for document, line in documented_commands() if document == YOUR_DATA.name]
+    assert {shlex.split(line)[1] for line in lines} >= {"teacher-logits", "train-student", "evaluate", "export"}
+    your_data_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        if not exports and any(part in line for part in ONNX_COMMANDS):
+            continue
+        result = run_kdcache(line + (" --epochs 1" if shlex.split(line)[1] == "train-student" else ""))
+        assert result.exit_code == 0, f"`{line}` failed:\n{result.output}"
+
+    # the metadata.csv's names, numbered in sorted order over the splits, as the cache records them
+    photos = Manifest.read(tmp_path / "data" / "photos-cache")
+    assert photos.label_names == sorted(["angular_leaf_spot", "bean_rust", "healthy"])
+    assert photos.dataset["label_column"] == "disease"
+    cached = datasets.load_from_disk(str(tmp_path / "data" / "photos-cache"))["validation"]
+    names = [row.split(",")[1] for row in (tmp_path / "photos/validation/metadata.csv").read_text().split()[1:]]
+    assert list(cached["labels"]) == [photos.label_names.index(name) for name in names]
+    # the renamed teacher (the same weights, its outputs named Healthy, Bean Rust, Angular Leaf Spot) stored in the
+    # dataset's order: the plain teacher's logits with the classes reversed
+    plain = cached_logits(tmp_path / "data" / "leaves-cache", "test")
+    renamed = cached_logits(tmp_path / "data" / "leaves-renamed-cache", "test")
+    assert np.array_equal(renamed, plain[..., ::-1]) and not np.array_equal(renamed, plain)
+    hub = Manifest.read(tmp_path / "data" / "leaf-photos-cache").dataset
+    assert (hub["image_column"], hub["label_column"]) == ("photo", "disease")
+
+
+def test_the_refusals_the_your_data_tutorial_shows_are_what_kdcache_says(tmp_path, monkeypatch):
+    import shutil
+
+    your_data_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    text = YOUR_DATA.read_text()
+    generic = run_kdcache("kdcache teacher-logits --dataset leaves --teacher teachers/leaves-generic --output x")
+    # what the user reads last (datasets' own bars come before it)
+    assert generic.exit_code == 1 and generic.output.strip().splitlines()[-1] in text.splitlines(), generic.output
+    shutil.copytree("my_awesome_leaf_model", "saved_without_processor")
+    Path("saved_without_processor/preprocessor_config.json").unlink()
+    missing = run_kdcache("kdcache teacher-logits --dataset leaves --teacher saved_without_processor --output x")
+    refusal = missing.output.strip().splitlines()[-1]
+    assert missing.exit_code == 1 and refusal.startswith(
+        "kdcache: error: --teacher 'saved_without_processor' holds"
+    ), refusal
+    assert "preprocessor_config.json" in refusal and "save_pretrained('saved_without_processor')" in refusal
+    assert not Path("x").exists() and not any(Path().glob("x.*"))

@@ -173,7 +173,7 @@ def _evaluation_rows(options: EvaluationOptions) -> _Rows:
         rows = load_extra_images(extra["name_or_path"], extra["split"], image_column)
         dataset = extra["name_or_path"]
     else:
-        dataset_dict = load_image_dataset(dataset, revision=dataset_revision)
+        dataset_dict = load_image_dataset(dataset, revision=dataset_revision, label_column=label_column)
         if split not in dataset_dict:
             raise KdcacheError(
                 f"split '{split}' is not in dataset '{dataset}' (splits: {', '.join(dataset_dict)}); "

@@ -41,7 +41,7 @@ class EvaluationOptions:
     device: str = option("auto", DEVICE_HELP)
     image_column: str | None = option(None, "Image column.", show_default="the cache's, else image or img")
     label_column: str | None = option(
-        None, "Label column, a ClassLabel.", show_default="the cache's, else labels or label"
+        None, "Label column: a ClassLabel, or class names as text.", show_default="the cache's, else labels or label"
     )
     match_labels_by_index: bool = option(
         False, "Trust that a model's outputs follow the dataset's label order even though the names differ."

@@ -44,7 +44,8 @@ class CacheOptions:
     image_column: str | None = option(None, "Image column.", show_default="image or img")
     label_column: str | None = option(
         None,
-        "Label column, a ClassLabel. A split without it, and a row whose label is -1, holds images without labels.",
+        "Label column: a ClassLabel, or class names as text (numbered in sorted order). A split without it, and a row "
+        "whose label is -1 (or an empty name), holds images without labels.",
         show_default="labels or label",
     )
     trust_remote_code: bool = option(False, "Allow a teacher whose repository ships its own model code.")

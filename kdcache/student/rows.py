@@ -133,7 +133,7 @@ def _check_modes(manifest: Manifest, options: TrainingOptions, cache_path: Path,
 def _source_split(manifest: Manifest, split: str):
     """The original rows the cache was made from, for the modes that need the images themselves."""
     data = manifest.dataset
-    rows = load_image_dataset(data["name_or_path"], data.get("revision"))[split]
+    rows = load_image_dataset(data["name_or_path"], data.get("revision"), data.get("label_column"))[split]
     if rows._fingerprint != manifest.split(split)["fingerprint"]:
         raise KdcacheError(
             f"split '{split}' of '{data['name_or_path']}' changed since the cache was made; "

@@ -130,7 +130,7 @@ def _dataset_splits(dataset: str, options: CacheOptions):
     names, the image column, the label column or None)."""
     import datasets
 
-    dataset_dict = load_image_dataset(dataset, revision=options.dataset_revision)
+    dataset_dict = load_image_dataset(dataset, revision=options.dataset_revision, label_column=options.label_column)
     splits = list(dataset_dict) if not options.splits else list(options.splits)
     for name in splits:
         if name not in dataset_dict:
