@@ -7,6 +7,13 @@ import torch
 
 from kdcache.errors import KdcacheError, hub_error
 
+# transformers 5 (with `kernels`, which it requires) kernelizes every model from_pretrained loads: on a GPU its layers
+# are swapped at model.eval()/train() for kernels fetched from the Hub. That is code from the network at run time, a
+# computation other than the one a cache's manifest fingerprints (and than the CPU's), and offline (HF_HUB_OFFLINE=1)
+# a ValueError at the first evaluation (seen on an H200, BENCHMARKS.md). kdcache runs the layers as the weights were
+# trained: every model it loads is loaded with these.
+NO_HUB_KERNELS = {"use_kernels": False}
+
 
 def load_classifier(
     name_or_path: str,
@@ -21,7 +28,7 @@ def load_classifier(
 
     try:
         model = AutoModelForImageClassification.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS
         )
     except Exception as error:
         raise hub_error(what, name_or_path, flag, error) from None

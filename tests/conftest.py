@@ -78,5 +78,5 @@ def compact_cache(tmp_path_factory, make_cache):
 @pytest.fixture(scope="session")
 def view_cache(make_cache):
     """The tiny cache with 3 views of each training image, in chunks of 8 rows (read-only; stage two's tests have
-    their own, in tests/student/conftest.py)."""
+    four_view_cache, in tests/student/conftest.py)."""
     return make_cache(views=3, chunk_size=8)

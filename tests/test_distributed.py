@@ -1,4 +1,5 @@
-"""Several processes: 2 CPU processes on this machine, over gloo, launched by accelerate as a user would.
+"""Several processes: 2 CPU processes on this machine, over gloo, launched by accelerate as a user would (on CPU
+where there is a GPU too: its own two-process test is tests/test_devices.py's, on a host with two).
 
 Stage one with 2 processes gives the same cache as with 1, resumes chunk by chunk after a process stops, and ends
 every process with one line on a bad image; stage two trains data-parallel at the same global batch as 1 process.
@@ -65,6 +66,7 @@ def run(command, **env):
     environment = dict(
         os.environ,
         OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",  # CPU processes on a GPU host too (2 processes would want a GPU each)
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -100,7 +102,9 @@ def one_process_cache(output, dataset, teacher, **options):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return teacher_logits(str(dataset), str(teacher), output=output, progress=False, **STAGE_ONE, **options)
+        return teacher_logits(
+            str(dataset), str(teacher), output=output, progress=False, device="cpu", **STAGE_ONE, **options
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -258,7 +262,7 @@ def test_two_processes_train_a_student_like_one_at_the_same_global_batch(tmp_pat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = train_student(tiny_cache, output=tmp_path / "one", student=str(student), **STAGE_TWO)
+        one = train_student(tiny_cache, output=tmp_path / "one", student=str(student), device="cpu", **STAGE_TWO)
     finally:
         torch.set_num_threads(threads)
     script = tmp_path / "training.py"

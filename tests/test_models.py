@@ -30,3 +30,22 @@ def test_weights_hash_follows_the_weights():
     with torch.no_grad():
         model.weight[0, 0] += 1e-6
     assert weights_sha256(model) != before
+
+
+def test_models_are_loaded_with_their_own_layers_not_kernels_from_the_hub(tiny_teacher):
+    """transformers kernelizes what from_pretrained loads wherever `kernels` is installed (it requires it): on a GPU,
+    model.eval() then swaps layers for kernels fetched from the Hub, and offline that is a ValueError (seen on an
+    H200, BENCHMARKS.md). kdcache's loaders turn it off: the teacher, a student it starts from, and so export's."""
+    from helpers import LABELS
+    from transformers import AutoModelForImageClassification
+    from transformers.utils import is_kernels_available
+
+    from kdcache.models import load_classifier
+    from kdcache.student.model import build_student
+
+    if not is_kernels_available():
+        pytest.skip("the kernels package, which turns the Hub's kernels on, is not installed")
+    default = AutoModelForImageClassification.from_pretrained(str(tiny_teacher))
+    assert default.use_kernels, "transformers' default, which this test is about"
+    assert not load_classifier(str(tiny_teacher)).use_kernels
+    assert not build_student(str(tiny_teacher), LABELS, (3, 32, 32), seed=0).use_kernels

@@ -22,7 +22,7 @@ from kdcache.format.manifest import MANIFEST, Manifest
 from kdcache.format.reader import load_cache
 from kdcache.format.replay import replayed_batch
 from kdcache.labels import NO_LABEL
-from kdcache.models import align_labels, count_parameters
+from kdcache.models import NO_HUB_KERNELS, align_labels, count_parameters
 from kdcache.onnx_runtime import EXPORT_RECORD, FP32_MODEL, INT8_MODEL, OnnxClassifier
 from kdcache.options import ExportOptions
 from kdcache.outputs import TRAINING_RECORD, OutputKind, check_free_space, safe_output, write_json
@@ -173,7 +173,7 @@ def read_student(path: Path) -> Student:
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # its bar of the weights loaded: a few lines of noise per export
     try:
-        model = AutoModelForImageClassification.from_pretrained(str(path)).eval()
+        model = AutoModelForImageClassification.from_pretrained(str(path), **NO_HUB_KERNELS).eval()
     except Exception as error:
         raise KdcacheError(
             f"STUDENT '{path}' is no image classifier that transformers loads ({type(error).__name__}: "

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from kdcache.errors import KdcacheError, hub_error
-from kdcache.models import align_labels, weights_sha256
+from kdcache.models import NO_HUB_KERNELS, align_labels, weights_sha256
 
 
 class OnlineTeacher(torch.nn.Module):
@@ -104,7 +104,7 @@ def _student_model(student, names, pixel_shape, seed, trained):
                 trained, student, f"classifies {config.num_labels} classes, not the cache's {len(names)}"
             )
         return AutoModelForImageClassification.from_pretrained(
-            student, ignore_mismatched_sizes=config.num_labels != len(names), **labels
+            student, ignore_mismatched_sizes=config.num_labels != len(names), **labels, **NO_HUB_KERNELS
         )
     except KdcacheError:
         raise

@@ -182,7 +182,9 @@ def run_split(job: Job, split, name: str, work: Path, chunks: list[int]):
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), autocast(job.device, job.precision):
                 logits = job.model(pixel_values=pixel_values).logits
-            logits = logits.float()[:, index]
+            # compressed on CPU: a compact cache's columns are then the same function of the fp32 logits whichever
+            # device ran the teacher (a GPU's log-mean-exp of the tail differs from a CPU's in its last bits)
+            logits = logits.float()[:, index].cpu()
             if job.views > 1:
                 logits = logits.reshape(len(batch[ROW]), job.views, -1)
             stored = compress_logits(logits, job.top_k, getattr(torch, job.logits_dtype))

@@ -1,11 +1,11 @@
-"""Stage two's own view caches, shared by its test files: four views of each training image (the whole tiny cache's
-view_cache has three), and two mixed views."""
+"""Stage two's own view caches, shared by its test files: four views of each training image (tests/conftest.py's
+view_cache has three; another name, so that no lookup by name can take one for the other), and two mixed views."""
 
 import pytest
 
 
 @pytest.fixture(scope="session")
-def view_cache(make_cache):
+def four_view_cache(make_cache):
     return make_cache(views=4)
 
 

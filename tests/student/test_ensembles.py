@@ -36,8 +36,8 @@ def test_an_ensemble_distils_from_its_teachers_probabilities_averaged_by_hand(
     def recording(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = compute_loss(self, model, inputs, return_outputs=True)
         if model.training:
-            seen.append({key: value.detach().clone() for key, value in inputs.items()})
-            seen[-1].update(student=outputs.logits.detach().clone(), loss=loss.detach().clone())
+            seen.append({key: value.detach().cpu().clone() for key, value in inputs.items()})  # off a GPU too
+            seen[-1].update(student=outputs.logits.detach().cpu().clone(), loss=loss.detach().cpu().clone())
         return (loss, outputs) if return_outputs else loss
 
     monkeypatch.setattr(DistillationTrainer, "compute_loss", recording)
@@ -49,6 +49,7 @@ def test_an_ensemble_distils_from_its_teachers_probabilities_averaged_by_hand(
         temperature=temperature,
         alpha=alpha,
         max_steps=3,
+        precision="fp32",  # on a GPU, auto would be bf16: another rounding than the fp64 by hand
         eval_split=None,
         **FAST,
     )
@@ -88,7 +89,7 @@ def test_an_ensemble_distils_from_its_teachers_probabilities_averaged_by_hand(
     assert "(0.25, weights sha256" in card and "(0.75, weights sha256" in card
 
 
-@pytest.mark.parametrize("cache", ["tiny_cache", "view_cache"])
+@pytest.mark.parametrize("cache", ["tiny_cache", "four_view_cache"])
 def test_an_ensemble_of_a_cache_with_itself_trains_exactly_like_the_cache(tmp_path, request, cache):
     cache = request.getfixturevalue(cache)
     options = dict(epochs=2, learning_rate=3e-3, **FAST)
@@ -124,8 +125,12 @@ def mismatched_caches(tmp_path_factory, make_cache):
             "other rows",
             r"split 'train' was made from other rows than cache '.*tiny-cache' \(fingerprint",
         ),
-        ("tiny_cache", "view_cache", r"has 4 views per image of split 'train' and cache '.*tiny-cache' 1; make"),
-        ("view_cache", "other view seed", r"draws the views of split 'train' otherwise than cache .*\(seed 1 vs 0\)"),
+        ("tiny_cache", "four_view_cache", r"has 4 views per image of split 'train' and cache '.*tiny-cache' 1; make"),
+        (
+            "four_view_cache",
+            "other view seed",
+            r"draws the views of split 'train' otherwise than cache .*\(seed 1 vs 0\)",
+        ),
         ("tiny_cache", "other pixels", r"split 'train' holds other pixels than cache '.*tiny-cache' \(rows 0 to 23\)"),
     ],
 )

@@ -118,15 +118,17 @@ def interrupted(tiny_cache, output, event="save", **options):
 
 def test_resume_refuses_other_options_and_continues_with_the_same(tmp_path, tiny_cache):
     output = tmp_path / "s"
+    # fp32 throughout: auto is bf16 on a GPU, and a run begun in bf16 is (rightly) not resumed in fp32 on the CPU below
+    fast = {**FAST, "precision": "fp32"}
     with pytest.raises(
         KdcacheError, match=r"--resume: there is no interrupted run to continue .*s.partial' does not exist"
     ):
-        train_student(tiny_cache, output=output, epochs=2, resume=True, **FAST)
-    work = interrupted(tiny_cache, output)
+        train_student(tiny_cache, output=output, epochs=2, resume=True, **fast)
+    work = interrupted(tiny_cache, output, precision="fp32")
     recorded = json.loads((work / OPTIONS_FILE).read_text())
     assert recorded["alpha"] == 0.5 and recorded["precision"] == "fp32" and "num_workers" not in recorded
     with pytest.raises(KdcacheError) as refused:
-        train_student(tiny_cache, output=output, epochs=2, alpha=0.9, learning_rate=2e-3, resume=True, **FAST)
+        train_student(tiny_cache, output=output, epochs=2, alpha=0.9, learning_rate=2e-3, resume=True, **fast)
     assert str(refused.value) == (
         f"--resume: the interrupted run in '{work}' was started with other options: --alpha 0.5 (now 0.9); "
         "--learning-rate 0.001 (now 0.002); resume with the same options, or pass --overwrite to start over"
@@ -135,10 +137,10 @@ def test_resume_refuses_other_options_and_continues_with_the_same(tmp_path, tiny
     with pytest.raises(
         KdcacheError, match=r'other options: --loss "kd" \(now "dist"\); --temperature 5.0 \(now 1.0\); resume'
     ):
-        train_student(tiny_cache, output=output, epochs=2, loss="dist", resume=True, **FAST)
+        train_student(tiny_cache, output=output, epochs=2, loss="dist", resume=True, **fast)
     # how fast, how loud and where may change: workers, logging, the device (the run began on the default one)
     summary = train_student(
-        tiny_cache, output=output, epochs=2, resume=True, num_workers=0, device="cpu", **{**FAST, "logging_steps": 2}
+        tiny_cache, output=output, epochs=2, resume=True, num_workers=0, device="cpu", **{**fast, "logging_steps": 2}
     )
     assert summary["epochs"] == 2 and output.is_dir() and not work.exists()
 

@@ -93,7 +93,7 @@ def batch_shapes(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("cache", ["tiny_cache", "view_cache"])
+@pytest.mark.parametrize("cache", ["tiny_cache", "four_view_cache"])
 def test_a_schedule_trains_each_epoch_at_its_size_and_evaluates_at_the_last(tmp_path, cache, request, batch_shapes):
     cache = request.getfixturevalue(cache)
     summary = train_student(cache, output=tmp_path / "student", epochs=2, student_size=SCHEDULE, **FAST)
@@ -125,14 +125,16 @@ def test_batchnorm_statistics_restart_at_a_size_change(tmp_path, tiny_cache):
     assert set(tracked["scheduled"].values()) == {scheduled["steps"] // 2}
 
 
-def test_resume_across_the_size_change_equals_an_uninterrupted_run(tmp_path, view_cache, monkeypatch):
+def test_resume_across_the_size_change_equals_an_uninterrupted_run(tmp_path, four_view_cache, monkeypatch):
     options = dict(epochs=2, student_size=SCHEDULE, **FAST)
-    whole = train_student(view_cache, output=tmp_path / "whole", **options)
+    whole = train_student(four_view_cache, output=tmp_path / "whole", **options)
     with crash_after_first_save(monkeypatch), pytest.raises(KeyboardInterrupt):  # killed at the change: epoch 1 saved
-        train_student(view_cache, output=tmp_path / "resumed", **options)
+        train_student(four_view_cache, output=tmp_path / "resumed", **options)
     with pytest.raises(KdcacheError, match=r"--student-size \"16:0.5,32\" \(now \"16:0.6,32\"\)"):
-        train_student(view_cache, output=tmp_path / "resumed", resume=True, **{**options, "student_size": "16:0.6,32"})
-    resumed = train_student(view_cache, output=tmp_path / "resumed", resume=True, **options)
+        train_student(
+            four_view_cache, output=tmp_path / "resumed", resume=True, **{**options, "student_size": "16:0.6,32"}
+        )
+    resumed = train_student(four_view_cache, output=tmp_path / "resumed", resume=True, **options)
     steps = whole["steps"] // 2
     assert resumed["train_losses"][-steps:] == whole["train_losses"][-steps:]
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")

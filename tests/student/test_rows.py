@@ -15,11 +15,11 @@ from kdcache.student.model import OnlineTeacher
 from kdcache.student.train import train_student
 
 
-def test_view_rows_cover_every_view_once_per_cycle_and_replay_it(view_cache):
+def test_view_rows_cover_every_view_once_per_cycle_and_replay_it(four_view_cache):
     from kdcache.data import ViewRecipe, from_raw_source
     from kdcache.format.replay import ViewRows
 
-    cache, manifest = load_cache(view_cache)
+    cache, manifest = load_cache(four_view_cache)
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
     rows = ViewRows(cache["train"], recipe, seed=3)
     train = cache["train"].with_format("numpy")
@@ -53,13 +53,13 @@ def test_student_only_augment_pairs_fresh_views_with_the_clean_logits(tiny_cache
     assert first[0][LOGITS] == second[0][LOGITS] == cache["train"][0][LOGITS], "always the clean view's logits"
 
 
-def test_student_size_is_the_same_box_resized(tmp_path, view_cache, tiny_cache):
+def test_student_size_is_the_same_box_resized(tmp_path, four_view_cache, tiny_cache):
     from PIL import Image
 
     from kdcache.data import ViewRecipe, from_raw_source
     from kdcache.format.replay import ViewRows, resize_pixels
 
-    cache, manifest = load_cache(view_cache)
+    cache, manifest = load_cache(four_view_cache)
     recipe = ViewRecipe.from_dict(manifest["views"]["recipe"])
     rows = ViewRows(cache["train"], recipe, seed=0, student_size=(20, 20))
     train = cache["train"]
@@ -85,7 +85,7 @@ def test_student_size_is_the_same_box_resized(tmp_path, view_cache, tiny_cache):
         )[0],
     )
     # trained and saved at that size: the saved processor feeds the student 20x20 pixels
-    train_student(view_cache, output=tmp_path / "small", max_steps=2, student_size=20, **FAST)
+    train_student(four_view_cache, output=tmp_path / "small", max_steps=2, student_size=20, **FAST)
     classifier = pipeline("image-classification", model=str(tmp_path / "small"))
     assert classifier.image_processor(Image.new("RGB", (50, 40)), return_tensors="pt")["pixel_values"].shape[-2:] == (
         20,

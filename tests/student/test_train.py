@@ -304,13 +304,13 @@ def test_bad_options_and_existing_output(tmp_path, tiny_cache):
     assert [path.name for path in precious.iterdir()] == ["notes.txt"], "never replaced, even with --overwrite"
 
 
-def test_training_on_views_and_the_inconsistent_baseline(tmp_path, view_cache, tiny_cache):
-    summary = train_student(view_cache, output=tmp_path / "views", epochs=2, **FAST)
+def test_training_on_views_and_the_inconsistent_baseline(tmp_path, four_view_cache, tiny_cache):
+    summary = train_student(four_view_cache, output=tmp_path / "views", epochs=2, **FAST)
     assert summary["recipe"]["views"] == 4 and len(summary["history"]) == 2
     baseline = train_student(tiny_cache, output=tmp_path / "baseline", epochs=1, student_only_augment=True, **FAST)
     assert baseline["recipe"]["student_only_augment"] is True
     with pytest.raises(KdcacheError, match="need a cache without views"):
-        train_student(view_cache, output=tmp_path / "x", max_steps=1, online=True, **FAST)
+        train_student(four_view_cache, output=tmp_path / "x", max_steps=1, online=True, **FAST)
 
 
 def test_loss_terms_are_logged_beside_the_total(tmp_path, tiny_cache):
@@ -411,9 +411,10 @@ def test_dkd_is_refused_on_mixed_views_and_dist_trains_on_them(tmp_path, mixed_t
     assert np.isfinite(summary["train_losses"]).all() and "loss_intra" in summary["train_log"][0]
 
 
-def test_same_seed_same_machine_same_student(tmp_path, view_cache):
+def test_same_seed_same_machine_same_student(tmp_path, four_view_cache):
     runs = [
-        train_student(view_cache, output=tmp_path / f"run{i}", max_steps=4, student_size=24, **FAST) for i in range(2)
+        train_student(four_view_cache, output=tmp_path / f"run{i}", max_steps=4, student_size=24, **FAST)
+        for i in range(2)
     ]
     assert runs[0]["train_losses"] == runs[1]["train_losses"]
     a, b = weights(tmp_path / "run0"), weights(tmp_path / "run1")
@@ -433,8 +434,9 @@ def compressed_online_teacher(monkeypatch, top_k, dtype):
     forward = OnlineTeacher.forward
 
     def compressed(self, pixel_values):
-        logits = forward(self, pixel_values)
-        return expand_logits(**compress_logits(logits, top_k, dtype), classes=logits.shape[-1])
+        logits = forward(self, pixel_values)  # compressed on CPU, as stage one compresses (on a GPU too)
+        stored = compress_logits(logits.cpu(), top_k, dtype)
+        return expand_logits(**stored, classes=logits.shape[-1]).to(logits.device)
 
     monkeypatch.setattr(OnlineTeacher, "forward", compressed)
 
@@ -445,11 +447,13 @@ def test_a_compact_caches_loss_equals_the_online_loss_from_the_same_compressed_t
     from kdcache.format.codec import compress_logits, expand_logits
     from kdcache.format.reader import logit_columns
 
-    cache, _ = load_cache(compact_cache)
+    cache, manifest = load_cache(compact_cache)
     pipeline_ = ImagePipeline(AutoImageProcessor.from_pretrained(str(compact_cache), backend="pil"))
     collate = Collator(pipeline_, num_classes=3)
     teacher_model = load_classifier(str(tiny_teacher))
-    teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, LABELS))
+    # on the device stage one ran it on, fed as stage one feeds it: a GPU's logits differ from a CPU's in the last bits
+    device = torch.device(manifest["device"])
+    teacher = OnlineTeacher(teacher_model, align_labels(teacher_model.config.id2label, LABELS)).to(device)
     online_rows = _online_rows(load_image_dataset(str(tiny_dataset))["train"], "image", "labels", pipeline_)
     cached_rows = cache["train"].with_format(
         "numpy", columns=["pixel_values", "labels", *logit_columns(cache["train"])]
@@ -463,7 +467,7 @@ def test_a_compact_caches_loss_equals_the_online_loss_from_the_same_compressed_t
         cached = collate(cached_rows.__getitems__(rows))
         online = collate(online_rows.__getitems__(rows))
         assert torch.equal(cached["pixel_values"], online["pixel_values"])
-        full = teacher(online["pixel_values"])
+        full = teacher(online["pixel_values"].to(device).contiguous(memory_format=torch.channels_last)).cpu()
         online_logits = expand_logits(**compress_logits(full, 1, torch.float16), classes=3)
         assert cached["teacher_logits"].shape == (8, 3) and cached["teacher_logits"].dtype == torch.float32
         assert torch.equal(cached["teacher_logits"], online_logits)
@@ -492,12 +496,12 @@ def test_training_from_a_compact_cache_equals_online_distillation_from_the_compr
         assert torch.equal(a[name], b[name]), name
 
 
-def test_compact_view_caches_and_ensembles_with_them_train(tmp_path, view_cache, make_cache):
+def test_compact_view_caches_and_ensembles_with_them_train(tmp_path, four_view_cache, make_cache):
     compact_views = make_cache(tmp_path / "compact-views", views=4, top_k=2, logits_dtype="fp16")
     summary = train_student(compact_views, output=tmp_path / "s", epochs=1, **FAST)
     assert summary["recipe"]["views"] == 4 and np.isfinite(summary["train_losses"]).all()
     # 2 of 3 classes and the tail's logit (the third class's own) rebuild the logits to float16's rounding: an ensemble
     # of the compact cache with itself trains like the full view cache alone, to that rounding
-    full = train_student(view_cache, output=tmp_path / "full", max_steps=3, **FAST)
+    full = train_student(four_view_cache, output=tmp_path / "full", max_steps=3, **FAST)
     both = train_student([compact_views, compact_views], output=tmp_path / "both", max_steps=3, **FAST)
     assert np.allclose(full["train_losses"], both["train_losses"], rtol=0, atol=1e-2)
