@@ -188,10 +188,10 @@ def run_split(job: Job, split, name: str, work: Path, chunks: list[int]):
             if job.views > 1:
                 logits = logits.reshape(len(batch[ROW]), job.views, -1)
             stored = compress_logits(logits, job.top_k, getattr(torch, job.logits_dtype))
-            batch[LOGITS] = stored["values"].cpu().numpy()
+            batch[LOGITS] = stored["values"].numpy()
             if job.top_k:
-                batch[LOGIT_INDICES] = stored["indices"].cpu().numpy()
-                batch[LOGIT_TAIL] = stored["tail"].cpu().numpy()
+                batch[LOGIT_INDICES] = stored["indices"].numpy()
+                batch[LOGIT_TAIL] = stored["tail"].numpy()
             pending.append(batch)
             bar.update(len(pixel_values))
             chunk = int(pending[0][ROW][0]) // job.chunk_size
