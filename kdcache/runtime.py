@@ -252,6 +252,7 @@ def slug(name_or_path: str) -> str:
 _WORLD_SIZE = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _RANK = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 _LOCAL_WORLD_SIZE = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+_LOCAL_RANK = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
 # A collective waits for the slowest process: at the end of stage one the others wait for the last chunks of the
 # slowest one, and with many views per image a process's share can take longer than torch's default 30 minutes. A process
 # that dies does not leave the others waiting this long: the launcher ends them (and gloo notices a closed peer).
@@ -327,6 +328,18 @@ def distributed(device: str = "auto") -> Processes | None:
     from accelerate import PartialState
 
     cpu = device == "cpu" or not torch.cuda.is_available()
+    local_count = _first_int(_LOCAL_WORLD_SIZE, count)
+    if not cpu and local_count > torch.cuda.device_count():
+        # `accelerate launch --num_processes N` with fewer GPUs: NCCL puts two processes on one GPU and fails at the
+        # first collective with 'invalid usage'. Said here, by every process alike, before any collective.
+        gpus = torch.cuda.device_count()
+        failure = KdcacheError(
+            f"the launcher started {local_count} processes on this machine, which has {gpus} GPU"
+            f"{'' if gpus == 1 else 's'} (one process per GPU); launch --num_processes {gpus}, or give --device cpu "
+            "for CPU processes"
+        )
+        failure.reported_elsewhere = _first_int(_LOCAL_RANK, 0) != 0  # the machine's first process says it
+        raise failure
     if not torch.distributed.is_initialized():
         atexit.register(_end_process_group)  # see end_process
     state = PartialState(cpu=cpu, timeout=COLLECTIVE_TIMEOUT)
@@ -338,7 +351,7 @@ def distributed(device: str = "auto") -> Processes | None:
     return Processes(
         count=state.num_processes,
         index=state.process_index,
-        local_count=_first_int(_LOCAL_WORLD_SIZE, state.num_processes),
+        local_count=local_count,
         device=torch.device("cpu") if cpu else state.device,
     )
 

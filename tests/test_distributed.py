@@ -70,8 +70,8 @@ def run(command, **env):
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        **env,
     )
+    environment.update(env)
     return subprocess.run(
         [str(part) for part in command], env=environment, capture_output=True, text=True, timeout=300
     )
@@ -316,3 +316,20 @@ def test_two_processes_share_the_checksums_and_both_refuse_a_damaged_cache(tmp_p
     assert done.returncode != 0
     assert (done.stdout + done.stderr).count(message) == 1, done.stdout + done.stderr  # printed once, by the main one
     assert not (tmp_path / "student").exists() and not (tmp_path / "student.partial").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_more_processes_than_gpus_end_in_one_line_and_leave_nothing(tmp_path, tiny_dataset, tiny_teacher):
+    """`accelerate launch` (not kdcache's --num-processes, which refuses before launching) with one process more than
+    the machine has GPUs: every process stops before its first collective, the first one saying why."""
+    gpus = torch.cuda.device_count()
+    launch = list(LAUNCH)
+    launch[launch.index("--num_processes") + 1] = str(gpus + 1)
+    command = ["-m", "kdcache", "teacher-logits", "--dataset", tiny_dataset, "--teacher", tiny_teacher]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus))))
+    done = run([*launch, *command, "--output", tmp_path / "cache"], CUDA_VISIBLE_DEVICES=visible)
+    assert done.returncode != 0
+    said = f"the launcher started {gpus + 1} processes on this machine, which has {gpus} GPU"
+    assert done.stderr.count(said) == 1, done.stderr
+    assert "invalid usage" not in done.stderr, done.stderr  # NCCL's own failure, which this line replaces
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.partial").exists()

@@ -50,6 +50,28 @@ def test_a_plain_run_is_not_distributed(monkeypatch):
     assert runtime.is_main(first) and not runtime.is_main(third)
 
 
+def test_more_launched_processes_than_gpus_are_refused_in_one_line_before_any_collective(monkeypatch):
+    """`accelerate launch --num_processes 2` on a one-GPU machine: NCCL would fail later with 'invalid usage'."""
+    import torch
+
+    for name in runtime._WORLD_SIZE + runtime._RANK + runtime._LOCAL_WORLD_SIZE + runtime._LOCAL_RANK:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: pytest.fail("no process group may start"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for local_rank, said_here in (("0", True), ("1", False)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(KdcacheError) as refused:
+            runtime.distributed("auto")
+        assert str(refused.value) == (
+            "the launcher started 2 processes on this machine, which has 1 GPU (one process per GPU); launch "
+            "--num_processes 1, or give --device cpu for CPU processes"
+        )
+        assert getattr(refused.value, "reported_elsewhere", False) is not said_here
+
+
 def test_an_output_that_is_the_current_folder_or_a_parent_is_refused(tmp_path, monkeypatch):
     from kdcache import KdcacheError
     from kdcache.runtime import output_path
