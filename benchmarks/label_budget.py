@@ -1,7 +1,7 @@
 """What the teacher is worth when labels are few: `benchmarks/results/label-budget.json` and its plot.
 
-    nice -n 15 python benchmarks/label_budget.py run --dataset ../shared/data/beans \\
-        --teacher ../shared/teachers/effl0-beans --fractions 0.1 1.0 0.05 0.25 --seeds 0 1 2 --epochs 8
+    OMP_NUM_THREADS=1 python benchmarks/label_budget.py run --dataset ../shared/data/beans \\
+        --teacher ../shared/teachers/effl0-beans --student-size 128 --epochs 15 --fractions 0.1 1.0 0 0.05 0.25
     python benchmarks/label_budget.py table      # run ends with it too
 
 One K=1 cache (stage one, ROOT/cache, reused when up to date). For each labelled fraction F of the train split
@@ -11,13 +11,15 @@ students at the same number of optimizer steps:
   student's steps, so at small F it makes many short epochs; it is validated every k epochs (k epochs of its rows
   being about one epoch of the whole split), so both recipes are validated about as often in steps and pick their best
   checkpoint from about as many candidates;
-- distilled: the default loss (alpha 0.5) on every train row, the cross-entropy on the labelled ones.
+- distilled: the default loss (alpha 0.5) on every train row, the cross-entropy on the labelled ones;
+- teacher-alone (fraction 0, the only recipe there): alpha 1 on every train row, so no label enters the loss.
 Every choice (the best checkpoint) is made on the validation split, with its labels; each final student is evaluated
 once on the test split (kdcache.evaluation.evaluate.evaluate_models). One line per student goes to
 benchmarks/results/label-budget-runs.jsonl as it finishes; a killed run started again skips the students whose line
 is there (same fraction, recipe, seed and settings). Several processes started side by side (one thread each:
 OMP_NUM_THREADS=1) share the grid, each claiming the next student that none has claimed. `table` averages the seeds
-into label-budget.json and plots test accuracy against the fraction (mean, error bars one sd) to label-budget.png.
+into label-budget.json and plots, for each student size, test accuracy against the fraction (mean, error bars one sd)
+to label-budget-{size}px.png.
 """
 
 import argparse
@@ -28,8 +30,13 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS, TABLE, PLOT = RESULTS / "label-budget-runs.jsonl", RESULTS / "label-budget.json", RESULTS / "label-budget.png"
-RECIPES = ("scratch", "distilled")
+RUNS, TABLE = RESULTS / "label-budget-runs.jsonl", RESULTS / "label-budget.json"
+RECIPES = ("scratch", "distilled", "teacher-alone")
+
+
+def recipes_at(fraction: float) -> tuple[str, ...]:
+    """No label to learn from at fraction 0: the teacher alone teaches there."""
+    return ("teacher-alone",) if fraction == 0 else ("scratch", "distilled")
 
 
 def run(args):
@@ -54,7 +61,12 @@ def run(args):
     # the distilled student's steps: every train row, each epoch (the Trainer's last partial batch counts as a step)
     steps = args.epochs * math.ceil(train_rows / settings["batch_size"])
     # fraction by fraction, in the order given: a run stopped early has every seed of its first fractions
-    grid = [(fraction, seed, recipe) for fraction in args.fractions for seed in args.seeds for recipe in RECIPES]
+    grid = [
+        (fraction, seed, recipe)
+        for fraction in args.fractions
+        for seed in args.seeds
+        for recipe in recipes_at(fraction)
+    ]
     for fraction, seed, recipe in grid:
         student = root / "students" / f"{recipe}-f{fraction:g}-s{seed}"
         claim = claimed(student)
@@ -63,7 +75,7 @@ def run(args):
                 claim.release()
             continue
         training = dict(
-            labeled_fraction=fraction,
+            labeled_fraction=fraction or None,
             student_size=args.student_size,
             epochs=args.epochs,
             learning_rate=args.learning_rate,
@@ -75,6 +87,8 @@ def run(args):
             every = epochs_per_validation({"steps": steps, "epochs": args.epochs}, labeled, settings["batch_size"])
             training.update(alpha=0.0, max_steps=steps)
             callbacks = [evaluate_every(every)] if every > 1 else []
+        elif recipe == "teacher-alone":
+            training.update(alpha=1.0)  # the cross-entropy's weight is 0: the labels never reach the loss
         summary = train_student(
             cache,
             output=student,
@@ -99,7 +113,7 @@ def run(args):
             "seed": seed,
             "settings": settings,
             "training": training,
-            "labeled_rows": summary["recipe"]["labeled_rows"],
+            "labeled_rows": 0 if recipe == "teacher-alone" else summary["recipe"]["labeled_rows"],
             "training_rows": summary["recipe"]["training_rows"],
             "steps": summary["steps"],
             "epochs": summary["epochs"],
@@ -206,8 +220,8 @@ def table(args=None):
             f"{row['test_accuracy_sd'] or 0:>8.4f}{row['validation_accuracy_mean']:>10.4f}"
             f"{row['teacher_agreement_mean']:>8.4f}{row['steps']:>7}{row['stage_two_minutes']:>7.1f}"
         )
-    if rows:
-        plot(rows)
+    for settings in dict.fromkeys(json.dumps(row["settings"]) for row in rows):
+        plot([row for row in rows if json.dumps(row["settings"]) == settings])
 
 
 def plot(rows):
@@ -221,7 +235,7 @@ def plot(rows):
         ("scratch", "tab:gray", "from scratch, labelled rows alone (alpha 0)"),
         ("distilled", "tab:blue", "distilled, every train image (alpha 0.5)"),
     ):
-        points = [row for row in rows if row["recipe"] == recipe]
+        points = points_of(rows, recipe)
         axes.errorbar(
             [row["fraction"] for row in points],
             [row["test_accuracy_mean"] for row in points],
@@ -241,9 +255,16 @@ def plot(rows):
                     fontsize=7,
                     color=colour,
                 )
+    for row in points_of(rows, "teacher-alone"):
+        axes.axhline(
+            row["test_accuracy_mean"],
+            color="tab:purple",
+            linestyle=":",
+            label=f"no label at all, the teacher alone (alpha 1): {row['test_accuracy_mean']:.3f}",
+        )
     axes.axhline(rows[0]["teacher_test_accuracy"], color="tab:green", linestyle="--", label="teacher effl0-beans")
     axes.set_xscale("log")
-    fractions = sorted({row["fraction"] for row in rows})
+    fractions = sorted({row["fraction"] for row in rows if row["fraction"] > 0})
     axes.set_xticks(fractions, [f"{fraction:.0%}" for fraction in fractions])
     axes.minorticks_off()
     axes.set_xlabel("labelled share of the train split (1,034 images)")
@@ -256,7 +277,11 @@ def plot(rows):
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    figure.savefig(PLOT, dpi=110)
+    figure.savefig(RESULTS / f"label-budget-{settings['student_size']}px.png", dpi=110)
+
+
+def points_of(rows, recipe):
+    return [row for row in rows if row["recipe"] == recipe]
 
 
 def main():
@@ -266,10 +291,12 @@ def main():
     runner.add_argument("--dataset", required=True)
     runner.add_argument("--teacher", required=True)
     runner.add_argument("--root", default="data/label-budget", help="folder for the cache and the students")
-    runner.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0])
+    runner.add_argument(
+        "--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0], help="0: no label, the teacher alone"
+    )
     runner.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    runner.add_argument("--student-size", type=int, default=64, help="the student's input, pixels")
-    runner.add_argument("--epochs", type=int, default=12, help="epochs of the whole train split (the distilled run)")
+    runner.add_argument("--student-size", type=int, default=128, help="the student's input, pixels")
+    runner.add_argument("--epochs", type=int, default=15, help="epochs of the whole train split (the distilled run)")
     runner.add_argument("--learning-rate", type=float, default=1e-3)
     commands.add_parser("table")
     args = parser.parse_args()
