@@ -6,7 +6,7 @@
 
 One K=1 cache (stage one, ROOT/cache, reused when up to date). For each labelled fraction F of the train split
 (`--labeled-fraction`: a seeded, class-stratified share, the same rows for both recipes of a seed) and each seed, two
-students at the same number of optimizer steps:
+students at the same number of optimizer steps (one at fraction 0, where no label is kept):
 - scratch: `alpha=0` on the labelled rows alone (the other rows are left out), `max_steps` set to the distilled
   student's steps, so at small F it makes many short epochs; it is validated every k epochs (k epochs of its rows
   being about one epoch of the whole split), so both recipes are validated about as often in steps and pick their best
