@@ -328,11 +328,10 @@ def distributed(device: str = "auto") -> Processes | None:
     from accelerate import PartialState
 
     cpu = device == "cpu" or not torch.cuda.is_available()
-    local_count = _first_int(_LOCAL_WORLD_SIZE, count)
-    if not cpu and local_count > torch.cuda.device_count():
+    local_count, gpus = _first_int(_LOCAL_WORLD_SIZE, count), torch.cuda.device_count()
+    if not cpu and local_count > gpus:
         # `accelerate launch --num_processes N` with fewer GPUs: NCCL puts two processes on one GPU and fails at the
         # first collective with 'invalid usage'. Said here, by every process alike, before any collective.
-        gpus = torch.cuda.device_count()
         failure = KdcacheError(
             f"the launcher started {local_count} processes on this machine, which has {gpus} GPU"
             f"{'' if gpus == 1 else 's'} (one process per GPU); launch --num_processes {gpus}, or give --device cpu "

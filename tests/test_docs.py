@@ -717,8 +717,8 @@ def label_budget_gain(fraction: float) -> float:
     return 100 * (budget(fraction, "distilled", 128)[0] - budget(fraction, "scratch", 128)[0])
 
 
-def label_budget_runs() -> list[dict]:
-    return [run for run in results("label-budget-runs.jsonl") if run["settings"]["student_size"] == 128]
+def label_budget_runs(size: int = 128) -> list[dict]:
+    return [run for run in results("label-budget-runs.jsonl") if run["settings"]["student_size"] == size]
 
 
 def label_budget_best_epochs() -> list[float]:
@@ -732,11 +732,7 @@ def label_budget_growth() -> list[float]:
 
 
 def budget_seeds(fraction: float, recipe: str, size: int = 64) -> list[float]:
-    runs = [
-        run
-        for run in results("label-budget-runs.jsonl")
-        if run["fraction"] == fraction and run["recipe"] == recipe and run["settings"]["student_size"] == size
-    ]
+    runs = [run for run in label_budget_runs(size) if run["fraction"] == fraction and run["recipe"] == recipe]
     return [run["test_accuracy"] for run in sorted(runs, key=lambda run: run["seed"])]
 
 
